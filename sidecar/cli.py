@@ -1,0 +1,383 @@
+"""`tollway`: run the sidecar, the companion or the local demo; manage accounts,
+keys and plans. Every command takes --json; errors are one line and exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, NoReturn
+
+from sidecar import __version__, keys
+from sidecar.decide import STATUSES
+from sidecar.errors import ConfigError, TollwayError
+from sidecar.settings import Settings, load_settings
+from sidecar.store import KeyRecord, Store, connect
+
+__all__ = ["main"]
+
+log = logging.getLogger("tollway")
+
+_DURATION_RE = re.compile(r"(\d+)\s*([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """'90s', '15m', '24h', '7d' → seconds."""
+    match = _DURATION_RE.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a duration like 30s, 15m, 24h or 7d: {text!r}")
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+class Output:
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def emit(self, data: Any, text: str) -> None:
+        print(json.dumps(data, indent=2, sort_keys=True) if self.as_json else text)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config, os.environ)
+
+
+def _store(settings: Settings) -> Store:
+    if not settings.redis_url:
+        raise ConfigError("[redis] url: not set (set TOLLWAY_REDIS_URL or [redis] url)")
+    # Administration tolerates a slower Redis than the request path does.
+    timeout = max(settings.redis_timeout, 2.0)
+    return Store(connect(settings.redis_url, timeout=timeout), timeout=timeout)
+
+
+def _with_store(
+    args: argparse.Namespace, work: Callable[[Store, Settings], Awaitable[None]]
+) -> None:
+    settings = _settings(args)
+
+    async def run() -> None:
+        store = _store(settings)
+        try:
+            await work(store, settings)
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def _key_view(record: KeyRecord) -> dict[str, Any]:
+    view = asdict(record)
+    view["expires_at"] = record.expires_at_us // 1_000_000 if record.expires_at_us else None
+    del view["expires_at_us"]
+    return view
+
+
+async def _issue(
+    store: Store, customer: str, *, environment: keys.Environment, expires_in: int | None
+) -> tuple[str, KeyRecord]:
+    await store.require_account(customer)
+    key = keys.generate(environment)
+    hashed = keys.key_hash(key)
+    now_us = await store.now_us()
+    record = KeyRecord(
+        key_id=keys.key_id(hashed),
+        customer_id=customer,
+        state="active",
+        expires_at_us=now_us + expires_in * 1_000_000 if expires_in else 0,
+        created_at=now_us // 1_000_000,
+        environment=environment,
+    )
+    await store.add_key(hashed, record)
+    return key, record
+
+
+# -- commands ---------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace, out: Output) -> None:
+    from sidecar.server import serve
+
+    settings = _settings(args)
+    asyncio.run(serve(settings, environ=dict(os.environ), listen=args.listen))
+
+
+def cmd_webhook(args: argparse.Namespace, out: Output) -> None:
+    import uvicorn
+
+    from webhook.app import create_app
+
+    settings = _settings(args)
+    host, _, port = (args.listen or settings.webhook_listen).rpartition(":")
+    app = create_app(_store(settings))
+    uvicorn.run(app, host=host.strip("[]"), port=int(port), log_level="info", access_log=False)
+
+
+def cmd_dev(args: argparse.Namespace, out: Output) -> None:
+    from sidecar.devrun import run_dev
+
+    run_dev(args, out)
+
+
+def cmd_plans_check(args: argparse.Namespace, out: Output) -> None:
+    settings = _settings(args)
+    plans = [
+        {
+            "name": p.name,
+            "rate": str(p.rate),
+            "burst": p.burst,
+            "quota": str(p.quota) if p.quota else None,
+            "overage": p.overage,
+            "features": sorted(p.features),
+            "stripe_price": p.stripe_price,
+            "stripe_lookup_key": p.stripe_lookup_key,
+        }
+        for p in settings.catalog.plans.values()
+    ]
+    lines = [f"{settings.config_path}: OK, {len(plans)} plans, "
+             f"{len(settings.catalog.routes)} routes"]  # fmt: skip
+    lines += [f"  {p['name']}: {p['rate']}, burst {p['burst']}, quota {p['quota'] or 'none'}"
+              for p in plans]  # fmt: skip
+    out.emit({"ok": True, "plans": plans, "routes": len(settings.catalog.routes)},
+             "\n".join(lines))  # fmt: skip
+
+
+def cmd_accounts_create(args: argparse.Namespace, out: Output) -> None:
+    async def work(store: Store, settings: Settings) -> None:
+        if args.plan not in settings.catalog.plans:
+            raise TollwayError(
+                f"plan {args.plan!r} is not in {settings.config_path} "
+                f"(plans: {', '.join(settings.catalog.plans)})"
+            )
+        account = await store.create_account(args.customer, args.plan, args.status)
+        out.emit(asdict(account), f"created account {account.customer_id} on plan "
+                 f"{account.plan} ({account.status})")  # fmt: skip
+
+    _with_store(args, work)
+
+
+def cmd_accounts_show(args: argparse.Namespace, out: Output) -> None:
+    async def work(store: Store, settings: Settings) -> None:
+        account = await store.require_account(args.customer)
+        tokens, used, period = await store.usage(args.customer)
+        key_list = await store.list_keys(args.customer)
+        data = {
+            **asdict(account),
+            "quota_used": used,
+            "period_start": period or None,
+            "keys": [_key_view(r) for r in key_list],
+        }
+        plan = settings.catalog.plans.get(account.plan)
+        lines = [
+            f"account {account.customer_id}",
+            f"  plan:   {account.plan}" + ("" if plan else " (not configured!)"),
+            f"  status: {account.status}"
+            + (f" (grace until {time.ctime(account.grace_until)})" if account.grace_until else ""),
+            f"  quota used this period: {used}"
+            + (f" of {plan.quota.limit}" if plan and plan.quota else ""),
+            f"  keys:   {sum(not r.revoked for r in key_list)} active, "
+            f"{sum(r.revoked for r in key_list)} revoked",
+        ]
+        out.emit(data, "\n".join(lines))
+
+    _with_store(args, work)
+
+
+def cmd_accounts_set_status(args: argparse.Namespace, out: Output) -> None:
+    async def work(store: Store, settings: Settings) -> None:
+        grace_until = 0
+        if args.grace is not None:
+            if args.status != "past_due":
+                raise TollwayError("--grace applies only to status past_due")
+            grace_until = int(time.time()) + args.grace
+        account = await store.set_status(args.customer, args.status, grace_until=grace_until)
+        out.emit(asdict(account), f"account {account.customer_id} is now {account.status}")
+
+    _with_store(args, work)
+
+
+def cmd_accounts_set_plan(args: argparse.Namespace, out: Output) -> None:
+    async def work(store: Store, settings: Settings) -> None:
+        if args.plan not in settings.catalog.plans:
+            raise TollwayError(f"plan {args.plan!r} is not in {settings.config_path}")
+        account = await store.set_plan(args.customer, args.plan)
+        out.emit(asdict(account), f"account {account.customer_id} is now on plan {account.plan}")
+
+    _with_store(args, work)
+
+
+def _show_new_key(out: Output, key: str, record: KeyRecord, extra: dict[str, Any]) -> None:
+    data = {"key": key, **_key_view(record), **extra}
+    text = (
+        f"{key}\n\nkey id {record.key_id} for {record.customer_id}. "
+        "This is the only time the key is shown: store it now."
+    )
+    out.emit(data, text)
+
+
+def cmd_keys_issue(args: argparse.Namespace, out: Output) -> None:
+    async def work(store: Store, settings: Settings) -> None:
+        environment: keys.Environment = "test" if args.test else "live"
+        key, record = await _issue(
+            store, args.customer, environment=environment, expires_in=args.expires_in
+        )
+        _show_new_key(out, key, record, {})
+
+    _with_store(args, work)
+
+
+def cmd_keys_list(args: argparse.Namespace, out: Output) -> None:
+    async def work(store: Store, settings: Settings) -> None:
+        await store.require_account(args.customer)
+        records = await store.list_keys(args.customer)
+        now = int(time.time())
+        lines = []
+        for r in records:
+            expiry = r.expires_at_us // 1_000_000
+            state = r.state
+            if state == "active" and expiry and expiry <= now:
+                state = "expired"
+            when = f", expires {time.ctime(expiry)}" if expiry else ""
+            lines.append(f"{r.key_id}  tw_{r.environment}_…  {state}{when}")
+        out.emit([_key_view(r) for r in records], "\n".join(lines) or "no keys")
+
+    _with_store(args, work)
+
+
+def cmd_keys_revoke(args: argparse.Namespace, out: Output) -> None:
+    async def work(store: Store, settings: Settings) -> None:
+        await store.revoke_key(args.customer, args.key_id)
+        out.emit({"key_id": args.key_id, "state": "revoked"}, f"revoked {args.key_id}")
+
+    _with_store(args, work)
+
+
+def cmd_keys_rotate(args: argparse.Namespace, out: Output) -> None:
+    async def work(store: Store, settings: Settings) -> None:
+        records = {r.key_id: r for r in await store.list_keys(args.customer)}
+        old = records.get(args.key_id)
+        if old is None:
+            raise TollwayError(f"key {args.key_id} of {args.customer} does not exist")
+        if old.revoked:
+            raise TollwayError(f"key {args.key_id} is revoked; issue a new key instead")
+        environment: keys.Environment = "test" if old.environment == "test" else "live"
+        key, record = await _issue(store, args.customer, environment=environment, expires_in=None)
+        old_until = await store.now_us() + args.overlap * 1_000_000
+        await store.expire_key(args.customer, args.key_id, old_until)
+        _show_new_key(out, key, record, {"replaces": args.key_id,
+                                         "old_key_expires_at": old_until // 1_000_000})
+        if not out.as_json:
+            print(f"{args.key_id} keeps working until {time.ctime(old_until // 1_000_000)}")
+
+    _with_store(args, work)
+
+
+# -- parser -----------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # SUPPRESS: options accepted at every level without a deeper level's default
+    # overwriting what an outer level parsed.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS,
+                        help="tollway.toml (default: $TOLLWAY_CONFIG or ./tollway.toml)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable output")
+
+    parser = argparse.ArgumentParser(
+        prog="tollway", description="Sell access to an API: Envoy ext_authz backed by Redis.",
+        parents=[common],
+    )  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"tollway {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        group: Any, name: str, handler: Callable[..., None], help_text: str
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = group.add_parser(
+            name, help=help_text, description=help_text, parents=[common]
+        )
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add(sub, "serve", cmd_serve, "run the sidecar (gRPC Authorize + Envoy ext_authz Check)")
+    p.add_argument("--listen", help="host:port (default: [sidecar] listen or 127.0.0.1:50051)")
+    p = add(sub, "webhook", cmd_webhook,
+            "run the Stripe companion (for now it serves only GET /healthz; Stripe sync comes "
+            "with issue #3)")  # fmt: skip
+    p.add_argument("--listen", help="host:port (default: [webhook] listen or 127.0.0.1:8000)")
+    p = add(sub, "dev", cmd_dev,
+            "the local demo: embedded Valkey, sidecar, companion, and a real Envoy on "
+            "127.0.0.1:10000 in front of a demo upstream; prints a key and a curl")  # fmt: skip
+    p.add_argument("--port", type=int, default=10000, help="Envoy's listener port (10000)")
+    p.add_argument("--data-dir", default=".tollway", help="Valkey data and logs (.tollway/)")
+    p.add_argument("--plan", default="demo", help="the demo customer's plan (demo)")
+
+    plans = add(sub, "plans", lambda a, o: None, "plan catalog")
+    plans_sub = plans.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add(plans_sub, "check", cmd_plans_check, "validate the config file and list its plans")
+
+    accounts = add(sub, "accounts", lambda a, o: None, "customer accounts")
+    acc = accounts.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = add(acc, "create", cmd_accounts_create, "create an account on a plan")
+    p.add_argument("--customer", required=True, help="customer id, e.g. cus_123")
+    p.add_argument("--plan", required=True, help="plan name from the config")
+    p.add_argument("--status", default="active", choices=STATUSES)
+    p = add(acc, "show", cmd_accounts_show, "show an account, its usage and keys")
+    p.add_argument("--customer", required=True)
+    p = add(acc, "set-status", cmd_accounts_set_status, "set the subscription status")
+    p.add_argument("--customer", required=True)
+    p.add_argument("status", choices=STATUSES)
+    p.add_argument("--grace", type=parse_duration, help="with past_due: access continues this long")
+    p = add(acc, "set-plan", cmd_accounts_set_plan, "move an account to another plan")
+    p.add_argument("--customer", required=True)
+    p.add_argument("plan")
+
+    keys_p = add(sub, "keys", lambda a, o: None, "API keys")
+    ks = keys_p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = add(ks, "issue", cmd_keys_issue, "issue a key; it is printed once and never stored")
+    p.add_argument("--customer", required=True)
+    p.add_argument("--test", action="store_true", help="a tw_test_ key instead of tw_live_")
+    p.add_argument("--expires-in", type=parse_duration, help="e.g. 30d; default: never")
+    p = add(ks, "list", cmd_keys_list, "list a customer's keys (ids and states, never keys)")
+    p.add_argument("--customer", required=True)
+    p = add(ks, "revoke", cmd_keys_revoke, "revoke a key at once")
+    p.add_argument("--customer", required=True)
+    p.add_argument("key_id")
+    p = add(ks, "rotate", cmd_keys_rotate,
+            "issue a replacement key; the old one works for --overlap, then stops")  # fmt: skip
+    p.add_argument("--customer", required=True)
+    p.add_argument("key_id")
+    p.add_argument("--overlap", type=parse_duration, default=86400, help="default 24h")
+    return parser
+
+
+def fail(message: str) -> NoReturn:
+    print(f"tollway: error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.config = getattr(args, "config", None)
+    args.json = getattr(args, "json", False)
+    logging.basicConfig(
+        level=os.environ.get("TOLLWAY_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    out = Output(args.json)
+    try:
+        args.handler(args, out)
+    except TollwayError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

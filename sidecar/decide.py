@@ -1,0 +1,209 @@
+"""The decision core: what a request's outcome means, in words and numbers.
+
+No I/O here. The store runs the atomic script and hands back an Outcome; this
+module turns it (or an early refusal such as a malformed key) into a Decision
+that both the gRPC Authorize answer and the Envoy Check answer are built from.
+
+Subscription status → access (applied atomically in decide.lua):
+    active, trialing              allowed
+    past_due                      allowed until grace_until, then denied
+    anything else                 denied (incomplete, incomplete_expired,
+                                  unpaid, canceled, paused)
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Final
+
+from sidecar.plans import Plan
+
+__all__ = [
+    "STATUSES",
+    "Decision",
+    "Outcome",
+    "OutcomeCode",
+    "QuotaState",
+    "RateState",
+    "Reason",
+    "decision_from_outcome",
+    "refuse",
+]
+
+STATUSES: Final = (
+    "active", "trialing", "past_due", "incomplete", "incomplete_expired", "unpaid",
+    "canceled", "paused",
+)  # fmt: skip
+
+
+class Reason(enum.Enum):
+    OK = "ok"
+    MISSING_KEY = "missing_key"
+    INVALID_KEY = "invalid_key"
+    KEY_REVOKED = "key_revoked"
+    KEY_EXPIRED = "key_expired"
+    SUBSCRIPTION_INACTIVE = "subscription_inactive"
+    FEATURE_NOT_IN_PLAN = "feature_not_in_plan"
+    RATE_LIMITED = "rate_limited"
+    QUOTA_EXCEEDED = "quota_exceeded"
+
+
+class OutcomeCode(enum.IntEnum):
+    """decide.lua's first return value."""
+
+    OK = 0
+    NO_ACCOUNT = 1
+    PLAN_CHANGED = 2
+    KEY_EXPIRED = 3
+    INACTIVE = 4
+    FEATURE = 5
+    RATE_LIMITED = 6
+    QUOTA_EXCEEDED = 7
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What decide.lua found, read by store.parse_outcome."""
+
+    code: OutcomeCode
+    plan: str
+    status: str
+    tokens: float
+    reset_ms: int
+    retry_ms: int  # -1: waiting can never help
+    quota_used: int
+    period_end: int
+    now: int  # the script's clock, Unix seconds
+
+
+@dataclass(frozen=True, slots=True)
+class RateState:
+    limit: int
+    remaining: int
+    reset_seconds: int
+    rate_per_second: float
+    window_seconds: int  # time to refill a whole burst: the policy's window
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaState:
+    limit: int  # 0: no quota
+    used: int
+    remaining: int
+    period_end: int
+    reset_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reason: Reason
+    message: str
+    customer_id: str = ""
+    plan: str = ""
+    rate: RateState | None = None
+    quota: QuotaState | None = None
+    retry_after: int = 0
+
+    @property
+    def deciding_limit(self) -> RateState | QuotaState | None:
+        """The limit that decided: the one that denied, or the closest to denying."""
+        if self.reason is Reason.QUOTA_EXCEEDED:
+            return self.quota
+        if self.reason is Reason.RATE_LIMITED or self.rate is None:
+            return self.rate
+        if self.quota and self.quota.limit and self.quota.remaining < self.rate.remaining:
+            return self.quota
+        return self.rate
+
+
+def refuse(reason: Reason, message: str, *, customer_id: str = "", plan: str = "") -> Decision:
+    """A denial decided before the limits were reached (key, account, feature)."""
+    return Decision(
+        allowed=False, reason=reason, message=message, customer_id=customer_id, plan=plan
+    )
+
+
+_INACTIVE_HELP: Final = {
+    "past_due": "the last payment failed and the grace period is over; "
+    "update the payment method to restore access",
+    "unpaid": "invoices are unpaid; pay them to restore access",
+    "canceled": "the subscription was cancelled; subscribe again to restore access",
+    "paused": "the subscription is paused; resume it to restore access",
+    "incomplete": "the first payment has not completed; finish checkout to get access",
+    "incomplete_expired": "the first payment was never completed; subscribe again",
+}
+
+
+def _limits(plan: Plan, outcome: Outcome) -> tuple[RateState, QuotaState]:
+    rate = RateState(
+        limit=plan.burst,
+        remaining=max(0, math.floor(outcome.tokens + 1e-9)),
+        reset_seconds=max(0, math.ceil(outcome.reset_ms / 1000)),
+        rate_per_second=plan.rate.per_second,
+        window_seconds=max(1, math.ceil(plan.burst / plan.rate.per_second)),
+    )
+    limit = plan.quota.limit if plan.quota else 0
+    quota = QuotaState(
+        limit=limit,
+        used=outcome.quota_used,
+        remaining=max(0, limit - outcome.quota_used) if limit else 0,
+        period_end=outcome.period_end,
+        reset_seconds=max(0, outcome.period_end - outcome.now),
+    )
+    return rate, quota
+
+
+def decision_from_outcome(
+    outcome: Outcome, *, plan: Plan | None, customer_id: str, cost: int, feature: str | None
+) -> Decision:
+    """Reads an outcome of a script run with plan's limits (None: no plan known yet)."""
+    code = outcome.code
+    if code is OutcomeCode.NO_ACCOUNT:
+        return refuse(Reason.INVALID_KEY, "API key belongs to no account", customer_id=customer_id)
+    if code is OutcomeCode.KEY_EXPIRED:
+        return refuse(
+            Reason.KEY_EXPIRED, "API key has expired; issue a new key", customer_id=customer_id
+        )
+    if code is OutcomeCode.PLAN_CHANGED or plan is None:
+        raise ValueError("a plan change must be retried with the new plan's limits")
+    who = {"customer_id": customer_id, "plan": plan.name}
+    if code is OutcomeCode.INACTIVE:
+        help_text = _INACTIVE_HELP.get(outcome.status, "contact support")
+        return refuse(
+            Reason.SUBSCRIPTION_INACTIVE,
+            f"Subscription is {outcome.status or 'missing'}: {help_text}",
+            **who,
+        )
+    if code is OutcomeCode.FEATURE:
+        return refuse(
+            Reason.FEATURE_NOT_IN_PLAN,
+            f"Feature {feature!r} is not in plan {plan.name}; upgrade to use it",
+            **who,
+        )
+    rate, quota = _limits(plan, outcome)
+    if code is OutcomeCode.OK:
+        return Decision(True, Reason.OK, "OK", rate=rate, quota=quota, **who)
+    if code is OutcomeCode.RATE_LIMITED:
+        if outcome.retry_ms < 0:
+            message = f"Request cost {cost} exceeds plan {plan.name}'s burst of {plan.burst}"
+            retry_after = 0
+        else:
+            message = f"Rate limit exceeded for plan {plan.name}: {plan.rate}"
+            retry_after = max(1, math.ceil(outcome.retry_ms / 1000))
+        return Decision(
+            False, Reason.RATE_LIMITED, message, rate=rate, quota=quota,
+            retry_after=retry_after, **who,
+        )  # fmt: skip
+    assert plan.quota is not None  # the script reports code 7 only for a quota
+    return Decision(
+        False,
+        Reason.QUOTA_EXCEEDED,
+        f"Quota exceeded for plan {plan.name}: {plan.quota}; resets at the period's end",
+        rate=rate,
+        quota=quota,
+        retry_after=max(1, quota.reset_seconds),
+        **who,
+    )

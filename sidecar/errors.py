@@ -1,0 +1,19 @@
+"""The errors Tollway reports to people: each carries one clear line."""
+
+from __future__ import annotations
+
+
+class TollwayError(Exception):
+    """An error whose message is fit to show a user as-is."""
+
+
+class ConfigError(TollwayError):
+    """The configuration file or environment is wrong; the message names the field."""
+
+
+class StoreUnavailable(TollwayError):
+    """Redis could not answer in time. Never a decision: the caller fails the request."""
+
+
+class NotFound(TollwayError):
+    """A named account or key does not exist."""

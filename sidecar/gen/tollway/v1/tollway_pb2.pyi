@@ -1,0 +1,88 @@
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REASON_UNSPECIFIED: _ClassVar[Reason]
+    REASON_OK: _ClassVar[Reason]
+    REASON_MISSING_KEY: _ClassVar[Reason]
+    REASON_INVALID_KEY: _ClassVar[Reason]
+    REASON_KEY_REVOKED: _ClassVar[Reason]
+    REASON_KEY_EXPIRED: _ClassVar[Reason]
+    REASON_SUBSCRIPTION_INACTIVE: _ClassVar[Reason]
+    REASON_FEATURE_NOT_IN_PLAN: _ClassVar[Reason]
+    REASON_RATE_LIMITED: _ClassVar[Reason]
+    REASON_QUOTA_EXCEEDED: _ClassVar[Reason]
+REASON_UNSPECIFIED: Reason
+REASON_OK: Reason
+REASON_MISSING_KEY: Reason
+REASON_INVALID_KEY: Reason
+REASON_KEY_REVOKED: Reason
+REASON_KEY_EXPIRED: Reason
+REASON_SUBSCRIPTION_INACTIVE: Reason
+REASON_FEATURE_NOT_IN_PLAN: Reason
+REASON_RATE_LIMITED: Reason
+REASON_QUOTA_EXCEEDED: Reason
+
+class AuthorizeRequest(_message.Message):
+    __slots__ = ("api_key", "method", "path", "cost", "feature")
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    api_key: str
+    method: str
+    path: str
+    cost: int
+    feature: str
+    def __init__(self, api_key: _Optional[str] = ..., method: _Optional[str] = ..., path: _Optional[str] = ..., cost: _Optional[int] = ..., feature: _Optional[str] = ...) -> None: ...
+
+class RateLimitState(_message.Message):
+    __slots__ = ("limit", "remaining", "reset_seconds", "rate_per_second")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    RESET_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RATE_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    remaining: int
+    reset_seconds: int
+    rate_per_second: float
+    def __init__(self, limit: _Optional[int] = ..., remaining: _Optional[int] = ..., reset_seconds: _Optional[int] = ..., rate_per_second: _Optional[float] = ...) -> None: ...
+
+class QuotaState(_message.Message):
+    __slots__ = ("limit", "used", "remaining", "period_end")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_END_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    used: int
+    remaining: int
+    period_end: int
+    def __init__(self, limit: _Optional[int] = ..., used: _Optional[int] = ..., remaining: _Optional[int] = ..., period_end: _Optional[int] = ...) -> None: ...
+
+class AuthorizeResponse(_message.Message):
+    __slots__ = ("allowed", "reason", "customer_id", "plan", "rate_limit", "quota", "retry_after_seconds", "message")
+    ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    allowed: bool
+    reason: Reason
+    customer_id: str
+    plan: str
+    rate_limit: RateLimitState
+    quota: QuotaState
+    retry_after_seconds: int
+    message: str
+    def __init__(self, allowed: _Optional[bool] = ..., reason: _Optional[_Union[Reason, str]] = ..., customer_id: _Optional[str] = ..., plan: _Optional[str] = ..., rate_limit: _Optional[_Union[RateLimitState, _Mapping]] = ..., quota: _Optional[_Union[QuotaState, _Mapping]] = ..., retry_after_seconds: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...

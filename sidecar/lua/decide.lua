@@ -1,0 +1,134 @@
+-- decide.lua: admit one request for one account, all or nothing.
+--
+-- KEYS[1]  account hash   tw:{acct}:a   plan, status, grace_until (Unix s)
+-- KEYS[2]  token bucket   tw:{acct}:rl  tokens (float), ts (us)
+-- KEYS[3]  quota counter  tw:{acct}:q   p (period start, Unix s), used
+-- ARGV[1]  now in microseconds, or "" to use Redis TIME (the production clock)
+-- ARGV[2]  plan the caller believes the account has (its limits follow)
+-- ARGV[3]  rate: tokens refilled per second (float > 0)
+-- ARGV[4]  burst: bucket size (integer >= 1)
+-- ARGV[5]  cost of this request (integer >= 1)
+-- ARGV[6]  quota limit per period (0 = no quota; usage is still counted)
+-- ARGV[7]  quota period: hour | day | month (calendar, UTC)
+-- ARGV[8]  overage: block | bill
+-- ARGV[9]  key expiry in microseconds since the epoch (0 = never)
+-- ARGV[10] 1 if ARGV[2]'s plan includes the feature the request needs, else 0
+--
+-- Returns {code, plan, status, tokens_milli, reset_ms, retry_ms, quota_used, period_end, now_s}
+--   code 0 ok, 1 no account, 2 plan differs from ARGV[2] (plan = the real one;
+--   call again with its limits), 3 key expired, 4 subscription inactive,
+--   5 feature not in plan, 6 rate limited, 7 quota exceeded.
+--   retry_ms is -1 when waiting can never help (cost above burst).
+-- Only code 0 writes anything: a denied request consumes nothing.
+
+local now_us
+if ARGV[1] == "" then
+  local t = redis.call("TIME")
+  now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+else
+  now_us = tonumber(ARGV[1])
+end
+local now_s = math.floor(now_us / 1000000)
+
+local function reply(code, plan, status, tokens, reset_ms, retry_ms, used, period_end)
+  return {code, plan or "", status or "", math.floor(tokens * 1000), math.floor(reset_ms),
+          math.floor(retry_ms), used, period_end, now_s}
+end
+
+local key_expires = tonumber(ARGV[9])
+if key_expires > 0 and now_us >= key_expires then
+  return reply(3, "", "", 0, 0, 0, 0, 0)
+end
+
+local acct = redis.call("HMGET", KEYS[1], "plan", "status", "grace_until")
+local plan, status, grace_until = acct[1], acct[2], tonumber(acct[3] or "0") or 0
+if not plan then
+  return reply(1, "", "", 0, 0, 0, 0, 0)
+end
+if plan ~= ARGV[2] then
+  return reply(2, plan, status, 0, 0, 0, 0, 0)
+end
+local entitled = status == "active" or status == "trialing"
+  or (status == "past_due" and now_s < grace_until)
+if not entitled then
+  return reply(4, plan, status, 0, 0, 0, 0, 0)
+end
+if ARGV[10] ~= "1" then
+  return reply(5, plan, status, 0, 0, 0, 0, 0)
+end
+
+-- Calendar arithmetic (proleptic Gregorian, UTC), after H. Hinnant's algorithms.
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local doy = math.floor((153 * ((m + 9) % 12) + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+local function civil_from_days(z)
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return y, m
+end
+
+local period = ARGV[7]
+local p_start, p_end
+if period == "hour" then
+  p_start = now_s - now_s % 3600
+  p_end = p_start + 3600
+elseif period == "day" then
+  p_start = now_s - now_s % 86400
+  p_end = p_start + 86400
+else
+  local y, m = civil_from_days(math.floor(now_s / 86400))
+  p_start = days_from_civil(y, m, 1) * 86400
+  if m == 12 then y, m = y + 1, 1 else m = m + 1 end
+  p_end = days_from_civil(y, m, 1) * 86400
+end
+
+local rate = tonumber(ARGV[3])
+local burst = tonumber(ARGV[4])
+local cost = tonumber(ARGV[5])
+local quota_limit = tonumber(ARGV[6])
+
+local bucket = redis.call("HMGET", KEYS[2], "tokens", "ts")
+local tokens = burst
+if bucket[1] then
+  local elapsed = math.max(0, now_us - tonumber(bucket[2]))
+  tokens = math.min(burst, tonumber(bucket[1]) + elapsed * rate / 1000000)
+end
+
+local q = redis.call("HMGET", KEYS[3], "p", "used")
+local used = 0
+if q[1] and tonumber(q[1]) == p_start then used = tonumber(q[2]) end
+
+local function full_in_ms(level)
+  return (burst - level) * 1000 / rate
+end
+
+if quota_limit > 0 and ARGV[8] == "block" and used + cost > quota_limit then
+  return reply(7, plan, status, tokens, full_in_ms(tokens), (p_end - now_s) * 1000, used, p_end)
+end
+if tokens < cost then
+  local retry = -1
+  if cost <= burst then retry = math.ceil((cost - tokens) * 1000 / rate) end
+  return reply(6, plan, status, tokens, full_in_ms(tokens), retry, used, p_end)
+end
+
+tokens = tokens - cost
+used = used + cost
+redis.call("HSET", KEYS[2], "tokens", string.format("%.17g", tokens), "ts", now_us)
+-- A bucket left alone refills to full; after that its key carries no information.
+redis.call("PEXPIRE", KEYS[2], math.ceil(full_in_ms(0)) + 1000)
+redis.call("HSET", KEYS[3], "p", p_start, "used", used)
+redis.call("EXPIRE", KEYS[3], p_end - now_s + 86400)
+return reply(0, plan, status, tokens, full_in_ms(tokens), 0, used, p_end)

@@ -1,0 +1,251 @@
+"""The plan catalog: tiers customers pay for, and the routes that cost more.
+
+Pure data and parsing; no I/O beyond what the caller hands in. Every error
+names where it is (``plans[1] 'pro': rate``) so a bad file is one clear line.
+
+    [[plans]]
+    name = "pro"
+    stripe_price = "price_123"         # and/or stripe_lookup_key
+    rate = "50/s"                      # sustained token refill
+    burst = 100                        # bucket size (default: the rate's count)
+    quota = "100000/month"             # optional, per period
+    overage = "block"                  # or "bill"
+    features = ["search", "export"]
+
+    [[routes]]
+    method = "POST"                    # or "*" (default)
+    path = "/v1/export/*"              # * = one segment, ** = anything
+    cost = 10
+    feature = "export"
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from sidecar.errors import ConfigError
+
+__all__ = ["Catalog", "Plan", "Quota", "Rate", "Route", "parse_catalog"]
+
+Overage = Literal["block", "bill"]
+Period = Literal["hour", "day", "month"]
+
+_RATE_UNITS: Final = {
+    "s": 1, "sec": 1, "second": 1,
+    "m": 60, "min": 60, "minute": 60,
+    "h": 3600, "hour": 3600,
+}  # fmt: skip
+_PERIODS: Final[dict[str, Period]] = {"hour": "hour", "day": "day", "month": "month"}
+_NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_COUNT_RE: Final = re.compile(r"\s*(\d[\d_]*)\s*/\s*([a-z]+)\s*")
+_METHOD_RE: Final = re.compile(r"[A-Z]+|\*")
+_PLAN_FIELDS: Final = frozenset(
+    {"name", "stripe_price", "stripe_lookup_key", "rate", "burst", "quota", "overage",
+     "features", "description"}
+)  # fmt: skip
+_ROUTE_FIELDS: Final = frozenset({"method", "path", "cost", "feature"})
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    count: int
+    seconds: int
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.seconds
+
+    def __str__(self) -> str:
+        unit = {1: "s", 60: "min", 3600: "h"}[self.seconds]
+        noun = "request" if self.count == 1 else "requests"
+        return f"{self.count} {noun}/{unit}"
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    limit: int
+    period: Period
+
+    def __str__(self) -> str:
+        return f"{self.limit} per {self.period}"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    name: str
+    rate: Rate
+    burst: int
+    quota: Quota | None = None
+    overage: Overage = "block"
+    features: frozenset[str] = frozenset()
+    stripe_price: str | None = None
+    stripe_lookup_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str
+    cost: int = 1
+    feature: str | None = None
+    pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pattern", _compile_path(self.path))
+
+    def matches(self, method: str, path: str) -> bool:
+        return (self.method == "*" or self.method == method) and bool(self.pattern.fullmatch(path))
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    plans: Mapping[str, Plan]
+    routes: Sequence[Route] = ()
+
+    def route_for(self, method: str, path: str) -> Route | None:
+        """The first route matching method and path (the query string is ignored)."""
+        if not self.routes:
+            return None
+        path = path.split("?", 1)[0]
+        method = method.upper()
+        for route in self.routes:
+            if route.matches(method, path):
+                return route
+        return None
+
+    def plan_for_price(self, price_id: str | None, lookup_key: str | None = None) -> Plan | None:
+        for plan in self.plans.values():
+            if price_id and plan.stripe_price == price_id:
+                return plan
+            if lookup_key and plan.stripe_lookup_key == lookup_key:
+                return plan
+        return None
+
+
+def _compile_path(path: str) -> re.Pattern[str]:
+    parts = re.split(r"(\*\*|\*)", path)
+    regex = "".join(
+        ".*" if part == "**" else "[^/]*" if part == "*" else re.escape(part) for part in parts
+    )
+    return re.compile(regex)
+
+
+def parse_rate(text: str, where: str) -> Rate:
+    match = _COUNT_RE.fullmatch(text) if isinstance(text, str) else None
+    if not match or match.group(2) not in _RATE_UNITS or int(match.group(1)) <= 0:
+        raise ConfigError(f"{where}: expected '<count>/<s|m|h>' like '50/s', got {text!r}")
+    return Rate(count=int(match.group(1)), seconds=_RATE_UNITS[match.group(2)])
+
+
+def parse_quota(text: str, where: str) -> Quota:
+    match = _COUNT_RE.fullmatch(text) if isinstance(text, str) else None
+    if not match or match.group(2) not in _PERIODS or int(match.group(1)) <= 0:
+        raise ConfigError(
+            f"{where}: expected '<count>/<hour|day|month>' like '100000/month', got {text!r}"
+        )
+    return Quota(limit=int(match.group(1)), period=_PERIODS[match.group(2)])
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
+    # bool is an int in Python; a plan saying `burst = true` is a mistake.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ConfigError(f"{where}: expected {what}, got {value!r}")
+    return value
+
+
+def _parse_plan(raw: Any, index: int) -> Plan:
+    where = f"plans[{index}]"
+    _expect(raw, dict, where, "a table")
+    name = raw.get("name")
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ConfigError(
+            f"{where}: name: expected lower-case letters, digits, '-' or '_', got {name!r}"
+        )
+    where = f"plans[{index}] '{name}'"
+    unknown = sorted(set(raw) - _PLAN_FIELDS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r}")
+    if "rate" not in raw:
+        raise ConfigError(f"{where}: rate: required, e.g. rate = \"50/s\"")
+    rate = parse_rate(raw["rate"], f"{where}: rate")
+    burst = _expect(raw.get("burst", rate.count), int, f"{where}: burst", "a positive integer")
+    if burst <= 0:
+        raise ConfigError(f"{where}: burst: expected a positive integer, got {burst!r}")
+    quota = parse_quota(raw["quota"], f"{where}: quota") if "quota" in raw else None
+    overage = raw.get("overage", "block")
+    if overage not in ("block", "bill"):
+        raise ConfigError(f"{where}: overage: expected \"block\" or \"bill\", got {overage!r}")
+    features = _expect(raw.get("features", []), list, f"{where}: features", "a list of names")
+    for feature in features:
+        _expect(feature, str, f"{where}: features", "a list of names")
+    price = raw.get("stripe_price")
+    lookup = raw.get("stripe_lookup_key")
+    for label, value in (("stripe_price", price), ("stripe_lookup_key", lookup)):
+        if value is not None:
+            _expect(value, str, f"{where}: {label}", "a string")
+    if price is not None and not price.startswith("price_"):
+        raise ConfigError(f"{where}: stripe_price: expected a Stripe price id 'price_…'")
+    return Plan(
+        name=name,
+        rate=rate,
+        burst=burst,
+        quota=quota,
+        overage=overage,
+        features=frozenset(features),
+        stripe_price=price,
+        stripe_lookup_key=lookup,
+    )
+
+
+def _parse_route(raw: Any, index: int, features: frozenset[str]) -> Route:
+    where = f"routes[{index}]"
+    _expect(raw, dict, where, "a table")
+    unknown = sorted(set(raw) - _ROUTE_FIELDS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r}")
+    path = _expect(raw.get("path"), str, f"{where}: path", "a path like '/v1/search/*'")
+    if not path.startswith("/"):
+        raise ConfigError(f"{where}: path: must start with '/', got {path!r}")
+    method = _expect(raw.get("method", "*"), str, f"{where}: method", "an HTTP method or '*'")
+    method = method.upper()
+    if not _METHOD_RE.fullmatch(method):
+        raise ConfigError(f"{where}: method: expected an HTTP method or '*', got {method!r}")
+    cost = _expect(raw.get("cost", 1), int, f"{where}: cost", "a positive integer")
+    if cost <= 0:
+        raise ConfigError(f"{where}: cost: expected a positive integer, got {cost!r}")
+    feature = raw.get("feature")
+    if feature is not None:
+        _expect(feature, str, f"{where}: feature", "a feature name")
+        if feature not in features:
+            raise ConfigError(f"{where}: feature: {feature!r} is in no plan's features")
+    return Route(method=method, path=path, cost=cost, feature=feature)
+
+
+def parse_catalog(data: Mapping[str, Any]) -> Catalog:
+    """Builds the catalog from a parsed TOML document, or raises ConfigError."""
+    raw_plans = data.get("plans")
+    if not isinstance(raw_plans, list) or not raw_plans:
+        raise ConfigError("plans: at least one [[plans]] table is required")
+    plans: dict[str, Plan] = {}
+    for index, raw in enumerate(raw_plans):
+        plan = _parse_plan(raw, index)
+        if plan.name in plans:
+            raise ConfigError(f"plans[{index}] '{plan.name}': name: duplicate plan name")
+        plans[plan.name] = plan
+    seen: dict[str, str] = {}
+    for plan in plans.values():
+        for ref in (plan.stripe_price, plan.stripe_lookup_key):
+            if ref is not None:
+                if ref in seen:
+                    raise ConfigError(
+                        f"plans '{plan.name}': {ref!r} is already used by plan '{seen[ref]}'"
+                    )
+                seen[ref] = plan.name
+    all_features = frozenset().union(*(p.features for p in plans.values()))
+    raw_routes = data.get("routes", [])
+    _expect(raw_routes, list, "routes", "a list of [[routes]] tables")
+    routes = tuple(_parse_route(raw, i, all_features) for i, raw in enumerate(raw_routes))
+    return Catalog(plans=plans, routes=routes)

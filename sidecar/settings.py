@@ -1,0 +1,159 @@
+"""Settings: one frozen object per process, built once from the TOML file and
+an environment mapping (passed in, so tests need no patching).
+
+    TOLLWAY_CONFIG            path of tollway.toml (or --config)
+    TOLLWAY_REDIS_URL         redis://host:port/db; overrides [redis] url
+    TOLLWAY_REDIS_TIMEOUT_MS  per-call Redis timeout; overrides [redis] timeout_ms
+
+    [sidecar]  listen = "127.0.0.1:50051"
+    [webhook]  listen = "127.0.0.1:8000"
+    [redis]    url = "redis://127.0.0.1:6379/0"   timeout_ms = 50
+    [headers]  api_key = ["x-api-key"]  bearer = true
+               customer = "x-tollway-customer"  plan = "x-tollway-plan"
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from sidecar.errors import ConfigError
+from sidecar.plans import Catalog, parse_catalog
+
+__all__ = ["HeaderNames", "Settings", "load_settings", "redact_url"]
+
+DEFAULT_LISTEN: Final = "127.0.0.1:50051"
+DEFAULT_WEBHOOK_LISTEN: Final = "127.0.0.1:8000"
+DEFAULT_REDIS_TIMEOUT_MS: Final = 50
+_HEADER_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]*")
+_SECTIONS: Final = frozenset({"sidecar", "webhook", "redis", "headers", "plans", "routes"})
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderNames:
+    """Which request headers carry the key, and which carry identity upstream."""
+
+    api_key: tuple[str, ...] = ("x-api-key",)
+    bearer: bool = True
+    customer: str = "x-tollway-customer"
+    plan: str = "x-tollway-plan"
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, fit for logs and errors."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1****@", url)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    catalog: Catalog
+    redis_url: str | None = field(default=None, repr=False)
+    redis_timeout: float = DEFAULT_REDIS_TIMEOUT_MS / 1000
+    listen: str = DEFAULT_LISTEN
+    webhook_listen: str = DEFAULT_WEBHOOK_LISTEN
+    headers: HeaderNames = HeaderNames()
+    config_path: Path | None = None
+
+    def __repr__(self) -> str:
+        url = redact_url(self.redis_url) if self.redis_url else None
+        return (
+            f"Settings(config_path={self.config_path}, listen={self.listen!r}, "
+            f"webhook_listen={self.webhook_listen!r}, redis_url={url!r}, "
+            f"plans={sorted(self.catalog.plans)})"
+        )
+
+
+def _section(doc: Mapping[str, Any], name: str, fields: frozenset[str]) -> Mapping[str, Any]:
+    section = doc.get(name, {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"[{name}]: expected a table")
+    unknown = sorted(set(section) - fields)
+    if unknown:
+        raise ConfigError(f"[{name}] {unknown[0]}: unknown field")
+    return section
+
+
+def _header(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _HEADER_RE.fullmatch(value.lower()):
+        raise ConfigError(f"{where}: expected an HTTP header name, got {value!r}")
+    return value.lower()
+
+
+def _listen(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"\[?[\w.:-]+\]?:\d{1,5}", value):
+        raise ConfigError(f"{where}: expected host:port, got {value!r}")
+    return value
+
+
+def settings_from_document(
+    doc: Mapping[str, Any], environ: Mapping[str, str], *, path: Path | None = None
+) -> Settings:
+    unknown = sorted(set(doc) - _SECTIONS)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section or field")
+    catalog = parse_catalog(doc)
+    sidecar = _section(doc, "sidecar", frozenset({"listen"}))
+    webhook = _section(doc, "webhook", frozenset({"listen"}))
+    redis = _section(doc, "redis", frozenset({"url", "timeout_ms"}))
+    headers = _section(doc, "headers", frozenset({"api_key", "bearer", "customer", "plan"}))
+
+    redis_url = environ.get("TOLLWAY_REDIS_URL") or redis.get("url")
+    if redis_url is not None and not (
+        isinstance(redis_url, str) and re.match(r"(redis|rediss|unix)://", redis_url)
+    ):
+        raise ConfigError("[redis] url: expected redis://, rediss:// or unix:// URL")
+    timeout_raw: Any = environ.get("TOLLWAY_REDIS_TIMEOUT_MS") or redis.get(
+        "timeout_ms", DEFAULT_REDIS_TIMEOUT_MS
+    )
+    try:
+        timeout_ms = int(timeout_raw)
+    except (TypeError, ValueError):
+        timeout_ms = -1
+    if isinstance(timeout_raw, bool) or not 1 <= timeout_ms <= 10_000:
+        raise ConfigError(f"[redis] timeout_ms: expected 1..10000 ms, got {timeout_raw!r}")
+
+    key_headers = headers.get("api_key", ["x-api-key"])
+    if isinstance(key_headers, str):
+        key_headers = [key_headers]
+    if not isinstance(key_headers, list):
+        raise ConfigError("[headers] api_key: expected a list of header names")
+    bearer = headers.get("bearer", True)
+    if not isinstance(bearer, bool):
+        raise ConfigError(f"[headers] bearer: expected true or false, got {bearer!r}")
+    names = HeaderNames(
+        api_key=tuple(_header(h, "[headers] api_key") for h in key_headers),
+        bearer=bearer,
+        customer=_header(headers.get("customer", "x-tollway-customer"), "[headers] customer"),
+        plan=_header(headers.get("plan", "x-tollway-plan"), "[headers] plan"),
+    )
+    if not names.api_key and not names.bearer:
+        raise ConfigError("[headers]: api_key is empty and bearer is false; no key can be read")
+    return Settings(
+        catalog=catalog,
+        redis_url=redis_url,
+        redis_timeout=timeout_ms / 1000,
+        listen=_listen(sidecar.get("listen", DEFAULT_LISTEN), "[sidecar] listen"),
+        webhook_listen=_listen(webhook.get("listen", DEFAULT_WEBHOOK_LISTEN), "[webhook] listen"),
+        headers=names,
+        config_path=path,
+    )
+
+
+def load_settings(path: str | Path | None, environ: Mapping[str, str]) -> Settings:
+    """Reads the config file named by path or TOLLWAY_CONFIG (default ./tollway.toml)."""
+    chosen = Path(path or environ.get("TOLLWAY_CONFIG") or "tollway.toml")
+    try:
+        with chosen.open("rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{chosen}: no such config file (use --config or TOLLWAY_CONFIG)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{chosen}: not valid TOML: {exc}") from None
+    try:
+        return settings_from_document(doc, environ, path=chosen)
+    except ConfigError as exc:
+        raise ConfigError(f"{chosen}: {exc}") from None

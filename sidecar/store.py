@@ -1,0 +1,354 @@
+"""Redis state: every key name and every Lua script Tollway uses lives here.
+
+Key layout. Everything of one account sits under one hash tag, ``{customer}``,
+so in Redis Cluster one script can touch it all atomically:
+
+    tw:{cus_1}:a      account hash: plan, status, grace_until, created_at
+    tw:{cus_1}:rl     token bucket: tokens, ts (microseconds)
+    tw:{cus_1}:q      quota counter for the current period: p (start), used
+    tw:{cus_1}:keys   key index: key id -> key hash (for list / revoke)
+    tw:k:{<sha256>}   key record: customer, key id, state, expires_at (us)
+
+The key record lives in its own slot (its hash is what a request carries);
+reading it is the one extra round trip before the decision script.
+
+Time: decide.lua reads Redis TIME, so every sidecar shares one clock. Tests
+may pass a clock in (microseconds); nothing else does.
+
+Every Redis failure (refused, reset, timed out, busy loading) surfaces as
+StoreUnavailable; callers turn that into gRPC UNAVAILABLE, never a decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from sidecar.decide import STATUSES, Outcome, OutcomeCode
+from sidecar.errors import NotFound, StoreUnavailable, TollwayError
+from sidecar.plans import Plan
+
+__all__ = [
+    "Account",
+    "KeyRecord",
+    "Store",
+    "account_key",
+    "bucket_key",
+    "connect",
+    "key_index_key",
+    "key_record_key",
+    "parse_outcome",
+    "quota_key",
+]
+
+_CUSTOMER_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def _tag(customer_id: str) -> str:
+    # Braces in an id would move the hash tag; ids are checked at the edges.
+    if not _CUSTOMER_RE.fullmatch(customer_id):
+        raise TollwayError(f"customer id {customer_id!r}: use letters, digits, '_' or '-'")
+    return "{" + customer_id + "}"
+
+
+def account_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:a"
+
+
+def bucket_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:rl"
+
+
+def quota_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:q"
+
+
+def key_index_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:keys"
+
+
+def key_record_key(hashed: str) -> str:
+    return f"tw:k:{{{hashed}}}"
+
+
+def _script(name: str) -> str:
+    return resources.files("sidecar").joinpath("lua", name).read_text()
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    customer_id: str
+    plan: str
+    status: str
+    grace_until: int = 0
+    created_at: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    key_id: str
+    customer_id: str
+    state: str  # active | revoked
+    expires_at_us: int = 0  # 0: never
+    created_at: int = 0
+    environment: str = "live"
+
+    @property
+    def revoked(self) -> bool:
+        return self.state == "revoked"
+
+
+def parse_outcome(raw: list[Any]) -> Outcome:
+    """Reads decide.lua's reply (see the script's header for the contract)."""
+
+    def text(value: Any) -> str:
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    return Outcome(
+        code=OutcomeCode(int(raw[0])),
+        plan=text(raw[1]),
+        status=text(raw[2]),
+        tokens=int(raw[3]) / 1000,
+        reset_ms=int(raw[4]),
+        retry_ms=int(raw[5]),
+        quota_used=int(raw[6]),
+        period_end=int(raw[7]),
+        now=int(raw[8]),
+    )
+
+
+def connect(url: str, *, timeout: float, max_connections: int = 64) -> aioredis.Redis:
+    """A client that fails fast: short timeouts, no retries, bounded pool wait.
+
+    A retry would double the time a dead Redis holds a request; Envoy's
+    failure mode is the place to decide what happens then.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+class Store:
+    """Tollway's state in Redis. One instance per process, shared by all requests."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        timeout: float = 0.05,
+        clock_us: Callable[[], int] | None = None,
+    ) -> None:
+        self._redis = client
+        # Covers what socket timeouts do not: waiting for a pooled connection
+        # and a reconnect storm. Twice the socket timeout leaves room for one
+        # connect plus one call.
+        self._deadline = timeout * 2
+        self._clock_us = clock_us
+        self._decide = client.register_script(_script("decide.lua"))
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        return self._redis
+
+    @contextlib.asynccontextmanager
+    async def _guard(self, what: str) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout(self._deadline):
+                yield
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"Redis unavailable during {what}: {type(exc).__name__}") from exc
+
+    async def ping(self) -> None:
+        async with self._guard("ping"):
+            await self._redis.ping()
+
+    async def now_us(self) -> int:
+        """The store's clock: the injected one, else Redis TIME."""
+        if self._clock_us is not None:
+            return self._clock_us()
+        async with self._guard("time"):
+            seconds, micros = await self._redis.time()
+        return int(seconds) * 1_000_000 + int(micros)
+
+    # -- the request path -------------------------------------------------
+
+    async def lookup_key(self, hashed: str) -> KeyRecord | None:
+        async with self._guard("key lookup"):
+            raw = await self._redis.hgetall(key_record_key(hashed))
+        return _key_record(raw) if raw else None
+
+    async def decide(
+        self,
+        customer_id: str,
+        plan: Plan | None,
+        *,
+        cost: int,
+        feature_ok: bool,
+        key_expires_at_us: int,
+    ) -> Outcome:
+        """Runs decide.lua for one request. plan None asks only for the real plan."""
+        args: list[Any] = [
+            "" if self._clock_us is None else self._clock_us(),
+            plan.name if plan else "",
+            repr(plan.rate.per_second) if plan else "1",
+            plan.burst if plan else 1,
+            cost,
+            plan.quota.limit if plan and plan.quota else 0,
+            plan.quota.period if plan and plan.quota else "month",
+            plan.overage if plan else "block",
+            key_expires_at_us,
+            1 if feature_ok else 0,
+        ]
+        keys = [account_key(customer_id), bucket_key(customer_id), quota_key(customer_id)]
+        async with self._guard("decision"):
+            raw = await self._decide(keys=keys, args=args)
+        return parse_outcome(raw)
+
+    # -- administration (CLI, companion) ---------------------------------
+
+    async def create_account(self, customer_id: str, plan: str, status: str = "active") -> Account:
+        _check_status(status)
+        now = int(time.time())
+        async with self._guard("account create"):
+            created = await self._redis.hsetnx(account_key(customer_id), "plan", plan)
+            if not created:
+                raise TollwayError(f"account {customer_id} already exists")
+            await self._redis.hset(
+                account_key(customer_id),
+                mapping={"status": status, "grace_until": 0, "created_at": now},
+            )
+        return Account(customer_id, plan, status, 0, now)
+
+    async def get_account(self, customer_id: str) -> Account | None:
+        async with self._guard("account read"):
+            raw = await self._redis.hgetall(account_key(customer_id))
+        if not raw:
+            return None
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        return Account(
+            customer_id=customer_id,
+            plan=fields.get("plan", ""),
+            status=fields.get("status", ""),
+            grace_until=int(fields.get("grace_until", "0")),
+            created_at=int(fields.get("created_at", "0")),
+        )
+
+    async def require_account(self, customer_id: str) -> Account:
+        account = await self.get_account(customer_id)
+        if account is None:
+            raise NotFound(f"account {customer_id} does not exist")
+        return account
+
+    async def set_status(self, customer_id: str, status: str, *, grace_until: int = 0) -> Account:
+        _check_status(status)
+        await self.require_account(customer_id)
+        async with self._guard("account update"):
+            await self._redis.hset(
+                account_key(customer_id), mapping={"status": status, "grace_until": grace_until}
+            )
+        return await self.require_account(customer_id)
+
+    async def set_plan(self, customer_id: str, plan: str) -> Account:
+        await self.require_account(customer_id)
+        async with self._guard("account update"):
+            await self._redis.hset(account_key(customer_id), "plan", plan)
+        return await self.require_account(customer_id)
+
+    async def usage(self, customer_id: str) -> tuple[float | None, int, int]:
+        """(tokens as last written or None, quota used, period start) for display."""
+        async with self._guard("usage read"):
+            bucket = await self._redis.hget(bucket_key(customer_id), "tokens")
+            period, used = await self._redis.hmget(quota_key(customer_id), "p", "used")
+        return (
+            float(bucket) if bucket is not None else None,
+            int(used or 0),
+            int(period or 0),
+        )
+
+    async def add_key(self, hashed: str, record: KeyRecord) -> None:
+        # Two slots, so two writes: the record first, so an index entry never
+        # points at nothing.
+        async with self._guard("key create"):
+            await self._redis.hset(
+                key_record_key(hashed),
+                mapping={
+                    "customer": record.customer_id,
+                    "key_id": record.key_id,
+                    "state": record.state,
+                    "expires_at": record.expires_at_us,
+                    "created_at": record.created_at,
+                    "env": record.environment,
+                },
+            )
+            await self._redis.hset(key_index_key(record.customer_id), record.key_id, hashed)
+
+    async def list_keys(self, customer_id: str) -> list[KeyRecord]:
+        async with self._guard("key list"):
+            index = await self._redis.hgetall(key_index_key(customer_id))
+            records = []
+            for hashed in index.values():
+                raw = await self._redis.hgetall(key_record_key(hashed.decode()))
+                if raw:
+                    records.append(_key_record(raw))
+        return sorted(records, key=lambda r: (r.created_at, r.key_id))
+
+    async def _key_hash(self, customer_id: str, key_id: str) -> str:
+        async with self._guard("key read"):
+            hashed = await self._redis.hget(key_index_key(customer_id), key_id)
+        if hashed is None:
+            raise NotFound(f"key {key_id} of {customer_id} does not exist")
+        return str(hashed.decode())
+
+    async def revoke_key(self, customer_id: str, key_id: str) -> None:
+        hashed = await self._key_hash(customer_id, key_id)
+        async with self._guard("key revoke"):
+            await self._redis.hset(
+                key_record_key(hashed), mapping={"state": "revoked", "revoked_at": int(time.time())}
+            )
+
+    async def expire_key(self, customer_id: str, key_id: str, at_us: int) -> None:
+        """Sets the key's expiry to at_us, unless it already expires sooner."""
+        hashed = await self._key_hash(customer_id, key_id)
+        async with self._guard("key expiry"):
+            current = await self._redis.hget(key_record_key(hashed), "expires_at")
+            current_us = int(current or 0)
+            if current_us == 0 or at_us < current_us:
+                await self._redis.hset(key_record_key(hashed), "expires_at", at_us)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def _check_status(status: str) -> None:
+    if status not in STATUSES:
+        raise TollwayError(f"status {status!r}: expected one of {', '.join(STATUSES)}")
+
+
+def _key_record(raw: dict[bytes, bytes]) -> KeyRecord:
+    fields = {k.decode(): v.decode() for k, v in raw.items()}
+    return KeyRecord(
+        key_id=fields["key_id"],
+        customer_id=fields["customer"],
+        state=fields.get("state", "active"),
+        expires_at_us=int(fields.get("expires_at", "0")),
+        created_at=int(fields.get("created_at", "0")),
+        environment=fields.get("env", "live"),
+    )
