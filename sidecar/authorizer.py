@@ -62,8 +62,9 @@ class Authorizer:
                 break
             plan = catalog.plans.get(outcome.plan)
             if plan is None:
-                log.warning("account %s is on plan %r, which is not configured", customer,
-                            outcome.plan)
+                log.warning(
+                    "account %s is on plan %r, which is not configured", customer, outcome.plan
+                )
                 return refuse(
                     Reason.SUBSCRIPTION_INACTIVE,
                     f"Plan {outcome.plan!r} is not available; contact support",

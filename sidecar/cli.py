@@ -13,7 +13,6 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, NoReturn
 
 from sidecar import __version__, keys
@@ -166,7 +165,7 @@ def cmd_accounts_create(args: argparse.Namespace, out: Output) -> None:
 def cmd_accounts_show(args: argparse.Namespace, out: Output) -> None:
     async def work(store: Store, settings: Settings) -> None:
         account = await store.require_account(args.customer)
-        tokens, used, period = await store.usage(args.customer)
+        _tokens, used, period = await store.usage(args.customer)
         key_list = await store.list_keys(args.customer)
         data = {
             **asdict(account),
@@ -271,8 +270,12 @@ def cmd_keys_rotate(args: argparse.Namespace, out: Output) -> None:
         key, record = await _issue(store, args.customer, environment=environment, expires_in=None)
         old_until = await store.now_us() + args.overlap * 1_000_000
         await store.expire_key(args.customer, args.key_id, old_until)
-        _show_new_key(out, key, record, {"replaces": args.key_id,
-                                         "old_key_expires_at": old_until // 1_000_000})
+        _show_new_key(
+            out,
+            key,
+            record,
+            {"replaces": args.key_id, "old_key_expires_at": old_until // 1_000_000},
+        )
         if not out.as_json:
             print(f"{args.key_id} keeps working until {time.ctime(old_until // 1_000_000)}")
 
@@ -286,10 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     # SUPPRESS: options accepted at every level without a deeper level's default
     # overwriting what an outer level parsed.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default=argparse.SUPPRESS,
-                        help="tollway.toml (default: $TOLLWAY_CONFIG or ./tollway.toml)")
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="machine-readable output")
+    common.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help="tollway.toml (default: $TOLLWAY_CONFIG or ./tollway.toml)",
+    )
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
 
     parser = argparse.ArgumentParser(
         prog="tollway", description="Sell access to an API: Envoy ext_authz backed by Redis.",

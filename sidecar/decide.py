@@ -170,6 +170,9 @@ def decision_from_outcome(
     if code is OutcomeCode.PLAN_CHANGED or plan is None:
         raise ValueError("a plan change must be retried with the new plan's limits")
     who = {"customer_id": customer_id, "plan": plan.name}
+    if code is OutcomeCode.OK:
+        rate, quota = _limits(plan, outcome)
+        return Decision(True, Reason.OK, "OK", customer_id, plan.name, rate, quota)
     if code is OutcomeCode.INACTIVE:
         help_text = _INACTIVE_HELP.get(outcome.status, "contact support")
         return refuse(
@@ -184,8 +187,6 @@ def decision_from_outcome(
             **who,
         )
     rate, quota = _limits(plan, outcome)
-    if code is OutcomeCode.OK:
-        return Decision(True, Reason.OK, "OK", rate=rate, quota=quota, **who)
     if code is OutcomeCode.RATE_LIMITED:
         if outcome.retry_ms < 0:
             message = f"Request cost {cost} exceeds plan {plan.name}'s burst of {plan.burst}"
@@ -194,16 +195,16 @@ def decision_from_outcome(
             message = f"Rate limit exceeded for plan {plan.name}: {plan.rate}"
             retry_after = max(1, math.ceil(outcome.retry_ms / 1000))
         return Decision(
-            False, Reason.RATE_LIMITED, message, rate=rate, quota=quota,
-            retry_after=retry_after, **who,
-        )  # fmt: skip
+            False, Reason.RATE_LIMITED, message, customer_id, plan.name, rate, quota, retry_after
+        )
     assert plan.quota is not None  # the script reports code 7 only for a quota
     return Decision(
         False,
         Reason.QUOTA_EXCEEDED,
         f"Quota exceeded for plan {plan.name}: {plan.quota}; resets at the period's end",
-        rate=rate,
-        quota=quota,
+        customer_id,
+        plan.name,
+        rate,
+        quota,
         retry_after=max(1, quota.reset_seconds),
-        **who,
     )

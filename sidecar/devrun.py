@@ -111,5 +111,3 @@ def _wait_for_signal(children: list[dev.Child]) -> None:
             if child.process.poll() is not None:
                 raise TollwayError(f"{child.name} exited; see {child.log}")
     print("\nstopping…", flush=True)
-
-

@@ -111,7 +111,7 @@ def check_response(
     return ext_authz.CheckResponse(
         status=status_pb2.Status(code=grpc_code, message=decision.message),
         denied_response=ext_authz.DeniedHttpResponse(
-            status=HttpStatus(code=http_status),  # type: ignore[arg-type]
+            status=HttpStatus(code=http_status),
             headers=_options(headers),
             body=body,
         ),

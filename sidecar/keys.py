@@ -56,7 +56,7 @@ def is_well_formed(key: str) -> bool:
     tail = key[_PREFIX_LEN:]
     if not _ALPHABET_SET.issuperset(tail):
         return False
-    return _checksum(key[: -_CHECK_LEN]) == key[-_CHECK_LEN:]
+    return _checksum(key[:-_CHECK_LEN]) == key[-_CHECK_LEN:]
 
 
 def key_hash(key: str) -> str:

@@ -169,7 +169,7 @@ def _parse_plan(raw: Any, index: int) -> Plan:
     if unknown:
         raise ConfigError(f"{where}: unknown field {unknown[0]!r}")
     if "rate" not in raw:
-        raise ConfigError(f"{where}: rate: required, e.g. rate = \"50/s\"")
+        raise ConfigError(f'{where}: rate: required, e.g. rate = "50/s"')
     rate = parse_rate(raw["rate"], f"{where}: rate")
     burst = _expect(raw.get("burst", rate.count), int, f"{where}: burst", "a positive integer")
     if burst <= 0:
@@ -177,7 +177,7 @@ def _parse_plan(raw: Any, index: int) -> Plan:
     quota = parse_quota(raw["quota"], f"{where}: quota") if "quota" in raw else None
     overage = raw.get("overage", "block")
     if overage not in ("block", "bill"):
-        raise ConfigError(f"{where}: overage: expected \"block\" or \"bill\", got {overage!r}")
+        raise ConfigError(f'{where}: overage: expected "block" or "bill", got {overage!r}')
     features = _expect(raw.get("features", []), list, f"{where}: features", "a list of names")
     for feature in features:
         _expect(feature, str, f"{where}: features", "a list of names")

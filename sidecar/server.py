@@ -73,7 +73,7 @@ class TollwayService(pb_grpc.TollwayServicer):
     def __init__(self, authorizer: Authorizer) -> None:
         self._authorizer = authorizer
 
-    async def Authorize(  # noqa: N802 - gRPC method name
+    async def Authorize(
         self, request: pb.AuthorizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.AuthorizeResponse:
         try:
@@ -89,12 +89,12 @@ class TollwayService(pb_grpc.TollwayServicer):
         return authorize_response(decision)
 
 
-class CheckService(ext_authz_grpc.AuthorizationServicer):
+class CheckService(ext_authz_grpc.AuthorizationServicer):  # type: ignore[misc]
     def __init__(self, authorizer: Authorizer, settings: Callable[[], Settings]) -> None:
         self._authorizer = authorizer
         self._settings = settings
 
-    async def Check(  # noqa: N802 - gRPC method name
+    async def Check(
         self, request: ext_authz.CheckRequest, context: grpc.aio.ServicerContext
     ) -> ext_authz.CheckResponse:
         http = request.attributes.request.http
@@ -141,8 +141,9 @@ async def serve(
     """Runs the sidecar until SIGTERM/SIGINT. ready(port) is called once it listens."""
     if not settings.redis_url:
         raise ConfigError("[redis] url: not set (set TOLLWAY_REDIS_URL or [redis] url)")
-    store = Store(connect(settings.redis_url, timeout=settings.redis_timeout),
-                  timeout=settings.redis_timeout)
+    store = Store(
+        connect(settings.redis_url, timeout=settings.redis_timeout), timeout=settings.redis_timeout
+    )
     sidecar = Sidecar(settings, store)
     server = grpc.aio.server(
         options=[
@@ -152,7 +153,9 @@ async def serve(
             ("grpc.so_reuseport", 0),
         ]
     )
-    pb_grpc.add_TollwayServicer_to_server(TollwayService(sidecar.authorizer), server)
+    pb_grpc.add_TollwayServicer_to_server(  # type: ignore[no-untyped-call]
+        TollwayService(sidecar.authorizer), server
+    )
     ext_authz_grpc.add_AuthorizationServicer_to_server(
         CheckService(sidecar.authorizer, lambda: sidecar.settings), server
     )

@@ -150,7 +150,9 @@ def load_settings(path: str | Path | None, environ: Mapping[str, str]) -> Settin
         with chosen.open("rb") as fh:
             doc = tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigError(f"{chosen}: no such config file (use --config or TOLLWAY_CONFIG)") from None
+        raise ConfigError(
+            f"{chosen}: no such config file (use --config or TOLLWAY_CONFIG)"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{chosen}: not valid TOML: {exc}") from None
     try:

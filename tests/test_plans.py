@@ -1,0 +1,118 @@
+"""The plan catalog: a bad file is one clear error naming the plan and field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sidecar.errors import ConfigError
+from sidecar.plans import Quota, Rate, parse_catalog
+
+
+def plan(**fields: Any) -> dict[str, Any]:
+    return {"name": "pro", "rate": "50/s", **fields}
+
+
+def test_a_full_plan_parses() -> None:
+    catalog = parse_catalog(
+        {
+            "plans": [
+                plan(
+                    stripe_price="price_1",
+                    burst=100,
+                    quota="100_000/month",
+                    overage="bill",
+                    features=["export"],
+                )
+            ]
+        }
+    )
+    pro = catalog.plans["pro"]
+    assert pro.rate == Rate(50, 1) and pro.rate.per_second == 50
+    assert pro.burst == 100
+    assert pro.quota == Quota(100_000, "month")
+    assert pro.overage == "bill"
+    assert pro.features == {"export"}
+    assert catalog.plan_for_price("price_1") is pro
+
+
+@pytest.mark.parametrize(
+    ("text", "per_second"),
+    [("600/m", 10.0), ("600/min", 10.0), ("3600/h", 1.0), ("5/second", 5.0), ("1/minute", 1 / 60)],
+)
+def test_rate_units(text: str, per_second: float) -> None:
+    assert parse_catalog({"plans": [plan(rate=text)]}).plans["pro"].rate.per_second == per_second
+
+
+def test_burst_defaults_to_the_rate_count() -> None:
+    assert parse_catalog({"plans": [plan(rate="600/m")]}).plans["pro"].burst == 600
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"rate": "fast"}, "plans[0] 'pro': rate: expected '<count>/<s|m|h>'"),
+        ({"rate": "0/s"}, "plans[0] 'pro': rate"),
+        ({"burst": 0}, "plans[0] 'pro': burst: expected a positive integer"),
+        ({"burst": True}, "plans[0] 'pro': burst"),
+        ({"quota": "100/fortnight"}, "plans[0] 'pro': quota: expected '<count>/<hour|day|month>'"),
+        ({"overage": "maybe"}, "plans[0] 'pro': overage: expected \"block\" or \"bill\""),
+        ({"features": "export"}, "plans[0] 'pro': features: expected a list of names"),
+        ({"stripe_price": "prod_1"}, "plans[0] 'pro': stripe_price: expected a Stripe price id"),
+        ({"qouta": "1/day"}, "plans[0] 'pro': unknown field 'qouta'"),
+        ({"name": "Pro Plan"}, "plans[0]: name: expected lower-case"),
+    ],
+)
+def test_each_mistake_names_the_plan_and_field(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_catalog({"plans": [plan(**fields)]})
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_missing_rate_says_how_to_write_one() -> None:
+    with pytest.raises(ConfigError, match=r"plans\[0\] 'pro': rate: required"):
+        parse_catalog({"plans": [{"name": "pro"}]})
+
+
+def test_duplicates_and_empty_catalogs_are_refused() -> None:
+    with pytest.raises(ConfigError, match="at least one"):
+        parse_catalog({})
+    with pytest.raises(ConfigError, match="duplicate plan name"):
+        parse_catalog({"plans": [plan(), plan()]})
+    with pytest.raises(ConfigError, match="already used by plan 'pro'"):
+        parse_catalog(
+            {"plans": [plan(stripe_price="price_1"), plan(name="max", stripe_price="price_1")]}
+        )
+
+
+def test_routes_match_method_and_path_patterns_in_order() -> None:
+    catalog = parse_catalog(
+        {
+            "plans": [plan(features=["export"])],
+            "routes": [
+                {"method": "post", "path": "/v1/export/**", "cost": 10, "feature": "export"},
+                {"path": "/v1/items/*", "cost": 2},
+                {"path": "/v1/**", "cost": 1},
+            ],
+        }
+    )
+    export = catalog.route_for("POST", "/v1/export/a/b?format=csv")
+    assert export is not None and export.cost == 10 and export.feature == "export"
+    item = catalog.route_for("GET", "/v1/items/42")
+    assert item is not None and item.cost == 2
+    nested = catalog.route_for("GET", "/v1/items/42/parts")
+    assert nested is not None and nested.cost == 1  # '*' is one segment only
+    get_export = catalog.route_for("GET", "/v1/export/a")
+    assert get_export is not None and get_export.cost == 1
+    assert catalog.route_for("GET", "/health") is None
+
+
+def test_a_route_feature_must_exist_in_some_plan() -> None:
+    with pytest.raises(ConfigError, match=r"routes\[0\]: feature: 'export' is in no plan"):
+        parse_catalog({"plans": [plan()], "routes": [{"path": "/x", "feature": "export"}]})
+    with pytest.raises(ConfigError, match=r"routes\[0\]: path: must start with '/'"):
+        parse_catalog({"plans": [plan()], "routes": [{"path": "x"}]})
+    with pytest.raises(ConfigError, match=r"routes\[0\]: cost: expected a positive integer"):
+        parse_catalog({"plans": [plan()], "routes": [{"path": "/x", "cost": -1}]})
