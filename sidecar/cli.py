@@ -125,6 +125,40 @@ def cmd_dev(args: argparse.Namespace, out: Output) -> None:
     run_dev(args, out)
 
 
+def cmd_health(args: argparse.Namespace, out: Output) -> None:
+    """Healthy when the local sidecar (gRPC health) or companion (/healthz) says so.
+
+    One image runs either role, so the container HEALTHCHECK asks both ports."""
+    import urllib.request
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    settings = _settings(args)
+    results: dict[str, str] = {}
+    grpc_port = settings.listen.rpartition(":")[2]
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=2
+            )
+            results["sidecar"] = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+        except grpc.RpcError as exc:
+            results["sidecar"] = exc.code().name
+    http_port = settings.webhook_listen.rpartition(":")[2]
+    try:
+        url = f"http://127.0.0.1:{http_port}/healthz"
+        with urllib.request.urlopen(url, timeout=2) as response:
+            results["companion"] = "SERVING" if response.status == 200 else str(response.status)
+    except OSError as exc:
+        results["companion"] = type(exc).__name__
+    healthy = "SERVING" in results.values()
+    out.emit({"healthy": healthy, **results},
+             ", ".join(f"{k}: {v}" for k, v in results.items()))  # fmt: skip
+    if not healthy:
+        raise SystemExit(1)
+
+
 def cmd_plans_check(args: argparse.Namespace, out: Output) -> None:
     settings = _settings(args)
     plans = [
@@ -327,6 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=".tollway", help="Valkey data and logs (.tollway/)")
     p.add_argument("--plan", default="demo", help="the demo customer's plan (demo)")
 
+    add(
+        sub,
+        "health",
+        cmd_health,
+        "exit 0 when the local sidecar or companion reports healthy (container probes)",
+    )
     plans = add(sub, "plans", lambda a, o: None, "plan catalog")
     plans_sub = plans.add_subparsers(dest="action", required=True, metavar="ACTION")
     add(plans_sub, "check", cmd_plans_check, "validate the config file and list its plans")

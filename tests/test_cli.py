@@ -138,3 +138,19 @@ def test_webhook_help_says_what_it_serves_today(cli: Cli) -> None:
     assert result.returncode == 0 and "/healthz" in result.stdout
 
 
+def test_health_probe_follows_the_local_sidecar(cli: Cli, sidecar: str, tmp_path: Path) -> None:
+    from sidecar.dev import free_port
+    from tests.conftest import TEST_CONFIG
+
+    def config(grpc_port: str) -> str:
+        path = tmp_path / f"health-{grpc_port}.toml"
+        path.write_text(
+            TEST_CONFIG + f'\n[sidecar]\nlisten = "127.0.0.1:{grpc_port}"\n'
+            f'[webhook]\nlisten = "127.0.0.1:{free_port()}"\n'
+        )
+        return str(path)
+
+    up = cli("health", "--json", "--config", config(sidecar.rpartition(":")[2]))
+    assert up.returncode == 0 and json.loads(up.stdout)["sidecar"] == "SERVING"
+    down = cli("health", "--json", "--config", config(str(free_port())))
+    assert down.returncode == 1 and json.loads(down.stdout)["healthy"] is False

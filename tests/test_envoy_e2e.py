@@ -6,8 +6,10 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -47,6 +49,20 @@ def remaining(response: httpx.Response) -> int:
     return int(response.headers["x-ratelimit-remaining"])
 
 
+def send_raw(base: str, method: str, path: str, key: str) -> tuple[int, dict[str, str], bytes]:
+    """A request with the path exactly as given (httpx would resolve dot segments)."""
+    url = urlsplit(base)
+    conn = HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=5)
+    try:
+        conn.request(method, path, body=b"{}" if method == "POST" else None,
+                     headers={"x-api-key": key})  # fmt: skip
+        response = conn.getresponse()
+        headers = {k.lower(): v for k, v in response.getheaders()}
+        return response.status, headers, response.read()
+    finally:
+        conn.close()
+
+
 # -- keys and identity ---------------------------------------------------------
 
 
@@ -67,7 +83,7 @@ def test_spoofed_identity_headers_are_overwritten(
     http: httpx.Client, make_customer: MakeCustomer
 ) -> None:
     c = make_customer("basic")
-    spoofed = {"x-api-key": c.key, "x-tollway-customer": "cus_victim", "x-tollway-plan": "pro"}
+    spoofed = {"x-api-key": c.key, "X-Tollway-Customer": "cus_victim", "x-tollway-plan": "pro"}
     seen = upstream_saw(http.get("/v1/search", headers=spoofed))
     # a value appended rather than replaced would show as "cus_victim,<id>"
     assert seen["headers"]["x-tollway-customer"] == c.id
@@ -257,6 +273,28 @@ def test_query_string_does_not_break_route_matching(
     assert remaining(response) == 1
 
 
+# BUG (deploy/envoy.yaml): the HttpConnectionManager has no normalize_path /
+# merge_slashes, so Tollway prices the raw path while the upstream may resolve it
+# to another one. Both tests below fail until those options are set.
+def test_dot_segments_cannot_reach_a_feature_route_unpaid(
+    envoy: str, make_customer: MakeCustomer
+) -> None:
+    c = make_customer("basic")  # basic has no "export" feature
+    status, _, body = send_raw(envoy, "POST", "/v1/x/../export/x", c.key)
+    assert status == 403, body
+    assert b"feature_not_in_plan" in body
+
+
+@pytest.mark.parametrize("path", ["/v1/search/../heavy", "//v1/heavy", "/v1//heavy", "/v1/%68eavy"])
+def test_path_spellings_of_a_route_pay_its_cost(
+    envoy: str, make_customer: MakeCustomer, path: str
+) -> None:
+    c = make_customer("basic")  # burst 5; /v1/heavy costs 4
+    status, headers, body = send_raw(envoy, "GET", path, c.key)
+    assert status == 200, body
+    assert headers["x-ratelimit-remaining"] == "1", f"upstream saw {body!r}"
+
+
 # -- quota ---------------------------------------------------------------------
 
 
@@ -278,6 +316,17 @@ def test_quota_blocks_after_the_limit(http: httpx.Client, make_customer: MakeCus
     assert denied.headers["x-ratelimit-remaining"] == "0"
     assert 0 < int(denied.headers["retry-after"]) <= 86_400
     assert denied.headers["x-ratelimit-reset"] == denied.headers["retry-after"]
+
+
+# BUG (sidecar/envoy.py rate_limit_headers): a quota's RateLimit-Policy window is
+# the time left in the period, not the period; fails until w is the period length.
+def test_quota_policy_window_is_the_quota_period(
+    http: httpx.Client, make_customer: MakeCustomer
+) -> None:
+    c = make_customer("quota3")  # 3/day
+    response = http.get("/v1/search", headers={"x-api-key": c.key})
+    assert response.status_code == 200
+    assert response.headers["ratelimit-policy"] == '"quota";q=3;w=86400'
 
 
 def test_billed_overage_keeps_serving(http: httpx.Client, make_customer: MakeCustomer) -> None:

@@ -57,7 +57,7 @@ def test_burst_defaults_to_the_rate_count() -> None:
         ({"burst": 0}, "plans[0] 'pro': burst: expected a positive integer"),
         ({"burst": True}, "plans[0] 'pro': burst"),
         ({"quota": "100/fortnight"}, "plans[0] 'pro': quota: expected '<count>/<hour|day|month>'"),
-        ({"overage": "maybe"}, "plans[0] 'pro': overage: expected \"block\" or \"bill\""),
+        ({"overage": "maybe"}, 'plans[0] \'pro\': overage: expected "block" or "bill"'),
         ({"features": "export"}, "plans[0] 'pro': features: expected a list of names"),
         ({"stripe_price": "prod_1"}, "plans[0] 'pro': stripe_price: expected a Stripe price id"),
         ({"qouta": "1/day"}, "plans[0] 'pro': unknown field 'qouta'"),

@@ -22,7 +22,9 @@ from sidecar.gen.tollway.v1 import tollway_pb2_grpc
 from tests.conftest import TEST_CONFIG, Customer
 
 
-def authorize(stub: tollway_pb2_grpc.TollwayStub, key: str, **fields: object) -> pb.AuthorizeResponse:
+def authorize(
+    stub: tollway_pb2_grpc.TollwayStub, key: str, **fields: object
+) -> pb.AuthorizeResponse:
     request = pb.AuthorizeRequest(api_key=key, method="GET", path="/v1/items", **fields)
     response: pb.AuthorizeResponse = stub.Authorize(request, timeout=5)
     return response

@@ -1,0 +1,26 @@
+# One image, two roles:
+#   docker run IMAGE                      -> tollway serve   (the sidecar, gRPC :50051)
+#   docker run IMAGE webhook              -> tollway webhook (the companion, HTTP :8000)
+# Configuration comes from a mounted tollway.toml (TOLLWAY_CONFIG) and the
+# environment (TOLLWAY_REDIS_URL, Stripe secrets); nothing secret is baked in.
+
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY sidecar ./sidecar
+COPY webhook ./webhook
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim
+RUN useradd --system --uid 10001 --no-create-home tollway
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+COPY deploy/tollway.toml /etc/tollway/tollway.toml
+ENV TOLLWAY_CONFIG=/etc/tollway/tollway.toml \
+    PYTHONUNBUFFERED=1
+USER 10001
+EXPOSE 50051 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["tollway", "health"]
+ENTRYPOINT ["tollway"]
+CMD ["serve", "--listen", "0.0.0.0:50051"]

@@ -1,0 +1,66 @@
+"""`tollway dev` (what `make run` starts): a newcomer pastes the printed curl,
+gets a 200, repeats it quickly and gets a 429 with Retry-After and RateLimit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from email.message import Message
+from pathlib import Path
+
+from sidecar import dev
+
+
+def fetch(url: str, key: str) -> tuple[int, Message]:
+    request = urllib.request.Request(url, headers={"x-api-key": key})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - loopback
+            return response.status, response.headers
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers
+
+
+def test_dev_prints_a_working_key_and_curl(tmp_path: Path) -> None:
+    port = dev.free_port()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("TOLLWAY_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "dev", "--json", "--port", str(port),
+         "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ,
+        cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.rstrip() == "}":
+                break
+        assert lines, process.stderr.read() if process.stderr else ""
+        announced = json.loads("".join(lines))
+        key, curl = announced["api_key"], announced["curl"]
+        assert key in curl and f"http://127.0.0.1:{port}/hello" in curl
+
+        url = f"http://127.0.0.1:{port}/hello"
+        statuses = []
+        for _ in range(10):
+            status, headers = fetch(url, key)
+            statuses.append(status)
+            if status == 429:
+                break
+        assert statuses[0] == 200
+        assert statuses[-1] == 429, statuses
+        assert int(headers["Retry-After"]) >= 1
+        assert headers["RateLimit"].startswith('"rate";r=0;')
+        assert "RateLimit-Policy" in headers
+        assert fetch(url, "")[0] == 401
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, errors = process.communicate(timeout=30)
+    assert process.returncode == 0, errors
+    assert key not in errors  # the key is shown once, on stdout, never logged
