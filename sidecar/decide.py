@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import math
+from datetime import UTC, datetime, timedelta
 from dataclasses import dataclass
 from typing import Final
 
@@ -94,6 +95,7 @@ class QuotaState:
     remaining: int
     period_end: int
     reset_seconds: int
+    window_seconds: int  # the period's length: the policy's window
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +139,16 @@ _INACTIVE_HELP: Final = {
 }
 
 
+def _period_seconds(period: str, period_end: int) -> int:
+    if period == "hour":
+        return 3600
+    if period == "day":
+        return 86400
+    end = datetime.fromtimestamp(period_end, UTC)
+    start = (end - timedelta(days=1)).replace(day=1, hour=0, minute=0, second=0)
+    return int((end - start).total_seconds())
+
+
 def _limits(plan: Plan, outcome: Outcome) -> tuple[RateState, QuotaState]:
     rate = RateState(
         limit=plan.burst,
@@ -152,6 +164,7 @@ def _limits(plan: Plan, outcome: Outcome) -> tuple[RateState, QuotaState]:
         remaining=max(0, limit - outcome.quota_used) if limit else 0,
         period_end=outcome.period_end,
         reset_seconds=max(0, outcome.period_end - outcome.now),
+        window_seconds=_period_seconds(plan.quota.period, outcome.period_end) if plan.quota else 0,
     )
     return rate, quota
 

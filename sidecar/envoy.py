@@ -64,7 +64,7 @@ def rate_limit_headers(decision: Decision) -> list[tuple[str, str]]:
     if isinstance(limit, QuotaState):
         if not limit.limit:
             return []
-        name, size, window = "quota", limit.limit, limit.reset_seconds
+        name, size, window = "quota", limit.limit, limit.window_seconds
         remaining, reset = limit.remaining, limit.reset_seconds
     else:
         name, size, window = "rate", limit.limit, limit.window_seconds

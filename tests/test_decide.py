@@ -15,7 +15,8 @@ from sidecar.decide import (
 from sidecar.plans import Plan, Quota, Rate
 
 FREE = Plan(name="free", rate=Rate(10, 1), burst=20, quota=Quota(1000, "month"))
-NOW = 1_800_000_000
+PERIOD_END = 1_801_440_000  # 2027-02-01T00:00Z, end of a 31-day month
+NOW = PERIOD_END - 3600
 
 
 def outcome(code: OutcomeCode, **fields: object) -> Outcome:
@@ -27,7 +28,7 @@ def outcome(code: OutcomeCode, **fields: object) -> Outcome:
         "reset_ms": 100,
         "retry_ms": 0,
         "quota_used": 1,
-        "period_end": NOW + 3600,
+        "period_end": PERIOD_END,
         "now": NOW,
     }
     base.update(fields)
@@ -43,7 +44,7 @@ def test_allowed_decision_reports_both_limits() -> None:
     assert decision.allowed and decision.reason is Reason.OK
     assert (decision.customer_id, decision.plan) == ("cus_1", "free")
     assert decision.rate == RateState(20, 19, 1, 10.0, 2)
-    assert decision.quota == QuotaState(1000, 1, 999, NOW + 3600, 3600)
+    assert decision.quota == QuotaState(1000, 1, 999, PERIOD_END, 3600, 31 * 86400)
     assert decision.retry_after == 0
 
 

@@ -19,8 +19,17 @@ OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 # basic-like plan: burst 5 at 10/s (a whole burst refills in 1 s); 1000/month quota.
 RATE = RateState(limit=5, remaining=3, reset_seconds=1, rate_per_second=10.0, window_seconds=1)
-QUOTA = QuotaState(limit=1000, used=10, remaining=990, period_end=2_000_000, reset_seconds=86_400)
-QUOTA_LOW = QuotaState(limit=3, used=2, remaining=1, period_end=2_000_000, reset_seconds=7_200)
+QUOTA = QuotaState(
+    limit=1000,
+    used=10,
+    remaining=990,
+    period_end=2_000_000,
+    reset_seconds=86_400,
+    window_seconds=2_592_000,
+)
+QUOTA_LOW = QuotaState(
+    limit=3, used=2, remaining=1, period_end=2_000_000, reset_seconds=7_200, window_seconds=86_400
+)
 
 
 def allowed(rate: RateState = RATE, quota: QuotaState | None = QUOTA) -> Decision:
@@ -110,7 +119,7 @@ def test_allowed_request_shows_the_rate_limit() -> None:
 
 def test_quota_closer_to_denying_is_the_one_shown() -> None:
     headers = as_dict(rate_limit_headers(allowed(quota=QUOTA_LOW)))
-    assert headers["ratelimit-policy"] == '"quota";q=3;w=7200'
+    assert headers["ratelimit-policy"] == '"quota";q=3;w=86400'
     assert headers["ratelimit"] == '"quota";r=1;t=7200'
     assert headers["x-ratelimit-limit"] == "3"
     assert headers["x-ratelimit-remaining"] == "1"
@@ -119,7 +128,9 @@ def test_quota_closer_to_denying_is_the_one_shown() -> None:
 
 
 def test_plan_without_quota_shows_the_rate() -> None:
-    no_quota = QuotaState(limit=0, used=50, remaining=0, period_end=0, reset_seconds=0)
+    no_quota = QuotaState(
+        limit=0, used=50, remaining=0, period_end=0, reset_seconds=0, window_seconds=0
+    )
     headers = as_dict(rate_limit_headers(allowed(quota=no_quota)))
     assert headers["ratelimit-policy"] == '"rate";q=5;w=1'
     assert headers["x-ratelimit-remaining"] == "3"
@@ -152,7 +163,14 @@ def test_cost_above_burst_has_no_retry_after() -> None:
 
 
 def test_quota_exceeded_shows_the_quota_and_retry_after() -> None:
-    spent = QuotaState(limit=3, used=3, remaining=0, period_end=2_000_000, reset_seconds=3600)
+    spent = QuotaState(
+        limit=3,
+        used=3,
+        remaining=0,
+        period_end=2_000_000,
+        reset_seconds=3600,
+        window_seconds=86_400,
+    )
     decision = Decision(
         False, Reason.QUOTA_EXCEEDED, "quota", "cus_1", "quota3", rate=RATE, quota=spent,
         retry_after=3600,

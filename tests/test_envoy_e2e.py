@@ -273,9 +273,8 @@ def test_query_string_does_not_break_route_matching(
     assert remaining(response) == 1
 
 
-# BUG (deploy/envoy.yaml): the HttpConnectionManager has no normalize_path /
-# merge_slashes, so Tollway prices the raw path while the upstream may resolve it
-# to another one. Both tests below fail until those options are set.
+# Tollway prices the path Envoy hands it; the upstream must not resolve a
+# different one (deploy/envoy.yaml normalizes paths).
 def test_dot_segments_cannot_reach_a_feature_route_unpaid(
     envoy: str, make_customer: MakeCustomer
 ) -> None:
@@ -318,8 +317,6 @@ def test_quota_blocks_after_the_limit(http: httpx.Client, make_customer: MakeCus
     assert denied.headers["x-ratelimit-reset"] == denied.headers["retry-after"]
 
 
-# BUG (sidecar/envoy.py rate_limit_headers): a quota's RateLimit-Policy window is
-# the time left in the period, not the period; fails until w is the period length.
 def test_quota_policy_window_is_the_quota_period(
     http: httpx.Client, make_customer: MakeCustomer
 ) -> None:
