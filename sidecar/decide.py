@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import enum
 import math
-from datetime import UTC, datetime, timedelta
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from sidecar.plans import Plan

@@ -19,7 +19,7 @@ from sidecar import dev
 def fetch(url: str, key: str) -> tuple[int, Message]:
     request = urllib.request.Request(url, headers={"x-api-key": key})
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - loopback
+        with urllib.request.urlopen(request, timeout=5) as response:
             return response.status, response.headers
     except urllib.error.HTTPError as error:
         return error.code, error.headers

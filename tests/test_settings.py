@@ -53,11 +53,11 @@ def test_each_mistake_names_its_field(doc: dict[str, object], message: str) -> N
 
 def test_file_errors_name_the_file(tmp_path: Path) -> None:
     missing = tmp_path / "nope.toml"
-    with pytest.raises(ConfigError, match="nope.toml: no such config file"):
+    with pytest.raises(ConfigError, match=r"nope\.toml: no such config file"):
         load_settings(missing, {})
     broken = tmp_path / "broken.toml"
     broken.write_text("[[plans]\nname=")
-    with pytest.raises(ConfigError, match="broken.toml: not valid TOML"):
+    with pytest.raises(ConfigError, match=r"broken\.toml: not valid TOML"):
         load_settings(broken, {})
     bad = tmp_path / "bad.toml"
     bad.write_text('[[plans]]\nname = "free"\nrate = "lots"\n')
