@@ -14,7 +14,7 @@ from typing import Final
 
 from sidecar import keys
 from sidecar.decide import Decision, OutcomeCode, Reason, decision_from_outcome, refuse
-from sidecar.plans import Catalog
+from sidecar.settings import Settings
 from sidecar.store import Store
 
 __all__ = ["Authorizer"]
@@ -25,9 +25,9 @@ _HINTS_MAX: Final = 100_000
 
 
 class Authorizer:
-    def __init__(self, store: Store, catalog: Callable[[], Catalog]) -> None:
+    def __init__(self, store: Store, settings: Callable[[], Settings]) -> None:
         self._store = store
-        self._catalog = catalog  # a getter: SIGHUP swaps the catalog under us
+        self._settings = settings  # a getter: SIGHUP swaps plans under us
         self._plan_hints: dict[str, str] = {}
 
     async def authorize(
@@ -44,7 +44,8 @@ class Authorizer:
         if record.revoked:
             return refuse(Reason.KEY_REVOKED, "API key was revoked", customer_id=customer)
 
-        catalog = self._catalog()
+        settings = self._settings()
+        catalog = settings.catalog
         route = catalog.route_for(method, path)
         cost = cost or (route.cost if route else 1)
         feature = feature or (route.feature if route else None)
@@ -57,6 +58,7 @@ class Authorizer:
                 cost=cost,
                 feature_ok=feature is None or (plan is not None and feature in plan.features),
                 key_expires_at_us=record.expires_at_us,
+                fallback_plan=settings.billing.fallback_plan,
             )
             if outcome.code is not OutcomeCode.PLAN_CHANGED:
                 break

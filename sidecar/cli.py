@@ -8,7 +8,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -18,23 +17,18 @@ from typing import Any, NoReturn
 from sidecar import __version__, keys
 from sidecar.decide import STATUSES
 from sidecar.errors import ConfigError, TollwayError
-from sidecar.settings import Settings, load_settings
+from sidecar.settings import Settings, load_settings, parse_duration
 from sidecar.store import KeyRecord, Store, connect
 
 __all__ = ["main"]
 
 log = logging.getLogger("tollway")
 
-_DURATION_RE = re.compile(r"(\d+)\s*([smhd])")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> int:
-    """'90s', '15m', '24h', '7d' → seconds."""
-    match = _DURATION_RE.fullmatch(text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"expected a duration like 30s, 15m, 24h or 7d: {text!r}")
-    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+def duration_arg(text: str) -> int:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class Output:
@@ -382,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(acc, "set-status", cmd_accounts_set_status, "set the subscription status")
     p.add_argument("--customer", required=True)
     p.add_argument("status", choices=STATUSES)
-    p.add_argument("--grace", type=parse_duration, help="with past_due: access continues this long")
+    p.add_argument("--grace", type=duration_arg, help="with past_due: access continues this long")
     p = add(acc, "set-plan", cmd_accounts_set_plan, "move an account to another plan")
     p.add_argument("--customer", required=True)
     p.add_argument("plan")
@@ -392,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(ks, "issue", cmd_keys_issue, "issue a key; it is printed once and never stored")
     p.add_argument("--customer", required=True)
     p.add_argument("--test", action="store_true", help="a tw_test_ key instead of tw_live_")
-    p.add_argument("--expires-in", type=parse_duration, help="e.g. 30d; default: never")
+    p.add_argument("--expires-in", type=duration_arg, help="e.g. 30d; default: never")
     p = add(ks, "list", cmd_keys_list, "list a customer's keys (ids and states, never keys)")
     p.add_argument("--customer", required=True)
     p = add(ks, "revoke", cmd_keys_revoke, "revoke a key at once")
@@ -402,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
             "issue a replacement key; the old one works for --overlap, then stops")  # fmt: skip
     p.add_argument("--customer", required=True)
     p.add_argument("key_id")
-    p.add_argument("--overlap", type=parse_duration, default=86400, help="default 24h")
+    p.add_argument("--overlap", type=duration_arg, default=86400, help="default 24h")
     return parser
 
 

@@ -180,19 +180,20 @@ def decision_from_outcome(
         return refuse(
             Reason.KEY_EXPIRED, "API key has expired; issue a new key", customer_id=customer_id
         )
+    if code is OutcomeCode.INACTIVE:  # decided before the plan is compared
+        help_text = _INACTIVE_HELP.get(outcome.status, "contact support")
+        return refuse(
+            Reason.SUBSCRIPTION_INACTIVE,
+            f"Subscription is {outcome.status or 'missing'}: {help_text}",
+            customer_id=customer_id,
+            plan=outcome.plan,
+        )
     if code is OutcomeCode.PLAN_CHANGED or plan is None:
         raise ValueError("a plan change must be retried with the new plan's limits")
     who = {"customer_id": customer_id, "plan": plan.name}
     if code is OutcomeCode.OK:
         rate, quota = _limits(plan, outcome)
         return Decision(True, Reason.OK, "OK", customer_id, plan.name, rate, quota)
-    if code is OutcomeCode.INACTIVE:
-        help_text = _INACTIVE_HELP.get(outcome.status, "contact support")
-        return refuse(
-            Reason.SUBSCRIPTION_INACTIVE,
-            f"Subscription is {outcome.status or 'missing'}: {help_text}",
-            **who,
-        )
     if code is OutcomeCode.FEATURE:
         return refuse(
             Reason.FEATURE_NOT_IN_PLAN,

@@ -26,7 +26,6 @@ from sidecar.decide import Decision, Reason
 from sidecar.errors import ConfigError, StoreUnavailable
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc as pb_grpc
-from sidecar.plans import Catalog
 from sidecar.settings import Settings, load_settings
 from sidecar.store import Store, connect
 
@@ -113,10 +112,7 @@ class Sidecar:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
-        self.authorizer = Authorizer(store, self.catalog)
-
-    def catalog(self) -> Catalog:
-        return self.settings.catalog
+        self.authorizer = Authorizer(store, lambda: self.settings)
 
     def reload(self, environ: dict[str, str]) -> bool:
         """Re-reads the config file; a bad file keeps the running plans."""
@@ -125,8 +121,10 @@ class Sidecar:
         except ConfigError as exc:
             log.error("reload failed, keeping the current plans: %s", exc)
             return False
-        # Only plans, routes and header names change on reload; addresses need a restart.
-        self.settings = replace(self.settings, catalog=fresh.catalog, headers=fresh.headers)
+        # Plans, routes, header names and billing rules reload; addresses need a restart.
+        self.settings = replace(
+            self.settings, catalog=fresh.catalog, headers=fresh.headers, billing=fresh.billing
+        )
         log.info("reloaded %s: plans %s", fresh.config_path, ", ".join(fresh.catalog.plans))
         return True
 

@@ -10,6 +10,8 @@ an environment mapping (passed in, so tests need no patching).
     [redis]    url = "redis://127.0.0.1:6379/0"   timeout_ms = 50
     [headers]  api_key = ["x-api-key"]  bearer = true
                customer = "x-tollway-customer"  plan = "x-tollway-plan"
+    [billing]  grace_period = "5d"  fallback_plan = "free"   (optional)
+    [stripe]   read by the companion (webhook/config.py)
 """
 
 from __future__ import annotations
@@ -24,13 +26,40 @@ from typing import Any, Final
 from sidecar.errors import ConfigError
 from sidecar.plans import Catalog, parse_catalog
 
-__all__ = ["HeaderNames", "Settings", "load_settings", "redact_url"]
+__all__ = [
+    "Billing",
+    "HeaderNames",
+    "Settings",
+    "load_settings",
+    "parse_duration",
+    "redact_url",
+]
 
 DEFAULT_LISTEN: Final = "127.0.0.1:50051"
 DEFAULT_WEBHOOK_LISTEN: Final = "127.0.0.1:8000"
 DEFAULT_REDIS_TIMEOUT_MS: Final = 50
 _HEADER_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]*")
-_SECTIONS: Final = frozenset({"sidecar", "webhook", "redis", "headers", "plans", "routes"})
+_SECTIONS: Final = frozenset(
+    {"sidecar", "webhook", "redis", "headers", "billing", "stripe", "plans", "routes"}
+)
+_DURATION_RE: Final = re.compile(r"(\d+)\s*([smhd])")
+_UNIT_SECONDS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """'90s', '15m', '24h', '7d' → seconds; ValueError otherwise."""
+    match = _DURATION_RE.fullmatch(text.strip()) if isinstance(text, str) else None
+    if not match:
+        raise ValueError(f"expected a duration like 30s, 15m, 24h or 7d, got {text!r}")
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+@dataclass(frozen=True, slots=True)
+class Billing:
+    """What a failed payment means for access."""
+
+    grace_seconds: int = 5 * 86400
+    fallback_plan: str | None = None  # after grace: this plan instead of no access
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +85,7 @@ class Settings:
     listen: str = DEFAULT_LISTEN
     webhook_listen: str = DEFAULT_WEBHOOK_LISTEN
     headers: HeaderNames = HeaderNames()
+    billing: Billing = Billing()
     config_path: Path | None = None
 
     def __repr__(self) -> str:
@@ -130,6 +160,14 @@ def settings_from_document(
         customer=_header(headers.get("customer", "x-tollway-customer"), "[headers] customer"),
         plan=_header(headers.get("plan", "x-tollway-plan"), "[headers] plan"),
     )
+    billing = _section(doc, "billing", frozenset({"grace_period", "fallback_plan"}))
+    try:
+        grace = parse_duration(billing.get("grace_period", "5d"))
+    except ValueError as exc:
+        raise ConfigError(f"[billing] grace_period: {exc}") from None
+    fallback = billing.get("fallback_plan")
+    if fallback is not None and fallback not in catalog.plans:
+        raise ConfigError(f"[billing] fallback_plan: {fallback!r} is not a plan in this file")
     if not names.api_key and not names.bearer:
         raise ConfigError("[headers]: api_key is empty and bearer is false; no key can be read")
     return Settings(
@@ -139,6 +177,7 @@ def settings_from_document(
         listen=_listen(sidecar.get("listen", DEFAULT_LISTEN), "[sidecar] listen"),
         webhook_listen=_listen(webhook.get("listen", DEFAULT_WEBHOOK_LISTEN), "[webhook] listen"),
         headers=names,
+        billing=Billing(grace_seconds=grace, fallback_plan=fallback),
         config_path=path,
     )
 

@@ -205,6 +205,7 @@ class Store:
         cost: int,
         feature_ok: bool,
         key_expires_at_us: int,
+        fallback_plan: str | None = None,
     ) -> Outcome:
         """Runs decide.lua for one request. plan None asks only for the real plan."""
         args: list[Any] = [
@@ -218,6 +219,7 @@ class Store:
             plan.overage if plan else "block",
             key_expires_at_us,
             1 if feature_ok else 0,
+            fallback_plan or "",
         ]
         keys = [account_key(customer_id), bucket_key(customer_id), quota_key(customer_id)]
         async with self._guard("decision"):

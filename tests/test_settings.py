@@ -69,3 +69,16 @@ def test_redis_password_never_appears_in_repr() -> None:
     settings = settings_from_document(PLANS, {"TOLLWAY_REDIS_URL": "redis://:hunter2@db:6379/0"})
     assert "hunter2" not in repr(settings)
     assert redact_url("rediss://user:hunter2@db:6380") == "rediss://user:****@db:6380"
+
+
+def test_billing_grace_and_fallback_plan() -> None:
+    settings = settings_from_document(
+        {**PLANS, "billing": {"grace_period": "3d", "fallback_plan": "free"}}, {}
+    )
+    assert settings.billing.grace_seconds == 3 * 86400
+    assert settings.billing.fallback_plan == "free"
+    assert settings_from_document(PLANS, {}).billing.grace_seconds == 5 * 86400
+    with pytest.raises(ConfigError, match="fallback_plan: 'gold' is not a plan"):
+        settings_from_document({**PLANS, "billing": {"fallback_plan": "gold"}}, {})
+    with pytest.raises(ConfigError, match=r"\[billing\] grace_period: expected a duration"):
+        settings_from_document({**PLANS, "billing": {"grace_period": "soon"}}, {})

@@ -13,10 +13,12 @@
 -- ARGV[8]  overage: block | bill
 -- ARGV[9]  key expiry in microseconds since the epoch (0 = never)
 -- ARGV[10] 1 if ARGV[2]'s plan includes the feature the request needs, else 0
+-- ARGV[11] fallback plan for a past_due account whose grace is over ("" = deny)
 --
 -- Returns {code, plan, status, tokens_milli, reset_ms, retry_ms, quota_used, period_end, now_s}
---   code 0 ok, 1 no account, 2 plan differs from ARGV[2] (plan = the real one;
---   call again with its limits), 3 key expired, 4 subscription inactive,
+--   code 0 ok, 1 no account, 2 plan differs from ARGV[2] (plan = the one to
+--   enforce, the fallback after grace; call again with its limits), 3 key
+--   expired, 4 subscription inactive,
 --   5 feature not in plan, 6 rate limited, 7 quota exceeded.
 --   retry_ms is -1 when waiting can never help (cost above burst).
 -- Only code 0 writes anything: a denied request consumes nothing.
@@ -45,13 +47,16 @@ local plan, status, grace_until = acct[1], acct[2], tonumber(acct[3] or "0") or 
 if not plan then
   return reply(1, "", "", 0, 0, 0, 0, 0)
 end
-if plan ~= ARGV[2] then
-  return reply(2, plan, status, 0, 0, 0, 0, 0)
-end
 local entitled = status == "active" or status == "trialing"
   or (status == "past_due" and now_s < grace_until)
+if not entitled and status == "past_due" and ARGV[11] ~= "" then
+  plan, entitled = ARGV[11], true
+end
 if not entitled then
   return reply(4, plan, status, 0, 0, 0, 0, 0)
+end
+if plan ~= ARGV[2] then
+  return reply(2, plan, status, 0, 0, 0, 0, 0)
 end
 if ARGV[10] ~= "1" then
   return reply(5, plan, status, 0, 0, 0, 0, 0)
