@@ -24,6 +24,7 @@ __all__ = ["main"]
 
 log = logging.getLogger("tollway")
 
+
 def duration_arg(text: str) -> int:
     try:
         return parse_duration(text)
@@ -73,25 +74,6 @@ def _key_view(record: KeyRecord) -> dict[str, Any]:
     return view
 
 
-async def _issue(
-    store: Store, customer: str, *, environment: keys.Environment, expires_in: int | None
-) -> tuple[str, KeyRecord]:
-    await store.require_account(customer)
-    key = keys.generate(environment)
-    hashed = keys.key_hash(key)
-    now_us = await store.now_us()
-    record = KeyRecord(
-        key_id=keys.key_id(hashed),
-        customer_id=customer,
-        state="active",
-        expires_at_us=now_us + expires_in * 1_000_000 if expires_in else 0,
-        created_at=now_us // 1_000_000,
-        environment=environment,
-    )
-    await store.add_key(hashed, record)
-    return key, record
-
-
 # -- commands ---------------------------------------------------------------
 
 
@@ -106,11 +88,42 @@ def cmd_webhook(args: argparse.Namespace, out: Output) -> None:
     import uvicorn
 
     from webhook.app import create_app
+    from webhook.config import load_companion_settings
 
-    settings = _settings(args)
-    host, _, port = (args.listen or settings.webhook_listen).rpartition(":")
-    app = create_app(_store(settings))
+    settings = load_companion_settings(args.config, os.environ)
+    host, _, port = (args.listen or settings.core.webhook_listen).rpartition(":")
+    app = create_app(settings, _store(settings.core))
     uvicorn.run(app, host=host.strip("[]"), port=int(port), log_level="info", access_log=False)
+
+
+def cmd_reconcile(args: argparse.Namespace, out: Output) -> None:
+    from webhook.config import load_companion_settings
+    from webhook.notify import Notifier
+    from webhook.reconcile import reconcile
+    from webhook.sync import make_client
+
+    settings = load_companion_settings(args.config, os.environ)
+    client = make_client(settings.stripe)
+
+    def progress(count: int) -> None:
+        print(f"… {count} subscriptions read", file=sys.stderr, flush=True)
+
+    async def run() -> None:
+        store = _store(settings.core)
+        try:
+            summary = await reconcile(store, client, settings, Notifier(None),
+                                      dry_run=args.dry_run, progress=progress)  # fmt: skip
+        finally:
+            await store.close()
+        lines = [summary.line()]
+        lines += [f"  {c.customer_id} ({c.subscription_id}): {c.before} -> {c.after}"
+                  for c in summary.changes]  # fmt: skip
+        lines += [f"  skipped {s}" for s in summary.skipped]
+        out.emit({"dry_run": summary.dry_run, "subscriptions": summary.subscriptions,
+                  "customers": summary.customers, "changes": [asdict(c) for c in summary.changes],
+                  "skipped": summary.skipped}, "\n".join(lines))  # fmt: skip
+
+    asyncio.run(run())
 
 
 def cmd_dev(args: argparse.Namespace, out: Output) -> None:
@@ -252,8 +265,8 @@ def _show_new_key(out: Output, key: str, record: KeyRecord, extra: dict[str, Any
 def cmd_keys_issue(args: argparse.Namespace, out: Output) -> None:
     async def work(store: Store, settings: Settings) -> None:
         environment: keys.Environment = "test" if args.test else "live"
-        key, record = await _issue(
-            store, args.customer, environment=environment, expires_in=args.expires_in
+        key, record = await store.issue_key(
+            args.customer, environment=environment, expires_in=args.expires_in
         )
         _show_new_key(out, key, record, {})
 
@@ -295,7 +308,7 @@ def cmd_keys_rotate(args: argparse.Namespace, out: Output) -> None:
         if old.revoked:
             raise TollwayError(f"key {args.key_id} is revoked; issue a new key instead")
         environment: keys.Environment = "test" if old.environment == "test" else "live"
-        key, record = await _issue(store, args.customer, environment=environment, expires_in=None)
+        key, record = await store.issue_key(args.customer, environment=environment)
         old_until = await store.now_us() + args.overlap * 1_000_000
         await store.expire_key(args.customer, args.key_id, old_until)
         _show_new_key(
@@ -345,8 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(sub, "serve", cmd_serve, "run the sidecar (gRPC Authorize + Envoy ext_authz Check)")
     p.add_argument("--listen", help="host:port (default: [sidecar] listen or 127.0.0.1:50051)")
     p = add(sub, "webhook", cmd_webhook,
-            "run the Stripe companion (for now it serves only GET /healthz; Stripe sync comes "
-            "with issue #3)")  # fmt: skip
+            "run the Stripe companion: signed webhooks, checkout, billing portal, periodic "
+            "reconciliation; GET /healthz only while STRIPE_SECRET_KEY is unset")  # fmt: skip
     p.add_argument("--listen", help="host:port (default: [webhook] listen or 127.0.0.1:8000)")
     p = add(sub, "dev", cmd_dev,
             "the local demo: embedded Valkey, sidecar, companion, and a real Envoy on "

@@ -212,6 +212,17 @@ def decision_from_outcome(
             False, Reason.RATE_LIMITED, message, customer_id, plan.name, rate, quota, retry_after
         )
     assert plan.quota is not None  # the script reports code 7 only for a quota
+    if outcome.retry_ms < 0:
+        return Decision(
+            False,
+            Reason.QUOTA_EXCEEDED,
+            f"Request cost {cost} can never fit plan {plan.name}'s limits "
+            f"(quota {plan.quota}, burst {plan.burst})",
+            customer_id,
+            plan.name,
+            rate,
+            quota,
+        )
     return Decision(
         False,
         Reason.QUOTA_EXCEEDED,

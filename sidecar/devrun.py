@@ -61,7 +61,6 @@ def run_dev(args: Any, out: Any) -> None:
 
 
 async def _demo_key(redis_url: str, plan: str) -> str:
-    from sidecar.cli import _issue
     from sidecar.store import Store, connect
 
     store = Store(connect(redis_url, timeout=2.0), timeout=2.0)
@@ -73,7 +72,7 @@ async def _demo_key(redis_url: str, plan: str) -> str:
                 await store.set_status(DEMO_CUSTOMER, "active")
         except NotFound:
             await store.create_account(DEMO_CUSTOMER, plan)
-        key, _ = await _issue(store, DEMO_CUSTOMER, environment="test", expires_in=None)
+        key, _ = await store.issue_key(DEMO_CUSTOMER, environment="test")
         return key
     finally:
         await store.close()

@@ -7,6 +7,9 @@ so in Redis Cluster one script can touch it all atomically:
     tw:{cus_1}:rl     token bucket: tokens, ts (microseconds)
     tw:{cus_1}:q      quota counter for the current period: p (start), used
     tw:{cus_1}:keys   key index: key id -> key hash (for list / revoke)
+    tw:{cus_1}:events Stripe event ids applied (sorted by when), kept 30 days
+    tw:{cus_1}:lock   the companion's per-account lock around fetch + apply
+    tw:{cus_1}:checkouts  checkout session id -> key id whose plaintext was shown
     tw:k:{<sha256>}   key record: customer, key id, state, expires_at (us)
 
 The key record lives in its own slot (its hash is what a request carries);
@@ -24,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from sidecar import keys
 from sidecar.decide import STATUSES, Outcome, OutcomeCode
 from sidecar.errors import NotFound, StoreUnavailable, TollwayError
 from sidecar.plans import Plan
@@ -43,11 +48,15 @@ __all__ = [
     "Account",
     "KeyRecord",
     "Store",
+    "SubscriptionChange",
     "account_key",
     "bucket_key",
+    "checkouts_key",
     "connect",
+    "events_key",
     "key_index_key",
     "key_record_key",
+    "lock_key",
     "parse_outcome",
     "quota_key",
 ]
@@ -78,6 +87,18 @@ def key_index_key(customer_id: str) -> str:
     return f"tw:{_tag(customer_id)}:keys"
 
 
+def events_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:events"
+
+
+def lock_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:lock"
+
+
+def checkouts_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:checkouts"
+
+
 def key_record_key(hashed: str) -> str:
     return f"tw:k:{{{hashed}}}"
 
@@ -93,6 +114,21 @@ class Account:
     status: str
     grace_until: int = 0
     created_at: int = 0
+    subscription_id: str = ""
+    period_end: int = 0
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionChange:
+    """apply_subscription.lua's answer."""
+
+    result: str  # applied | duplicate | kept
+    old_status: str
+    new_status: str
+    old_plan: str
+    new_plan: str
+    grace_until: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +199,8 @@ class Store:
         self._deadline = timeout * 2
         self._clock_us = clock_us
         self._decide = client.register_script(_script("decide.lua"))
+        self._apply = client.register_script(_script("apply_subscription.lua"))
+        self._release = client.register_script(_script("release_lock.lua"))
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -251,8 +289,11 @@ class Store:
             customer_id=customer_id,
             plan=fields.get("plan", ""),
             status=fields.get("status", ""),
-            grace_until=int(fields.get("grace_until", "0")),
-            created_at=int(fields.get("created_at", "0")),
+            grace_until=int(fields.get("grace_until") or 0),
+            created_at=int(fields.get("created_at") or 0),
+            subscription_id=fields.get("subscription_id", ""),
+            period_end=int(fields.get("period_end") or 0),
+            error=fields.get("error", ""),
         )
 
     async def require_account(self, customer_id: str) -> Account:
@@ -286,6 +327,25 @@ class Store:
             int(used or 0),
             int(period or 0),
         )
+
+    async def issue_key(
+        self, customer_id: str, *, environment: keys.Environment, expires_in: int | None = None
+    ) -> tuple[str, KeyRecord]:
+        """A new key for an existing account: (plaintext to show once, stored record)."""
+        await self.require_account(customer_id)
+        key = keys.generate(environment)
+        hashed = keys.key_hash(key)
+        now_us = await self.now_us()
+        record = KeyRecord(
+            key_id=keys.key_id(hashed),
+            customer_id=customer_id,
+            state="active",
+            expires_at_us=now_us + expires_in * 1_000_000 if expires_in else 0,
+            created_at=now_us // 1_000_000,
+            environment=environment,
+        )
+        await self.add_key(hashed, record)
+        return key, record
 
     async def add_key(self, hashed: str, record: KeyRecord) -> None:
         # Two slots, so two writes: the record first, so an index entry never
@@ -336,6 +396,81 @@ class Store:
             current_us = int(current or 0)
             if current_us == 0 or at_us < current_us:
                 await self._redis.hset(key_record_key(hashed), "expires_at", at_us)
+
+    async def revoke_all_keys(self, customer_id: str) -> int:
+        """Marks every active key of the account revoked (records stay, for audit)."""
+        revoked = 0
+        for record in await self.list_keys(customer_id):
+            if not record.revoked:
+                await self.revoke_key(customer_id, record.key_id)
+                revoked += 1
+        return revoked
+
+    # -- Stripe sync (the companion) --------------------------------------
+
+    async def event_seen(self, customer_id: str, event_id: str) -> bool:
+        async with self._guard("event lookup"):
+            return await self._redis.zscore(events_key(customer_id), event_id) is not None
+
+    async def apply_subscription(
+        self,
+        customer_id: str,
+        *,
+        event_id: str,
+        subscription_id: str,
+        status: str,
+        plan: str | None,
+        error: str,
+        period_end: int,
+        grace_seconds: int,
+        trouble_since: int,
+        remember_events_for: int = 30 * 86400,
+    ) -> SubscriptionChange:
+        """Runs apply_subscription.lua (see its header for the contract)."""
+        _check_status(status)
+        async with self._guard("subscription update"):
+            raw = await self._apply(
+                keys=[account_key(customer_id), events_key(customer_id)],
+                args=[event_id, subscription_id, status, plan or "", error, period_end,
+                      grace_seconds, trouble_since, remember_events_for],
+            )  # fmt: skip
+        return SubscriptionChange(
+            result=_text(raw[0]),
+            old_status=_text(raw[1]),
+            new_status=_text(raw[2]),
+            old_plan=_text(raw[3]),
+            new_plan=_text(raw[4]),
+            grace_until=int(raw[5]),
+        )
+
+    @contextlib.asynccontextmanager
+    async def account_lock(
+        self, customer_id: str, *, ttl: float = 30.0, wait: float = 10.0
+    ) -> AsyncIterator[None]:
+        """Serializes the companion's read-from-Stripe-then-write per account,
+        across companion instances. The TTL frees a lock whose holder died."""
+        token = secrets.token_hex(16)
+        deadline = time.monotonic() + wait
+        while True:
+            async with self._guard("lock"):
+                acquired = await self._redis.set(
+                    lock_key(customer_id), token, nx=True, px=int(ttl * 1000)
+                )
+            if acquired:
+                break
+            if time.monotonic() > deadline:
+                raise StoreUnavailable(f"account {customer_id} stayed locked for {wait:.0f}s")
+            await asyncio.sleep(0.02)
+        try:
+            yield
+        finally:
+            async with self._guard("unlock"):
+                await self._release(keys=[lock_key(customer_id)], args=[token])
+
+    async def claim_checkout(self, customer_id: str, session_id: str, key_id: str) -> bool:
+        """Records that session_id's key was shown; False if one already was."""
+        async with self._guard("checkout claim"):
+            return bool(await self._redis.hsetnx(checkouts_key(customer_id), session_id, key_id))
 
     async def close(self) -> None:
         await self._redis.aclose()

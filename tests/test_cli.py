@@ -38,13 +38,10 @@ def allowed(stub: tollway_pb2_grpc.TollwayStub, key: str) -> pb.AuthorizeRespons
 def test_account_lifecycle_with_json(cli: Cli) -> None:
     customer = new_customer()
     created = ok(cli("accounts", "create", "--customer", customer, "--plan", "basic", "--json"))
-    assert created == {
-        "customer_id": customer,
-        "plan": "basic",
-        "status": "active",
-        "grace_until": 0,
-        "created_at": created["created_at"],  # type: ignore[index]
-    }
+    assert isinstance(created, dict)
+    assert created["customer_id"] == customer
+    assert (created["plan"], created["status"], created["grace_until"]) == ("basic", "active", 0)
+    assert created["created_at"] >= time.time() - 60
     ok(cli("accounts", "set-status", "--customer", customer, "past_due", "--grace", "5d", "--json"))
     shown = ok(cli("accounts", "show", "--customer", customer, "--json"))
     assert shown["status"] == "past_due"  # type: ignore[index]

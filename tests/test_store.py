@@ -38,6 +38,7 @@ from tests.conftest import new_customer
 # rate 10/s: one token every 100 ms, exactly 100_000 µs.
 BASIC = Plan("basic", Rate(10, 1), burst=5, quota=Quota(1000, "month"), features=frozenset({"a"}))
 FAST_3_PER_DAY = Plan("quota3", Rate(100, 1), burst=100, quota=Quota(3, "day"))
+FREE = Plan("free", Rate(1, 60), burst=2)
 BILLED_3_PER_DAY = Plan("billed", Rate(100, 1), burst=100, quota=Quota(3, "day"), overage="bill")
 
 SECOND = 1_000_000
@@ -99,9 +100,15 @@ async def decide(
     cost: int = 1,
     feature_ok: bool = True,
     key_expires_at_us: int = 0,
+    fallback_plan: str | None = None,
 ) -> Outcome:
     return await store.decide(
-        customer, plan, cost=cost, feature_ok=feature_ok, key_expires_at_us=key_expires_at_us
+        customer,
+        plan,
+        cost=cost,
+        feature_ok=feature_ok,
+        key_expires_at_us=key_expires_at_us,
+        fallback_plan=fallback_plan,
     )
 
 
@@ -566,6 +573,23 @@ def test_other_statuses_are_denied(aio: asyncio.Runner, tstore: Store, status: s
     aio.run(scenario())
 
 
+@pytest.mark.parametrize(
+    "status", ["canceled", "unpaid", "paused", "incomplete", "incomplete_expired"]
+)
+def test_inactive_is_decided_before_the_plan_and_ignores_the_fallback(
+    aio: asyncio.Runner, tstore: Store, status: str
+) -> None:
+    async def scenario() -> None:
+        customer = await account(tstore, BASIC, status)
+        for hint in (None, FREE, BASIC):
+            outcome = await decide(tstore, customer, hint, fallback_plan="free")
+            assert outcome.code is OutcomeCode.INACTIVE
+            assert (outcome.plan, outcome.status) == ("basic", status)
+        assert await tstore.redis.exists(bucket_key(customer), quota_key(customer)) == 0
+
+    aio.run(scenario())
+
+
 def test_every_known_status_is_covered() -> None:
     assert set(STATUSES) == {
         "active", "trialing", "canceled", "unpaid", "paused", "incomplete",
@@ -591,6 +615,46 @@ def test_past_due_is_admitted_only_during_the_grace_period(
         # Paying again restores access.
         await tstore.set_status(customer, "active")
         assert (await decide(tstore, customer, BASIC)).code is OutcomeCode.OK
+
+    aio.run(scenario())
+
+
+def test_past_due_after_grace_is_enforced_on_the_fallback_plan(
+    aio: asyncio.Runner, tstore: Store, clock: Clock
+) -> None:
+    async def scenario() -> None:
+        customer = await account(tstore, BASIC)
+        grace_until = NOON // SECOND + 60
+        await tstore.set_status(customer, "past_due", grace_until=grace_until)
+        # During the grace period the paid plan still applies.
+        during = await decide(tstore, customer, BASIC, fallback_plan="free")
+        assert (during.code, during.plan) == (OutcomeCode.OK, "basic")
+
+        clock.now = grace_until * SECOND
+        before = await state(tstore, customer)
+        moved = await decide(tstore, customer, BASIC, fallback_plan="free")
+        assert (moved.code, moved.plan, moved.status) == (
+            OutcomeCode.PLAN_CHANGED,
+            "free",
+            "past_due",
+        )
+        assert await state(tstore, customer) == before
+        # With the fallback's limits: its burst of 2, then denied.
+        fallback = [await decide(tstore, customer, FREE, fallback_plan="free") for _ in range(3)]
+        assert [o.code for o in fallback] == [
+            OutcomeCode.OK,
+            OutcomeCode.OK,
+            OutcomeCode.RATE_LIMITED,
+        ]
+        assert {o.plan for o in fallback} == {"free"}
+        # Without a configured fallback the same account is simply inactive.
+        for hint in (BASIC, FREE):
+            denied = await decide(tstore, customer, hint)
+            assert (denied.code, denied.plan) == (OutcomeCode.INACTIVE, "basic")
+        # Paying again brings back the paid plan.
+        await tstore.set_status(customer, "active")
+        back = await decide(tstore, customer, FREE, fallback_plan="free")
+        assert (back.code, back.plan) == (OutcomeCode.PLAN_CHANGED, "basic")
 
     aio.run(scenario())
 

@@ -32,6 +32,9 @@ def test_healthz_reports_whether_redis_answers(
     finally:
         child.stop()
     if redis_up:
-        assert (status, body) == (200, {"status": "ok", "redis": "up"})
+        assert (status, body) == (200, {"status": "ok", "redis": "up", "stripe_sync": "off"})
     else:
-        assert (status, body) == (503, {"status": "unavailable", "redis": "down"})
+        assert (status, body) == (
+            503,
+            {"status": "unavailable", "redis": "down", "stripe_sync": "off"},
+        )

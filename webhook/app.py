@@ -1,25 +1,364 @@
-"""The companion's HTTP app (Starlette). Today: /healthz, which reports whether
-the store answers, so orchestrators can restart a companion that lost Redis."""
+"""The companion's HTTP app (Starlette): where all Stripe I/O lives.
+
+    GET  /healthz                 Redis reachable? Stripe sync on?
+    POST /webhooks/stripe         signed Stripe events → account state
+    POST /checkout                {email | customer, plan} → Checkout Session URL
+    GET  /checkout/complete       ?session_id=… → the new API key, shown once
+    POST /portal                  API key → Billing Portal session URL
+
+Webhook answers: 200 once applied (or a duplicate, or an event Tollway does not
+act on); 400 for a missing or bad signature or a malformed body (nothing
+changes); 413 over max_body_bytes; 503 when Redis or Stripe cannot be reached,
+so Stripe delivers the event again later.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Final
+
+import stripe
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from sidecar.errors import StoreUnavailable
+from sidecar import keys
+from sidecar.envoy import extract_key
+from sidecar.errors import StoreUnavailable, TollwayError
 from sidecar.store import Store
+from webhook.config import CompanionSettings
+from webhook.notify import Notifier
+from webhook.pages import page
+from webhook.reconcile import reconcile
+from webhook.sync import StripeUnavailable, Syncer, make_client, stripe_failure
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "signature_ok"]
+
+log = logging.getLogger("tollway.webhook")
+
+_SESSION_RE: Final = re.compile(r"cs_[A-Za-z0-9_]{1,200}")
+_CUSTOMER_RE: Final = re.compile(r"cus_[A-Za-z0-9]{1,100}")
 
 
-def create_app(store: Store) -> Starlette:
-    async def healthz(request: Request) -> JSONResponse:
+def signature_ok(
+    payload: bytes, header: str, secrets: tuple[str, ...], *, tolerance: int, now: float
+) -> bool:
+    """Stripe's signature over the raw body, by the SDK, for any configured secret.
+    The SDK refuses stale timestamps; ones from the future are refused here too."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    for secret in secrets:
         try:
-            await store.ping()
-        except StoreUnavailable:
-            return JSONResponse({"status": "unavailable", "redis": "down"}, status_code=503)
-        return JSONResponse({"status": "ok", "redis": "up"})
+            stripe.WebhookSignature.verify_header(text, header, secret, tolerance)
+        except stripe.SignatureVerificationError:
+            continue
+        stamps = [p[2:] for p in header.split(",") if p.startswith("t=")]
+        return bool(stamps) and stamps[0].isdigit() and int(stamps[0]) <= now + tolerance
+    return False
 
-    return Starlette(routes=[Route("/healthz", healthz, methods=["GET"])])
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"code": code, "message": message}, status_code=status)
+
+
+def _wants_json(request: Request) -> bool:
+    return "application/json" in request.headers.get("accept", "")
+
+
+async def _read_limited(request: Request, limit: int) -> bytes | None:
+    """The body, or None once it exceeds limit (read no further)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+async def _fields(request: Request, limit: int) -> tuple[Mapping[str, Any] | None, bool]:
+    """A JSON object or an urlencoded form, and whether it was a form."""
+    body = await _read_limited(request, limit)
+    if body is None:
+        return None, False
+    if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        form = urllib.parse.parse_qs(body.decode("utf-8", "replace"))
+        return {k: v[0] for k, v in form.items()}, True
+    try:
+        data = json.loads(body or b"{}")
+    except ValueError:
+        return None, False
+    return (data if isinstance(data, dict) else None), False
+
+
+class Companion:
+    def __init__(self, settings: CompanionSettings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.notifier = Notifier(settings.stripe.notify_url)
+        self.client: stripe.StripeClient | None = None
+        self.syncer: Syncer | None = None
+        if settings.stripe.secret_key:
+            self.client = make_client(settings.stripe)
+            self.syncer = Syncer(store, self.client, settings, self.notifier)
+        self._price_ids: dict[str, str] = {}
+
+    @property
+    def key_environment(self) -> keys.Environment:
+        secret = self.settings.stripe.secret_key or ""
+        return "live" if secret.startswith(("sk_live_", "rk_live_")) else "test"
+
+    def _stripe_off(self) -> JSONResponse:
+        return _error(503, "stripe_not_configured", "Stripe sync is off: STRIPE_SECRET_KEY unset")
+
+    async def healthz(self, request: Request) -> JSONResponse:
+        stripe_sync = "on" if self.syncer else "off"
+        try:
+            await self.store.ping()
+        except StoreUnavailable:
+            return JSONResponse(
+                {"status": "unavailable", "redis": "down", "stripe_sync": stripe_sync}, 503
+            )
+        return JSONResponse({"status": "ok", "redis": "up", "stripe_sync": stripe_sync})
+
+    async def webhook(self, request: Request) -> Response:
+        stripe_settings = self.settings.stripe
+        if self.syncer is None or not stripe_settings.webhook_secrets:
+            return _error(
+                503, "stripe_not_configured", "set STRIPE_SECRET_KEY and STRIPE_WEBHOOK_SECRET"
+            )
+        body = await _read_limited(request, stripe_settings.max_body_bytes)
+        if body is None:
+            return _error(413, "too_large", f"body over {stripe_settings.max_body_bytes} bytes")
+        header = request.headers.get("stripe-signature")
+        if not header:
+            return _error(400, "missing_signature", "Stripe-Signature header required")
+        if not signature_ok(
+            body,
+            header,
+            stripe_settings.webhook_secrets,
+            tolerance=stripe_settings.webhook_tolerance,
+            now=time.time(),
+        ):
+            log.warning("webhook: rejected a request with an invalid or stale signature")
+            return _error(400, "invalid_signature", "signature does not verify")
+        try:
+            event = json.loads(body)
+        except ValueError:
+            return _error(400, "malformed", "body is not JSON")
+        if not (
+            isinstance(event, dict)
+            and isinstance(event.get("id"), str)
+            and isinstance(event.get("type"), str)
+        ):
+            return _error(400, "malformed", "not a Stripe event")
+        try:
+            result = await self.syncer.handle_event(event)
+        except (StoreUnavailable, StripeUnavailable) as exc:
+            log.error("webhook: event %s not applied, Stripe will retry: %s", event["id"], exc)
+            return _error(503, "unavailable", "try again later")
+        log.info("webhook: event %s (%s): %s", event["id"], event["type"], result)
+        return JSONResponse({"received": True, "result": result})
+
+    async def _price_for(self, plan_name: str) -> str | None:
+        plan = self.settings.core.catalog.plans[plan_name]
+        if plan.stripe_price:
+            return plan.stripe_price
+        if not plan.stripe_lookup_key or self.client is None:
+            return None
+        if plan.stripe_lookup_key not in self._price_ids:
+            prices = await self.client.v1.prices.list_async(
+                {"lookup_keys": [plan.stripe_lookup_key], "active": True, "limit": 1}
+            )
+            if not prices.data:
+                return None
+            self._price_ids[plan.stripe_lookup_key] = prices.data[0].id
+        return self._price_ids[plan.stripe_lookup_key]
+
+    async def checkout(self, request: Request) -> Response:
+        if self.client is None:
+            return self._stripe_off()
+        data, is_form = await _fields(request, 64 * 1024)
+        if data is None:
+            return _error(400, "malformed", "send JSON or a form: {email or customer, plan}")
+        plan = data.get("plan")
+        if not isinstance(plan, str) or plan not in self.settings.core.catalog.plans:
+            names = ", ".join(self.settings.core.catalog.plans)
+            return _error(400, "unknown_plan", f"plan must be one of: {names}")
+        params: dict[str, Any] = {
+            "mode": "subscription",
+            "success_url": self.settings.stripe.success_url,
+            "cancel_url": self.settings.stripe.cancel_url,
+            "metadata": {"tollway_plan": plan},
+            "subscription_data": {"metadata": {"tollway_plan": plan}},
+        }
+        customer, email = data.get("customer"), data.get("email")
+        if isinstance(customer, str) and _CUSTOMER_RE.fullmatch(customer):
+            params["customer"] = customer
+        elif isinstance(email, str) and re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", email):
+            params["customer_email"] = email
+        else:
+            return _error(400, "missing_customer", "give an email or a Stripe customer id")
+        try:
+            price = await self._price_for(plan)
+            if price is None:
+                return _error(400, "plan_not_for_sale", f"plan {plan} has no Stripe price")
+            params["line_items"] = [{"price": price, "quantity": 1}]
+            session = await self.client.v1.checkout.sessions.create_async(params)  # type: ignore[arg-type]
+        except stripe.StripeError as exc:
+            log.error("checkout for plan %s failed: %s", plan, type(exc).__name__)
+            message = exc.user_message or "Stripe could not start the checkout; try again"
+            return _error(502, "stripe_error", message)
+        if is_form:
+            return RedirectResponse(session.url or "/", status_code=303)
+        return JSONResponse({"id": session.id, "url": session.url})
+
+    async def checkout_complete(self, request: Request) -> Response:
+        as_json = _wants_json(request)
+        session_id = request.query_params.get("session_id", "")
+        if self.client is None or self.syncer is None:
+            return self._stripe_off()
+        if not _SESSION_RE.fullmatch(session_id):
+            return self._complete_error(as_json, 400, "bad_session", "That link is incomplete.")
+        try:
+            session = await self.client.v1.checkout.sessions.retrieve_async(session_id)
+        except stripe.InvalidRequestError as exc:
+            if exc.http_status == 404:
+                return self._complete_error(
+                    as_json, 404, "unknown_session", "We know of no such checkout."
+                )
+            return self._complete_error(as_json, 502, "stripe_error", "Stripe is unavailable.")
+        except stripe.StripeError:
+            return self._complete_error(as_json, 502, "stripe_error", "Stripe is unavailable.")
+        customer, sub_id = session.customer, session.subscription
+        if session.status != "complete" or not isinstance(customer, str) or not sub_id:
+            return self._complete_error(
+                as_json, 409, "not_complete", "This checkout is not complete yet."
+            )
+        try:
+            # The browser may come back before the webhook: provision now.
+            change = await self.syncer.sync(customer, str(sub_id))
+            if change is None:
+                return self._complete_error(
+                    as_json, 502, "stripe_error", "Stripe has no subscription for this checkout."
+                )
+            key, record = await self.store.issue_key(customer, environment=self.key_environment)
+            if not await self.store.claim_checkout(customer, session_id, record.key_id):
+                await self.store.revoke_key(customer, record.key_id)
+                return self._complete_error(
+                    as_json,
+                    410,
+                    "key_already_shown",
+                    "The API key for this checkout was already shown, and is shown only once. "
+                    "Lost it? Sign in to the billing portal or ask support for a new key.",
+                )
+        except (StoreUnavailable, StripeUnavailable):
+            return self._complete_error(
+                as_json, 503, "unavailable", "Please reload this page in a moment."
+            )
+        log.info("checkout %s complete: key %s issued to %s", session_id, record.key_id, customer)
+        data = {
+            "api_key": key,
+            "key_id": record.key_id,
+            "customer_id": customer,
+            "plan": change.new_plan,
+            "status": change.new_status,
+        }
+        if as_json:
+            return JSONResponse(data, headers={"cache-control": "no-store"})
+        return page(
+            "Your API key",
+            [
+                f"Welcome! You are subscribed to the {change.new_plan} plan.",
+                "Copy your key now: this page shows it once, and it is stored only as a hash.",
+                "Send it in the x-api-key header (or Authorization: Bearer).",
+            ],
+            code=key,
+        )
+
+    def _complete_error(self, as_json: bool, status: int, code: str, message: str) -> Response:
+        if as_json:
+            return _error(status, code, message)
+        return page("Checkout", [message], status=status)
+
+    async def portal(self, request: Request) -> Response:
+        if self.client is None:
+            return self._stripe_off()
+        key, _ = extract_key(request.headers, self.settings.core.headers)
+        if not key:
+            return _error(401, "missing_key", "send your API key in the x-api-key header")
+        try:
+            record = (
+                await self.store.lookup_key(keys.key_hash(key))
+                if keys.is_well_formed(key)
+                else None
+            )
+            if record is None or record.revoked:
+                return _error(401, "invalid_key", "API key is not valid")
+            session = await self.client.v1.billing_portal.sessions.create_async(
+                {
+                    "customer": record.customer_id,
+                    "return_url": self.settings.stripe.portal_return_url,
+                }
+            )
+        except StoreUnavailable:
+            return _error(503, "unavailable", "try again later")
+        except stripe.StripeError as exc:
+            message = exc.user_message or "Stripe could not open the billing portal; try again"
+            return _error(502, "stripe_error", message)
+        if request.headers.get("content-type", "").startswith("application/x-www-form"):
+            return RedirectResponse(session.url, status_code=303)
+        return JSONResponse({"url": session.url})
+
+    async def reconcile_forever(self) -> None:
+        interval = self.settings.stripe.reconcile_interval
+        while self.client is not None and interval > 0:
+            await asyncio.sleep(interval)
+            try:
+                summary = await reconcile(self.store, self.client, self.settings, self.notifier)
+                log.info("reconcile: %s", summary.line())
+            except (StoreUnavailable, StripeUnavailable, TollwayError) as exc:
+                log.error("reconcile failed, next try in %ss: %s", interval, exc)
+            except stripe.StripeError as exc:
+                log.error("reconcile failed: %s", stripe_failure(exc))
+
+
+def create_app(settings: CompanionSettings, store: Store) -> Starlette:
+    companion = Companion(settings, store)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if companion.syncer is None:
+            log.warning("STRIPE_SECRET_KEY unset: Stripe sync is off; serving /healthz only")
+        task = asyncio.create_task(companion.reconcile_forever())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await companion.notifier.drain()
+            await store.close()
+
+    routes = [
+        Route("/healthz", companion.healthz, methods=["GET"]),
+        Route("/webhooks/stripe", companion.webhook, methods=["POST"]),
+        Route("/checkout", companion.checkout, methods=["POST"]),
+        Route("/checkout/complete", companion.checkout_complete, methods=["GET"]),
+        Route("/portal", companion.portal, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.companion = companion
+    return app

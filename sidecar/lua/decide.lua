@@ -2,7 +2,7 @@
 --
 -- KEYS[1]  account hash   tw:{acct}:a   plan, status, grace_until (Unix s)
 -- KEYS[2]  token bucket   tw:{acct}:rl  tokens (float), ts (us)
--- KEYS[3]  quota counter  tw:{acct}:q   p (period start, Unix s), used
+-- KEYS[3]  quota counter  tw:{acct}:q   k (period kind), p (period start, Unix s), used
 -- ARGV[1]  now in microseconds, or "" to use Redis TIME (the production clock)
 -- ARGV[2]  plan the caller believes the account has (its limits follow)
 -- ARGV[3]  rate: tokens refilled per second (float > 0)
@@ -20,7 +20,7 @@
 --   enforce, the fallback after grace; call again with its limits), 3 key
 --   expired, 4 subscription inactive,
 --   5 feature not in plan, 6 rate limited, 7 quota exceeded.
---   retry_ms is -1 when waiting can never help (cost above burst).
+--   retry_ms is -1 when waiting can never help (cost above burst or quota).
 -- Only code 0 writes anything: a denied request consumes nothing.
 
 local now_us
@@ -55,7 +55,8 @@ end
 if not entitled then
   return reply(4, plan, status, 0, 0, 0, 0, 0)
 end
-if plan ~= ARGV[2] then
+-- "" is never a plan: the caller is asking which plan to enforce.
+if ARGV[2] == "" or plan ~= ARGV[2] then
   return reply(2, plan, status, 0, 0, 0, 0, 0)
 end
 if ARGV[10] ~= "1" then
@@ -112,16 +113,20 @@ if bucket[1] then
   tokens = math.min(burst, tonumber(bucket[1]) + elapsed * rate / 1000000)
 end
 
-local q = redis.call("HMGET", KEYS[3], "p", "used")
+-- A counter from another period, or another kind of period (a plan change
+-- from monthly to daily quotas), starts over.
+local q = redis.call("HMGET", KEYS[3], "k", "p", "used")
 local used = 0
-if q[1] and tonumber(q[1]) == p_start then used = tonumber(q[2]) end
+if q[1] == period and tonumber(q[2]) == p_start then used = tonumber(q[3]) end
 
 local function full_in_ms(level)
   return (burst - level) * 1000 / rate
 end
 
 if quota_limit > 0 and ARGV[8] == "block" and used + cost > quota_limit then
-  return reply(7, plan, status, tokens, full_in_ms(tokens), (p_end - now_s) * 1000, used, p_end)
+  local retry = (p_end - now_s) * 1000
+  if cost > quota_limit or cost > burst then retry = -1 end
+  return reply(7, plan, status, tokens, full_in_ms(tokens), retry, used, p_end)
 end
 if tokens < cost then
   local retry = -1
@@ -134,6 +139,6 @@ used = used + cost
 redis.call("HSET", KEYS[2], "tokens", string.format("%.17g", tokens), "ts", now_us)
 -- A bucket left alone refills to full; after that its key carries no information.
 redis.call("PEXPIRE", KEYS[2], math.ceil(full_in_ms(0)) + 1000)
-redis.call("HSET", KEYS[3], "p", p_start, "used", used)
+redis.call("HSET", KEYS[3], "k", period, "p", p_start, "used", used)
 redis.call("EXPIRE", KEYS[3], p_end - now_s + 86400)
 return reply(0, plan, status, tokens, full_in_ms(tokens), 0, used, p_end)

@@ -1,0 +1,168 @@
+"""The companion's settings: the [stripe] table of tollway.toml plus secrets.
+
+Secrets come only from the environment or a .env file (TOLLWAY_ENV_FILE, else
+./.env); the environment wins. They are never logged and hidden from repr.
+
+    STRIPE_SECRET_KEY                sk_… or rk_… (required for Stripe sync)
+    STRIPE_WEBHOOK_SECRET            whsec_… of the webhook endpoint
+    STRIPE_WEBHOOK_SECRET_PREVIOUS   the old whsec_… while rotating (optional)
+    STRIPE_API_BASE                  e.g. a local Stripe emulator (optional)
+
+    [stripe]
+    public_url = "https://billing.example.com"   # where this companion is reached
+    success_url = "…/checkout/complete?session_id={CHECKOUT_SESSION_ID}"  # default
+    cancel_url = "https://example.com/pricing"
+    portal_return_url = "https://example.com/account"
+    notify_url = "https://hooks.example.com/tollway"  # optional callback
+    reconcile_interval = "1h"                    # "0s" turns it off
+    webhook_tolerance = "5m"
+    max_body_bytes = 524288
+    timeout = "10s"                               # per Stripe call
+    max_network_retries = 2
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from sidecar.errors import ConfigError
+from sidecar.settings import Settings, load_settings, parse_duration
+
+__all__ = ["API_VERSION", "CompanionSettings", "StripeSettings", "load_companion_settings"]
+
+# Pinned: payload shapes (e.g. items[].current_period_end) are read for this version.
+API_VERSION: Final = "2026-10-28.endive"
+_FIELDS: Final = frozenset(
+    {
+        "public_url",
+        "success_url",
+        "cancel_url",
+        "portal_return_url",
+        "notify_url",
+        "reconcile_interval",
+        "webhook_tolerance",
+        "max_body_bytes",
+        "timeout",
+        "max_network_retries",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StripeSettings:
+    secret_key: str | None = field(default=None, repr=False)
+    webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
+    api_base: str | None = None
+    public_url: str = "http://127.0.0.1:8000"
+    success_url: str = ""
+    cancel_url: str = ""
+    portal_return_url: str = ""
+    notify_url: str | None = None
+    reconcile_interval: int = 3600
+    webhook_tolerance: int = 300
+    max_body_bytes: int = 512 * 1024
+    timeout: float = 10.0
+    max_network_retries: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class CompanionSettings:
+    core: Settings
+    stripe: StripeSettings
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines; '#' comments, blank lines and optional quotes allowed."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.removeprefix("export ").partition("=")
+        if not sep:
+            raise ConfigError(f"{path}:{number}: expected KEY=VALUE")  # the value stays out
+        values[name.strip()] = value.strip().strip("'\"")
+    return values
+
+
+def _duration(section: Mapping[str, Any], name: str, default: str) -> int:
+    try:
+        return parse_duration(section.get(name, default))
+    except ValueError as exc:
+        raise ConfigError(f"[stripe] {name}: {exc}") from None
+
+
+def _url(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+        raise ConfigError(f"[stripe] {name}: expected an http(s) URL, got {value!r}")
+    return value
+
+
+def stripe_settings(section: Mapping[str, Any], environ: Mapping[str, str]) -> StripeSettings:
+    unknown = sorted(set(section) - _FIELDS)
+    if unknown:
+        raise ConfigError(f"[stripe] {unknown[0]}: unknown field")
+    secret = environ.get("STRIPE_SECRET_KEY") or None
+    if secret is not None and not secret.startswith(("sk_", "rk_")):
+        raise ConfigError("STRIPE_SECRET_KEY: expected a Stripe secret key (sk_… or rk_…)")
+    hooks = tuple(
+        s
+        for s in (
+            environ.get("STRIPE_WEBHOOK_SECRET"),
+            environ.get("STRIPE_WEBHOOK_SECRET_PREVIOUS"),
+        )
+        if s
+    )
+    if any(not s.startswith("whsec_") for s in hooks):
+        raise ConfigError("STRIPE_WEBHOOK_SECRET: expected a webhook signing secret (whsec_…)")
+    public = _url(section.get("public_url", "http://127.0.0.1:8000"), "public_url").rstrip("/")
+    retries = section.get("max_network_retries", 2)
+    if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= 10:
+        raise ConfigError(f"[stripe] max_network_retries: expected 0..10, got {retries!r}")
+    max_body = section.get("max_body_bytes", 512 * 1024)
+    if not isinstance(max_body, int) or isinstance(max_body, bool) or max_body < 1024:
+        raise ConfigError(f"[stripe] max_body_bytes: expected an integer >= 1024, got {max_body!r}")
+    notify = section.get("notify_url")
+    success = section.get(
+        "success_url", f"{public}/checkout/complete?session_id={{CHECKOUT_SESSION_ID}}"
+    )
+    if "{CHECKOUT_SESSION_ID}" not in str(success):
+        raise ConfigError("[stripe] success_url: must contain {CHECKOUT_SESSION_ID}")
+    return StripeSettings(
+        secret_key=secret,
+        webhook_secrets=hooks,
+        api_base=environ.get("STRIPE_API_BASE") or None,
+        public_url=public,
+        success_url=_url(success, "success_url"),
+        cancel_url=_url(section.get("cancel_url", f"{public}/checkout/cancelled"), "cancel_url"),
+        portal_return_url=_url(section.get("portal_return_url", public), "portal_return_url"),
+        notify_url=_url(notify, "notify_url") if notify is not None else None,
+        reconcile_interval=_duration(section, "reconcile_interval", "1h"),
+        webhook_tolerance=_duration(section, "webhook_tolerance", "5m"),
+        max_body_bytes=max_body,
+        timeout=float(_duration(section, "timeout", "10s")),
+        max_network_retries=retries,
+    )
+
+
+def load_companion_settings(
+    path: str | Path | None, environ: Mapping[str, str]
+) -> CompanionSettings:
+    env_file = Path(environ.get("TOLLWAY_ENV_FILE") or ".env")
+    merged = {**read_env_file(env_file), **environ}
+    core = load_settings(path, merged)
+    assert core.config_path is not None  # load_settings always names the file it read
+    with core.config_path.open("rb") as fh:
+        section = tomllib.load(fh).get("stripe", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{core.config_path}: [stripe]: expected a table")
+    try:
+        return CompanionSettings(core=core, stripe=stripe_settings(section, merged))
+    except ConfigError as exc:
+        raise ConfigError(f"{core.config_path}: {exc}") from None

@@ -1,0 +1,148 @@
+"""Stripe objects → account state. Pure: no I/O, no SDK; plain mappings in.
+
+Which events Tollway acts on, and what each is about:
+
+    checkout.session.completed          the session's customer + subscription
+    customer.subscription.created|updated|deleted|paused|resumed|trial_will_end
+                                        the subscription itself
+    invoice.paid | invoice.payment_failed
+                                        the invoice's subscription
+
+Every one is treated as "this subscription changed": the companion re-reads
+the subscription from Stripe and applies what Stripe says now, so duplicated,
+late or reordered deliveries all converge on Stripe's current state.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from sidecar.decide import STATUSES
+from sidecar.plans import Catalog
+
+__all__ = [
+    "HANDLED_EVENTS",
+    "NOTIFYING_EVENTS",
+    "EventRef",
+    "SubscriptionState",
+    "event_ref",
+    "preferred",
+    "subscription_state",
+]
+
+HANDLED_EVENTS: Final = frozenset(
+    {
+        "checkout.session.completed",
+        "customer.subscription.created",
+        "customer.subscription.updated",
+        "customer.subscription.deleted",
+        "customer.subscription.paused",
+        "customer.subscription.resumed",
+        "customer.subscription.trial_will_end",
+        "invoice.paid",
+        "invoice.payment_failed",
+    }
+)
+# Events a customer's humans should hear about (log + optional callback).
+NOTIFYING_EVENTS: Final = {
+    "invoice.payment_failed": "payment_failed",
+    "customer.subscription.trial_will_end": "trial_will_end",
+    "customer.subscription.deleted": "subscription_canceled",
+}
+LIVE_STATUSES: Final = frozenset({"active", "trialing", "past_due"})
+_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionState:
+    customer_id: str
+    subscription_id: str
+    status: str
+    plan: str | None  # None: no item's price is in the plan catalog
+    price_ref: str  # the price id (or lookup key) Stripe bills, for errors
+    period_end: int
+    created: int
+
+    @property
+    def error(self) -> str:
+        if self.plan is None:
+            return f"price {self.price_ref or '(none)'} is in no configured plan"
+        return ""
+
+
+@dataclass(frozen=True, slots=True)
+class EventRef:
+    """What an event is about: the account, and the subscription to re-read."""
+
+    customer_id: str
+    subscription_id: str | None
+    plan_hint: str | None = None  # checkout metadata, when the event carries it
+
+
+def _id(value: Any) -> str | None:
+    """An id, whether Stripe sent it bare or as an expanded object."""
+    if isinstance(value, Mapping):
+        value = value.get("id")
+    return value if isinstance(value, str) and _ID_RE.fullmatch(value) else None
+
+
+def subscription_state(sub: Mapping[str, Any], catalog: Catalog) -> SubscriptionState:
+    """Reads a subscription object (any API version: items carry `price`, or
+    `plan` in old payloads). Raises ValueError when it is not one."""
+    customer, sub_id, status = _id(sub.get("customer")), _id(sub.get("id")), sub.get("status")
+    if sub.get("object") != "subscription" or not customer or not sub_id:
+        raise ValueError("not a subscription object")
+    if status not in STATUSES:
+        raise ValueError(f"unknown subscription status {status!r}")
+    items = (sub.get("items") or {}).get("data") or []
+    plan_name, ref, period_end = None, "", 0
+    for item in items:
+        price = item.get("price") or item.get("plan") or {}
+        price_id, lookup = _id(price.get("id")), price.get("lookup_key")
+        plan = catalog.plan_for_price(price_id, lookup if isinstance(lookup, str) else None)
+        ref = ref or price_id or ""
+        if plan is not None:
+            plan_name, ref = plan.name, price_id or str(lookup)
+            period_end = int(item.get("current_period_end") or 0)
+            break
+    if not period_end:  # payloads of versions before 2025-03-31 keep it on the subscription
+        period_end = int(sub.get("current_period_end") or 0)
+    return SubscriptionState(
+        customer_id=customer,
+        subscription_id=sub_id,
+        status=str(status),
+        plan=plan_name,
+        price_ref=ref,
+        period_end=period_end,
+        created=int(sub.get("created") or 0),
+    )
+
+
+def event_ref(event: Mapping[str, Any]) -> EventRef | None:
+    """The account and subscription an event concerns; None if Tollway ignores it."""
+    kind = event.get("type")
+    obj = (event.get("data") or {}).get("object") or {}
+    if kind not in HANDLED_EVENTS or not isinstance(obj, Mapping):
+        return None
+    customer = _id(obj.get("customer"))
+    if customer is None:
+        return None
+    if kind == "checkout.session.completed":
+        metadata = obj.get("metadata") or {}
+        hint = metadata.get("tollway_plan") if isinstance(metadata, Mapping) else None
+        return EventRef(customer, _id(obj.get("subscription")), hint)
+    if kind.startswith("customer.subscription."):
+        return EventRef(customer, _id(obj.get("id")))
+    # Invoices: the subscription moved under parent.subscription_details in 2025.
+    parent = (obj.get("parent") or {}).get("subscription_details") or {}
+    return EventRef(customer, _id(parent.get("subscription")) or _id(obj.get("subscription")))
+
+
+def preferred(states: Iterable[SubscriptionState]) -> SubscriptionState | None:
+    """The subscription that decides a customer's access when there are several:
+    a live one (active, trialing, past_due) before an ended one, newest first."""
+    ranked = sorted(states, key=lambda s: (s.status in LIVE_STATUSES, s.created), reverse=True)
+    return ranked[0] if ranked else None

@@ -1,0 +1,168 @@
+"""Keeps accounts in step with Stripe: one subscription at a time, serialized
+per account, each webhook event applied at most once.
+
+The rule that makes order irrelevant: an event only says *which* subscription
+changed. The companion re-reads that subscription from Stripe under the
+account's lock and writes what Stripe says now, recording the event id in the
+same atomic step. Retries and duplicates are no-ops; a late event re-applies
+the current truth; a Stripe outage answers 503 so Stripe delivers again later.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import stripe
+
+from sidecar.errors import TollwayError
+from sidecar.plans import Catalog
+from sidecar.store import Store, SubscriptionChange
+from webhook.config import API_VERSION, CompanionSettings, StripeSettings
+from webhook.notify import Notifier
+from webhook.stripe_map import NOTIFYING_EVENTS, SubscriptionState, event_ref, subscription_state
+
+__all__ = ["StripeUnavailable", "Syncer", "make_client"]
+
+log = logging.getLogger("tollway.sync")
+
+
+class StripeUnavailable(TollwayError):
+    """Stripe could not be asked (network, 5xx, rate limit, credentials)."""
+
+
+def make_client(settings: StripeSettings) -> stripe.StripeClient:
+    if not settings.secret_key:
+        raise TollwayError("STRIPE_SECRET_KEY is not set: Stripe sync is off")
+    return stripe.StripeClient(
+        settings.secret_key,
+        stripe_version=API_VERSION,
+        base_addresses={"api": settings.api_base} if settings.api_base else None,
+        http_client=stripe.HTTPXClient(timeout=settings.timeout, allow_sync_methods=True),
+        max_network_retries=settings.max_network_retries,
+    )
+
+
+def stripe_failure(exc: stripe.StripeError) -> StripeUnavailable:
+    # The message names the kind only: Stripe's text can echo request details.
+    return StripeUnavailable(f"Stripe request failed: {type(exc).__name__}")
+
+
+class Syncer:
+    def __init__(
+        self,
+        store: Store,
+        client: stripe.StripeClient,
+        settings: CompanionSettings,
+        notifier: Notifier,
+    ) -> None:
+        self._store = store
+        self._client = client
+        self._settings = settings
+        self._notifier = notifier
+
+    @property
+    def catalog(self) -> Catalog:
+        return self._settings.core.catalog
+
+    async def fetch_subscription(self, subscription_id: str) -> dict[str, Any] | None:
+        """The subscription as Stripe has it now; None if Stripe has no such thing."""
+        try:
+            sub = await self._client.v1.subscriptions.retrieve_async(subscription_id)
+        except stripe.InvalidRequestError as exc:
+            if exc.http_status == 404:
+                return None
+            raise stripe_failure(exc) from exc
+        except stripe.StripeError as exc:
+            raise stripe_failure(exc) from exc
+        return sub.to_dict()
+
+    async def handle_event(self, event: Mapping[str, Any]) -> str:
+        """Applies one verified event; returns applied | kept | duplicate | ignored."""
+        kind, event_id = str(event.get("type")), str(event.get("id"))
+        ref = event_ref(event)
+        if ref is None or ref.subscription_id is None:
+            log.info("event %s (%s): nothing for Tollway to do", event_id, kind)
+            return "ignored"
+        if await self._store.event_seen(ref.customer_id, event_id):
+            return "duplicate"
+        created = int(event.get("created") or time.time())
+        change = await self.sync(
+            ref.customer_id, ref.subscription_id, event_id=event_id, trouble_since=created
+        )
+        if change is None:
+            log.warning(
+                "event %s (%s): subscription %s not found in Stripe",
+                event_id,
+                kind,
+                ref.subscription_id,
+            )
+            return "ignored"
+        if change.result != "duplicate" and kind in NOTIFYING_EVENTS:
+            details: dict[str, Any] = {"event": event_id, "status": change.new_status}
+            if change.grace_until:
+                details["grace_until"] = change.grace_until
+            self._notifier.notify(NOTIFYING_EVENTS[kind], ref.customer_id, **details)
+        return change.result
+
+    async def sync(
+        self,
+        customer_id: str,
+        subscription_id: str,
+        *,
+        event_id: str = "",
+        trouble_since: int | None = None,
+    ) -> SubscriptionChange | None:
+        """Re-reads one subscription and applies it to the customer's account."""
+        async with self._store.account_lock(customer_id):
+            sub = await self.fetch_subscription(subscription_id)
+            if sub is None:
+                return None
+            state = subscription_state(sub, self.catalog)
+            if state.customer_id != customer_id:
+                log.error(
+                    "subscription %s belongs to %s, not %s; not applied",
+                    subscription_id,
+                    state.customer_id,
+                    customer_id,
+                )
+                return None
+            return await self.apply(state, event_id=event_id, trouble_since=trouble_since)
+
+    async def apply(
+        self, state: SubscriptionState, *, event_id: str = "", trouble_since: int | None = None
+    ) -> SubscriptionChange:
+        """Writes a subscription's state (the caller holds the account's lock)."""
+        customer = state.customer_id
+        if state.error:
+            log.error("account %s: %s; keeping its current plan", customer, state.error)
+            self._notifier.notify("unknown_price", customer, price=state.price_ref)
+        change = await self._store.apply_subscription(
+            customer,
+            event_id=event_id,
+            subscription_id=state.subscription_id,
+            status=state.status,
+            plan=state.plan,
+            error=state.error,
+            period_end=state.period_end,
+            grace_seconds=self._settings.core.billing.grace_seconds,
+            trouble_since=trouble_since or int(time.time()),
+        )
+        if change.result == "applied" and (change.old_status, change.old_plan) != (
+            change.new_status,
+            change.new_plan,
+        ):
+            log.info(
+                "account %s: %s/%s -> %s/%s",
+                customer,
+                change.old_status or "-",
+                change.old_plan or "-",
+                change.new_status,
+                change.new_plan,
+            )
+        if change.result == "applied" and change.new_status == "canceled" != change.old_status:
+            revoked = await self._store.revoke_all_keys(customer)
+            log.info("account %s: subscription ended; %d keys marked revoked", customer, revoked)
+        return change
