@@ -1,0 +1,292 @@
+"""FakeStripe speaks Stripe well enough for the real stripe SDK, over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+import stripe
+from stripe.params.billing import MeterEventCreateParams
+
+from tests.fakestripe import API_VERSION, FakeStripe, make_event, parse_form, sign_payload
+
+MakeClient = Callable[..., stripe.StripeClient]
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeStripe]:
+    with FakeStripe() as server:
+        server.add_price("price_basic", lookup_key="basic_monthly", unit_amount=900)
+        server.add_price("price_pro", lookup_key="pro_monthly", unit_amount=4900)
+        yield server
+
+
+@pytest.fixture
+def make_client(fake: FakeStripe) -> Iterator[MakeClient]:
+    """StripeClients on the fake; their HTTP clients are closed afterwards."""
+    http_clients: list[stripe.HTTPXClient] = []
+
+    def make(api_key: str = "sk_test_fake", *, retries: int = 0) -> stripe.StripeClient:
+        http_client = stripe.HTTPXClient(allow_sync_methods=True)
+        http_clients.append(http_client)
+        return stripe.StripeClient(
+            api_key,
+            base_addresses={"api": fake.url},
+            http_client=http_client,
+            max_network_retries=retries,
+        )
+
+    yield make
+    for http_client in http_clients:
+        http_client.close()  # type: ignore[no-untyped-call]
+        asyncio.run(http_client.close_async())  # type: ignore[no-untyped-call]
+
+
+def as_dict(obj: object) -> object:
+    return obj.to_dict() if isinstance(obj, stripe.StripeObject) else obj
+
+
+@pytest.fixture
+def client(make_client: MakeClient) -> stripe.StripeClient:
+    return make_client()
+
+
+def test_form_encoding_nests_brackets() -> None:
+    pairs = [
+        ("line_items[0][price]", "p"),
+        ("line_items[0][quantity]", "2"),
+        ("metadata[tollway_plan]", "pro"),
+        ("metadata[0]", "zero"),
+        ("expand[]", "a"),
+        ("expand[]", "b"),
+        ("payload[value]", "5"),
+    ]
+    assert parse_form(pairs) == {
+        "line_items": [{"price": "p", "quantity": "2"}],
+        "metadata": {"tollway_plan": "pro", "0": "zero"},
+        "expand": ["a", "b"],
+        "payload": {"value": "5"},
+    }
+
+
+def test_checkout_session_lifecycle(fake: FakeStripe, client: stripe.StripeClient) -> None:
+    session = client.v1.checkout.sessions.create(
+        {
+            "mode": "subscription",
+            "line_items": [{"price": "price_pro", "quantity": 1}],
+            "customer_email": "ada@example.com",
+            "success_url": "https://app.test/ok",
+            "cancel_url": "https://app.test/no",
+            "metadata": {"tollway_plan": "pro"},
+            "subscription_data": {"metadata": {"tollway_plan": "pro"}},
+        }
+    )
+    assert session.id.startswith("cs_test_")
+    assert (session.status, session.payment_status, session.mode) == (
+        "open",
+        "unpaid",
+        "subscription",
+    )
+    assert session.url == f"https://checkout.stripe.test/c/pay/{session.id}"
+    assert as_dict(session.metadata) == {"tollway_plan": "pro"}
+    assert session.customer is None and session.subscription is None
+
+    sent = fake.calls("POST", "/v1/checkout/sessions")[0]
+    assert sent.params["line_items"] == [{"price": "price_pro", "quantity": "1"}]
+    assert sent.params["subscription_data"] == {"metadata": {"tollway_plan": "pro"}}
+    assert sent.stripe_version == API_VERSION and sent.idempotency_key
+
+    expanded = client.v1.checkout.sessions.retrieve(session.id, {"expand": ["line_items"]})
+    assert expanded.line_items is not None
+    assert [li.price.id for li in expanded.line_items.data if li.price] == ["price_pro"]
+    assert expanded.line_items.data[0].amount_total == 4900
+    listed = client.v1.checkout.sessions.line_items.list(session.id)
+    assert [li.quantity for li in listed.data] == [1]
+
+    fake.complete_checkout(session.id)
+    done = client.v1.checkout.sessions.retrieve(session.id)
+    assert (done.status, done.payment_status, done.url) == ("complete", "paid", None)
+    assert isinstance(done.customer, str) and isinstance(done.subscription, str)
+    sub = client.v1.subscriptions.retrieve(done.subscription, {"expand": ["customer"]})
+    assert sub.status == "active" and as_dict(sub.metadata) == {"tollway_plan": "pro"}
+    assert isinstance(sub.customer, stripe.Customer) and sub.customer.email == "ada@example.com"
+    item = sub["items"].data[0]
+    assert item.price.id == "price_pro"
+    assert item.current_period_start < item.current_period_end
+    assert "current_period_end" not in sub
+
+
+def test_prices_filter_by_lookup_key(client: stripe.StripeClient) -> None:
+    prices = client.v1.prices.list({"lookup_keys": ["pro_monthly"]})
+    assert [p.id for p in prices.data] == ["price_pro"]
+    assert client.v1.prices.retrieve("price_basic").unit_amount == 900
+
+
+def test_subscription_list_auto_paginates(fake: FakeStripe, client: stripe.StripeClient) -> None:
+    customer = fake.create_customer("many@example.com")
+    made = {fake.create_subscription(customer, "price_basic")["id"] for _ in range(25)}
+    gone = fake.create_subscription(customer, "price_basic")["id"]
+    fake.update_subscription(gone, status="canceled")
+
+    listing = client.v1.subscriptions.list({"customer": customer, "limit": 10})
+    seen = [sub.id for sub in listing.auto_paging_iter()]
+    assert len(seen) == 25 and set(seen) == made
+    assert len(fake.calls("GET", "/v1/subscriptions")) == 3
+    everything = client.v1.subscriptions.list({"customer": customer, "status": "all", "limit": 100})
+    assert len(everything.data) == 26
+
+
+def test_subscription_update_and_cancel(fake: FakeStripe, client: stripe.StripeClient) -> None:
+    sub_id = fake.create_subscription("cus_fixture01", "price_basic", metadata={"a": "1"})["id"]
+    updated = client.v1.subscriptions.update(
+        sub_id, {"metadata": {"b": "2"}, "cancel_at_period_end": True}
+    )
+    assert as_dict(updated.metadata) == {"a": "1", "b": "2"} and updated.cancel_at_period_end
+    assert updated.cancel_at == updated["items"].data[0].current_period_end
+
+    fake.update_subscription(sub_id, price="price_pro")
+    assert fake.subscription(sub_id)["items"]["data"][0]["price"]["id"] == "price_pro"
+
+    canceled = client.v1.subscriptions.cancel(sub_id)
+    assert canceled.status == "canceled" and canceled.ended_at is not None
+
+
+def test_billing_portal_session(fake: FakeStripe, client: stripe.StripeClient) -> None:
+    customer = client.v1.customers.create({"email": "bo@example.com"})
+    assert customer.id.startswith("cus_") and not customer.livemode
+    portal = client.v1.billing_portal.sessions.create(
+        {"customer": customer.id, "return_url": "https://app.test/account"}
+    )
+    assert portal.id.startswith("bps_") and portal.object == "billing_portal.session"
+    assert portal.customer == customer.id and portal.return_url == "https://app.test/account"
+    assert portal.url.startswith("https://")
+
+
+def test_meter_events_refuse_a_repeated_identifier(
+    fake: FakeStripe, client: stripe.StripeClient
+) -> None:
+    params: MeterEventCreateParams = {
+        "event_name": "tollway_requests",
+        "payload": {"stripe_customer_id": "cus_meter01", "value": "5"},
+        "identifier": "usage-1",
+        "timestamp": int(time.time()),
+    }
+    event = client.v1.billing.meter_events.create(params)
+    assert (event.object, event.identifier, event.payload["value"]) == (
+        "billing.meter_event",
+        "usage-1",
+        "5",
+    )
+    with pytest.raises(stripe.InvalidRequestError) as raised:
+        client.v1.billing.meter_events.create(params)
+    assert raised.value.http_status == 400
+    assert raised.value.user_message and "usage-1" in raised.value.user_message
+    assert [e["identifier"] for e in fake.meter_events] == ["usage-1"]
+
+
+def test_unknown_price_is_a_user_facing_error(client: stripe.StripeClient) -> None:
+    with pytest.raises(stripe.InvalidRequestError) as raised:
+        client.v1.checkout.sessions.create(
+            {"mode": "subscription", "line_items": [{"price": "price_nope", "quantity": 1}]}
+        )
+    error = raised.value
+    assert error.user_message == "No such price: 'price_nope'"
+    assert (error.code, error.param, error.http_status) == (
+        "resource_missing",
+        "line_items[0][price]",
+        400,
+    )
+
+
+def test_missing_or_bad_api_key(fake: FakeStripe, make_client: MakeClient) -> None:
+    # The SDK cannot send an empty key ("Bearer " is not a legal header value), so the
+    # wire-level "no key at all" case is a plain HTTP request.
+    answer = httpx.get(f"{fake.url}/v1/customers/cus_x")
+    assert answer.status_code == 401
+    assert answer.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(stripe.AuthenticationError) as raised:
+        make_client("sk_live_notatestkey").v1.customers.retrieve("cus_x")
+    assert raised.value.http_status == 401 and raised.value.user_message
+    assert fake.calls("GET", "/v1/customers/cus_x")[-1].status == 401
+
+
+def test_webhook_signatures(fake: FakeStripe) -> None:
+    sub = fake.create_subscription("cus_hook01", "price_basic")
+    payload = json.dumps(make_event("customer.subscription.created", sub)).encode()
+    header = sign_payload(payload, "whsec_new", extra_secrets=["whsec_old"])
+    event = stripe.Webhook.construct_event(payload, header, "whsec_old")
+    assert event.type == "customer.subscription.created" and event.data.object.id == sub["id"]
+    assert event.api_version == API_VERSION
+    with pytest.raises(stripe.SignatureVerificationError):
+        stripe.Webhook.construct_event(payload, header, "whsec_wrong")
+
+
+def test_async_retrieve(fake: FakeStripe) -> None:
+    sub_id = fake.create_subscription("cus_async01", "price_pro")["id"]
+    http_client = stripe.HTTPXClient(allow_sync_methods=True)
+    client = stripe.StripeClient(
+        "sk_test_fake",
+        base_addresses={"api": fake.url},
+        http_client=http_client,
+        max_network_retries=0,
+    )
+
+    async def fetch() -> stripe.Subscription:
+        try:
+            return await client.v1.subscriptions.retrieve_async(sub_id)
+        finally:
+            # in the loop its connections belong to
+            await http_client.close_async()  # type: ignore[no-untyped-call]
+
+    try:
+        assert asyncio.run(fetch()).id == sub_id
+    finally:
+        http_client.close()  # type: ignore[no-untyped-call]
+
+
+def test_the_sdk_retries_an_injected_500(fake: FakeStripe, make_client: MakeClient) -> None:
+    fake.fail_next(1, status=500)
+    customer = make_client(retries=2).v1.customers.create({"email": "retry@example.com"})
+    attempts = fake.calls("POST", "/v1/customers")
+    assert [a.status for a in attempts] == [500, 200]
+    assert attempts[0].idempotency_key == attempts[1].idempotency_key
+    assert fake.customer(customer.id)["email"] == "retry@example.com"
+
+
+def test_idempotency_key_replays_the_first_answer(
+    fake: FakeStripe, client: stripe.StripeClient
+) -> None:
+    options: stripe.RequestOptions = {"idempotency_key": "create-cus-1"}
+    first = client.v1.customers.create({"email": "once@example.com"}, options)
+    again = client.v1.customers.create({"email": "once@example.com"}, options)
+    assert first.id == again.id
+    assert [r.replayed for r in fake.calls("POST", "/v1/customers")] == [False, True]
+    with pytest.raises(stripe.IdempotencyError):
+        client.v1.customers.create({"email": "other@example.com"}, options)
+
+
+def test_faults(fake: FakeStripe, make_client: MakeClient) -> None:
+    client = make_client()
+    fake.fail_next(1, status=429)
+    with pytest.raises(stripe.RateLimitError):
+        client.v1.prices.retrieve("price_basic")
+    fake.drop_next(1)
+    with pytest.raises(stripe.APIConnectionError):
+        client.v1.prices.retrieve("price_basic")
+    fake.delay_next(1, 0.3)
+    started = time.monotonic()
+    client.v1.prices.retrieve("price_basic")
+    assert time.monotonic() - started >= 0.3
+
+    # Applied, answer lost: the SDK's retry (same Idempotency-Key) gets the saved answer.
+    fake.accept_then_drop_next(1, path_prefix="/v1/billing/meter_events")
+    event = make_client(retries=1).v1.billing.meter_events.create(
+        {"event_name": "e", "payload": {"stripe_customer_id": "cus_lost01", "value": "1"}}
+    )
+    assert [e["identifier"] for e in fake.meter_events] == [event.identifier]
+    attempts = fake.calls("POST", "/v1/billing/meter_events")
+    assert [(a.status, a.replayed) for a in attempts] == [(None, False), (200, True)]
