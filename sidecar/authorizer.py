@@ -15,7 +15,7 @@ from typing import Final
 from sidecar import keys
 from sidecar.decide import Decision, OutcomeCode, Reason, decision_from_outcome, refuse
 from sidecar.settings import Settings
-from sidecar.store import Store
+from sidecar.store import SUBSCRIPTION_ENDED, Store
 
 __all__ = ["Authorizer"]
 
@@ -41,6 +41,12 @@ class Authorizer:
         if record is None:
             return refuse(Reason.INVALID_KEY, "API key is not recognised")
         customer = record.customer_id
+        if record.revoked and record.revoked_reason == SUBSCRIPTION_ENDED:
+            return refuse(
+                Reason.SUBSCRIPTION_INACTIVE,
+                "Subscription has ended: subscribe again to restore access",
+                customer_id=customer,
+            )
         if record.revoked:
             return refuse(Reason.KEY_REVOKED, "API key was revoked", customer_id=customer)
 

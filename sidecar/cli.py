@@ -368,6 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=".tollway", help="Valkey data and logs (.tollway/)")
     p.add_argument("--plan", default="demo", help="the demo customer's plan (demo)")
 
+    p = add(
+        sub,
+        "reconcile",
+        cmd_reconcile,
+        "list Stripe subscriptions and repair accounts that differ (missed webhooks)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="show the changes, make none")
     add(
         sub,
         "health",

@@ -45,6 +45,7 @@ from sidecar.errors import NotFound, StoreUnavailable, TollwayError
 from sidecar.plans import Plan
 
 __all__ = [
+    "SUBSCRIPTION_ENDED",
     "Account",
     "KeyRecord",
     "Store",
@@ -61,6 +62,8 @@ __all__ = [
     "quota_key",
 ]
 
+# Why the companion revoked an account's keys: its subscription was deleted.
+SUBSCRIPTION_ENDED: Final = "subscription_ended"
 _CUSTOMER_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
@@ -139,6 +142,7 @@ class KeyRecord:
     expires_at_us: int = 0  # 0: never
     created_at: int = 0
     environment: str = "live"
+    revoked_reason: str = ""  # "subscription_ended" when the companion revoked it
 
     @property
     def revoked(self) -> bool:
@@ -381,11 +385,16 @@ class Store:
             raise NotFound(f"key {key_id} of {customer_id} does not exist")
         return _text(hashed)
 
-    async def revoke_key(self, customer_id: str, key_id: str) -> None:
+    async def revoke_key(self, customer_id: str, key_id: str, *, reason: str = "") -> None:
         hashed = await self._key_hash(customer_id, key_id)
         async with self._guard("key revoke"):
             await self._redis.hset(
-                key_record_key(hashed), mapping={"state": "revoked", "revoked_at": int(time.time())}
+                key_record_key(hashed),
+                mapping={
+                    "state": "revoked",
+                    "revoked_at": int(time.time()),
+                    "revoked_reason": reason,
+                },
             )
 
     async def expire_key(self, customer_id: str, key_id: str, at_us: int) -> None:
@@ -397,12 +406,12 @@ class Store:
             if current_us == 0 or at_us < current_us:
                 await self._redis.hset(key_record_key(hashed), "expires_at", at_us)
 
-    async def revoke_all_keys(self, customer_id: str) -> int:
+    async def revoke_all_keys(self, customer_id: str, *, reason: str = "") -> int:
         """Marks every active key of the account revoked (records stay, for audit)."""
         revoked = 0
         for record in await self.list_keys(customer_id):
             if not record.revoked:
-                await self.revoke_key(customer_id, record.key_id)
+                await self.revoke_key(customer_id, record.key_id, reason=reason)
                 revoked += 1
         return revoked
 
@@ -494,4 +503,5 @@ def _key_record(raw: Mapping[bytes | str, bytes | str]) -> KeyRecord:
         expires_at_us=int(fields.get("expires_at", "0")),
         created_at=int(fields.get("created_at", "0")),
         environment=fields.get("env", "live"),
+        revoked_reason=fields.get("revoked_reason", ""),
     )

@@ -9,6 +9,7 @@ the database: each one works on fresh customer ids.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -216,3 +218,135 @@ def envoy(tmp_path_factory: pytest.TempPathFactory, sidecar: str) -> Iterator[st
             yield f"http://127.0.0.1:{listen}"
         finally:
             child.stop()
+
+
+# -- Stripe: a Stripe-compatible server, the companion, and signed deliveries --
+
+STRIPE_SECRET = "sk_test_" + "T0llwayTestSecretKey0000"
+WEBHOOK_SECRET = "whsec_" + "T0llwayTestWebhookSecret0000000000"
+
+COMPANION_CONFIG = (
+    TEST_CONFIG
+    + """
+[[plans]]
+name = "ghost"
+stripe_price = "price_ghost"
+rate = "1/s"
+
+[stripe]
+public_url = "http://127.0.0.1:8000"
+reconcile_interval = "0s"
+max_body_bytes = 65536
+timeout = "2s"
+max_network_retries = 0
+"""
+)
+
+
+@pytest.fixture(scope="session")
+def fake_stripe() -> Iterator[Any]:
+    from tests.fakestripe import FakeStripe
+
+    with FakeStripe() as fake:
+        fake.add_price("price_basic", product="prod_basic")
+        fake.add_price("price_pro", lookup_key="pro_monthly", product="prod_pro")
+        yield fake
+
+
+@dataclass
+class Stack:
+    """A sidecar and a companion sharing one config, Redis and fake Stripe."""
+
+    sidecar: str
+    companion: str
+    logs: list[Path]
+    stub: tollway_pb2_grpc.TollwayStub
+
+    def authorize(self, key: str, **fields: Any) -> Any:
+        from sidecar.gen.tollway.v1 import tollway_pb2
+
+        request = tollway_pb2.AuthorizeRequest(api_key=key, method="GET", path="/v1/x", **fields)
+        return self.stub.Authorize(request, timeout=5)
+
+    def deliver(
+        self,
+        event: dict[str, Any],
+        *,
+        secret: str = WEBHOOK_SECRET,
+        timestamp: int | None = None,
+        body: bytes | None = None,
+    ) -> Any:
+        import httpx
+
+        from tests.fakestripe import sign_payload
+
+        payload = body if body is not None else json.dumps(event).encode()
+        header = sign_payload(payload, secret, timestamp=timestamp)
+        return httpx.post(
+            f"{self.companion}/webhooks/stripe",
+            content=payload,
+            headers={"stripe-signature": header, "content-type": "application/json"},
+            timeout=10,
+        )
+
+
+@pytest.fixture(scope="session")
+def stack_factory(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, fake_stripe: Any
+) -> Iterator[Callable[[str], Stack]]:
+    """Starts a sidecar + companion pair for a config text; all stopped at the end."""
+    children: list[dev.Child] = []
+    channels: list[grpc.Channel] = []
+
+    def start(config_text: str) -> Stack:
+        workdir = tmp_path_factory.mktemp("stack")
+        config = workdir / "tollway.toml"
+        config.write_text(config_text)
+        env = {
+            **os.environ,
+            "STRIPE_SECRET_KEY": STRIPE_SECRET,
+            "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "STRIPE_API_BASE": fake_stripe.url,
+            "TOLLWAY_ENV_FILE": str(workdir / "none.env"),
+        }
+        sidecar_port, companion_port = dev.free_port(), dev.free_port()
+        logs = [workdir / "sidecar.log", workdir / "companion.log"]
+        children.append(
+            dev.start_sidecar(config, redis_url=redis_url, port=sidecar_port, log=logs[0], env=env)
+        )
+        children.append(
+            dev.start_companion(
+                config, redis_url=redis_url, port=companion_port, log=logs[1], env=env
+            )
+        )
+        channel = grpc.insecure_channel(f"127.0.0.1:{sidecar_port}")
+        channels.append(channel)
+        return Stack(
+            sidecar=f"127.0.0.1:{sidecar_port}",
+            companion=f"http://127.0.0.1:{companion_port}",
+            logs=logs,
+            stub=tollway_pb2_grpc.TollwayStub(channel),
+        )
+
+    yield start
+    for channel in channels:
+        channel.close()
+    for child in children:
+        child.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(stack_factory: Callable[[str], Stack]) -> Stack:
+    """The default pair: 5-day grace, no fallback plan."""
+    return stack_factory(COMPANION_CONFIG)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secrets_in_logs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the whole suite: no process under test logged a key or a Stripe secret."""
+    from tests.secretscan import scan
+
+    yield
+    logs = list(tmp_path_factory.getbasetemp().rglob("*.log"))
+    leaks = scan(logs)
+    assert not leaks, f"secrets in logs: {leaks}"

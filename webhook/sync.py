@@ -19,7 +19,7 @@ import stripe
 
 from sidecar.errors import TollwayError
 from sidecar.plans import Catalog
-from sidecar.store import Store, SubscriptionChange
+from sidecar.store import SUBSCRIPTION_ENDED, Store, SubscriptionChange
 from webhook.config import API_VERSION, CompanionSettings, StripeSettings
 from webhook.notify import Notifier
 from webhook.stripe_map import NOTIFYING_EVENTS, SubscriptionState, event_ref, subscription_state
@@ -162,7 +162,8 @@ class Syncer:
                 change.new_status,
                 change.new_plan,
             )
-        if change.result == "applied" and change.new_status == "canceled" != change.old_status:
-            revoked = await self._store.revoke_all_keys(customer)
+        ended = change.new_status == "canceled" and change.old_status != "canceled"
+        if change.result == "applied" and ended:
+            revoked = await self._store.revoke_all_keys(customer, reason=SUBSCRIPTION_ENDED)
             log.info("account %s: subscription ended; %d keys marked revoked", customer, revoked)
         return change
