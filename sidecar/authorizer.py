@@ -8,12 +8,14 @@ it is stale, so the hint can never change an outcome.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Final
 
 from sidecar import keys
 from sidecar.decide import Decision, OutcomeCode, Reason, decision_from_outcome, refuse
+from sidecar.errors import StoreUnavailable
 from sidecar.settings import Settings
 from sidecar.store import SUBSCRIPTION_ENDED, Store
 
@@ -25,13 +27,28 @@ _HINTS_MAX: Final = 100_000
 
 
 class Authorizer:
-    def __init__(self, store: Store, settings: Callable[[], Settings]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: Callable[[], Settings],
+        *,
+        metered: Callable[[str], None] = lambda customer: None,
+    ) -> None:
         self._store = store
         self._settings = settings  # a getter: SIGHUP swaps plans under us
+        self._metered = metered  # told of each customer whose usage was just recorded
         self._plan_hints: dict[str, str] = {}
+        self._notifications: set[asyncio.Task[None]] = set()
 
     async def authorize(
-        self, api_key: str, *, method: str, path: str, cost: int = 0, feature: str | None = None
+        self,
+        api_key: str,
+        *,
+        method: str,
+        path: str,
+        cost: int = 0,
+        feature: str | None = None,
+        request_id: str = "",
     ) -> Decision:
         if not api_key:
             return refuse(Reason.MISSING_KEY, "API key required: send it in the x-api-key header")
@@ -65,6 +82,9 @@ class Authorizer:
                 feature_ok=feature is None or (plan is not None and feature in plan.features),
                 key_expires_at_us=record.expires_at_us,
                 fallback_plan=settings.billing.fallback_plan,
+                request_id=request_id,
+                reservation_ttl=settings.usage.reservation_ttl,
+                thresholds=settings.usage.thresholds,
             )
             if outcome.code is not OutcomeCode.PLAN_CHANGED:
                 break
@@ -82,9 +102,30 @@ class Authorizer:
             self._remember(customer, plan.name)
         else:  # the plan flipped under us three times in a row
             raise RuntimeError(f"plan of {customer} kept changing during the decision")
+        if outcome.code is OutcomeCode.OK and plan is not None:
+            if plan.meter:
+                self._metered(customer)
+            for percent in outcome.thresholds:
+                self._quota_alert(customer, plan.name, percent, outcome.quota_used)
         return decision_from_outcome(
             outcome, plan=plan, customer_id=customer, cost=cost, feature=feature
         )
+
+    def _quota_alert(self, customer: str, plan: str, percent: int, used: int) -> None:
+        """The script notes each threshold once per period; deliver it off the
+        request path (the companion posts it to the callback)."""
+        payload = {"type": "quota_threshold", "customer_id": customer, "plan": plan,
+                   "percent": percent, "used": used}  # fmt: skip
+        log.warning("quota alert: %s reached %d%% of plan %s's quota", customer, percent, plan)
+        task = asyncio.get_running_loop().create_task(self._send(payload))
+        self._notifications.add(task)
+        task.add_done_callback(self._notifications.discard)
+
+    async def _send(self, payload: dict[str, object]) -> None:
+        try:
+            await self._store.notify(payload)
+        except StoreUnavailable:
+            log.error("quota alert for %s not queued: Redis unavailable", payload["customer_id"])
 
     def _remember(self, customer: str, plan: str) -> None:
         if len(self._plan_hints) >= _HINTS_MAX:

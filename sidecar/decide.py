@@ -77,6 +77,7 @@ class Outcome:
     quota_used: int
     period_end: int
     now: int  # the script's clock, Unix seconds
+    thresholds: tuple[int, ...] = ()  # quota percentages first crossed by this request
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,11 @@ names where it is (``plans[1] 'pro': rate``) so a bad file is one clear line.
     quota = "100000/month"             # optional, per period
     overage = "block"                  # or "bill"
     features = ["search", "export"]
+    meter = "api_calls"                # optional: bill each allowed request's cost
+
+    [[meters]]
+    name = "api_calls"                 # what RecordUsage and plans refer to
+    event_name = "api_calls"           # the Stripe Billing Meter's event name
 
     [[routes]]
     method = "POST"                    # or "*" (default)
@@ -28,7 +33,7 @@ from typing import Any, Final, Literal
 
 from sidecar.errors import ConfigError
 
-__all__ = ["Catalog", "Plan", "Quota", "Rate", "Route", "parse_catalog"]
+__all__ = ["Catalog", "Meter", "Plan", "Quota", "Rate", "Route", "parse_catalog"]
 
 Overage = Literal["block", "bill"]
 Period = Literal["hour", "day", "month"]
@@ -44,8 +49,9 @@ _COUNT_RE: Final = re.compile(r"\s*(\d[\d_]*)\s*/\s*([a-z]+)\s*")
 _METHOD_RE: Final = re.compile(r"[A-Z]+|\*")
 _PLAN_FIELDS: Final = frozenset(
     {"name", "stripe_price", "stripe_lookup_key", "rate", "burst", "quota", "overage",
-     "features", "description"}
+     "features", "description", "meter"}
 )  # fmt: skip
+_EVENT_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 _ROUTE_FIELDS: Final = frozenset({"method", "path", "cost", "feature"})
 
 
@@ -83,6 +89,13 @@ class Plan:
     features: frozenset[str] = frozenset()
     stripe_price: str | None = None
     stripe_lookup_key: str | None = None
+    meter: str | None = None  # each allowed request's cost is metered here
+
+
+@dataclass(frozen=True, slots=True)
+class Meter:
+    name: str
+    event_name: str  # the Stripe Billing Meter's event_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +117,7 @@ class Route:
 class Catalog:
     plans: Mapping[str, Plan]
     routes: Sequence[Route] = ()
+    meters: Mapping[str, Meter] = field(default_factory=dict)
 
     def route_for(self, method: str, path: str) -> Route | None:
         """The first route matching method and path (the query string is ignored)."""
@@ -181,6 +195,9 @@ def _parse_plan(raw: Any, index: int) -> Plan:
     features = _expect(raw.get("features", []), list, f"{where}: features", "a list of names")
     for feature in features:
         _expect(feature, str, f"{where}: features", "a list of names")
+    meter = raw.get("meter")
+    if meter is not None:
+        _expect(meter, str, f"{where}: meter", "a meter name")
     price = raw.get("stripe_price")
     lookup = raw.get("stripe_lookup_key")
     for label, value in (("stripe_price", price), ("stripe_lookup_key", lookup)):
@@ -197,7 +214,23 @@ def _parse_plan(raw: Any, index: int) -> Plan:
         features=frozenset(features),
         stripe_price=price,
         stripe_lookup_key=lookup,
+        meter=meter,
     )
+
+
+def _parse_meter(raw: Any, index: int) -> Meter:
+    where = f"meters[{index}]"
+    _expect(raw, dict, where, "a table")
+    unknown = sorted(set(raw) - {"name", "event_name"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ConfigError(f"{where}: name: expected lower-case letters, digits, '-' or '_'")
+    event_name = raw.get("event_name", name)
+    if not isinstance(event_name, str) or not _EVENT_NAME_RE.fullmatch(event_name):
+        raise ConfigError(f"{where} '{name}': event_name: expected a Stripe meter event name")
+    return Meter(name=name, event_name=event_name)
 
 
 def _parse_route(raw: Any, index: int, features: frozenset[str]) -> Route:
@@ -244,8 +277,19 @@ def parse_catalog(data: Mapping[str, Any]) -> Catalog:
                         f"plans '{plan.name}': {ref!r} is already used by plan '{seen[ref]}'"
                     )
                 seen[ref] = plan.name
+    raw_meters = data.get("meters", [])
+    _expect(raw_meters, list, "meters", "a list of [[meters]] tables")
+    meters: dict[str, Meter] = {}
+    for index, raw in enumerate(raw_meters):
+        meter = _parse_meter(raw, index)
+        if meter.name in meters:
+            raise ConfigError(f"meters[{index}] '{meter.name}': name: duplicate meter name")
+        meters[meter.name] = meter
+    for plan in plans.values():
+        if plan.meter is not None and plan.meter not in meters:
+            raise ConfigError(f"plans '{plan.name}': meter: {plan.meter!r} is not in [[meters]]")
     all_features = frozenset().union(*(p.features for p in plans.values()))
     raw_routes = data.get("routes", [])
     _expect(raw_routes, list, "routes", "a list of [[routes]] tables")
     routes = tuple(_parse_route(raw, i, all_features) for i, raw in enumerate(raw_routes))
-    return Catalog(plans=plans, routes=routes)
+    return Catalog(plans=plans, routes=routes, meters=meters)

@@ -9,25 +9,32 @@ other error is a bug and ends it with INTERNAL. Neither is ever an allow.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import grpc
+import prometheus_client
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_authz_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sidecar import envoy
+from sidecar import envoy, keys
 from sidecar.authorizer import Authorizer
 from sidecar.decide import Decision, Reason
-from sidecar.errors import ConfigError, StoreUnavailable
+from sidecar.errors import ConfigError, StoreUnavailable, TollwayError
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc as pb_grpc
+from sidecar.metrics import DECISION_SECONDS, DECISIONS, STORE_ERRORS, USAGE_EVENTS
+from sidecar.report import usage_report
 from sidecar.settings import Settings, load_settings
 from sidecar.store import Store, connect
+from sidecar.usage import DirtyIndex, UsageError, validate
 
 __all__ = ["authorize_response", "serve"]
 
@@ -68,24 +75,152 @@ def authorize_response(decision: Decision) -> pb.AuthorizeResponse:
     return response
 
 
+_USAGE_CODES = {
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+}
+
+
+async def _decide(authorizer: Authorizer, key: str, **request: Any) -> Decision:
+    """One decision, counted and timed; StoreUnavailable passes through, counted."""
+    started = time.perf_counter()
+    try:
+        decision = await authorizer.authorize(key, **request)
+    except StoreUnavailable:
+        STORE_ERRORS.inc()
+        raise
+    DECISION_SECONDS.observe(time.perf_counter() - started)
+    DECISIONS.labels(decision.reason.value, decision.plan or "-").inc()
+    return decision
+
+
 class TollwayService(pb_grpc.TollwayServicer):
-    def __init__(self, authorizer: Authorizer) -> None:
-        self._authorizer = authorizer
+    def __init__(self, sidecar: Sidecar) -> None:
+        self._sidecar = sidecar
+        self._authorizer = sidecar.authorizer
 
     async def Authorize(
         self, request: pb.AuthorizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.AuthorizeResponse:
         try:
-            decision = await self._authorizer.authorize(
+            decision = await _decide(
+                self._authorizer,
                 request.api_key,
                 method=request.method,
                 path=request.path,
                 cost=request.cost,
                 feature=request.feature if request.HasField("feature") else None,
+                request_id=request.request_id,
             )
         except StoreUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return authorize_response(decision)
+
+    async def _customer(self, request: pb.RecordUsageRequest | pb.GetUsageRequest) -> str:
+        """The customer a usage call names, by key or id; UsageError if none."""
+        store = self._sidecar.store
+        if request.WhichOneof("customer") == "api_key":
+            key = request.api_key
+            record = (
+                await store.lookup_key(keys.key_hash(key)) if keys.is_well_formed(key) else None
+            )
+            if record is None or record.revoked:
+                raise UsageError("unauthenticated", "API key is not valid")
+            return record.customer_id
+        customer = request.customer_id
+        if not customer:
+            raise UsageError("invalid_argument", "api_key or customer_id is required")
+        try:
+            account = await store.get_account(customer)
+        except TollwayError:  # an id that cannot be a key name
+            account = None
+        if account is None:
+            raise UsageError("not_found", f"no account {customer!r}")
+        return customer
+
+    async def _record(self, request: pb.RecordUsageRequest) -> pb.RecordUsageResponse:
+        settings = self._sidecar.settings
+        now = int(time.time())
+        at = request.timestamp.seconds if request.HasField("timestamp") else now
+        validate(
+            settings.catalog,
+            meter=request.meter,
+            quantity=request.quantity,
+            idempotency_key=request.idempotency_key,
+            at=at,
+            now=now,
+        )
+        customer = await self._customer(request)
+        duplicate, record_id, recorded = await self._sidecar.store.record_usage(
+            customer,
+            meter=request.meter,
+            quantity=request.quantity,
+            at=at,
+            idempotency=request.idempotency_key,
+            dedupe_window=settings.usage.dedupe_window,
+            request_id=request.request_id,
+        )
+        if recorded:
+            self._sidecar.dirty.add(customer)
+        USAGE_EVENTS.labels("duplicate" if duplicate else "accepted").inc()
+        return pb.RecordUsageResponse(
+            duplicate=duplicate, customer_id=customer, record_id=record_id
+        )
+
+    async def RecordUsage(
+        self, request: pb.RecordUsageRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecordUsageResponse:
+        try:
+            response = await self._record(request)
+        except UsageError as exc:
+            USAGE_EVENTS.labels("rejected").inc()
+            await context.abort(_USAGE_CODES[exc.kind], exc.message)
+        except StoreUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return response
+
+    async def RecordUsageBatch(
+        self, request: pb.RecordUsageBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecordUsageBatchResponse:
+        results = []
+        for event in request.events:
+            try:
+                response = await self._record(event)
+                results.append(pb.RecordUsageResult(code=0, response=response))
+            except UsageError as exc:
+                USAGE_EVENTS.labels("rejected").inc()
+                code = _USAGE_CODES[exc.kind].value[0]
+                results.append(pb.RecordUsageResult(code=code, message=exc.message))
+            except StoreUnavailable as exc:
+                code = grpc.StatusCode.UNAVAILABLE.value[0]
+                results.append(pb.RecordUsageResult(code=code, message=str(exc)))
+        return pb.RecordUsageBatchResponse(results=results)
+
+    async def GetUsage(
+        self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetUsageResponse:
+        try:
+            customer = await self._customer(request)
+            report = await usage_report(self._sidecar.store, self._sidecar.settings, customer)
+        except UsageError as exc:
+            await context.abort(_USAGE_CODES[exc.kind], exc.message)
+        except StoreUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return pb.GetUsageResponse(
+            customer_id=customer,
+            plan=report.plan,
+            period_start=report.period_start,
+            meters=[
+                pb.MeterUsage(meter=m.meter, used=m.used, reported=m.reported, pending=m.pending)
+                for m in report.meters
+            ],
+            quota=pb.QuotaState(
+                limit=report.quota_limit,
+                used=report.quota_used,
+                remaining=max(0, report.quota_limit - report.quota_used),
+            ),
+        )
 
 
 class CheckService(ext_authz_grpc.AuthorizationServicer):  # type: ignore[misc]
@@ -100,7 +235,7 @@ class CheckService(ext_authz_grpc.AuthorizationServicer):  # type: ignore[misc]
         names = self._settings().headers
         key, key_header = envoy.extract_key(http.headers, names)
         try:
-            decision = await self._authorizer.authorize(key, method=http.method, path=http.path)
+            decision = await _decide(self._authorizer, key, method=http.method, path=http.path)
         except StoreUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return envoy.check_response(decision, key_header=key_header, names=names)
@@ -112,7 +247,8 @@ class Sidecar:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
-        self.authorizer = Authorizer(store, lambda: self.settings)
+        self.dirty = DirtyIndex(store)
+        self.authorizer = Authorizer(store, lambda: self.settings, metered=self.dirty.add)
 
     def reload(self, environ: dict[str, str]) -> bool:
         """Re-reads the config file; a bad file keeps the running plans."""
@@ -152,7 +288,7 @@ async def serve(
         ]
     )
     pb_grpc.add_TollwayServicer_to_server(  # type: ignore[no-untyped-call]
-        TollwayService(sidecar.authorizer), server
+        TollwayService(sidecar), server
     )
     ext_authz_grpc.add_AuthorizationServicer_to_server(
         CheckService(sidecar.authorizer, lambda: sidecar.settings), server
@@ -171,6 +307,10 @@ async def serve(
     if port == 0:
         raise ConfigError(f"listen: cannot bind {address}")
     await server.start()
+    if settings.metrics_listen:
+        host, _, metrics_port = settings.metrics_listen.rpartition(":")
+        prometheus_client.start_http_server(int(metrics_port), addr=host.strip("[]"))
+        log.info("metrics on http://%s/metrics", settings.metrics_listen)
     for name in ("", *services[:2]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -180,6 +320,7 @@ async def serve(
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: sidecar.reload(environ))
     log.info("sidecar listening on %s (plans: %s)", address, ", ".join(settings.catalog.plans))
+    dirty_task = asyncio.create_task(sidecar.dirty.run())
     if ready:
         ready(port)
     await stop.wait()
@@ -187,4 +328,7 @@ async def serve(
     for name in ("", *services[:2]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(grace=5)
+    dirty_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await dirty_task
     await store.close()

@@ -5,12 +5,13 @@ an environment mapping (passed in, so tests need no patching).
     TOLLWAY_REDIS_URL         redis://host:port/db; overrides [redis] url
     TOLLWAY_REDIS_TIMEOUT_MS  per-call Redis timeout; overrides [redis] timeout_ms
 
-    [sidecar]  listen = "127.0.0.1:50051"
+    [sidecar]  listen = "127.0.0.1:50051"   metrics_listen = "127.0.0.1:9464" (optional)
     [webhook]  listen = "127.0.0.1:8000"
     [redis]    url = "redis://127.0.0.1:6379/0"   timeout_ms = 50
     [headers]  api_key = ["x-api-key"]  bearer = true
                customer = "x-tollway-customer"  plan = "x-tollway-plan"
     [billing]  grace_period = "5d"  fallback_plan = "free"   (optional)
+    [usage]    dedupe_window = "24h"  reservation_ttl = "5m"  thresholds = [80, 100]
     [stripe]   read by the companion (webhook/config.py)
 """
 
@@ -30,6 +31,7 @@ __all__ = [
     "Billing",
     "HeaderNames",
     "Settings",
+    "Usage",
     "load_settings",
     "parse_duration",
     "redact_url",
@@ -40,8 +42,9 @@ DEFAULT_WEBHOOK_LISTEN: Final = "127.0.0.1:8000"
 DEFAULT_REDIS_TIMEOUT_MS: Final = 50
 _HEADER_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]*")
 _SECTIONS: Final = frozenset(
-    {"sidecar", "webhook", "redis", "headers", "billing", "stripe", "plans", "routes"}
-)
+    {"sidecar", "webhook", "redis", "headers", "billing", "usage", "stripe", "plans", "routes",
+     "meters"}
+)  # fmt: skip
 _DURATION_RE: Final = re.compile(r"(\d+)\s*([smhd])")
 _UNIT_SECONDS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -52,6 +55,15 @@ def parse_duration(text: str) -> int:
     if not match:
         raise ValueError(f"expected a duration like 30s, 15m, 24h or 7d, got {text!r}")
     return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """How usage is recorded."""
+
+    dedupe_window: int = 86400  # an idempotency key is remembered this long (>= 24 h)
+    reservation_ttl: int = 300  # an unsettled reservation is billed at its estimate after
+    thresholds: tuple[int, ...] = (80, 100)  # quota percentages that notify, once per period
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +95,11 @@ class Settings:
     redis_url: str | None = field(default=None, repr=False)
     redis_timeout: float = DEFAULT_REDIS_TIMEOUT_MS / 1000
     listen: str = DEFAULT_LISTEN
+    metrics_listen: str | None = None  # Prometheus /metrics of the sidecar, off by default
     webhook_listen: str = DEFAULT_WEBHOOK_LISTEN
     headers: HeaderNames = HeaderNames()
     billing: Billing = Billing()
+    usage: Usage = Usage()
     config_path: Path | None = None
 
     def __repr__(self) -> str:
@@ -119,6 +133,24 @@ def _listen(value: Any, where: str) -> str:
     return value
 
 
+def _parse_usage(section: Mapping[str, Any]) -> Usage:
+    try:
+        window = parse_duration(section.get("dedupe_window", "24h"))
+        ttl = parse_duration(section.get("reservation_ttl", "5m"))
+    except ValueError as exc:
+        raise ConfigError(f"[usage] {exc}") from None
+    if window < 86400:
+        raise ConfigError(
+            "[usage] dedupe_window: at least 24h, so client retries stay deduplicated"
+        )
+    thresholds = section.get("thresholds", [80, 100])
+    if not isinstance(thresholds, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= 1000 for t in thresholds
+    ):
+        raise ConfigError("[usage] thresholds: expected percentages like [80, 100]")
+    return Usage(dedupe_window=window, reservation_ttl=ttl, thresholds=tuple(sorted(thresholds)))
+
+
 def settings_from_document(
     doc: Mapping[str, Any], environ: Mapping[str, str], *, path: Path | None = None
 ) -> Settings:
@@ -126,7 +158,7 @@ def settings_from_document(
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section or field")
     catalog = parse_catalog(doc)
-    sidecar = _section(doc, "sidecar", frozenset({"listen"}))
+    sidecar = _section(doc, "sidecar", frozenset({"listen", "metrics_listen"}))
     webhook = _section(doc, "webhook", frozenset({"listen"}))
     redis = _section(doc, "redis", frozenset({"url", "timeout_ms"}))
     headers = _section(doc, "headers", frozenset({"api_key", "bearer", "customer", "plan"}))
@@ -168,6 +200,8 @@ def settings_from_document(
     fallback = billing.get("fallback_plan")
     if fallback is not None and fallback not in catalog.plans:
         raise ConfigError(f"[billing] fallback_plan: {fallback!r} is not a plan in this file")
+    usage = _parse_usage(_section(doc, "usage", frozenset({"dedupe_window", "reservation_ttl",
+                                                           "thresholds"})))  # fmt: skip
     if not names.api_key and not names.bearer:
         raise ConfigError("[headers]: api_key is empty and bearer is false; no key can be read")
     return Settings(
@@ -175,9 +209,15 @@ def settings_from_document(
         redis_url=redis_url,
         redis_timeout=timeout_ms / 1000,
         listen=_listen(sidecar.get("listen", DEFAULT_LISTEN), "[sidecar] listen"),
+        metrics_listen=(
+            _listen(sidecar["metrics_listen"], "[sidecar] metrics_listen")
+            if "metrics_listen" in sidecar
+            else None
+        ),
         webhook_listen=_listen(webhook.get("listen", DEFAULT_WEBHOOK_LISTEN), "[webhook] listen"),
         headers=names,
         billing=Billing(grace_seconds=grace, fallback_plan=fallback),
+        usage=usage,
         config_path=path,
     )
 

@@ -10,7 +10,20 @@ so in Redis Cluster one script can touch it all atomically:
     tw:{cus_1}:events Stripe event ids applied (sorted by when), kept 30 days
     tw:{cus_1}:lock   the companion's per-account lock around fetch + apply
     tw:{cus_1}:checkouts  checkout session id -> key id whose plaintext was shown
+    tw:{cus_1}:usage  usage stream: m (meter), q, t (used at), ms (month), k (idempotency key)
+    tw:{cus_1}:totals "<meter>|<month>" -> units recorded; "r|<meter>|<month>" -> billed
+    tw:{cus_1}:idem:<sha>     idempotency claim -> record id (dedupe window)
+    tw:{cus_1}:rsv:<sha>      a reservation: estimate, meter, state (open|settled|expired)
+    tw:{cus_1}:rsvs           open reservations -> settle-by time
+    tw:{cus_1}:alerts         quota thresholds already notified this period
+    tw:{cus_1}:bill           reporter: cursor (last planned entry), pending events (JSON)
+    tw:{cus_1}:bill:failed    events Stripe refused for good, for people to look at
     tw:k:{<sha256>}   key record: customer, key id, state, expires_at (us)
+
+Global keys (single-key commands only, so any slot will do):
+
+    tw:usage:dirty    customers with usage the reporter has not planned yet
+    tw:notifications  notifications for the companion to deliver (capped stream)
 
 The key record lives in its own slot (its hash is what a request carries);
 reading it is the one extra round trip before the decision script.
@@ -26,11 +39,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, Final
 
@@ -102,6 +118,51 @@ def checkouts_key(customer_id: str) -> str:
     return f"tw:{_tag(customer_id)}:checkouts"
 
 
+def usage_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:usage"
+
+
+def totals_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:totals"
+
+
+def idempotency_key(customer_id: str, key: str) -> str:
+    return f"tw:{_tag(customer_id)}:idem:{_digest(key)}"
+
+
+def reservation_key(customer_id: str, request_hash: str) -> str:
+    return f"tw:{_tag(customer_id)}:rsv:{request_hash}"
+
+
+def reservations_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:rsvs"
+
+
+def alerts_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:alerts"
+
+
+def bill_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:bill"
+
+
+def bill_failed_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:bill:failed"
+
+
+DIRTY_KEY: Final = "tw:usage:dirty"
+NOTIFICATIONS_KEY: Final = "tw:notifications"
+
+
+def _digest(text: str) -> str:
+    """A fixed-length, key-safe name for client-chosen strings."""
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def request_hash(request_id: str) -> str:
+    return _digest(request_id)
+
+
 def key_record_key(hashed: str) -> str:
     return f"tw:k:{{{hashed}}}"
 
@@ -165,6 +226,7 @@ def parse_outcome(raw: list[Any]) -> Outcome:
         quota_used=int(raw[6]),
         period_end=int(raw[7]),
         now=int(raw[8]),
+        thresholds=tuple(int(p) for p in text(raw[9]).split(",") if p),
     )
 
 
@@ -205,6 +267,10 @@ class Store:
         self._decide = client.register_script(_script("decide.lua"))
         self._apply = client.register_script(_script("apply_subscription.lua"))
         self._release = client.register_script(_script("release_lock.lua"))
+        self._record = client.register_script(_script("record_usage.lua"))
+        self._expire_rsv = client.register_script(_script("expire_reservation.lua"))
+        self._plan_batch = client.register_script(_script("plan_batch.lua"))
+        self._ack_batch = client.register_script(_script("ack_batch.lua"))
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -248,8 +314,13 @@ class Store:
         feature_ok: bool,
         key_expires_at_us: int,
         fallback_plan: str | None = None,
+        request_id: str = "",
+        reservation_ttl: int = 300,
+        thresholds: tuple[int, ...] = (),
     ) -> Outcome:
-        """Runs decide.lua for one request. plan None asks only for the real plan."""
+        """Runs decide.lua for one request. plan None asks only for the real plan.
+        With request_id, a metered cost is reserved (settled later) instead."""
+        reserve = request_hash(request_id) if request_id else ""
         args: list[Any] = [
             "" if self._clock_us is None else self._clock_us(),
             plan.name if plan else "",
@@ -262,8 +333,21 @@ class Store:
             key_expires_at_us,
             1 if feature_ok else 0,
             fallback_plan or "",
+            (plan.meter or "") if plan else "",
+            reserve,
+            reservation_ttl,
+            ",".join(map(str, thresholds)),
         ]
-        keys = [account_key(customer_id), bucket_key(customer_id), quota_key(customer_id)]
+        keys = [
+            account_key(customer_id),
+            bucket_key(customer_id),
+            quota_key(customer_id),
+            usage_key(customer_id),
+            totals_key(customer_id),
+            reservation_key(customer_id, reserve or "-"),
+            reservations_key(customer_id),
+            alerts_key(customer_id),
+        ]
         async with self._guard("decision"):
             raw = await self._decide(keys=keys, args=args)
         return parse_outcome(raw)
@@ -481,6 +565,150 @@ class Store:
         async with self._guard("checkout claim"):
             return bool(await self._redis.hsetnx(checkouts_key(customer_id), session_id, key_id))
 
+    # -- usage -------------------------------------------------------------
+
+    async def record_usage(
+        self,
+        customer_id: str,
+        *,
+        meter: str,
+        quantity: int,
+        at: int,
+        idempotency: str,
+        dedupe_window: int,
+        request_id: str = "",
+    ) -> tuple[bool, str, int]:
+        """record_usage.lua: (duplicate, record id, units recorded)."""
+        settle = request_hash(request_id) if request_id else ""
+        keys = [
+            idempotency_key(customer_id, idempotency),
+            usage_key(customer_id),
+            totals_key(customer_id),
+            reservation_key(customer_id, settle or "-"),
+            reservations_key(customer_id),
+            quota_key(customer_id),
+        ]
+        args: list[Any] = [meter, quantity, at, month_start(at), idempotency, dedupe_window, settle]
+        async with self._guard("usage record"):
+            raw = await self._record(keys=keys, args=args)
+        return _text(raw[0]) == "duplicate", _text(raw[1]), int(raw[2])
+
+    async def mark_dirty(self, customers: Iterable[str]) -> None:
+        """Tells the reporter these customers have usage to bill."""
+        batch = list(customers)
+        if batch:
+            async with self._guard("usage index"):
+                await self._redis.sadd(DIRTY_KEY, *batch)
+
+    async def dirty_customers(self, limit: int) -> list[str]:
+        async with self._guard("usage index"):
+            members: Any = await self._redis.srandmember(DIRTY_KEY, limit)
+        return sorted(_text(m) for m in members or [])
+
+    async def clear_dirty(self, customer_id: str) -> None:
+        """Drops the customer from the index, then puts it back if usage arrived
+        meanwhile (the check comes after the removal, so nothing slips through)."""
+        async with self._guard("usage index"):
+            await self._redis.srem(DIRTY_KEY, customer_id)
+            open_reservations = await self._redis.zcard(reservations_key(customer_id))
+        if open_reservations or await self.unbilled_since(customer_id) is not None:
+            await self.mark_dirty([customer_id])
+
+    async def find_usage_streams(self, count: int = 1000) -> list[str]:
+        """Customers with a usage stream, found by scanning (the index's safety net)."""
+        found = []
+        async with self._guard("usage scan"):
+            async for name in self._redis.scan_iter(match="tw:{*}:usage", count=count):
+                text = _text(name)
+                found.append(text[text.index("{") + 1 : text.index("}")])
+        return found
+
+    async def plan_batch(self, customer_id: str, max_entries: int) -> list[dict[str, Any]]:
+        async with self._guard("billing plan"):
+            raw = await self._plan_batch(
+                keys=[usage_key(customer_id), bill_key(customer_id)],
+                args=[customer_id, max_entries],
+            )
+        events: list[dict[str, Any]] = json.loads(_text(raw))
+        return events
+
+    async def ack_batch(self, customer_id: str, identifier: str, *, refused: str = "") -> int:
+        async with self._guard("billing ack"):
+            left = await self._ack_batch(
+                keys=[bill_key(customer_id), totals_key(customer_id), usage_key(customer_id),
+                      bill_failed_key(customer_id)],
+                args=[identifier, refused],
+            )  # fmt: skip
+        return int(left)
+
+    async def unbilled_since(self, customer_id: str) -> int | None:
+        """Unix ms of the oldest usage not yet planned for billing, or of the pending
+        plan's cursor; None when everything recorded is billed."""
+        async with self._guard("usage read"):
+            state: Any = await self._redis.hmget(bill_key(customer_id), "cursor", "pending")
+            cursor, pending = state
+            after = "(" + _text(cursor) if cursor else "-"
+            entries: Any = await self._redis.xrange(usage_key(customer_id), after, "+", count=1)
+        if pending and _text(pending) != "[]":
+            return int(_text(cursor).split("-")[0]) if cursor else 0
+        if entries:
+            return int(_text(entries[0][0]).split("-")[0])
+        return None
+
+    async def due_reservations(self, customer_id: str, limit: int = 1000) -> list[str]:
+        async with self._guard("reservations"):
+            now = int(time.time())
+            members: Any = await self._redis.zrangebyscore(
+                reservations_key(customer_id), "-inf", now, start=0, num=limit
+            )
+        return [_text(m) for m in members]
+
+    async def expire_reservation(self, customer_id: str, request_hash: str) -> int:
+        async with self._guard("reservation expiry"):
+            billed = await self._expire_rsv(
+                keys=[reservation_key(customer_id, request_hash), reservations_key(customer_id),
+                      usage_key(customer_id), totals_key(customer_id)],
+                args=[request_hash],
+            )  # fmt: skip
+        return int(billed)
+
+    async def usage_totals(self, customer_id: str, month: int) -> dict[str, tuple[int, int]]:
+        """{meter: (units recorded, units Stripe accepted)} for the month starting at month."""
+        async with self._guard("usage read"):
+            raw = await self._redis.hgetall(totals_key(customer_id))
+        used: dict[str, int] = {}
+        billed: dict[str, int] = {}
+        for field, value in raw.items():
+            parts = _text(field).split("|")
+            if parts[0] == "r" and len(parts) == 3 and parts[2] == str(month):
+                billed[parts[1]] = int(value)
+            elif len(parts) == 2 and parts[1] == str(month):
+                used[parts[0]] = int(value)
+        return {m: (used.get(m, 0), billed.get(m, 0)) for m in sorted(used.keys() | billed.keys())}
+
+    async def refused_events(self, customer_id: str) -> list[dict[str, Any]]:
+        async with self._guard("billing read"):
+            raw = await self._redis.lrange(bill_failed_key(customer_id), 0, -1)
+        return [json.loads(_text(item)) for item in raw]
+
+    async def notify(self, payload: dict[str, Any]) -> None:
+        """Queues a notification for the companion to deliver (log + callback)."""
+        async with self._guard("notification"):
+            await self._redis.xadd(
+                NOTIFICATIONS_KEY, {"json": json.dumps(payload)}, maxlen=10_000, approximate=True
+            )
+
+    async def notifications_after(
+        self, last_id: str, count: int = 100
+    ) -> list[tuple[str, dict[str, Any]]]:
+        async with self._guard("notification read"):
+            raw: Any = await self._redis.xrange(NOTIFICATIONS_KEY, "(" + last_id, "+", count=count)
+        found = []
+        for entry_id, fields in raw or []:
+            body = {_text(k): _text(v) for k, v in fields.items()}
+            found.append((_text(entry_id), json.loads(body["json"])))
+        return found
+
     async def close(self) -> None:
         await self._redis.aclose()
 
@@ -488,6 +716,12 @@ class Store:
 def _check_status(status: str) -> None:
     if status not in STATUSES:
         raise TollwayError(f"status {status!r}: expected one of {', '.join(STATUSES)}")
+
+
+def month_start(at: int) -> int:
+    """Unix seconds of the first instant of at's calendar month (UTC)."""
+    moment = datetime.fromtimestamp(at, UTC)
+    return int(moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp())
 
 
 def _text(value: bytes | str) -> str:

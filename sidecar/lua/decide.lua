@@ -14,8 +14,19 @@
 -- ARGV[9]  key expiry in microseconds since the epoch (0 = never)
 -- ARGV[10] 1 if ARGV[2]'s plan includes the feature the request needs, else 0
 -- ARGV[11] fallback plan for a past_due account whose grace is over ("" = deny)
+-- KEYS[4]  usage stream   tw:{acct}:usage  (metered requests: m, q, t, ms, k)
+-- KEYS[5]  usage totals   tw:{acct}:totals ("<meter>|<month start>" -> units)
+-- KEYS[6]  reservation    tw:{acct}:rsv:<request hash> (untouched without ARGV[13])
+-- KEYS[7]  reservations   tw:{acct}:rsvs   (request hash -> settle-by time)
+-- KEYS[8]  quota alerts   tw:{acct}:alerts ("<kind>:<period start>:<percent>" sent)
+-- ARGV[12] meter for this plan's requests ("" = the plan meters nothing)
+-- ARGV[13] request hash to reserve under ("" = meter the cost now)
+-- ARGV[14] reservation lifetime in seconds
+-- ARGV[15] quota percentages that notify, comma separated ("" = none)
 --
--- Returns {code, plan, status, tokens_milli, reset_ms, retry_ms, quota_used, period_end, now_s}
+-- Returns {code, plan, status, tokens_milli, reset_ms, retry_ms, quota_used, period_end, now_s,
+--          thresholds} where thresholds lists the quota percentages this
+--          request crossed for the first time this period ("80,100" or "").
 --   code 0 ok, 1 no account, 2 plan differs from ARGV[2] (plan = the one to
 --   enforce, the fallback after grace; call again with its limits), 3 key
 --   expired, 4 subscription inactive,
@@ -32,9 +43,9 @@ else
 end
 local now_s = math.floor(now_us / 1000000)
 
-local function reply(code, plan, status, tokens, reset_ms, retry_ms, used, period_end)
+local function reply(code, plan, status, tokens, reset_ms, retry_ms, used, period_end, crossed)
   return {code, plan or "", status or "", math.floor(tokens * 1000), math.floor(reset_ms),
-          math.floor(retry_ms), used, period_end, now_s}
+          math.floor(retry_ms), used, period_end, now_s, crossed or ""}
 end
 
 local key_expires = tonumber(ARGV[9])
@@ -88,6 +99,8 @@ end
 
 local period = ARGV[7]
 local p_start, p_end
+local y, m = civil_from_days(math.floor(now_s / 86400))
+local month_start = days_from_civil(y, m, 1) * 86400
 if period == "hour" then
   p_start = now_s - now_s % 3600
   p_end = p_start + 3600
@@ -95,8 +108,7 @@ elseif period == "day" then
   p_start = now_s - now_s % 86400
   p_end = p_start + 86400
 else
-  local y, m = civil_from_days(math.floor(now_s / 86400))
-  p_start = days_from_civil(y, m, 1) * 86400
+  p_start = month_start
   if m == 12 then y, m = y + 1, 1 else m = m + 1 end
   p_end = days_from_civil(y, m, 1) * 86400
 end
@@ -141,4 +153,33 @@ redis.call("HSET", KEYS[2], "tokens", string.format("%.17g", tokens), "ts", now_
 redis.call("PEXPIRE", KEYS[2], math.ceil(full_in_ms(0)) + 1000)
 redis.call("HSET", KEYS[3], "k", period, "p", p_start, "used", used)
 redis.call("EXPIRE", KEYS[3], p_end - now_s + 86400)
-return reply(0, plan, status, tokens, full_in_ms(tokens), 0, used, p_end)
+
+local meter = ARGV[12]
+if meter ~= "" then
+  if ARGV[13] ~= "" then
+    -- Reserved: billed when settled (record_usage.lua) or when it expires
+    -- (expire_reservation.lua), never both.
+    local settle_by = now_s + tonumber(ARGV[14])
+    redis.call("HSET", KEYS[6], "q", cost, "m", meter, "t", now_s, "ms", month_start,
+      "kind", period, "p", p_start, "state", "open")
+    redis.call("EXPIRE", KEYS[6], tonumber(ARGV[14]) + 7 * 86400)
+    redis.call("ZADD", KEYS[7], settle_by, ARGV[13])
+  else
+    redis.call("XADD", KEYS[4], "*", "m", meter, "q", cost, "t", now_s, "ms", month_start, "k", "")
+    redis.call("HINCRBY", KEYS[5], meter .. "|" .. month_start, cost)
+  end
+end
+
+local crossed = {}
+if quota_limit > 0 and ARGV[15] ~= "" then
+  for pct in string.gmatch(ARGV[15], "%d+") do
+    local mark = quota_limit * tonumber(pct) / 100
+    if used - cost < mark and used >= mark then
+      if redis.call("HSETNX", KEYS[8], period .. ":" .. p_start .. ":" .. pct, now_s) == 1 then
+        table.insert(crossed, pct)
+      end
+    end
+  end
+  if #crossed > 0 then redis.call("EXPIRE", KEYS[8], p_end - now_s + 86400) end
+end
+return reply(0, plan, status, tokens, full_in_ms(tokens), 0, used, p_end, table.concat(crossed, ","))

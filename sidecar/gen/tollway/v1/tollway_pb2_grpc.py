@@ -40,6 +40,21 @@ class TollwayStub:
                 request_serializer=tollway_dot_v1_dot_tollway__pb2.AuthorizeRequest.SerializeToString,
                 response_deserializer=tollway_dot_v1_dot_tollway__pb2.AuthorizeResponse.FromString,
                 _registered_method=True)
+        self.RecordUsage = channel.unary_unary(
+                '/tollway.v1.Tollway/RecordUsage',
+                request_serializer=tollway_dot_v1_dot_tollway__pb2.RecordUsageRequest.SerializeToString,
+                response_deserializer=tollway_dot_v1_dot_tollway__pb2.RecordUsageResponse.FromString,
+                _registered_method=True)
+        self.RecordUsageBatch = channel.unary_unary(
+                '/tollway.v1.Tollway/RecordUsageBatch',
+                request_serializer=tollway_dot_v1_dot_tollway__pb2.RecordUsageBatchRequest.SerializeToString,
+                response_deserializer=tollway_dot_v1_dot_tollway__pb2.RecordUsageBatchResponse.FromString,
+                _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/tollway.v1.Tollway/GetUsage',
+                request_serializer=tollway_dot_v1_dot_tollway__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=tollway_dot_v1_dot_tollway__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
 
 
 class TollwayServicer:
@@ -55,6 +70,29 @@ class TollwayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordUsage(self, request, context):
+        """RecordUsage durably records what a customer used, at most once per
+        idempotency key; acknowledged usage is billed to Stripe exactly once.
+        With a request_id it settles that request's reservation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordUsageBatch(self, request, context):
+        """RecordUsageBatch records many events in one call, each on its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUsage(self, request, context):
+        """GetUsage reports this period's usage per meter, the quota, and billing progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TollwayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -62,6 +100,21 @@ def add_TollwayServicer_to_server(servicer, server):
                     servicer.Authorize,
                     request_deserializer=tollway_dot_v1_dot_tollway__pb2.AuthorizeRequest.FromString,
                     response_serializer=tollway_dot_v1_dot_tollway__pb2.AuthorizeResponse.SerializeToString,
+            ),
+            'RecordUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordUsage,
+                    request_deserializer=tollway_dot_v1_dot_tollway__pb2.RecordUsageRequest.FromString,
+                    response_serializer=tollway_dot_v1_dot_tollway__pb2.RecordUsageResponse.SerializeToString,
+            ),
+            'RecordUsageBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordUsageBatch,
+                    request_deserializer=tollway_dot_v1_dot_tollway__pb2.RecordUsageBatchRequest.FromString,
+                    response_serializer=tollway_dot_v1_dot_tollway__pb2.RecordUsageBatchResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=tollway_dot_v1_dot_tollway__pb2.GetUsageRequest.FromString,
+                    response_serializer=tollway_dot_v1_dot_tollway__pb2.GetUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -92,6 +145,87 @@ class Tollway:
             '/tollway.v1.Tollway/Authorize',
             tollway_dot_v1_dot_tollway__pb2.AuthorizeRequest.SerializeToString,
             tollway_dot_v1_dot_tollway__pb2.AuthorizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tollway.v1.Tollway/RecordUsage',
+            tollway_dot_v1_dot_tollway__pb2.RecordUsageRequest.SerializeToString,
+            tollway_dot_v1_dot_tollway__pb2.RecordUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordUsageBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tollway.v1.Tollway/RecordUsageBatch',
+            tollway_dot_v1_dot_tollway__pb2.RecordUsageBatchRequest.SerializeToString,
+            tollway_dot_v1_dot_tollway__pb2.RecordUsageBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tollway.v1.Tollway/GetUsage',
+            tollway_dot_v1_dot_tollway__pb2.GetUsageRequest.SerializeToString,
+            tollway_dot_v1_dot_tollway__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,59 @@
+-- record_usage.lua: record one usage event durably, at most once per
+-- idempotency key; optionally settle the reservation Authorize made for it.
+--
+-- KEYS[1]  idempotency record  tw:{acct}:idem:<key hash>  -> the record's stream id
+-- KEYS[2]  usage stream        tw:{acct}:usage  (m, q, t, ms, k)
+-- KEYS[3]  usage totals        tw:{acct}:totals ("<meter>|<month start>" -> units)
+-- KEYS[4]  reservation         tw:{acct}:rsv:<request hash> (untouched without ARGV[7])
+-- KEYS[5]  reservations        tw:{acct}:rsvs
+-- KEYS[6]  quota counter       tw:{acct}:q
+-- ARGV[1]  meter
+-- ARGV[2]  quantity (> 0)
+-- ARGV[3]  when it was used (Unix s)
+-- ARGV[4]  month start of ARGV[3] (Unix s), the totals' period
+-- ARGV[5]  idempotency key, kept on the record for audit
+-- ARGV[6]  dedupe window (s)
+-- ARGV[7]  request hash whose reservation this settles ("" = none)
+--
+-- Returns {"duplicate" | "recorded", record id, units recorded}
+-- The claim and the record are one step: a retry after any failure either
+-- finds the claim (and the record beside it) or finds neither.
+--
+-- Settling: an open reservation is replaced by the real quantity, and the
+-- quota moves by the difference. One already billed at its estimate (expired)
+-- records only the excess over the estimate. Without a reservation, usage is
+-- recorded and the quota is left alone.
+
+local existing = redis.call("GET", KEYS[1])
+if existing then
+  return {"duplicate", existing, 0}
+end
+
+local quantity = tonumber(ARGV[2])
+local to_record = quantity
+if ARGV[7] ~= "" then
+  local r = redis.call("HMGET", KEYS[4], "q", "kind", "p", "state")
+  if r[1] then
+    local estimate = tonumber(r[1])
+    local delta = quantity - estimate
+    if r[4] == "expired" then
+      delta = math.max(0, delta)
+      to_record = delta
+    end
+    local q = redis.call("HMGET", KEYS[6], "k", "p", "used")
+    if q[1] == r[2] and q[2] == r[3] then
+      redis.call("HSET", KEYS[6], "used", math.max(0, tonumber(q[3]) + delta))
+    end
+    redis.call("HSET", KEYS[4], "state", "settled", "settled_q", quantity)
+    redis.call("ZREM", KEYS[5], ARGV[7])
+  end
+end
+
+local id = "-"
+if to_record > 0 then
+  id = redis.call("XADD", KEYS[2], "*", "m", ARGV[1], "q", to_record, "t", ARGV[3],
+    "ms", ARGV[4], "k", ARGV[5])
+  redis.call("HINCRBY", KEYS[3], ARGV[1] .. "|" .. ARGV[4], to_record)
+end
+redis.call("SET", KEYS[1], id, "EX", tonumber(ARGV[6]))
+return {"recorded", id, to_record}
