@@ -103,7 +103,7 @@ def cmd_reconcile(args: argparse.Namespace, out: Output) -> None:
     from webhook.sync import make_client
 
     settings = load_companion_settings(args.config, os.environ)
-    client = make_client(settings.stripe)
+    client, http = make_client(settings.stripe)
 
     def progress(count: int) -> None:
         print(f"… {count} subscriptions read", file=sys.stderr, flush=True)
@@ -114,6 +114,7 @@ def cmd_reconcile(args: argparse.Namespace, out: Output) -> None:
             summary = await reconcile(store, client, settings, Notifier(None),
                                       dry_run=args.dry_run, progress=progress)  # fmt: skip
         finally:
+            await http.close_async()  # type: ignore[no-untyped-call]
             await store.close()
         lines = [summary.line()]
         lines += [f"  {c.customer_id} ({c.subscription_id}): {c.before} -> {c.after}"
@@ -130,6 +131,54 @@ def cmd_dev(args: argparse.Namespace, out: Output) -> None:
     from sidecar.devrun import run_dev
 
     run_dev(args, out)
+
+
+def cmd_usage_show(args: argparse.Namespace, out: Output) -> None:
+    from sidecar.report import usage_report
+
+    async def work(store: Store, settings: Settings) -> None:
+        report = await usage_report(store, settings, args.customer)
+        lines = [
+            f"{report.customer_id} on plan {report.plan}, this month "
+            f"(since {time.strftime('%Y-%m-%d', time.gmtime(report.period_start))} UTC):"
+        ]
+        lines += [f"  {m.meter}: used {m.used}, billed {m.reported}, pending {m.pending}"
+                  for m in report.meters] or ["  no metered usage"]  # fmt: skip
+        if report.quota_limit:
+            left = max(0, report.quota_limit - report.quota_used)
+            lines.append(f"  quota: {report.quota_used} of {report.quota_limit} used, {left} left")
+        if report.refused:
+            lines.append(f"  {report.refused} events refused by Stripe (see the logs)")
+        out.emit(asdict(report), "\n".join(lines))
+
+    _with_store(args, work)
+
+
+def cmd_report(args: argparse.Namespace, out: Output) -> None:
+    from webhook.config import load_companion_settings
+    from webhook.reporter import Reporter
+    from webhook.sync import make_client
+
+    settings = load_companion_settings(args.config, os.environ)
+    client, http = make_client(settings.stripe)
+
+    async def run() -> None:
+        store = _store(settings.core)
+        reporter = Reporter(store, client, settings)
+        try:
+            if args.once:
+                await store.mark_dirty(await store.find_usage_streams())
+                accepted = 0
+                while sent := await reporter.round():
+                    accepted += sent
+                out.emit({"accepted": accepted}, f"Stripe accepted {accepted} meter events")
+            else:
+                await reporter.run_forever()
+        finally:
+            await http.close_async()  # type: ignore[no-untyped-call]
+            await store.close()
+
+    asyncio.run(run())
 
 
 def cmd_health(args: argparse.Namespace, out: Output) -> None:
@@ -368,6 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=".tollway", help="Valkey data and logs (.tollway/)")
     p.add_argument("--plan", default="demo", help="the demo customer's plan (demo)")
 
+    usage = add(sub, "usage", lambda a, o: None, "metered usage")
+    usage_sub = usage.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = add(usage_sub, "show", cmd_usage_show,
+            "usage this month per meter, quota used and left, billed and pending")  # fmt: skip
+    p.add_argument("--customer", required=True)
+    p = add(sub, "report", cmd_report,
+            "send recorded usage to Stripe (the companion does this itself)")  # fmt: skip
+    p.add_argument("--once", action="store_true", help="bill everything pending, then exit")
     p = add(
         sub,
         "reconcile",

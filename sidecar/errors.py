@@ -17,3 +17,7 @@ class StoreUnavailable(TollwayError):
 
 class NotFound(TollwayError):
     """A named account or key does not exist."""
+
+
+class Busy(StoreUnavailable):
+    """Another process holds the account's lock for longer than we wait."""

@@ -57,7 +57,7 @@ from redis.exceptions import RedisError
 
 from sidecar import keys
 from sidecar.decide import STATUSES, Outcome, OutcomeCode
-from sidecar.errors import NotFound, StoreUnavailable, TollwayError
+from sidecar.errors import Busy, NotFound, StoreUnavailable, TollwayError
 from sidecar.plans import Plan
 
 __all__ = [
@@ -538,27 +538,27 @@ class Store:
 
     @contextlib.asynccontextmanager
     async def account_lock(
-        self, customer_id: str, *, ttl: float = 30.0, wait: float = 10.0
+        self, customer_id: str, *, ttl: float = 30.0, wait: float = 10.0, purpose: str = "sync"
     ) -> AsyncIterator[None]:
-        """Serializes the companion's read-from-Stripe-then-write per account,
-        across companion instances. The TTL frees a lock whose holder died."""
+        """Serializes the companion's read-from-Stripe-then-write per account
+        (purpose "sync") or its billing (purpose "bill"), across companion
+        instances. The TTL frees a lock whose holder died."""
+        name = lock_key(customer_id) + ("" if purpose == "sync" else f":{purpose}")
         token = secrets.token_hex(16)
         deadline = time.monotonic() + wait
         while True:
             async with self._guard("lock"):
-                acquired = await self._redis.set(
-                    lock_key(customer_id), token, nx=True, px=int(ttl * 1000)
-                )
+                acquired = await self._redis.set(name, token, nx=True, px=int(ttl * 1000))
             if acquired:
                 break
             if time.monotonic() > deadline:
-                raise StoreUnavailable(f"account {customer_id} stayed locked for {wait:.0f}s")
+                raise Busy(f"account {customer_id} stayed locked for {wait:.0f}s")
             await asyncio.sleep(0.02)
         try:
             yield
         finally:
             async with self._guard("unlock"):
-                await self._release(keys=[lock_key(customer_id)], args=[token])
+                await self._release(keys=[name], args=[token])
 
     async def claim_checkout(self, customer_id: str, session_id: str, key_id: str) -> bool:
         """Records that session_id's key was shown; False if one already was."""
@@ -708,6 +708,15 @@ class Store:
             body = {_text(k): _text(v) for k, v in fields.items()}
             found.append((_text(entry_id), json.loads(body["json"])))
         return found
+
+    async def notification_cursor(self) -> str:
+        async with self._guard("notification cursor"):
+            raw = await self._redis.get(NOTIFICATIONS_KEY + ":cursor")
+        return _text(raw) if raw else "0-0"
+
+    async def set_notification_cursor(self, entry_id: str) -> None:
+        async with self._guard("notification cursor"):
+            await self._redis.set(NOTIFICATIONS_KEY + ":cursor", entry_id)
 
     async def close(self) -> None:
         await self._redis.aclose()

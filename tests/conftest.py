@@ -67,6 +67,21 @@ burst = 100
 quota = "3/day"
 overage = "bill"
 
+[[plans]]
+name = "metered"
+rate = "100/s"
+burst = 100
+quota = "10/day"
+overage = "bill"
+meter = "api_calls"
+
+[[meters]]
+name = "api_calls"
+
+[[meters]]
+name = "tokens"
+event_name = "llm_tokens"
+
 [[routes]]
 method = "POST"
 path = "/v1/export/**"

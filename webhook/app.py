@@ -5,6 +5,10 @@
     POST /checkout                {email | customer, plan} → Checkout Session URL
     GET  /checkout/complete       ?session_id=… → the new API key, shown once
     POST /portal                  API key → Billing Portal session URL
+    GET  /metrics                 Prometheus metrics
+
+In the background: the usage reporter (webhook/reporter.py), notification
+delivery, and periodic reconciliation.
 
 Webhook answers: 200 once applied (or a duplicate, or an event Tollway does not
 act on); 400 for a missing or bad signature or a malformed body (nothing
@@ -25,6 +29,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
 import stripe
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
@@ -35,9 +40,11 @@ from sidecar.envoy import extract_key
 from sidecar.errors import StoreUnavailable, TollwayError
 from sidecar.store import Store
 from webhook.config import CompanionSettings
+from webhook.metrics import WEBHOOK_EVENTS
 from webhook.notify import Notifier
 from webhook.pages import page
 from webhook.reconcile import reconcile
+from webhook.reporter import Reporter
 from webhook.sync import StripeUnavailable, Syncer, make_client, stripe_failure
 
 __all__ = ["create_app", "signature_ok"]
@@ -109,10 +116,13 @@ class Companion:
         self.store = store
         self.notifier = Notifier(settings.stripe.notify_url)
         self.client: stripe.StripeClient | None = None
+        self.http: stripe.HTTPXClient | None = None
         self.syncer: Syncer | None = None
+        self.reporter: Reporter | None = None
         if settings.stripe.secret_key:
-            self.client = make_client(settings.stripe)
+            self.client, self.http = make_client(settings.stripe)
             self.syncer = Syncer(store, self.client, settings, self.notifier)
+            self.reporter = Reporter(store, self.client, settings)
         self._price_ids: dict[str, str] = {}
 
     @property
@@ -170,6 +180,7 @@ class Companion:
             log.error("webhook: event %s not applied, Stripe will retry: %s", event["id"], exc)
             return _error(503, "unavailable", "try again later")
         log.info("webhook: event %s (%s): %s", event["id"], event["type"], result)
+        WEBHOOK_EVENTS.labels(event["type"], result).inc()
         return JSONResponse({"received": True, "result": result})
 
     async def _price_for(self, plan_name: str) -> str | None:
@@ -322,6 +333,25 @@ class Companion:
             return RedirectResponse(session.url, status_code=303)
         return JSONResponse({"url": session.url})
 
+    async def metrics(self, request: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    async def relay_notifications(self, *, interval: float = 1.0) -> None:
+        """Delivers notifications the sidecars queued (quota thresholds)."""
+        while True:
+            try:
+                cursor = await self.store.notification_cursor()
+                batch = await self.store.notifications_after(cursor)
+                for entry_id, payload in batch:
+                    kind = str(payload.pop("type", "notice"))
+                    self.notifier.notify(kind, str(payload.pop("customer_id", "")), **payload)
+                    await self.store.set_notification_cursor(entry_id)
+                if not batch:
+                    await asyncio.sleep(interval)
+            except StoreUnavailable as exc:
+                log.error("notifications paused, Redis unavailable: %s", exc)
+                await asyncio.sleep(interval)
+
     async def reconcile_forever(self) -> None:
         interval = self.settings.stripe.reconcile_interval
         while self.client is not None and interval > 0:
@@ -342,14 +372,23 @@ def create_app(settings: CompanionSettings, store: Store) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if companion.syncer is None:
             log.warning("STRIPE_SECRET_KEY unset: Stripe sync is off; serving /healthz only")
-        task = asyncio.create_task(companion.reconcile_forever())
+        tasks = [
+            asyncio.create_task(companion.reconcile_forever()),
+            asyncio.create_task(companion.relay_notifications()),
+        ]
+        if companion.reporter is not None:
+            tasks.append(asyncio.create_task(companion.reporter.run_forever()))
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await companion.notifier.drain()
+            if companion.http is not None:
+                await companion.http.close_async()  # type: ignore[no-untyped-call]
             await store.close()
 
     routes = [
@@ -358,6 +397,7 @@ def create_app(settings: CompanionSettings, store: Store) -> Starlette:
         Route("/checkout", companion.checkout, methods=["POST"]),
         Route("/checkout/complete", companion.checkout_complete, methods=["GET"]),
         Route("/portal", companion.portal, methods=["POST"]),
+        Route("/metrics", companion.metrics, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.companion = companion

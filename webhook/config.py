@@ -19,6 +19,7 @@ Secrets come only from the environment or a .env file (TOLLWAY_ENV_FILE, else
     max_body_bytes = 524288
     timeout = "10s"                               # per Stripe call
     max_network_retries = 2
+    meter_events_per_second = 500                 # Stripe's live limit is 1000
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class StripeSettings:
     max_body_bytes: int = 512 * 1024
     timeout: float = 10.0
     max_network_retries: int = 2
+    meter_events_per_second: float = 500.0  # Stripe allows 1000/s in live mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,12 @@ def _url(value: Any, name: str) -> str:
     if not isinstance(value, str) or not value.startswith(("http://", "https://")):
         raise ConfigError(f"[stripe] {name}: expected an http(s) URL, got {value!r}")
     return value
+
+
+def _rate(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1000:
+        raise ConfigError(f"[stripe] meter_events_per_second: expected 1..1000, got {value!r}")
+    return float(value)
 
 
 def stripe_settings(section: Mapping[str, Any], environ: Mapping[str, str]) -> StripeSettings:
@@ -148,6 +156,7 @@ def stripe_settings(section: Mapping[str, Any], environ: Mapping[str, str]) -> S
         max_body_bytes=max_body,
         timeout=float(_duration(section, "timeout", "10s")),
         max_network_retries=retries,
+        meter_events_per_second=_rate(section.get("meter_events_per_second", 500)),
     )
 
 

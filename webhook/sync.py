@@ -33,16 +33,20 @@ class StripeUnavailable(TollwayError):
     """Stripe could not be asked (network, 5xx, rate limit, credentials)."""
 
 
-def make_client(settings: StripeSettings) -> stripe.StripeClient:
+def make_client(settings: StripeSettings) -> tuple[stripe.StripeClient, stripe.HTTPXClient]:
+    """The Stripe client and its HTTP client (close it with close_async() in the
+    event loop that used it)."""
     if not settings.secret_key:
         raise TollwayError("STRIPE_SECRET_KEY is not set: Stripe sync is off")
-    return stripe.StripeClient(
+    http = stripe.HTTPXClient(timeout=settings.timeout, allow_sync_methods=True)
+    client = stripe.StripeClient(
         settings.secret_key,
         stripe_version=API_VERSION,
         base_addresses={"api": settings.api_base} if settings.api_base else None,
-        http_client=stripe.HTTPXClient(timeout=settings.timeout, allow_sync_methods=True),
+        http_client=http,
         max_network_retries=settings.max_network_retries,
     )
+    return client, http
 
 
 def stripe_failure(exc: stripe.StripeError) -> StripeUnavailable:

@@ -21,8 +21,8 @@
 --
 -- Settling: an open reservation is replaced by the real quantity, and the
 -- quota moves by the difference. One already billed at its estimate (expired)
--- records only the excess over the estimate. Without a reservation, usage is
--- recorded and the quota is left alone.
+-- records only the excess over the estimate. Without a reservation (or with
+-- one already settled), usage is recorded and the quota is left alone.
 
 local existing = redis.call("GET", KEYS[1])
 if existing then
@@ -33,7 +33,7 @@ local quantity = tonumber(ARGV[2])
 local to_record = quantity
 if ARGV[7] ~= "" then
   local r = redis.call("HMGET", KEYS[4], "q", "kind", "p", "state")
-  if r[1] then
+  if r[1] and (r[4] == "open" or r[4] == "expired") then
     local estimate = tonumber(r[1])
     local delta = quantity - estimate
     if r[4] == "expired" then
