@@ -160,6 +160,7 @@ class TollwayService(pb_grpc.TollwayServicer):
             idempotency=request.idempotency_key,
             dedupe_window=settings.usage.dedupe_window,
             request_id=request.request_id,
+            wait_for_aof=settings.usage.wait_for_aof,
         )
         if recorded:
             self._sidecar.dirty.add(customer)

@@ -12,6 +12,7 @@ an environment mapping (passed in, so tests need no patching).
                customer = "x-tollway-customer"  plan = "x-tollway-plan"
     [billing]  grace_period = "5d"  fallback_plan = "free"   (optional)
     [usage]    dedupe_window = "24h"  reservation_ttl = "5m"  thresholds = [80, 100]
+               wait_for_aof = false
     [stripe]   read by the companion (webhook/config.py)
 """
 
@@ -64,6 +65,7 @@ class Usage:
     dedupe_window: int = 86400  # an idempotency key is remembered this long (>= 24 h)
     reservation_ttl: int = 300  # an unsettled reservation is billed at its estimate after
     thresholds: tuple[int, ...] = (80, 100)  # quota percentages that notify, once per period
+    wait_for_aof: bool = False  # acknowledge usage only once fsynced (WAITAOF, Redis >= 7.2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +150,15 @@ def _parse_usage(section: Mapping[str, Any]) -> Usage:
         isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= 1000 for t in thresholds
     ):
         raise ConfigError("[usage] thresholds: expected percentages like [80, 100]")
-    return Usage(dedupe_window=window, reservation_ttl=ttl, thresholds=tuple(sorted(thresholds)))
+    wait = section.get("wait_for_aof", False)
+    if not isinstance(wait, bool):
+        raise ConfigError(f"[usage] wait_for_aof: expected true or false, got {wait!r}")
+    return Usage(
+        dedupe_window=window,
+        reservation_ttl=ttl,
+        thresholds=tuple(sorted(thresholds)),
+        wait_for_aof=wait,
+    )
 
 
 def settings_from_document(
@@ -200,8 +210,13 @@ def settings_from_document(
     fallback = billing.get("fallback_plan")
     if fallback is not None and fallback not in catalog.plans:
         raise ConfigError(f"[billing] fallback_plan: {fallback!r} is not a plan in this file")
-    usage = _parse_usage(_section(doc, "usage", frozenset({"dedupe_window", "reservation_ttl",
-                                                           "thresholds"})))  # fmt: skip
+    usage = _parse_usage(
+        _section(
+            doc,
+            "usage",
+            frozenset({"dedupe_window", "reservation_ttl", "thresholds", "wait_for_aof"}),
+        )
+    )
     if not names.api_key and not names.bearer:
         raise ConfigError("[headers]: api_key is empty and bearer is false; no key can be read")
     return Settings(

@@ -577,8 +577,11 @@ class Store:
         idempotency: str,
         dedupe_window: int,
         request_id: str = "",
+        wait_for_aof: bool = False,
     ) -> tuple[bool, str, int]:
-        """record_usage.lua: (duplicate, record id, units recorded)."""
+        """record_usage.lua: (duplicate, record id, units recorded). With
+        wait_for_aof, returns only once the record is fsynced to Redis's
+        append-only file (WAITAOF), else raises StoreUnavailable."""
         settle = request_hash(request_id) if request_id else ""
         keys = [
             idempotency_key(customer_id, idempotency),
@@ -591,6 +594,13 @@ class Store:
         args: list[Any] = [meter, quantity, at, month_start(at), idempotency, dedupe_window, settle]
         async with self._guard("usage record"):
             raw = await self._record(keys=keys, args=args)
+            if wait_for_aof:
+                reply = await self._redis.execute_command(  # type: ignore[no-untyped-call]
+                    "WAITAOF", 1, 0, 0
+                )
+                local = reply[0]
+                if int(local) < 1:
+                    raise StoreUnavailable("usage record not yet on disk (WAITAOF)")
         return _text(raw[0]) == "duplicate", _text(raw[1]), int(raw[2])
 
     async def mark_dirty(self, customers: Iterable[str]) -> None:

@@ -243,3 +243,25 @@ def test_quota_thresholds_notify_once_per_period(
         authorize(tollway_stub, customer)
     time.sleep(0.2)
     assert aio.run(alerts()) == [80, 100]
+
+
+def test_with_wait_for_aof_usage_is_acknowledged_once_fsynced(
+    aio: asyncio.Runner, redis_url: str, make_customer: Callable[..., Customer]
+) -> None:
+    customer = make_customer("basic")
+
+    async def durable() -> tuple[bool, int]:
+        store = Store(connect(redis_url, timeout=2.0), timeout=2.0)
+        try:
+            duplicate, _, recorded = await store.record_usage(
+                customer.id, meter="api_calls", quantity=3, at=int(time.time()),
+                idempotency="aof-1", dedupe_window=86400, wait_for_aof=True,
+            )  # fmt: skip
+            # The test Valkey runs with appendonly yes: the write reached the AOF.
+            info = await store.redis.info("persistence")
+            assert info["aof_enabled"] == 1
+            return duplicate, recorded
+        finally:
+            await store.close()
+
+    assert aio.run(durable()) == (False, 3)
