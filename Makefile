@@ -26,6 +26,13 @@ lint: $(STAMP)
 	$(BIN)/mypy sidecar webhook
 	$(BIN)/buf lint
 
+## bench: load test vs a no-op floor and through Envoy; writes bench/results/latest.md (BENCH_QUICK=1: ~1 min)
+bench: $(STAMP)
+	@command -v h2load >/dev/null || { \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update -qq && $$sudo apt-get install -y -qq nghttp2-client; }
+	$(BIN)/python -m bench.run
+
 ## proto: regenerate sidecar/gen after editing proto/
 proto: $(STAMP)
 	$(BIN)/python -m sidecar.protogen

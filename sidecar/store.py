@@ -595,8 +595,10 @@ class Store:
         async with self._guard("usage record"):
             raw = await self._record(keys=keys, args=args)
             if wait_for_aof:
+                # Bounded like every call here: with appendfsync always it returns at
+                # once; with everysec it may take up to a second, past our deadline.
                 reply = await self._redis.execute_command(  # type: ignore[no-untyped-call]
-                    "WAITAOF", 1, 0, 0
+                    "WAITAOF", 1, 0, max(1, int(self._deadline * 1000) // 2)
                 )
                 local = reply[0]
                 if int(local) < 1:
