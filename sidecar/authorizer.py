@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Final
 
 from sidecar import keys
@@ -74,7 +76,10 @@ class Authorizer:
         feature = feature or (route.feature if route else None)
 
         plan = catalog.plans.get(self._plan_hints.get(customer, ""))
+        lease_id = ""
         for _ in range(3):
+            if plan is not None and plan.concurrency and not lease_id:
+                lease_id = request_id or uuid.uuid4().hex
             outcome = await self._store.decide(
                 customer,
                 plan,
@@ -85,6 +90,7 @@ class Authorizer:
                 request_id=request_id,
                 reservation_ttl=settings.usage.reservation_ttl,
                 thresholds=settings.usage.thresholds,
+                lease_id=lease_id,
             )
             if outcome.code is not OutcomeCode.PLAN_CHANGED:
                 break
@@ -102,13 +108,24 @@ class Authorizer:
             self._remember(customer, plan.name)
         else:  # the plan flipped under us three times in a row
             raise RuntimeError(f"plan of {customer} kept changing during the decision")
-        if outcome.code is OutcomeCode.OK and plan is not None:
-            if plan.meter:
-                self._metered(customer)
-            for percent in outcome.thresholds:
-                self._quota_alert(customer, plan.name, percent, outcome.quota_used)
-        return decision_from_outcome(
+        decision = decision_from_outcome(
             outcome, plan=plan, customer_id=customer, cost=cost, feature=feature
+        )
+        if outcome.code is not OutcomeCode.OK or plan is None:
+            return decision
+        if plan.meter or request_id:
+            self._metered(customer)  # usage to bill, or a reservation to watch
+        for percent in outcome.thresholds:
+            self._quota_alert(customer, plan.name, percent, outcome.quota_used)
+        only_success = plan.bill_only_success
+        if route is not None and route.bill_only_success is not None:
+            only_success = route.bill_only_success
+        return replace(
+            decision,
+            lease_id=lease_id,
+            cost=cost,
+            reserved=request_id,
+            bill_only_success=only_success,
         )
 
     def _quota_alert(self, customer: str, plan: str, percent: int, used: int) -> None:

@@ -49,6 +49,7 @@ class Reason(enum.Enum):
     FEATURE_NOT_IN_PLAN = "feature_not_in_plan"
     RATE_LIMITED = "rate_limited"
     QUOTA_EXCEEDED = "quota_exceeded"
+    CONCURRENCY_LIMITED = "concurrency_limited"
 
 
 class OutcomeCode(enum.IntEnum):
@@ -62,6 +63,7 @@ class OutcomeCode(enum.IntEnum):
     FEATURE = 5
     RATE_LIMITED = 6
     QUOTA_EXCEEDED = 7
+    CONCURRENCY = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +111,10 @@ class Decision:
     rate: RateState | None = None
     quota: QuotaState | None = None
     retry_after: int = 0
+    lease_id: str = ""  # the concurrency lease this request holds, if any
+    cost: int = 0  # units taken (an estimate when reserved)
+    reserved: str = ""  # the request id the cost is reserved under, to settle later
+    bill_only_success: bool = False  # a 5xx answer refunds the cost (settled by ext_proc)
 
     @property
     def deciding_limit(self) -> RateState | QuotaState | None:
@@ -211,6 +217,18 @@ def decision_from_outcome(
             retry_after = max(1, math.ceil(outcome.retry_ms / 1000))
         return Decision(
             False, Reason.RATE_LIMITED, message, customer_id, plan.name, rate, quota, retry_after
+        )
+    if code is OutcomeCode.CONCURRENCY:
+        return Decision(
+            False,
+            Reason.CONCURRENCY_LIMITED,
+            f"Too many requests in flight for plan {plan.name}: at most {plan.concurrency} "
+            "at once; retry when one finishes",
+            customer_id,
+            plan.name,
+            rate,
+            quota,
+            retry_after=max(1, math.ceil(outcome.retry_ms / 1000)),
         )
     assert plan.quota is not None  # the script reports code 7 only for a quota
     if outcome.retry_ms < 0:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -173,12 +174,21 @@ def start_valkey(data_dir: Path, *, persist: bool = True) -> Any:
 
 
 class _EchoHandler(BaseHTTPRequestHandler):
-    """Answers every request with what reached it: method, path and headers."""
+    """Answers every request with what reached it: method, path and headers.
+
+    Query parameters make it act like a real API for the demo and the tests:
+    ?sleep=0.5 answers late, ?status=503 answers that status, ?cost=7 reports
+    the request's real cost in x-tollway-cost (which Tollway removes)."""
 
     def _answer(self) -> None:
         length = int(self.headers.get("content-length") or 0)
         if length:
             self.rfile.read(length)
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        sleep = min(10.0, float(query.get("sleep", ["0"])[0] or 0))
+        status = int(query.get("status", ["200"])[0] or 200)
+        if sleep > 0:
+            time.sleep(sleep)
         body = json.dumps(
             {
                 "message": "Hello from the demo upstream: Tollway let this request through.",
@@ -188,8 +198,10 @@ class _EchoHandler(BaseHTTPRequestHandler):
             },
             indent=2,
         ).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("content-type", "application/json")
+        if "cost" in query:
+            self.send_header("x-tollway-cost", query["cost"][0])
         self.send_header("content-length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)

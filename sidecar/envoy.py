@@ -13,18 +13,26 @@ UNAVAILABLE, so Envoy's failure_mode_allow / status_on_error decide.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Final
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from envoy.type.v3.http_status_pb2 import HttpStatus
+from google.protobuf.struct_pb2 import Struct
 from google.rpc import code_pb2, status_pb2
 
 from sidecar.decide import Decision, QuotaState, Reason
 from sidecar.settings import HeaderNames
 
-__all__ = ["HTTP_STATUS", "check_response", "extract_key", "rate_limit_headers"]
+__all__ = [
+    "HTTP_STATUS",
+    "METADATA_NAMESPACE",
+    "check_response",
+    "extract_key",
+    "rate_limit_headers",
+    "settlement_metadata",
+]
 
 # reason -> (HTTP status, gRPC code in CheckResponse.status)
 HTTP_STATUS: Final[Mapping[Reason, tuple[int, int]]] = {
@@ -37,7 +45,11 @@ HTTP_STATUS: Final[Mapping[Reason, tuple[int, int]]] = {
     Reason.FEATURE_NOT_IN_PLAN: (403, code_pb2.PERMISSION_DENIED),
     Reason.RATE_LIMITED: (429, code_pb2.RESOURCE_EXHAUSTED),
     Reason.QUOTA_EXCEEDED: (429, code_pb2.RESOURCE_EXHAUSTED),
+    Reason.CONCURRENCY_LIMITED: (429, code_pb2.RESOURCE_EXHAUSTED),
 }
+# ext_authz's dynamic metadata lands under its filter name, which the ext_proc
+# filter forwards to Tollway's ExternalProcessor (metadata_options).
+METADATA_NAMESPACE: Final = "envoy.filters.http.ext_authz"
 _OVERWRITE: Final = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
@@ -88,22 +100,48 @@ def _options(pairs: list[tuple[str, str]]) -> list[HeaderValueOption]:
     ]
 
 
+def settlement_metadata(decision: Decision) -> Struct | None:
+    """What the response phase (extproc.py) needs to settle and release; None
+    when there is nothing to do after the response."""
+    if not (decision.reserved or decision.lease_id):
+        return None
+    metadata = Struct()
+    metadata.update(
+        {
+            "customer": decision.customer_id,
+            "plan": decision.plan,
+            "request_id": decision.reserved,
+            "lease_id": decision.lease_id,
+            "cost": decision.cost,
+            "bill_only_success": decision.bill_only_success,
+        }
+    )
+    return metadata
+
+
 def check_response(
-    decision: Decision, *, key_header: str | None, names: HeaderNames
+    decision: Decision,
+    *,
+    key_header: str | None,
+    names: HeaderNames,
+    upstream_headers: Sequence[tuple[str, str]] = (),
 ) -> ext_authz.CheckResponse:
     http_status, grpc_code = HTTP_STATUS[decision.reason]
     limit_headers = rate_limit_headers(decision)
     if decision.allowed:
-        return ext_authz.CheckResponse(
+        identity = [(names.customer, decision.customer_id), (names.plan, decision.plan)]
+        response = ext_authz.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=ext_authz.OkHttpResponse(
-                headers=_options(
-                    [(names.customer, decision.customer_id), (names.plan, decision.plan)]
-                ),
+                headers=_options([*identity, *upstream_headers]),
                 headers_to_remove=[key_header] if key_header else [],
                 response_headers_to_add=_options(limit_headers),
             ),
         )
+        metadata = settlement_metadata(decision)
+        if metadata is not None:
+            response.dynamic_metadata.CopyFrom(metadata)
+        return response
     body = json.dumps({"code": decision.reason.value, "message": decision.message})
     headers = [("content-type", "application/json"), *limit_headers]
     if http_status == 401:

@@ -12,6 +12,9 @@ names where it is (``plans[1] 'pro': rate``) so a bad file is one clear line.
     overage = "block"                  # or "bill"
     features = ["search", "export"]
     meter = "api_calls"                # optional: bill each allowed request's cost
+    concurrency = 10                   # optional: requests in flight at once
+    lease_ttl = "60s"                  # a lease whose release never comes frees itself
+    bill_only_success = true           # 5xx answers cost nothing (needs ext_proc)
 
     [[meters]]
     name = "api_calls"                 # what RecordUsage and plans refer to
@@ -31,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from sidecar.durations import parse_duration
 from sidecar.errors import ConfigError
 
 __all__ = ["Catalog", "Meter", "Plan", "Quota", "Rate", "Route", "parse_catalog"]
@@ -49,10 +53,10 @@ _COUNT_RE: Final = re.compile(r"\s*(\d[\d_]*)\s*/\s*([a-z]+)\s*")
 _METHOD_RE: Final = re.compile(r"[A-Z]+|\*")
 _PLAN_FIELDS: Final = frozenset(
     {"name", "stripe_price", "stripe_lookup_key", "rate", "burst", "quota", "overage",
-     "features", "description", "meter"}
+     "features", "description", "meter", "concurrency", "lease_ttl", "bill_only_success"}
 )  # fmt: skip
 _EVENT_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
-_ROUTE_FIELDS: Final = frozenset({"method", "path", "cost", "feature"})
+_ROUTE_FIELDS: Final = frozenset({"method", "path", "cost", "feature", "bill_only_success"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +94,9 @@ class Plan:
     stripe_price: str | None = None
     stripe_lookup_key: str | None = None
     meter: str | None = None  # each allowed request's cost is metered here
+    concurrency: int = 0  # requests in flight at once; 0: unlimited
+    lease_ttl: int = 60  # seconds a lease lives without a release
+    bill_only_success: bool = False  # refund requests answered with 5xx
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +111,7 @@ class Route:
     path: str
     cost: int = 1
     feature: str | None = None
+    bill_only_success: bool | None = None  # None: the plan decides
     pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -198,6 +206,18 @@ def _parse_plan(raw: Any, index: int) -> Plan:
     meter = raw.get("meter")
     if meter is not None:
         _expect(meter, str, f"{where}: meter", "a meter name")
+    concurrency = _expect(raw.get("concurrency", 0), int, f"{where}: concurrency",
+                          "a positive integer")  # fmt: skip
+    if concurrency < 0 or ("concurrency" in raw and concurrency == 0):
+        raise ConfigError(f"{where}: concurrency: expected a positive integer, got {concurrency}")
+    try:
+        lease_ttl = parse_duration(raw.get("lease_ttl", "60s"))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: lease_ttl: {exc}") from None
+    if lease_ttl <= 0:
+        raise ConfigError(f"{where}: lease_ttl: must be longer than 0s")
+    only_success = _expect(raw.get("bill_only_success", False), bool,
+                           f"{where}: bill_only_success", "true or false")  # fmt: skip
     price = raw.get("stripe_price")
     lookup = raw.get("stripe_lookup_key")
     for label, value in (("stripe_price", price), ("stripe_lookup_key", lookup)):
@@ -215,6 +235,9 @@ def _parse_plan(raw: Any, index: int) -> Plan:
         stripe_price=price,
         stripe_lookup_key=lookup,
         meter=meter,
+        concurrency=concurrency,
+        lease_ttl=lease_ttl,
+        bill_only_success=only_success,
     )
 
 
@@ -254,7 +277,12 @@ def _parse_route(raw: Any, index: int, features: frozenset[str]) -> Route:
         _expect(feature, str, f"{where}: feature", "a feature name")
         if feature not in features:
             raise ConfigError(f"{where}: feature: {feature!r} is in no plan's features")
-    return Route(method=method, path=path, cost=cost, feature=feature)
+    only_success = raw.get("bill_only_success")
+    if only_success is not None:
+        _expect(only_success, bool, f"{where}: bill_only_success", "true or false")
+    return Route(
+        method=method, path=path, cost=cost, feature=feature, bill_only_success=only_success
+    )
 
 
 def parse_catalog(data: Mapping[str, Any]) -> Catalog:

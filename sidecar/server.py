@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -21,6 +22,8 @@ import grpc
 import prometheus_client
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_authz_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -28,6 +31,7 @@ from sidecar import envoy, keys
 from sidecar.authorizer import Authorizer
 from sidecar.decide import Decision, Reason
 from sidecar.errors import ConfigError, StoreUnavailable, TollwayError
+from sidecar.extproc import ExtProcService
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc as pb_grpc
 from sidecar.metrics import DECISION_SECONDS, DECISIONS, STORE_ERRORS, USAGE_EVENTS
@@ -53,6 +57,7 @@ def authorize_response(decision: Decision) -> pb.AuthorizeResponse:
         plan=decision.plan,
         retry_after_seconds=decision.retry_after,
         message=decision.message,
+        lease_id=decision.lease_id,
     )
     if decision.rate:
         response.rate_limit.CopyFrom(
@@ -152,7 +157,7 @@ class TollwayService(pb_grpc.TollwayServicer):
             now=now,
         )
         customer = await self._customer(request)
-        duplicate, record_id, recorded = await self._sidecar.store.record_usage(
+        recorded = await self._sidecar.store.record_usage(
             customer,
             meter=request.meter,
             quantity=request.quantity,
@@ -160,13 +165,14 @@ class TollwayService(pb_grpc.TollwayServicer):
             idempotency=request.idempotency_key,
             dedupe_window=settings.usage.dedupe_window,
             request_id=request.request_id,
+            lease_id=request.request_id,  # settling a request ends its lease too
             wait_for_aof=settings.usage.wait_for_aof,
         )
-        if recorded:
+        if recorded.units:
             self._sidecar.dirty.add(customer)
-        USAGE_EVENTS.labels("duplicate" if duplicate else "accepted").inc()
+        USAGE_EVENTS.labels("duplicate" if recorded.duplicate else "accepted").inc()
         return pb.RecordUsageResponse(
-            duplicate=duplicate, customer_id=customer, record_id=record_id
+            duplicate=recorded.duplicate, customer_id=customer, record_id=recorded.record_id
         )
 
     async def RecordUsage(
@@ -197,6 +203,24 @@ class TollwayService(pb_grpc.TollwayServicer):
                 code = grpc.StatusCode.UNAVAILABLE.value[0]
                 results.append(pb.RecordUsageResult(code=code, message=str(exc)))
         return pb.RecordUsageBatchResponse(results=results)
+
+    async def Release(
+        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseResponse:
+        key = request.api_key
+        try:
+            record = (
+                await self._sidecar.store.lookup_key(keys.key_hash(key))
+                if keys.is_well_formed(key)
+                else None
+            )
+            if record is None:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "API key is not valid")
+                raise AssertionError("abort raises")
+            released = await self._sidecar.store.release(record.customer_id, request.lease_id)
+        except StoreUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return pb.ReleaseResponse(released=released)
 
     async def GetUsage(
         self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext
@@ -233,13 +257,25 @@ class CheckService(ext_authz_grpc.AuthorizationServicer):  # type: ignore[misc]
         self, request: ext_authz.CheckRequest, context: grpc.aio.ServicerContext
     ) -> ext_authz.CheckResponse:
         http = request.attributes.request.http
-        names = self._settings().headers
+        settings = self._settings()
+        names = settings.headers
         key, key_header = envoy.extract_key(http.headers, names)
+        request_id, extra = "", []
+        if settings.envoy.ext_proc:
+            # The response phase settles the cost and frees the lease under this id.
+            request_id = http.headers.get("x-request-id", "")
+            if not request_id:
+                request_id = uuid.uuid4().hex
+                extra = [("x-request-id", request_id)]
         try:
-            decision = await _decide(self._authorizer, key, method=http.method, path=http.path)
+            decision = await _decide(
+                self._authorizer, key, method=http.method, path=http.path, request_id=request_id
+            )
         except StoreUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        return envoy.check_response(decision, key_header=key_header, names=names)
+        return envoy.check_response(
+            decision, key_header=key_header, names=names, upstream_headers=extra
+        )
 
 
 class Sidecar:
@@ -294,11 +330,15 @@ async def serve(
     ext_authz_grpc.add_AuthorizationServicer_to_server(
         CheckService(sidecar.authorizer, lambda: sidecar.settings), server
     )
+    ext_proc_grpc.add_ExternalProcessorServicer_to_server(
+        ExtProcService(store, lambda: sidecar.settings, metered=sidecar.dirty.add), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (
         pb.DESCRIPTOR.services_by_name["Tollway"].full_name,
         ext_authz.DESCRIPTOR.services_by_name["Authorization"].full_name,
+        ext_proc.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name,
         health.SERVICE_NAME,
         reflection.SERVICE_NAME,
     )
@@ -312,7 +352,7 @@ async def serve(
         host, _, metrics_port = settings.metrics_listen.rpartition(":")
         prometheus_client.start_http_server(int(metrics_port), addr=host.strip("[]"))
         log.info("metrics on http://%s/metrics", settings.metrics_listen)
-    for name in ("", *services[:2]):
+    for name in ("", *services[:3]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     loop = asyncio.get_running_loop()
@@ -326,7 +366,7 @@ async def serve(
         ready(port)
     await stop.wait()
     log.info("shutting down: finishing in-flight requests")
-    for name in ("", *services[:2]):
+    for name in ("", *services[:3]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(grace=5)
     dirty_task.cancel()

@@ -13,6 +13,7 @@ an environment mapping (passed in, so tests need no patching).
     [billing]  grace_period = "5d"  fallback_plan = "free"   (optional)
     [usage]    dedupe_window = "24h"  reservation_ttl = "5m"  thresholds = [80, 100]
                wait_for_aof = false
+    [envoy]    ext_proc = false  cost_header = "x-tollway-cost"
     [stripe]   read by the companion (webhook/config.py)
 """
 
@@ -25,11 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from sidecar.durations import parse_duration
 from sidecar.errors import ConfigError
 from sidecar.plans import Catalog, parse_catalog
 
 __all__ = [
     "Billing",
+    "EnvoyOptions",
     "HeaderNames",
     "Settings",
     "Usage",
@@ -44,18 +47,18 @@ DEFAULT_REDIS_TIMEOUT_MS: Final = 50
 _HEADER_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]*")
 _SECTIONS: Final = frozenset(
     {"sidecar", "webhook", "redis", "headers", "billing", "usage", "stripe", "plans", "routes",
-     "meters"}
+     "meters", "envoy"}
 )  # fmt: skip
-_DURATION_RE: Final = re.compile(r"(\d+)\s*([smhd])")
-_UNIT_SECONDS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_duration(text: str) -> int:
-    """'90s', '15m', '24h', '7d' → seconds; ValueError otherwise."""
-    match = _DURATION_RE.fullmatch(text.strip()) if isinstance(text, str) else None
-    if not match:
-        raise ValueError(f"expected a duration like 30s, 15m, 24h or 7d, got {text!r}")
-    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+@dataclass(frozen=True, slots=True)
+class EnvoyOptions:
+    """How Tollway works with Envoy's response path (ext_proc)."""
+
+    # Envoy runs Tollway's ext_proc filter: Check reserves each request's cost
+    # and takes its lease under x-request-id; the response settles and releases.
+    ext_proc: bool = False
+    cost_header: str = "x-tollway-cost"  # the upstream's real cost; removed before the client
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +105,7 @@ class Settings:
     headers: HeaderNames = HeaderNames()
     billing: Billing = Billing()
     usage: Usage = Usage()
+    envoy: EnvoyOptions = EnvoyOptions()
     config_path: Path | None = None
 
     def __repr__(self) -> str:
@@ -217,6 +221,14 @@ def settings_from_document(
             frozenset({"dedupe_window", "reservation_ttl", "thresholds", "wait_for_aof"}),
         )
     )
+    envoy = _section(doc, "envoy", frozenset({"ext_proc", "cost_header"}))
+    ext_proc = envoy.get("ext_proc", False)
+    if not isinstance(ext_proc, bool):
+        raise ConfigError(f"[envoy] ext_proc: expected true or false, got {ext_proc!r}")
+    envoy_options = EnvoyOptions(
+        ext_proc=ext_proc,
+        cost_header=_header(envoy.get("cost_header", "x-tollway-cost"), "[envoy] cost_header"),
+    )
     if not names.api_key and not names.bearer:
         raise ConfigError("[headers]: api_key is empty and bearer is false; no key can be read")
     return Settings(
@@ -233,6 +245,7 @@ def settings_from_document(
         headers=names,
         billing=Billing(grace_seconds=grace, fallback_plan=fallback),
         usage=usage,
+        envoy=envoy_options,
         config_path=path,
     )
 

@@ -16,6 +16,7 @@ so in Redis Cluster one script can touch it all atomically:
     tw:{cus_1}:rsv:<sha>      a reservation: estimate, meter, state (open|settled|expired)
     tw:{cus_1}:rsvs           open reservations -> settle-by time
     tw:{cus_1}:alerts         quota thresholds already notified this period
+    tw:{cus_1}:leases         concurrency leases held: lease id -> expiry
     tw:{cus_1}:bill           reporter: cursor (last planned entry), pending events (JSON)
     tw:{cus_1}:bill:failed    events Stripe refused for good, for people to look at
     tw:k:{<sha256>}   key record: customer, key id, state, expires_at (us)
@@ -64,6 +65,7 @@ __all__ = [
     "SUBSCRIPTION_ENDED",
     "Account",
     "KeyRecord",
+    "Recorded",
     "Store",
     "SubscriptionChange",
     "account_key",
@@ -142,6 +144,10 @@ def alerts_key(customer_id: str) -> str:
     return f"tw:{_tag(customer_id)}:alerts"
 
 
+def leases_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:leases"
+
+
 def bill_key(customer_id: str) -> str:
     return f"tw:{_tag(customer_id)}:bill"
 
@@ -181,6 +187,16 @@ class Account:
     subscription_id: str = ""
     period_end: int = 0
     error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """record_usage.lua's answer."""
+
+    duplicate: bool
+    record_id: str
+    units: int  # units recorded now (0 for a duplicate or a pure refund)
+    quota_used: int  # the quota counter after any settlement
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,9 +333,11 @@ class Store:
         request_id: str = "",
         reservation_ttl: int = 300,
         thresholds: tuple[int, ...] = (),
+        lease_id: str = "",
     ) -> Outcome:
         """Runs decide.lua for one request. plan None asks only for the real plan.
-        With request_id, a metered cost is reserved (settled later) instead."""
+        With request_id, a metered cost is reserved (settled later) instead.
+        A plan with a concurrency limit takes the lease lease_id."""
         reserve = request_hash(request_id) if request_id else ""
         args: list[Any] = [
             "" if self._clock_us is None else self._clock_us(),
@@ -337,6 +355,9 @@ class Store:
             reserve,
             reservation_ttl,
             ",".join(map(str, thresholds)),
+            plan.concurrency if plan else 0,
+            lease_id,
+            plan.lease_ttl if plan else 60,
         ]
         keys = [
             account_key(customer_id),
@@ -347,6 +368,7 @@ class Store:
             reservation_key(customer_id, reserve or "-"),
             reservations_key(customer_id),
             alerts_key(customer_id),
+            leases_key(customer_id),
         ]
         async with self._guard("decision"):
             raw = await self._decide(keys=keys, args=args)
@@ -577,9 +599,10 @@ class Store:
         idempotency: str,
         dedupe_window: int,
         request_id: str = "",
+        lease_id: str = "",
         wait_for_aof: bool = False,
-    ) -> tuple[bool, str, int]:
-        """record_usage.lua: (duplicate, record id, units recorded). With
+    ) -> Recorded:
+        """record_usage.lua (see its header). With
         wait_for_aof, returns only once the record is fsynced to Redis's
         append-only file (WAITAOF), else raises StoreUnavailable."""
         settle = request_hash(request_id) if request_id else ""
@@ -590,8 +613,11 @@ class Store:
             reservation_key(customer_id, settle or "-"),
             reservations_key(customer_id),
             quota_key(customer_id),
+            leases_key(customer_id),
         ]
-        args: list[Any] = [meter, quantity, at, month_start(at), idempotency, dedupe_window, settle]
+        args: list[Any] = [
+            meter, quantity, at, month_start(at), idempotency, dedupe_window, settle, lease_id
+        ]  # fmt: skip
         async with self._guard("usage record"):
             raw = await self._record(keys=keys, args=args)
             if wait_for_aof:
@@ -603,7 +629,12 @@ class Store:
                 local = reply[0]
                 if int(local) < 1:
                     raise StoreUnavailable("usage record not yet on disk (WAITAOF)")
-        return _text(raw[0]) == "duplicate", _text(raw[1]), int(raw[2])
+        return Recorded(_text(raw[0]) == "duplicate", _text(raw[1]), int(raw[2]), int(raw[3]))
+
+    async def release(self, customer_id: str, lease_id: str) -> bool:
+        """Frees a concurrency lease; False if it was not held (expired, released)."""
+        async with self._guard("lease release"):
+            return bool(await self._redis.zrem(leases_key(customer_id), lease_id))
 
     async def mark_dirty(self, customers: Iterable[str]) -> None:
         """Tells the reporter these customers have usage to bill."""

@@ -30,6 +30,9 @@ TEST_CONFIG = """
 [redis]
 timeout_ms = 200
 
+[envoy]
+ext_proc = true
+
 [[plans]]
 name = "basic"
 stripe_price = "price_basic"
@@ -74,6 +77,17 @@ burst = 100
 quota = "10/day"
 overage = "bill"
 meter = "api_calls"
+
+[[plans]]
+name = "duo"
+rate = "100/s"
+burst = 100
+quota = "1000/day"
+concurrency = 2
+lease_ttl = "2s"
+meter = "api_calls"
+bill_only_success = true
+features = ["search"]
 
 [[meters]]
 name = "api_calls"

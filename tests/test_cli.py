@@ -69,7 +69,7 @@ def test_plans_check_lists_the_catalog(cli: Cli) -> None:
     result = ok(cli("plans", "check", "--json"))
     assert result["ok"] is True  # type: ignore[index]
     names = [p["name"] for p in result["plans"]]  # type: ignore[index]
-    assert names == ["basic", "tight", "pro", "quota3", "billed", "metered"]
+    assert names == ["basic", "tight", "pro", "quota3", "billed", "metered", "duo"]
 
 
 def test_a_key_is_shown_once_and_listed_only_by_id(

@@ -123,6 +123,8 @@ def test_check_speaks_envoy_ext_authz(
     allowed = stub.Check(check_request({"x-api-key": customer.key}), timeout=5)
     assert allowed.status.code == 0
     upstream = {h.header.key: h.header.value for h in allowed.ok_response.headers}
+    request_id = upstream.pop("x-request-id")  # Envoy sends one; Check makes one if not
+    assert len(request_id) == 32
     assert upstream == {"x-tollway-customer": customer.id, "x-tollway-plan": "basic"}
     assert list(allowed.ok_response.headers_to_remove) == ["x-api-key"]
     denied = stub.Check(check_request({}), timeout=5)

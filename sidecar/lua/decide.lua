@@ -20,16 +20,20 @@
 -- KEYS[7]  reservations   tw:{acct}:rsvs   (request hash -> settle-by time)
 -- KEYS[8]  quota alerts   tw:{acct}:alerts ("<kind>:<period start>:<percent>" sent)
 -- ARGV[12] meter for this plan's requests ("" = the plan meters nothing)
--- ARGV[13] request hash to reserve under ("" = meter the cost now)
+-- ARGV[13] request hash to reserve the cost under ("" = no reservation: meter now)
 -- ARGV[14] reservation lifetime in seconds
 -- ARGV[15] quota percentages that notify, comma separated ("" = none)
+-- KEYS[9]  leases         tw:{acct}:leases (lease id -> expiry, Unix s)
+-- ARGV[16] concurrency: leases the plan allows at once (0 = unlimited, no lease)
+-- ARGV[17] lease id for this request
+-- ARGV[18] lease lifetime in seconds
 --
 -- Returns {code, plan, status, tokens_milli, reset_ms, retry_ms, quota_used, period_end, now_s,
 --          thresholds} where thresholds lists the quota percentages this
 --          request crossed for the first time this period ("80,100" or "").
 --   code 0 ok, 1 no account, 2 plan differs from ARGV[2] (plan = the one to
 --   enforce, the fallback after grace; call again with its limits), 3 key
---   expired, 4 subscription inactive,
+--   expired, 4 subscription inactive, 8 concurrency limited,
 --   5 feature not in plan, 6 rate limited, 7 quota exceeded.
 --   retry_ms is -1 when waiting can never help (cost above burst or quota).
 -- Only code 0 writes anything: a denied request consumes nothing.
@@ -135,6 +139,17 @@ local function full_in_ms(level)
   return (burst - level) * 1000 / rate
 end
 
+-- Concurrency: leases past their lifetime free themselves here.
+local concurrency = tonumber(ARGV[16])
+if concurrency > 0 then
+  redis.call("ZREMRANGEBYSCORE", KEYS[9], "-inf", now_s)
+  if redis.call("ZCARD", KEYS[9]) >= concurrency then
+    local soonest = redis.call("ZRANGE", KEYS[9], 0, 0, "WITHSCORES")
+    local retry = (tonumber(soonest[2]) - now_s) * 1000
+    return reply(8, plan, status, tokens, full_in_ms(tokens), retry, used, p_end)
+  end
+end
+
 if quota_limit > 0 and ARGV[8] == "block" and used + cost > quota_limit then
   local retry = (p_end - now_s) * 1000
   if cost > quota_limit or cost > burst then retry = -1 end
@@ -148,6 +163,11 @@ end
 
 tokens = tokens - cost
 used = used + cost
+if concurrency > 0 then
+  local ttl = tonumber(ARGV[18])
+  redis.call("ZADD", KEYS[9], now_s + ttl, ARGV[17])
+  redis.call("EXPIRE", KEYS[9], ttl + 60)
+end
 redis.call("HSET", KEYS[2], "tokens", string.format("%.17g", tokens), "ts", now_us)
 -- A bucket left alone refills to full; after that its key carries no information.
 redis.call("PEXPIRE", KEYS[2], math.ceil(full_in_ms(0)) + 1000)
@@ -155,19 +175,18 @@ redis.call("HSET", KEYS[3], "k", period, "p", p_start, "used", used)
 redis.call("EXPIRE", KEYS[3], p_end - now_s + 86400)
 
 local meter = ARGV[12]
-if meter ~= "" then
-  if ARGV[13] ~= "" then
-    -- Reserved: billed when settled (record_usage.lua) or when it expires
-    -- (expire_reservation.lua), never both.
-    local settle_by = now_s + tonumber(ARGV[14])
-    redis.call("HSET", KEYS[6], "q", cost, "m", meter, "t", now_s, "ms", month_start,
-      "kind", period, "p", p_start, "state", "open")
-    redis.call("EXPIRE", KEYS[6], tonumber(ARGV[14]) + 7 * 86400)
-    redis.call("ZADD", KEYS[7], settle_by, ARGV[13])
-  else
-    redis.call("XADD", KEYS[4], "*", "m", meter, "q", cost, "t", now_s, "ms", month_start, "k", "")
-    redis.call("HINCRBY", KEYS[5], meter .. "|" .. month_start, cost)
-  end
+if ARGV[13] ~= "" then
+  -- Reserved: settled by record_usage.lua (the real cost; the quota moves by
+  -- the difference) or, if that never comes, expired by expire_reservation.lua
+  -- at the estimate. Metered usage is billed by exactly one of the two.
+  local settle_by = now_s + tonumber(ARGV[14])
+  redis.call("HSET", KEYS[6], "q", cost, "m", meter, "t", now_s, "ms", month_start,
+    "kind", period, "p", p_start, "state", "open")
+  redis.call("EXPIRE", KEYS[6], tonumber(ARGV[14]) + 7 * 86400)
+  redis.call("ZADD", KEYS[7], settle_by, ARGV[13])
+elseif meter ~= "" then
+  redis.call("XADD", KEYS[4], "*", "m", meter, "q", cost, "t", now_s, "ms", month_start, "k", "")
+  redis.call("HINCRBY", KEYS[5], meter .. "|" .. month_start, cost)
 end
 
 local crossed = {}

@@ -18,7 +18,10 @@ local r = redis.call("HMGET", KEYS[1], "q", "m", "t", "ms", "state")
 if not r[1] or r[5] ~= "open" then
   return 0
 end
+redis.call("HSET", KEYS[1], "state", "expired")
+if r[2] == "" then
+  return 0  -- the plan meters nothing: the estimate stays on the quota, unbilled
+end
 redis.call("XADD", KEYS[3], "*", "m", r[2], "q", r[1], "t", r[3], "ms", r[4], "k", "")
 redis.call("HINCRBY", KEYS[4], r[2] .. "|" .. r[4], tonumber(r[1]))
-redis.call("HSET", KEYS[1], "state", "expired")
 return tonumber(r[1])

@@ -7,15 +7,18 @@
 -- KEYS[4]  reservation         tw:{acct}:rsv:<request hash> (untouched without ARGV[7])
 -- KEYS[5]  reservations        tw:{acct}:rsvs
 -- KEYS[6]  quota counter       tw:{acct}:q
--- ARGV[1]  meter
+-- KEYS[7]  leases              tw:{acct}:leases
+-- ARGV[1]  meter ("" = settle the quota only, record no usage)
 -- ARGV[2]  quantity (> 0)
 -- ARGV[3]  when it was used (Unix s)
 -- ARGV[4]  month start of ARGV[3] (Unix s), the totals' period
 -- ARGV[5]  idempotency key, kept on the record for audit
 -- ARGV[6]  dedupe window (s)
 -- ARGV[7]  request hash whose reservation this settles ("" = none)
+-- ARGV[8]  concurrency lease to release ("" = none)
 --
--- Returns {"duplicate" | "recorded", record id, units recorded}
+-- Returns {"duplicate" | "recorded", record id, units recorded, quota used now}
+-- A quantity of 0 records nothing but still settles (a refund) and releases.
 -- The claim and the record are one step: a retry after any failure either
 -- finds the claim (and the record beside it) or finds neither.
 --
@@ -24,9 +27,16 @@
 -- records only the excess over the estimate. Without a reservation (or with
 -- one already settled), usage is recorded and the quota is left alone.
 
+local function quota_used()
+  return tonumber(redis.call("HGET", KEYS[6], "used") or "0")
+end
+
 local existing = redis.call("GET", KEYS[1])
 if existing then
-  return {"duplicate", existing, 0}
+  return {"duplicate", existing, 0, quota_used()}
+end
+if ARGV[8] ~= "" then
+  redis.call("ZREM", KEYS[7], ARGV[8])
 end
 
 local quantity = tonumber(ARGV[2])
@@ -50,10 +60,10 @@ if ARGV[7] ~= "" then
 end
 
 local id = "-"
-if to_record > 0 then
+if to_record > 0 and ARGV[1] ~= "" then
   id = redis.call("XADD", KEYS[2], "*", "m", ARGV[1], "q", to_record, "t", ARGV[3],
     "ms", ARGV[4], "k", ARGV[5])
   redis.call("HINCRBY", KEYS[3], ARGV[1] .. "|" .. ARGV[4], to_record)
 end
 redis.call("SET", KEYS[1], id, "EX", tonumber(ARGV[6]))
-return {"recorded", id, to_record}
+return {"recorded", id, to_record, quota_used()}

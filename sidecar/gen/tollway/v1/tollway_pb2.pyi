@@ -22,6 +22,7 @@ class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REASON_FEATURE_NOT_IN_PLAN: _ClassVar[Reason]
     REASON_RATE_LIMITED: _ClassVar[Reason]
     REASON_QUOTA_EXCEEDED: _ClassVar[Reason]
+    REASON_CONCURRENCY_LIMITED: _ClassVar[Reason]
 REASON_UNSPECIFIED: Reason
 REASON_OK: Reason
 REASON_MISSING_KEY: Reason
@@ -32,6 +33,7 @@ REASON_SUBSCRIPTION_INACTIVE: Reason
 REASON_FEATURE_NOT_IN_PLAN: Reason
 REASON_RATE_LIMITED: Reason
 REASON_QUOTA_EXCEEDED: Reason
+REASON_CONCURRENCY_LIMITED: Reason
 
 class AuthorizeRequest(_message.Message):
     __slots__ = ("api_key", "method", "path", "cost", "feature", "request_id")
@@ -74,7 +76,7 @@ class QuotaState(_message.Message):
     def __init__(self, limit: _Optional[int] = ..., used: _Optional[int] = ..., remaining: _Optional[int] = ..., period_end: _Optional[int] = ...) -> None: ...
 
 class AuthorizeResponse(_message.Message):
-    __slots__ = ("allowed", "reason", "customer_id", "plan", "rate_limit", "quota", "retry_after_seconds", "message")
+    __slots__ = ("allowed", "reason", "customer_id", "plan", "rate_limit", "quota", "retry_after_seconds", "message", "lease_id")
     ALLOWED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +85,7 @@ class AuthorizeResponse(_message.Message):
     QUOTA_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     allowed: bool
     reason: Reason
     customer_id: str
@@ -91,7 +94,22 @@ class AuthorizeResponse(_message.Message):
     quota: QuotaState
     retry_after_seconds: int
     message: str
-    def __init__(self, allowed: _Optional[bool] = ..., reason: _Optional[_Union[Reason, str]] = ..., customer_id: _Optional[str] = ..., plan: _Optional[str] = ..., rate_limit: _Optional[_Union[RateLimitState, _Mapping]] = ..., quota: _Optional[_Union[QuotaState, _Mapping]] = ..., retry_after_seconds: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    lease_id: str
+    def __init__(self, allowed: _Optional[bool] = ..., reason: _Optional[_Union[Reason, str]] = ..., customer_id: _Optional[str] = ..., plan: _Optional[str] = ..., rate_limit: _Optional[_Union[RateLimitState, _Mapping]] = ..., quota: _Optional[_Union[QuotaState, _Mapping]] = ..., retry_after_seconds: _Optional[int] = ..., message: _Optional[str] = ..., lease_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("api_key", "lease_id")
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    api_key: str
+    lease_id: str
+    def __init__(self, api_key: _Optional[str] = ..., lease_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class RecordUsageRequest(_message.Message):
     __slots__ = ("api_key", "customer_id", "meter", "quantity", "idempotency_key", "timestamp", "request_id")

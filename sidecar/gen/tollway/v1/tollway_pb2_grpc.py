@@ -55,6 +55,11 @@ class TollwayStub:
                 request_serializer=tollway_dot_v1_dot_tollway__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=tollway_dot_v1_dot_tollway__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/tollway.v1.Tollway/Release',
+                request_serializer=tollway_dot_v1_dot_tollway__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=tollway_dot_v1_dot_tollway__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
 
 
 class TollwayServicer:
@@ -93,6 +98,14 @@ class TollwayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Release(self, request, context):
+        """Release frees a concurrency lease before its TTL (RecordUsage with the
+        request_id releases it too).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TollwayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +128,11 @@ def add_TollwayServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=tollway_dot_v1_dot_tollway__pb2.GetUsageRequest.FromString,
                     response_serializer=tollway_dot_v1_dot_tollway__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=tollway_dot_v1_dot_tollway__pb2.ReleaseRequest.FromString,
+                    response_serializer=tollway_dot_v1_dot_tollway__pb2.ReleaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -226,6 +244,33 @@ class Tollway:
             '/tollway.v1.Tollway/GetUsage',
             tollway_dot_v1_dot_tollway__pb2.GetUsageRequest.SerializeToString,
             tollway_dot_v1_dot_tollway__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tollway.v1.Tollway/Release',
+            tollway_dot_v1_dot_tollway__pb2.ReleaseRequest.SerializeToString,
+            tollway_dot_v1_dot_tollway__pb2.ReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,
