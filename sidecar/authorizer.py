@@ -1,25 +1,37 @@
 """One decision, start to finish: key → record → account's plan → atomic script.
 
 Shared by the gRPC Authorize method and Envoy's Check; neither knows Redis.
-The only local state is a hint of each account's plan, which saves the
-script a round trip: the script re-checks it and answers "plan changed" when
-it is stale, so the hint can never change an outcome.
+Local state, none of which can change an outcome beyond the one-second
+staleness Tollway promises (cache.MAX_STALENESS):
+
+- a hint of each account's plan, which saves the script a round trip; the
+  script re-checks it and answers "plan changed" when it is stale;
+- key records (and unknown keys) for up to a second, so a hot key costs one
+  round trip, not two; a revocation still lands within the second;
+- denials for an empty bucket or an exhausted quota, until the bucket could
+  admit again (at most a second): until then the same request, or a dearer
+  one, must be denied anyway, so a client hammering an exhausted key costs
+  Redis nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Final
 
 from sidecar import keys
+from sidecar.cache import TtlCache
 from sidecar.decide import Decision, OutcomeCode, Reason, decision_from_outcome, refuse
 from sidecar.errors import StoreUnavailable
+from sidecar.plans import Plan
 from sidecar.settings import Settings
-from sidecar.store import SUBSCRIPTION_ENDED, Store
+from sidecar.store import SUBSCRIPTION_ENDED, KeyRecord, Store
 
 __all__ = ["Authorizer"]
 
@@ -35,12 +47,16 @@ class Authorizer:
         settings: Callable[[], Settings],
         *,
         metered: Callable[[str], None] = lambda customer: None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._settings = settings  # a getter: SIGHUP swaps plans under us
         self._metered = metered  # told of each customer whose usage was just recorded
         self._plan_hints: dict[str, str] = {}
         self._notifications: set[asyncio.Task[None]] = set()
+        self.key_cache: TtlCache[str, tuple[KeyRecord | None]] = TtlCache(clock=clock)
+        self.denials: TtlCache[str, tuple[int, Decision, float]] = TtlCache(clock=clock)
+        self._clock = clock
 
     async def authorize(
         self,
@@ -56,7 +72,12 @@ class Authorizer:
             return refuse(Reason.MISSING_KEY, "API key required: send it in the x-api-key header")
         if not keys.is_well_formed(api_key):
             return refuse(Reason.INVALID_KEY, "API key is malformed; check it was copied whole")
-        record = await self._store.lookup_key(keys.key_hash(api_key))
+        hashed = keys.key_hash(api_key)
+        cached_record = self.key_cache.get(hashed)
+        if cached_record is None:
+            cached_record = (await self._store.lookup_key(hashed),)
+            self.key_cache.put(hashed, cached_record)  # an unknown key is remembered too
+        record = cached_record[0]
         if record is None:
             return refuse(Reason.INVALID_KEY, "API key is not recognised")
         customer = record.customer_id
@@ -76,6 +97,9 @@ class Authorizer:
         feature = feature or (route.feature if route else None)
 
         plan = catalog.plans.get(self._plan_hints.get(customer, ""))
+        cached = self._cached_denial(customer, cost, feature, plan)
+        if cached is not None:
+            return cached
         lease_id = ""
         for _ in range(3):
             if plan is not None and plan.concurrency and not lease_id:
@@ -111,6 +135,10 @@ class Authorizer:
         decision = decision_from_outcome(
             outcome, plan=plan, customer_id=customer, cost=cost, feature=feature
         )
+        exhausted = outcome.code in (OutcomeCode.RATE_LIMITED, OutcomeCode.QUOTA_EXCEEDED)
+        if exhausted and outcome.retry_ms > 0:
+            retry_at = self._clock() + outcome.retry_ms / 1000
+            self.denials.put(customer, (cost, decision, retry_at), ttl=outcome.retry_ms / 1000)
         if outcome.code is not OutcomeCode.OK or plan is None:
             return decision
         if plan.meter or request_id:
@@ -127,6 +155,35 @@ class Authorizer:
             reserved=request_id,
             bill_only_success=only_success,
         )
+
+    def forget(self, message: str) -> None:
+        """Drops what is cached about a key ("k:<hash>") or an account ("c:<id>")."""
+        kind, _, name = message.partition(":")
+        if kind == "k":
+            self.key_cache.discard(name)
+        elif kind == "c":
+            self.denials.discard(name)
+            self._plan_hints.pop(name, None)
+
+    def forget_everything(self) -> None:
+        """After missing invalidations (a lost connection), trust nothing cached."""
+        self.key_cache.clear()
+        self.denials.clear()
+
+    def _cached_denial(
+        self, customer: str, cost: int, feature: str | None, plan: Plan | None
+    ) -> Decision | None:
+        """A denial that still holds: same customer, at least the same cost."""
+        cached = self.denials.get(customer)
+        if cached is None:
+            return None
+        denied_cost, decision, retry_at = cached
+        if cost < denied_cost:
+            return None  # a cheaper request may fit in what the bucket has
+        if feature is not None and (plan is None or feature not in plan.features):
+            return None  # the script would answer "feature not in plan" first
+        wait = max(1, math.ceil(retry_at - self._clock()))
+        return replace(decision, retry_after=wait)
 
     def _quota_alert(self, customer: str, plan: str, percent: int, used: int) -> None:
         """The script notes each threshold once per period; deliver it off the

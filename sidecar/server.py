@@ -20,12 +20,14 @@ from typing import Any
 
 import grpc
 import prometheus_client
+import redis.asyncio as aioredis
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_authz_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from redis.exceptions import RedisError
 
 from sidecar import envoy, keys
 from sidecar.authorizer import Authorizer
@@ -37,7 +39,7 @@ from sidecar.gen.tollway.v1 import tollway_pb2_grpc as pb_grpc
 from sidecar.metrics import DECISION_SECONDS, DECISIONS, STORE_ERRORS, USAGE_EVENTS
 from sidecar.report import usage_report
 from sidecar.settings import Settings, load_settings
-from sidecar.store import Store, connect
+from sidecar.store import INVALIDATE_CHANNEL, Store, connect
 from sidecar.usage import DirtyIndex, UsageError, validate
 
 __all__ = ["authorize_response", "serve"]
@@ -287,6 +289,29 @@ class Sidecar:
         self.dirty = DirtyIndex(store)
         self.authorizer = Authorizer(store, lambda: self.settings, metered=self.dirty.add)
 
+    async def follow_invalidations(self, *, retry: float = 0.5) -> None:
+        """Applies the invalidations other processes publish (revocations, plan and
+        status changes) to this sidecar's caches, reconnecting as needed."""
+        assert self.settings.redis_url is not None
+        while True:
+            client = aioredis.Redis.from_url(
+                self.settings.redis_url, socket_connect_timeout=1.0, socket_timeout=None
+            )
+            try:
+                async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(INVALIDATE_CHANNEL)
+                    self.authorizer.forget_everything()  # whatever was missed meanwhile
+                    async for message in pubsub.listen():
+                        data = message.get("data")
+                        if isinstance(data, bytes):
+                            self.authorizer.forget(data.decode())
+            except (RedisError, OSError) as exc:
+                log.warning("invalidations paused (%s); caches cleared", type(exc).__name__)
+                self.authorizer.forget_everything()
+                await asyncio.sleep(retry)
+            finally:
+                await client.aclose()
+
     def reload(self, environ: dict[str, str]) -> bool:
         """Re-reads the config file; a bad file keeps the running plans."""
         try:
@@ -362,6 +387,7 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, lambda: sidecar.reload(environ))
     log.info("sidecar listening on %s (plans: %s)", address, ", ".join(settings.catalog.plans))
     dirty_task = asyncio.create_task(sidecar.dirty.run())
+    invalidations = asyncio.create_task(sidecar.follow_invalidations())
     if ready:
         ready(port)
     await stop.wait()
@@ -369,7 +395,8 @@ async def serve(
     for name in ("", *services[:3]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(grace=5)
-    dirty_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await dirty_task
+    for task in (dirty_task, invalidations):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     await store.close()

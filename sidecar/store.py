@@ -157,6 +157,9 @@ def bill_failed_key(customer_id: str) -> str:
 
 
 DIRTY_KEY: Final = "tw:usage:dirty"
+# Pub/sub channel: "k:<key hash>" or "c:<customer>" changed; sidecars drop
+# what they cached about it (see sidecar/cache.py for the staleness bound).
+INVALIDATE_CHANNEL: Final = "tw:invalidate"
 NOTIFICATIONS_KEY: Final = "tw:notifications"
 
 
@@ -419,13 +422,23 @@ class Store:
             await self._redis.hset(
                 account_key(customer_id), mapping={"status": status, "grace_until": grace_until}
             )
+        await self.invalidate(customer=customer_id)
         return await self.require_account(customer_id)
 
     async def set_plan(self, customer_id: str, plan: str) -> Account:
         await self.require_account(customer_id)
         async with self._guard("account update"):
             await self._redis.hset(account_key(customer_id), "plan", plan)
+        await self.invalidate(customer=customer_id)
         return await self.require_account(customer_id)
+
+    async def invalidate(self, *, key_hash: str = "", customer: str = "") -> None:
+        """Tells every sidecar to drop what it cached about a key or an account."""
+        async with self._guard("invalidation"):
+            if key_hash:
+                await self._redis.publish(INVALIDATE_CHANNEL, f"k:{key_hash}")
+            if customer:
+                await self._redis.publish(INVALIDATE_CHANNEL, f"c:{customer}")
 
     async def usage(self, customer_id: str) -> tuple[float | None, int, int]:
         """(tokens as last written or None, quota used, period start) for display."""
@@ -473,6 +486,7 @@ class Store:
                 },
             )
             await self._redis.hset(key_index_key(record.customer_id), record.key_id, hashed)
+        await self.invalidate(key_hash=hashed)  # a sidecar may remember it as unknown
 
     async def list_keys(self, customer_id: str) -> list[KeyRecord]:
         async with self._guard("key list"):
@@ -502,6 +516,7 @@ class Store:
                     "revoked_reason": reason,
                 },
             )
+        await self.invalidate(key_hash=hashed)
 
     async def expire_key(self, customer_id: str, key_id: str, at_us: int) -> None:
         """Sets the key's expiry to at_us, unless it already expires sooner."""
@@ -511,6 +526,7 @@ class Store:
             current_us = int(current or 0)
             if current_us == 0 or at_us < current_us:
                 await self._redis.hset(key_record_key(hashed), "expires_at", at_us)
+        await self.invalidate(key_hash=hashed)
 
     async def revoke_all_keys(self, customer_id: str, *, reason: str = "") -> int:
         """Marks every active key of the account revoked (records stay, for audit)."""

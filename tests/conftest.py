@@ -265,6 +265,7 @@ rate = "1/s"
 [stripe]
 public_url = "http://127.0.0.1:8000"
 reconcile_interval = "0s"
+report_interval = "0s"  # reporter tests run their own; none bills behind their back
 max_body_bytes = 65536
 timeout = "2s"
 max_network_retries = 0

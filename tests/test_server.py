@@ -207,3 +207,34 @@ def test_sighup_reloads_plans_and_a_bad_file_keeps_the_old_ones(
             assert still.allowed and still.rate_limit.limit == 7
     finally:
         child.stop()
+
+
+def test_a_revoked_key_stops_within_a_second_even_when_cached(
+    tollway_stub: tollway_pb2_grpc.TollwayStub,
+    make_customer: Callable[..., Customer],
+    cli: Callable[..., object],
+) -> None:
+    customer = make_customer("pro")
+    assert authorize(tollway_stub, customer.key).allowed  # now cached by the sidecar
+    cli("keys", "revoke", "--customer", customer.id, customer.key_id)
+    revoked_at = time.monotonic()
+    while authorize(tollway_stub, customer.key).allowed:
+        assert time.monotonic() - revoked_at < 1.0, "revocation took longer than a second"
+        time.sleep(0.01)
+    assert authorize(tollway_stub, customer.key).reason == pb.REASON_KEY_REVOKED
+
+
+def test_an_upgrade_lifts_a_cached_rate_limit_at_once(
+    tollway_stub: tollway_pb2_grpc.TollwayStub,
+    make_customer: Callable[..., Customer],
+    cli: Callable[..., object],
+) -> None:
+    customer = make_customer("tight")  # 1/min, burst 2
+    for _ in range(2):
+        assert authorize(tollway_stub, customer.key).allowed
+    assert authorize(tollway_stub, customer.key).reason == pb.REASON_RATE_LIMITED  # cached
+    cli("accounts", "set-plan", "--customer", customer.id, "pro")
+    upgraded_at = time.monotonic()
+    while not authorize(tollway_stub, customer.key).allowed:
+        assert time.monotonic() - upgraded_at < 1.0, "the upgrade took longer than a second"
+        time.sleep(0.01)

@@ -81,3 +81,12 @@ def test_env_file_is_read_and_the_environment_wins(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         read_env_file(broken)
     assert SECRET not in str(caught.value) and "broken.env:1" in str(caught.value)
+
+
+def test_reporter_settings() -> None:
+    settings = stripe_settings({"meter_events_per_second": 100, "report_interval": "0s"}, {})
+    assert settings.meter_events_per_second == 100.0 and settings.report_interval == 0
+    defaults = stripe_settings({}, {})
+    assert defaults.meter_events_per_second == 500.0 and defaults.report_interval == 1
+    with pytest.raises(ConfigError, match=r"meter_events_per_second: expected 1\.\.1000"):
+        stripe_settings({"meter_events_per_second": 5000}, {})

@@ -376,8 +376,9 @@ def create_app(settings: CompanionSettings, store: Store) -> Starlette:
             asyncio.create_task(companion.reconcile_forever()),
             asyncio.create_task(companion.relay_notifications()),
         ]
-        if companion.reporter is not None:
-            tasks.append(asyncio.create_task(companion.reporter.run_forever()))
+        interval = settings.stripe.report_interval
+        if companion.reporter is not None and interval > 0:
+            tasks.append(asyncio.create_task(companion.reporter.run_forever(interval=interval)))
         try:
             yield
         finally:

@@ -20,6 +20,7 @@ Secrets come only from the environment or a .env file (TOLLWAY_ENV_FILE, else
     timeout = "10s"                               # per Stripe call
     max_network_retries = 2
     meter_events_per_second = 500                 # Stripe's live limit is 1000
+    report_interval = "1s"                        # "0s": bill with `tollway report` instead
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ _FIELDS: Final = frozenset(
         "max_body_bytes",
         "timeout",
         "max_network_retries",
+        "meter_events_per_second",
+        "report_interval",
     }
 )
 
@@ -69,6 +72,7 @@ class StripeSettings:
     timeout: float = 10.0
     max_network_retries: int = 2
     meter_events_per_second: float = 500.0  # Stripe allows 1000/s in live mode
+    report_interval: int = 1  # idle poll of the usage reporter; 0 turns it off here
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +161,7 @@ def stripe_settings(section: Mapping[str, Any], environ: Mapping[str, str]) -> S
         timeout=float(_duration(section, "timeout", "10s")),
         max_network_retries=retries,
         meter_events_per_second=_rate(section.get("meter_events_per_second", 500)),
+        report_interval=_duration(section, "report_interval", "1s"),
     )
 
 

@@ -166,6 +166,8 @@ class Syncer:
                 change.new_status,
                 change.new_plan,
             )
+        if change.result == "applied":
+            await self._store.invalidate(customer=customer)
         ended = change.new_status == "canceled" and change.old_status != "canceled"
         if change.result == "applied" and ended:
             revoked = await self._store.revoke_all_keys(customer, reason=SUBSCRIPTION_ENDED)
