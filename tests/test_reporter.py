@@ -99,7 +99,8 @@ def test_usage_is_billed_once_per_meter_and_minute(redis_url: str, fake_stripe: 
     assert billed(fake_stripe, customer) == {"api_calls": 22, "llm_tokens": 700}
     assert second == 0
     sent = [e for e in fake_stripe.meter_events if e["payload"]["stripe_customer_id"] == customer]
-    assert len(sent) == first == 3  # (api_calls, now), (api_calls, now-120), (tokens, now)
+    assert len(sent) == 3  # (api_calls, now), (api_calls, now-120), (tokens, now)
+    assert first >= 3  # other tests' customers may be billed in the same round
     assert all(e["identifier"].startswith("tw_") for e in sent)
 
     async def report(store: Store, reporter: Reporter) -> dict[str, tuple[int, int]]:

@@ -253,14 +253,14 @@ def test_with_wait_for_aof_usage_is_acknowledged_once_fsynced(
     async def durable() -> tuple[bool, int]:
         store = Store(connect(redis_url, timeout=2.0), timeout=2.0)
         try:
-            duplicate, _, recorded = await store.record_usage(
+            recorded = await store.record_usage(
                 customer.id, meter="api_calls", quantity=3, at=int(time.time()),
                 idempotency="aof-1", dedupe_window=86400, wait_for_aof=True,
             )  # fmt: skip
             # The test Valkey runs with appendonly yes: the write reached the AOF.
             info = await store.redis.info("persistence")
             assert info["aof_enabled"] == 1
-            return duplicate, recorded
+            return recorded.duplicate, recorded.units
         finally:
             await store.close()
 
