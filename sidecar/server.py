@@ -32,14 +32,14 @@ from redis.exceptions import RedisError
 from sidecar import envoy, keys
 from sidecar.authorizer import Authorizer
 from sidecar.decide import Decision, Reason
-from sidecar.errors import ConfigError, StoreUnavailable, TollwayError
+from sidecar.errors import ConfigError, StoreUnavailable
 from sidecar.extproc import ExtProcService
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc as pb_grpc
 from sidecar.metrics import DECISION_SECONDS, DECISIONS, STORE_ERRORS, USAGE_EVENTS
 from sidecar.report import usage_report
 from sidecar.settings import Settings, load_settings
-from sidecar.store import INVALIDATE_CHANNEL, Store, connect
+from sidecar.store import INVALIDATE_CHANNEL, Store, connect, valid_customer_id
 from sidecar.usage import DirtyIndex, UsageError, validate
 
 __all__ = ["authorize_response", "serve"]
@@ -138,11 +138,10 @@ class TollwayService(pb_grpc.TollwayServicer):
         customer = request.customer_id
         if not customer:
             raise UsageError("invalid_argument", "api_key or customer_id is required")
-        try:
-            account = await store.get_account(customer)
-        except TollwayError:  # an id that cannot be a key name
-            account = None
-        if account is None:
+        if not valid_customer_id(customer):
+            raise UsageError("not_found", f"no account {customer[:64]!r}")
+        # StoreUnavailable passes through: an outage is UNAVAILABLE, never "no such account".
+        if await store.get_account(customer) is None:
             raise UsageError("not_found", f"no account {customer!r}")
         return customer
 
@@ -170,7 +169,9 @@ class TollwayService(pb_grpc.TollwayServicer):
             lease_id=request.request_id,  # settling a request ends its lease too
             wait_for_aof=settings.usage.wait_for_aof,
         )
-        if recorded.units:
+        if recorded.units or (recorded.duplicate and recorded.record_id != "-"):
+            # A duplicate may be the retry of a call whose answer was lost: make
+            # sure the reporter looks, rather than wait for the periodic sweep.
             self._sidecar.dirty.add(customer)
         USAGE_EVENTS.labels("duplicate" if recorded.duplicate else "accepted").inc()
         return pb.RecordUsageResponse(

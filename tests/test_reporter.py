@@ -192,7 +192,7 @@ def test_a_meter_dropped_from_the_config_is_set_aside_not_lost(
 
     refused = run(redis_url, fake_stripe, bill, without_tokens)
     assert billed(fake_stripe, customer) == {"api_calls": 2}
-    assert [(r["meter"], r["value"]) for r in refused] == [("tokens", 40)]
+    assert [(r["meter"], int(r["value"])) for r in refused] == [("tokens", 40)]
     assert "not configured" in refused[0]["error"]
 
 
@@ -215,3 +215,16 @@ def test_two_reporters_never_bill_the_same_usage_twice(
             e for e in fake_stripe.meter_events if e["payload"]["stripe_customer_id"] == customer
         ]
         assert len({e["identifier"] for e in sent}) == len(sent)  # no resend was even needed
+
+
+def test_huge_sums_are_billed_to_the_unit(redis_url: str, fake_stripe: FakeStripe) -> None:
+    async def work(store: Store, reporter: Reporter) -> str:
+        customer = await new_account(store, fake_stripe)
+        now = int(time.time())
+        for _ in range(150):  # 1.5e14 + 150 in one minute: past a double's 14 digits in JSON
+            await use(store, customer, "api_calls", 10**12 + 1, now)
+        await reporter.round(limit=10_000)
+        return customer
+
+    customer = run(redis_url, fake_stripe, work)
+    assert billed(fake_stripe, customer) == {"api_calls": 150 * (10**12 + 1)}

@@ -168,6 +168,13 @@ def test_dead_redis_is_a_fast_unavailable_never_a_decision(
                     call()
                 assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
                 assert time.monotonic() - started < 0.5
+            usage = pb.RecordUsageRequest(
+                customer_id="cus_known", meter="api_calls", quantity=1, idempotency_key="k"
+            )
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.RecordUsage(usage, timeout=5)
+            # Never NOT_FOUND: a client would drop the event, and the usage is lost.
+            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
             # A malformed key needs no Redis, so it is still refused normally.
             refused = stub.Authorize(pb.AuthorizeRequest(api_key="junk"), timeout=5)
             assert refused.reason == pb.REASON_INVALID_KEY

@@ -133,14 +133,15 @@ class Reporter:
                 )
                 return "retry-later"
             await self._store.ack_batch(customer, event["identifier"])
-            BILLED.labels(event["meter"]).inc(event["value"])
+            BILLED.labels(event["meter"]).inc(int(event["value"]))
             return "accepted"
         return "retry-later"
 
     async def bill(self, customer: str) -> int:
         """Bills what the customer has pending; returns events Stripe accepted."""
         accepted = 0
-        async with self._store.account_lock(customer, purpose="bill", ttl=120, wait=0.0):
+        # The TTL bounds how long a reporter that died mid-bill holds the customer.
+        async with self._store.account_lock(customer, purpose="bill", ttl=30, wait=0.0):
             for request in await self._store.due_reservations(customer):
                 await self._store.expire_reservation(customer, request)
             while True:

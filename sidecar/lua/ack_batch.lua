@@ -14,7 +14,7 @@ local keep = {}
 for _, event in ipairs(cjson.decode(raw)) do
   if event.identifier == ARGV[1] then
     if ARGV[2] == "" then
-      redis.call("HINCRBY", KEYS[2], "r|" .. event.meter .. "|" .. event.month, event.value)
+      redis.call("HINCRBY", KEYS[2], "r|" .. event.meter .. "|" .. event.month, event.value)  -- a string
     else
       event.error = ARGV[2]
       redis.call("RPUSH", KEYS[4], cjson.encode(event))

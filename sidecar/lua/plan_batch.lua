@@ -7,7 +7,7 @@
 -- ARGV[2]  most entries to plan at once
 --
 -- Returns the pending events as JSON: a list of
---   {identifier, meter, value, timestamp, month}
+--   {identifier, meter, value (a decimal string), timestamp, month}
 -- one per (meter, minute) of usage. Pending events are returned unchanged
 -- until each is acknowledged (ack_batch.lua); only then is more planned.
 -- identifier is a hash of customer, meter, minute and first entry id: the
@@ -38,7 +38,10 @@ for _, group in ipairs(order) do
   local g = groups[group]
   table.insert(batch, {
     identifier = "tw_" .. redis.sha1hex(ARGV[1] .. "|" .. g.meter .. "|" .. g.timestamp .. "|" .. g.first),
-    meter = g.meter, value = g.value, timestamp = g.timestamp, month = tonumber(g.month)})
+    -- value as a decimal string: cjson writes numbers with 14 significant
+    -- digits, and a bill must be exact to the unit.
+    meter = g.meter, value = string.format("%d", g.value), timestamp = g.timestamp,
+    month = tonumber(g.month)})
 end
 local encoded = cjson.encode(batch)
 redis.call("HSET", KEYS[2], "pending", encoded, "cursor", entries[#entries][1])
