@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 from sidecar import __version__, keys
 from sidecar.decide import STATUSES
 from sidecar.errors import ConfigError, TollwayError
+from sidecar.logs import configure
 from sidecar.settings import Settings, load_settings, parse_duration
 from sidecar.store import KeyRecord, Store, connect
 
@@ -93,7 +94,8 @@ def cmd_webhook(args: argparse.Namespace, out: Output) -> None:
     settings = load_companion_settings(args.config, os.environ)
     host, _, port = (args.listen or settings.core.webhook_listen).rpartition(":")
     app = create_app(settings, _store(settings.core))
-    uvicorn.run(app, host=host.strip("[]"), port=int(port), log_level="info", access_log=False)
+    # log_config=None: uvicorn logs through our handler (JSON, request ids).
+    uvicorn.run(app, host=host.strip("[]"), port=int(port), access_log=False, log_config=None)
 
 
 def cmd_reconcile(args: argparse.Namespace, out: Output) -> None:
@@ -487,10 +489,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.config = getattr(args, "config", None)
     args.json = getattr(args, "json", False)
-    logging.basicConfig(
-        level=os.environ.get("TOLLWAY_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    configure(
+        level=os.environ.get("TOLLWAY_LOG_LEVEL", "INFO"),
+        fmt=os.environ.get("TOLLWAY_LOG_FORMAT", "json"),
     )
     out = Output(args.json)
     try:

@@ -36,6 +36,7 @@ from sidecar.errors import ConfigError, StoreUnavailable
 from sidecar.extproc import ExtProcService
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc as pb_grpc
+from sidecar.logs import bind_request_id
 from sidecar.metrics import DECISION_SECONDS, DECISIONS, STORE_ERRORS, USAGE_EVENTS
 from sidecar.report import usage_report
 from sidecar.settings import Settings, load_settings
@@ -110,6 +111,8 @@ class TollwayService(pb_grpc.TollwayServicer):
     async def Authorize(
         self, request: pb.AuthorizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.AuthorizeResponse:
+        if request.request_id:
+            bind_request_id(request.request_id)
         try:
             decision = await _decide(
                 self._authorizer,
@@ -264,6 +267,7 @@ class CheckService(ext_authz_grpc.AuthorizationServicer):  # type: ignore[misc]
         names = settings.headers
         key, key_header = envoy.extract_key(http.headers, names)
         request_id, extra = "", []
+        bind_request_id(http.headers.get("x-request-id", ""))
         if settings.envoy.ext_proc:
             # The response phase settles the cost and frees the lease under this id.
             request_id = http.headers.get("x-request-id", "")
