@@ -82,7 +82,42 @@ def cmd_serve(args: argparse.Namespace, out: Output) -> None:
     from sidecar.server import serve
 
     settings = _settings(args)
-    asyncio.run(serve(settings, environ=dict(os.environ), listen=args.listen))
+    if args.workers > 1:
+        _supervise_workers(args, settings)
+        return
+    asyncio.run(
+        serve(settings, environ=dict(os.environ), listen=args.listen, worker=args.worker_index)
+    )
+
+
+def _supervise_workers(args: argparse.Namespace, settings: Settings) -> None:
+    """N sidecar processes on one port (SO_REUSEPORT): the kernel spreads
+    connections across them. Signals are passed on; if one worker dies, all
+    stop and the exit status says so, for the process manager to restart."""
+    import signal
+    import subprocess
+
+    listen = args.listen or settings.listen
+    base = [sys.executable, "-m", "sidecar", "serve", "--listen", listen]
+    if args.config:
+        base += ["--config", args.config]
+    workers = [subprocess.Popen([*base, "--worker-index", str(i)]) for i in range(args.workers)]
+
+    def forward(signum: int, frame: object) -> None:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    log.info("serving on %s with %d workers", listen, args.workers)
+    while all(w.poll() is None for w in workers):
+        time.sleep(0.2)
+    forward(signal.SIGTERM, None)
+    codes = [w.wait() for w in workers]
+    if any(codes):
+        failed = next(c for c in codes if c)
+        raise TollwayError(f"a worker exited (status {failed}); all stopped")
 
 
 def cmd_webhook(args: argparse.Namespace, out: Output) -> None:
@@ -408,6 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add(sub, "serve", cmd_serve, "run the sidecar (gRPC Authorize + Envoy ext_authz Check)")
     p.add_argument("--listen", help="host:port (default: [sidecar] listen or 127.0.0.1:50051)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the port (SO_REUSEPORT); e.g. the core count",
+    )
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     p = add(sub, "webhook", cmd_webhook,
             "run the Stripe companion: signed webhooks, checkout, billing portal, periodic "
             "reconciliation; GET /healthz only while STRIPE_SECRET_KEY is unset")  # fmt: skip

@@ -338,8 +338,10 @@ async def serve(
     environ: dict[str, str],
     listen: str | None = None,
     ready: Callable[[int], None] | None = None,
+    worker: int | None = None,
 ) -> None:
-    """Runs the sidecar until SIGTERM/SIGINT. ready(port) is called once it listens."""
+    """Runs the sidecar until SIGTERM/SIGINT. ready(port) is called once it listens.
+    worker: this process's index among `serve --workers N` (they share the port)."""
     if not settings.redis_url:
         raise ConfigError("[redis] url: not set (set TOLLWAY_REDIS_URL or [redis] url)")
     store = Store(
@@ -350,8 +352,9 @@ async def serve(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            # Two sidecars on one port by accident would split traffic silently.
-            ("grpc.so_reuseport", 0),
+            # Workers share the port on purpose; otherwise two sidecars on one
+            # port by accident would split traffic silently.
+            ("grpc.so_reuseport", 1 if worker is not None else 0),
         ]
     )
     pb_grpc.add_TollwayServicer_to_server(  # type: ignore[no-untyped-call]
@@ -378,7 +381,7 @@ async def serve(
     if port == 0:
         raise ConfigError(f"listen: cannot bind {address}")
     await server.start()
-    if settings.metrics_listen:
+    if settings.metrics_listen and not worker:  # one metrics port: worker 0's
         host, _, metrics_port = settings.metrics_listen.rpartition(":")
         prometheus_client.start_http_server(int(metrics_port), addr=host.strip("[]"))
         log.info("metrics on http://%s/metrics", settings.metrics_listen)
