@@ -62,7 +62,12 @@ def port_is_free(port: int) -> bool:
 
 
 def render_envoy_config(template: str, **ports: int) -> str:
-    """deploy/envoy.yaml with its ports swapped (listen, admin, sidecar, upstream)."""
+    """deploy/envoy.yaml for a local run: its ports swapped (listen, admin,
+    sidecar, upstream) and its listener, which serves the world in a pod,
+    bound to loopback."""
+    template, count = re.subn(r"address: 0\.0\.0\.0\b", "address: 127.0.0.1", template)
+    if count != 1:
+        raise ValueError("envoy template: expected one listener on 'address: 0.0.0.0'")
     for role, new in ports.items():
         old = _TEMPLATE_PORTS[role]
         template, count = re.subn(rf"port_value: {old}\b", f"port_value: {new}", template)
