@@ -14,7 +14,7 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -294,6 +294,29 @@ class Sidecar:
         self.dirty = DirtyIndex(store)
         self.authorizer = Authorizer(store, lambda: self.settings, metered=self.dirty.add)
 
+    async def watch_redis(
+        self, set_health: Callable[[int], Awaitable[None]], *, every: float = 0.5
+    ) -> None:
+        """gRPC health follows Redis: NOT_SERVING while it does not answer (so a
+        load balancer can route around this sidecar), SERVING once it does."""
+        serving = True
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.store.ping()
+                up = True
+            except StoreUnavailable:
+                up = False
+            if up != serving:
+                serving = up
+                log.warning("Redis %s: health %s", "is back" if up else "unreachable",
+                            "SERVING" if up else "NOT_SERVING")  # fmt: skip
+                await set_health(
+                    health_pb2.HealthCheckResponse.SERVING
+                    if up
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+
     async def follow_invalidations(self, *, retry: float = 0.5) -> None:
         """Applies the invalidations other processes publish (revocations, plan and
         status changes) to this sidecar's caches, reconnecting as needed."""
@@ -385,8 +408,13 @@ async def serve(
         host, _, metrics_port = settings.metrics_listen.rpartition(":")
         prometheus_client.start_http_server(int(metrics_port), addr=host.strip("[]"))
         log.info("metrics on http://%s/metrics", settings.metrics_listen)
-    for name in ("", *services[:3]):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    served = ("", *services[:3])
+
+    async def set_health(status: int) -> None:
+        for name in served:
+            await health_servicer.set(name, status)
+
+    await set_health(health_pb2.HealthCheckResponse.SERVING)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -396,14 +424,15 @@ async def serve(
     log.info("sidecar listening on %s (plans: %s)", address, ", ".join(settings.catalog.plans))
     dirty_task = asyncio.create_task(sidecar.dirty.run())
     invalidations = asyncio.create_task(sidecar.follow_invalidations())
+    watch = asyncio.create_task(sidecar.watch_redis(set_health))
     if ready:
         ready(port)
     await stop.wait()
     log.info("shutting down: finishing in-flight requests")
-    for name in ("", *services[:3]):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    watch.cancel()
+    await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(grace=5)
-    for task in (dirty_task, invalidations):
+    for task in (dirty_task, invalidations, watch):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

