@@ -1,0 +1,1 @@
+"""Tollway's benchmark harness: `make bench` (see bench/README.md)."""
