@@ -27,7 +27,14 @@ from typing import Final
 
 from sidecar import keys
 from sidecar.cache import TtlCache
-from sidecar.decide import Decision, OutcomeCode, Reason, decision_from_outcome, refuse
+from sidecar.decide import (
+    Decision,
+    OutcomeCode,
+    RateState,
+    Reason,
+    decision_from_outcome,
+    refuse,
+)
 from sidecar.errors import StoreUnavailable
 from sidecar.plans import Plan
 from sidecar.settings import Settings
@@ -56,6 +63,7 @@ class Authorizer:
         self._notifications: set[asyncio.Task[None]] = set()
         self.key_cache: TtlCache[str, tuple[KeyRecord | None]] = TtlCache(clock=clock)
         self.denials: TtlCache[str, tuple[int, Decision, float]] = TtlCache(clock=clock)
+        self.buckets: TtlCache[str, tuple[str, float, float]] = TtlCache(clock=clock)
         self._clock = clock
 
     async def authorize(
@@ -100,6 +108,7 @@ class Authorizer:
         cached = self._cached_denial(customer, cost, feature, plan)
         if cached is not None:
             return cached
+        sent_at = self._clock()  # before the call: the refill bound is never too low
         lease_id = ""
         for _ in range(3):
             if plan is not None and plan.concurrency and not lease_id:
@@ -135,8 +144,9 @@ class Authorizer:
         decision = decision_from_outcome(
             outcome, plan=plan, customer_id=customer, cost=cost, feature=feature
         )
-        exhausted = outcome.code in (OutcomeCode.RATE_LIMITED, OutcomeCode.QUOTA_EXCEEDED)
-        if exhausted and outcome.retry_ms > 0:
+        if plan is not None and outcome.code in (OutcomeCode.OK, OutcomeCode.RATE_LIMITED):
+            self.buckets.put(customer, (plan.name, outcome.tokens, sent_at))
+        if outcome.code is OutcomeCode.QUOTA_EXCEEDED and outcome.retry_ms > 0:
             retry_at = self._clock() + outcome.retry_ms / 1000
             self.denials.put(customer, (cost, decision, retry_at), ttl=outcome.retry_ms / 1000)
         if outcome.code is not OutcomeCode.OK or plan is None:
@@ -163,27 +173,55 @@ class Authorizer:
             self.key_cache.discard(name)
         elif kind == "c":
             self.denials.discard(name)
+            self.buckets.discard(name)
             self._plan_hints.pop(name, None)
 
     def forget_everything(self) -> None:
         """After missing invalidations (a lost connection), trust nothing cached."""
         self.key_cache.clear()
         self.denials.clear()
+        self.buckets.clear()
 
     def _cached_denial(
         self, customer: str, cost: int, feature: str | None, plan: Plan | None
     ) -> Decision | None:
-        """A denial that still holds: same customer, at least the same cost."""
+        """A denial that must hold whatever Redis says now, or None."""
+        if plan is None or (feature is not None and feature not in plan.features):
+            return None  # the script would answer "plan changed" or "feature" first
+        bound = self.buckets.get(customer)
+        if bound is not None and bound[0] == plan.name:
+            _, tokens, at = bound
+            rate = plan.rate.per_second
+            upper = min(plan.burst, tokens + (self._clock() - at) * rate)
+            if cost > upper:
+                return self._rate_denial(customer, plan, cost, upper)
         cached = self.denials.get(customer)
         if cached is None:
             return None
         denied_cost, decision, retry_at = cached
         if cost < denied_cost:
-            return None  # a cheaper request may fit in what the bucket has
-        if feature is not None and (plan is None or feature not in plan.features):
-            return None  # the script would answer "feature not in plan" first
+            return None  # a cheaper request may still fit in the quota
         wait = max(1, math.ceil(retry_at - self._clock()))
         return replace(decision, retry_after=wait)
+
+    @staticmethod
+    def _rate_denial(customer: str, plan: Plan, cost: int, upper: float) -> Decision:
+        rate = plan.rate.per_second
+        state = RateState(
+            limit=plan.burst,
+            remaining=max(0, math.floor(upper + 1e-9)),
+            reset_seconds=max(0, math.ceil((plan.burst - upper) / rate)),
+            rate_per_second=rate,
+            window_seconds=max(1, math.ceil(plan.burst / rate)),
+        )
+        if cost > plan.burst:
+            message = f"Request cost {cost} exceeds plan {plan.name}'s burst of {plan.burst}"
+            retry = 0
+        else:
+            message = f"Rate limit exceeded for plan {plan.name}: {plan.rate}"
+            retry = max(1, math.ceil((cost - upper) / rate))
+        return Decision(False, Reason.RATE_LIMITED, message, customer, plan.name, state,
+                        retry_after=retry)  # fmt: skip
 
     def _quota_alert(self, customer: str, plan: str, percent: int, used: int) -> None:
         """The script notes each threshold once per period; deliver it off the
