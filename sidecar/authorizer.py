@@ -75,6 +75,7 @@ class Authorizer:
         cost: int = 0,
         feature: str | None = None,
         request_id: str = "",
+        lease_id: str = "",
     ) -> Decision:
         if not api_key:
             return refuse(Reason.MISSING_KEY, "API key required: send it in the x-api-key header")
@@ -109,10 +110,10 @@ class Authorizer:
         if cached is not None:
             return cached
         sent_at = self._clock()  # before the call: the refill bound is never too low
-        lease_id = ""
+        lease = ""
         for _ in range(3):
-            if plan is not None and plan.concurrency and not lease_id:
-                lease_id = request_id or uuid.uuid4().hex
+            if plan is not None and plan.concurrency and not lease:
+                lease = lease_id or request_id or uuid.uuid4().hex
             outcome = await self._store.decide(
                 customer,
                 plan,
@@ -123,7 +124,7 @@ class Authorizer:
                 request_id=request_id,
                 reservation_ttl=settings.usage.reservation_ttl,
                 thresholds=settings.usage.thresholds,
-                lease_id=lease_id,
+                lease_id=lease,
             )
             if outcome.code is not OutcomeCode.PLAN_CHANGED:
                 break
@@ -160,7 +161,7 @@ class Authorizer:
             only_success = route.bill_only_success
         return replace(
             decision,
-            lease_id=lease_id,
+            lease_id=lease,
             cost=cost,
             reserved=request_id,
             bill_only_success=only_success,

@@ -266,17 +266,23 @@ class CheckService(ext_authz_grpc.AuthorizationServicer):  # type: ignore[misc]
         settings = self._settings()
         names = settings.headers
         key, key_header = envoy.extract_key(http.headers, names)
-        request_id, extra = "", []
-        bind_request_id(http.headers.get("x-request-id", ""))
-        if settings.envoy.ext_proc:
-            # The response phase settles the cost and frees the lease under this id.
-            request_id = http.headers.get("x-request-id", "")
-            if not request_id:
-                request_id = uuid.uuid4().hex
-                extra = [("x-request-id", request_id)]
+        # The request's id names its lease (and, with ext_proc, its reservation):
+        # Envoy's x-request-id, else one made here and sent upstream, so the
+        # backend can release or settle it by that id.
+        lease_id, extra = http.headers.get("x-request-id", ""), []
+        if not lease_id:
+            lease_id = uuid.uuid4().hex
+            extra = [("x-request-id", lease_id)]
+        bind_request_id(lease_id)
+        request_id = lease_id if settings.envoy.ext_proc else ""
         try:
             decision = await _decide(
-                self._authorizer, key, method=http.method, path=http.path, request_id=request_id
+                self._authorizer,
+                key,
+                method=http.method,
+                path=http.path,
+                request_id=request_id,
+                lease_id=lease_id,
             )
         except StoreUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))

@@ -145,3 +145,28 @@ def test_two_sidecars_share_one_customers_limit(
     assert second_sidecar.Authorize(request, timeout=5).allowed
     for stub in (tollway_stub, second_sidecar):
         assert stub.Authorize(request, timeout=5).reason == pb.REASON_CONCURRENCY_LIMITED
+
+
+def test_a_backend_can_release_an_envoy_request_by_its_request_id(
+    channel: grpc.Channel, tollway_stub: Stub, make_customer: Callable[..., Customer]
+) -> None:
+    from envoy.service.auth.v3 import attribute_context_pb2 as attrs
+    from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
+    from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_authz_grpc
+
+    customer = make_customer("duo")
+    check = ext_authz_grpc.AuthorizationStub(channel)
+
+    def request(request_id: str) -> ext_authz.CheckRequest:
+        headers = {"x-api-key": customer.key, "x-request-id": request_id}
+        http = attrs.AttributeContext.HttpRequest(method="GET", path="/v1/x", headers=headers)
+        return ext_authz.CheckRequest(
+            attributes=attrs.AttributeContext(request=attrs.AttributeContext.Request(http=http))
+        )
+
+    assert check.Check(request("rq-1"), timeout=5).status.code == 0
+    assert check.Check(request("rq-2"), timeout=5).status.code == 0
+    assert check.Check(request("rq-3"), timeout=5).denied_response.status.code == 429
+    released = tollway_stub.Release(pb.ReleaseRequest(api_key=customer.key, lease_id="rq-1"))
+    assert released.released
+    assert check.Check(request("rq-4"), timeout=5).status.code == 0
