@@ -117,26 +117,34 @@ def _tcp_open(port: int) -> bool:
         return True
 
 
+def _start_tollway(
+    role: str, command: str, config: Path, *, redis_url: str, port: int, log: Path,
+    env: Mapping[str, str] | None,
+) -> Child:  # fmt: skip
+    environ = {**(env or os.environ), "TOLLWAY_REDIS_URL": redis_url}
+    argv = [sys.executable, "-m", "sidecar", command, "--config", str(config),
+            "--listen", f"127.0.0.1:{port}"]  # fmt: skip
+    child = Child(role, argv, log, environ)
+    _wait_until(lambda: _tcp_open(port), role, 30, child)
+    return child
+
+
 def start_sidecar(
     config: Path, *, redis_url: str, port: int, log: Path, env: Mapping[str, str] | None = None
 ) -> Child:
-    environ = {**(env or os.environ), "TOLLWAY_REDIS_URL": redis_url}
-    argv = [sys.executable, "-m", "sidecar", "serve", "--config", str(config),
-            "--listen", f"127.0.0.1:{port}"]  # fmt: skip
-    child = Child("sidecar", argv, log, environ)
-    _wait_until(lambda: _tcp_open(port), "sidecar", 30, child)
-    return child
+    """`tollway serve` on 127.0.0.1:port; returns once it accepts connections."""
+    return _start_tollway(
+        "sidecar", "serve", config, redis_url=redis_url, port=port, log=log, env=env
+    )
 
 
 def start_companion(
     config: Path, *, redis_url: str, port: int, log: Path, env: Mapping[str, str] | None = None
 ) -> Child:
-    environ = {**(env or os.environ), "TOLLWAY_REDIS_URL": redis_url}
-    argv = [sys.executable, "-m", "sidecar", "webhook", "--config", str(config),
-            "--listen", f"127.0.0.1:{port}"]  # fmt: skip
-    child = Child("companion", argv, log, environ)
-    _wait_until(lambda: _tcp_open(port), "companion", 30, child)
-    return child
+    """`tollway webhook` on 127.0.0.1:port; returns once it accepts connections."""
+    return _start_tollway(
+        "companion", "webhook", config, redis_url=redis_url, port=port, log=log, env=env
+    )
 
 
 def envoy_binary() -> str:
