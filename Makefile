@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint proto bench clean
+.PHONY: run test lint proto bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ bench: $(STAMP)
 		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$sudo apt-get update -qq && $$sudo apt-get install -y -qq nghttp2-client; }
 	$(BIN)/python -m bench.run
+
+## soak: 30 minutes of load with key churn and plan changes (make test runs 2 minutes of it)
+soak: $(STAMP)
+	SOAK_SECONDS=1800 $(BIN)/pytest -q tests/test_soak.py
 
 ## proto: regenerate sidecar/gen after editing proto/
 proto: $(STAMP)

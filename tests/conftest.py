@@ -291,6 +291,7 @@ class Stack:
     companion: str
     logs: list[Path]
     stub: tollway_pb2_grpc.TollwayStub
+    sidecar_pid: int = 0
 
     def authorize(self, key: str, **fields: Any) -> Any:
         from sidecar.gen.tollway.v1 import tollway_pb2
@@ -341,9 +342,10 @@ def stack_factory(
         }
         sidecar_port, companion_port = dev.free_port(), dev.free_port()
         logs = [workdir / "sidecar.log", workdir / "companion.log"]
-        children.append(
-            dev.start_sidecar(config, redis_url=redis_url, port=sidecar_port, log=logs[0], env=env)
+        sidecar_child = dev.start_sidecar(
+            config, redis_url=redis_url, port=sidecar_port, log=logs[0], env=env
         )
+        children.append(sidecar_child)
         children.append(
             dev.start_companion(
                 config, redis_url=redis_url, port=companion_port, log=logs[1], env=env
@@ -356,6 +358,7 @@ def stack_factory(
             companion=f"http://127.0.0.1:{companion_port}",
             logs=logs,
             stub=tollway_pb2_grpc.TollwayStub(channel),
+            sidecar_pid=sidecar_child.process.pid,
         )
 
     yield start
