@@ -45,6 +45,7 @@ __all__ = ["Authorizer"]
 log = logging.getLogger("tollway.authorizer")
 
 _HINTS_MAX: Final = 100_000
+_SLACK: Final = 0.002  # tokens
 
 
 class Authorizer:
@@ -193,7 +194,9 @@ class Authorizer:
         if bound is not None and bound[0] == plan.name:
             _, tokens, at = bound
             rate = plan.rate.per_second
-            upper = min(plan.burst, tokens + (self._clock() - at) * rate)
+            # Slack for the script's milli-token rounding and float clocks: the
+            # bound must never fall below the truth, or a paying request is refused.
+            upper = min(plan.burst, tokens + (self._clock() - at) * rate + _SLACK)
             if cost > upper:
                 return self._rate_denial(customer, plan, cost, upper)
         cached = self.denials.get(customer)
