@@ -20,7 +20,6 @@ from typing import Any
 
 import grpc
 import prometheus_client
-import redis.asyncio as aioredis
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_authz_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
@@ -40,7 +39,7 @@ from sidecar.logs import bind_request_id
 from sidecar.metrics import DECISION_SECONDS, DECISIONS, STORE_ERRORS, USAGE_EVENTS
 from sidecar.report import usage_report
 from sidecar.settings import Settings, load_settings
-from sidecar.store import INVALIDATE_CHANNEL, Store, connect, valid_customer_id
+from sidecar.store import INVALIDATE_CHANNEL, Store, connect, subscriber, valid_customer_id
 from sidecar.usage import DirtyIndex, UsageError, validate
 
 __all__ = ["authorize_response", "serve"]
@@ -325,12 +324,12 @@ class Sidecar:
 
     async def follow_invalidations(self, *, retry: float = 0.5) -> None:
         """Applies the invalidations other processes publish (revocations, plan and
-        status changes) to this sidecar's caches, reconnecting as needed."""
+        status changes) to this sidecar's caches, reconnecting as needed (on a
+        cluster, to the next node the URL lists)."""
         assert self.settings.redis_url is not None
+        attempt = 0
         while True:
-            client = aioredis.Redis.from_url(
-                self.settings.redis_url, socket_connect_timeout=1.0, socket_timeout=None
-            )
+            client = subscriber(self.settings.redis_url, attempt=attempt)
             try:
                 async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(INVALIDATE_CHANNEL)
@@ -342,6 +341,7 @@ class Sidecar:
             except (RedisError, OSError) as exc:
                 log.warning("invalidations paused (%s); caches cleared", type(exc).__name__)
                 self.authorizer.forget_everything()
+                attempt += 1
                 await asyncio.sleep(retry)
             finally:
                 await client.aclose()

@@ -179,9 +179,15 @@ def settings_from_document(
 
     redis_url = environ.get("TOLLWAY_REDIS_URL") or redis.get("url")
     if redis_url is not None and not (
-        isinstance(redis_url, str) and re.match(r"(redis|rediss|unix)://", redis_url)
+        isinstance(redis_url, str)
+        and re.match(
+            r"(redis|rediss|unix|redis\+cluster|rediss\+cluster|redis\+sentinel)://", redis_url
+        )
     ):
-        raise ConfigError("[redis] url: expected redis://, rediss:// or unix:// URL")
+        raise ConfigError(
+            "[redis] url: expected redis://, rediss://, unix://, redis+cluster://, "
+            "rediss+cluster:// or redis+sentinel:// URL"
+        )
     timeout_raw: Any = environ.get("TOLLWAY_REDIS_TIMEOUT_MS") or redis.get(
         "timeout_ms", DEFAULT_REDIS_TIMEOUT_MS
     )
