@@ -204,7 +204,7 @@ def decision_from_outcome(
     if code is OutcomeCode.FEATURE:
         return refuse(
             Reason.FEATURE_NOT_IN_PLAN,
-            f"Feature {feature!r} is not in plan {plan.name}; upgrade to use it",
+            f"Feature {(feature or '')[:64]!r} is not in plan {plan.name}; upgrade to use it",
             **who,
         )
     rate, quota = _limits(plan, outcome)

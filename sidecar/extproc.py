@@ -93,6 +93,8 @@ class ExtProcService(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[m
                         response=ext_proc.CommonResponse(header_mutation=mutation)
                     )
                 )
+            elif phase is None:  # an empty message gets an empty answer
+                yield ext_proc.ProcessingResponse()
             elif phase == "request_headers":  # not asked for; pass through unchanged
                 yield ext_proc.ProcessingResponse(request_headers=ext_proc.HeadersResponse())
             else:  # bodies and trailers are never configured; answer what was sent
@@ -113,9 +115,11 @@ class ExtProcService(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[m
             return mutation
         plan = settings.catalog.plans.get(str(meta.get("plan", "")))
         status = headers.get(":status", "200")
+        estimate = meta.get("cost", 1)
         cost = real_cost(
             headers.get(cost_header),
-            estimate=int(meta.get("cost", 1)),
+            # Metadata is ours (from Check) but arrives through Envoy: read it warily.
+            estimate=int(estimate) if isinstance(estimate, int | float) and estimate >= 0 else 1,
             status=int(status) if status.isdigit() else 200,
             bill_only_success=bool(meta.get("bill_only_success", False)),
         )

@@ -152,7 +152,7 @@ def _compile_path(path: str) -> re.Pattern[str]:
     regex = "".join(
         ".*" if part == "**" else "[^/]*" if part == "*" else re.escape(part) for part in parts
     )
-    return re.compile(regex)
+    return re.compile(regex, re.DOTALL)  # a path may hold any character, newlines too
 
 
 def parse_rate(text: str, where: str) -> Rate:

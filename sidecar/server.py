@@ -144,7 +144,7 @@ class TollwayService(pb_grpc.TollwayServicer):
             raise UsageError("not_found", f"no account {customer[:64]!r}")
         # StoreUnavailable passes through: an outage is UNAVAILABLE, never "no such account".
         if await store.get_account(customer) is None:
-            raise UsageError("not_found", f"no account {customer!r}")
+            raise UsageError("not_found", f"no account {customer[:64]!r}")
         return customer
 
     async def _record(self, request: pb.RecordUsageRequest) -> pb.RecordUsageResponse:

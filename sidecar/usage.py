@@ -44,7 +44,8 @@ def validate(
 ) -> None:
     if meter not in catalog.meters:
         known = ", ".join(sorted(catalog.meters)) or "none configured"
-        raise UsageError("invalid_argument", f"unknown meter {meter!r} (meters: {known})")
+        # Quote at most 64 characters: the message must fit a gRPC trailer.
+        raise UsageError("invalid_argument", f"unknown meter {meter[:64]!r} (meters: {known})")
     if quantity <= 0:
         raise UsageError("invalid_argument", f"quantity must be positive, got {quantity}")
     if quantity > MAX_QUANTITY:

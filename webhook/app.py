@@ -60,6 +60,8 @@ def signature_ok(
 ) -> bool:
     """Stripe's signature over the raw body, by the SDK, for any configured secret.
     The SDK refuses stale timestamps; ones from the future are refused here too."""
+    if not header.isascii():  # Stripe's header is ASCII; hmac refuses to compare others
+        return False
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
@@ -67,7 +69,7 @@ def signature_ok(
     for secret in secrets:
         try:
             stripe.WebhookSignature.verify_header(text, header, secret, tolerance)
-        except stripe.SignatureVerificationError:
+        except (stripe.SignatureVerificationError, ValueError):  # UnicodeError is one
             continue
         stamps = [p[2:] for p in header.split(",") if p.startswith("t=")]
         return bool(stamps) and stamps[0].isdigit() and int(stamps[0]) <= now + tolerance

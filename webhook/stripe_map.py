@@ -124,21 +124,25 @@ def subscription_state(sub: Mapping[str, Any], catalog: Catalog) -> Subscription
 def event_ref(event: Mapping[str, Any]) -> EventRef | None:
     """The account and subscription an event concerns; None if Tollway ignores it."""
     kind = event.get("type")
-    obj = (event.get("data") or {}).get("object") or {}
+    data = event.get("data")
+    obj = data.get("object") if isinstance(data, Mapping) else None
     if kind not in HANDLED_EVENTS or not isinstance(obj, Mapping):
         return None
     customer = _id(obj.get("customer"))
     if customer is None:
         return None
     if kind == "checkout.session.completed":
-        metadata = obj.get("metadata") or {}
+        metadata = obj.get("metadata")
         hint = metadata.get("tollway_plan") if isinstance(metadata, Mapping) else None
+        hint = hint if isinstance(hint, str) else None
         return EventRef(customer, _id(obj.get("subscription")), hint)
     if kind.startswith("customer.subscription."):
         return EventRef(customer, _id(obj.get("id")))
     # Invoices: the subscription moved under parent.subscription_details in 2025.
-    parent = (obj.get("parent") or {}).get("subscription_details") or {}
-    return EventRef(customer, _id(parent.get("subscription")) or _id(obj.get("subscription")))
+    parent = obj.get("parent")
+    details = parent.get("subscription_details") if isinstance(parent, Mapping) else None
+    from_parent = _id(details.get("subscription")) if isinstance(details, Mapping) else None
+    return EventRef(customer, from_parent or _id(obj.get("subscription")))
 
 
 def preferred(states: Iterable[SubscriptionState]) -> SubscriptionState | None:

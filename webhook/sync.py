@@ -92,7 +92,8 @@ class Syncer:
             return "ignored"
         if await self._store.event_seen(ref.customer_id, event_id):
             return "duplicate"
-        created = int(event.get("created") or time.time())
+        stamp = event.get("created")
+        created = stamp if isinstance(stamp, int) and stamp > 0 else int(time.time())
         change = await self.sync(
             ref.customer_id, ref.subscription_id, event_id=event_id, trouble_since=created
         )

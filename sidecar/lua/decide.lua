@@ -143,7 +143,10 @@ end
 local concurrency = tonumber(ARGV[16])
 if concurrency > 0 then
   redis.call("ZREMRANGEBYSCORE", KEYS[9], "-inf", now_s)
-  if redis.call("ZCARD", KEYS[9]) >= concurrency then
+  -- A lease id already held is another request in flight under the same id
+  -- (a client may choose it): it needs a slot of its own, so it counts as full.
+  local held = redis.call("ZSCORE", KEYS[9], ARGV[17])
+  if held or redis.call("ZCARD", KEYS[9]) >= concurrency then
     local soonest = redis.call("ZRANGE", KEYS[9], 0, 0, "WITHSCORES")
     local retry = (tonumber(soonest[2]) - now_s) * 1000
     return reply(8, plan, status, tokens, full_in_ms(tokens), retry, used, p_end)
@@ -175,7 +178,9 @@ redis.call("HSET", KEYS[3], "k", period, "p", p_start, "used", used)
 redis.call("EXPIRE", KEYS[3], p_end - now_s + 86400)
 
 local meter = ARGV[12]
-if ARGV[13] ~= "" then
+-- A request id already holding a reservation cannot hold a second one (a client
+-- may choose the id): this request is metered now instead.
+if ARGV[13] ~= "" and redis.call("EXISTS", KEYS[6]) == 0 then
   -- Reserved: settled by record_usage.lua (the real cost; the quota moves by
   -- the difference) or, if that never comes, expired by expire_reservation.lua
   -- at the estimate. Metered usage is billed by exactly one of the two.
