@@ -31,7 +31,7 @@ from google.protobuf.json_format import MessageToDict
 from sidecar.envoy import METADATA_NAMESPACE
 from sidecar.errors import StoreUnavailable
 from sidecar.settings import Settings
-from sidecar.store import Store
+from sidecar.store import Store, valid_customer_id
 
 __all__ = ["ExtProcService", "real_cost"]
 
@@ -47,7 +47,7 @@ def real_cost(header: str | None, *, estimate: int, status: int, bill_only_succe
     if header is None:
         return estimate
     text = header.strip()
-    if text.isdigit() and int(text) <= _MAX_COST:
+    if text.isascii() and text.isdigit() and int(text) <= _MAX_COST:
         return int(text)
     log.warning("ignoring a malformed cost header %r; charging the estimate", header[:40])
     return estimate
@@ -111,7 +111,7 @@ class ExtProcService(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[m
         meta: dict[str, Any] = MessageToDict(struct)
         customer, request_id = str(meta.get("customer", "")), str(meta.get("request_id", ""))
         lease_id = str(meta.get("lease_id", ""))
-        if not customer or not (request_id or lease_id):
+        if not valid_customer_id(customer) or not (request_id or lease_id):
             return mutation
         plan = settings.catalog.plans.get(str(meta.get("plan", "")))
         status = headers.get(":status", "200")
@@ -120,7 +120,7 @@ class ExtProcService(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[m
             headers.get(cost_header),
             # Metadata is ours (from Check) but arrives through Envoy: read it warily.
             estimate=int(estimate) if isinstance(estimate, int | float) and estimate >= 0 else 1,
-            status=int(status) if status.isdigit() else 200,
+            status=int(status) if status.isascii() and status.isdigit() else 200,
             bill_only_success=bool(meta.get("bill_only_success", False)),
         )
         try:

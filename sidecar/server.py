@@ -134,7 +134,7 @@ class TollwayService(pb_grpc.TollwayServicer):
             record = (
                 await store.lookup_key(keys.key_hash(key)) if keys.is_well_formed(key) else None
             )
-            if record is None or record.revoked:
+            if record is None or not record.usable():
                 raise UsageError("unauthenticated", "API key is not valid")
             return record.customer_id
         customer = request.customer_id
@@ -219,7 +219,7 @@ class TollwayService(pb_grpc.TollwayServicer):
                 if keys.is_well_formed(key)
                 else None
             )
-            if record is None:
+            if record is None or not record.usable():
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, "API key is not valid")
                 raise AssertionError("abort raises")
             released = await self._sidecar.store.release(record.customer_id, request.lease_id)

@@ -249,6 +249,12 @@ class KeyRecord:
     def revoked(self) -> bool:
         return self.state == "revoked"
 
+    def usable(self, now_us: int | None = None) -> bool:
+        """Neither revoked nor expired (by the wall clock, or now_us): what any
+        call naming a customer by this key requires, not just Authorize."""
+        now = time.time_ns() // 1000 if now_us is None else now_us
+        return not self.revoked and (self.expires_at_us == 0 or now < self.expires_at_us)
+
 
 def parse_outcome(raw: list[Any]) -> Outcome:
     """Reads decide.lua's reply (see the script's header for the contract)."""

@@ -14,6 +14,7 @@ comment on each says what was wrong, where, and the fix proposed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -46,8 +47,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sidecar import keys
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc as pb_grpc
+from sidecar.store import KeyRecord, Store, connect
 from tests.conftest import WEBHOOK_SECRET, Customer, Stack, new_customer
 from tests.fakestripe import FakeStripe, make_event, sign_payload
 
@@ -641,7 +644,11 @@ METADATA = st.fixed_dictionaries(
         "lease_id": HOSTILE,
         "plan": st.sampled_from(["basic", "metered", "duo", "", "nope"]),
         "cost": st.one_of(
-            st.integers(0, 10**6), st.floats(0, 1e6), st.text(max_size=4), st.none(), st.booleans()
+            st.integers(-(10**6), 10**6),
+            st.floats(allow_infinity=False),
+            st.text(max_size=4),
+            st.none(),
+            st.booleans(),
         ),
         "bill_only_success": st.booleans(),
     },
@@ -666,19 +673,21 @@ def processing_request(
 
 
 # BUG: sidecar/extproc.py answers hostile streams with UNKNOWN (an unhandled
-# exception) instead of a response or INVALID_ARGUMENT:
-# - metadata whose "cost" is not an integer ("", "abc", NaN): int(meta["cost"])
-#   in ExtProcService._settle (~L118) -> ValueError;
-# - a ":status" or an upstream x-tollway-cost of "\u00b2" or "\u00b9" (isdigit()
-#   but not int()): _settle (~L119) and real_cost (~L50) -> ValueError;
-# - a "customer" that is no valid id: store.record_usage -> TollwayError;
-# - (at 071b06b, fixed in the working tree since) a ProcessingRequest with no
-#   phase: ProcessingResponse(**{None: _empty(None)}) -> AttributeError.
-# Envoy sends none of these itself, but the port answers anyone who reaches it,
-# and forged metadata with a negative "cost" is accepted (x-tollway-charged: -5,
-# the reservation's quota refunded). Fix: validate the metadata (integers via
-# isdecimal() and >= 0, the customer via valid_customer_id) and the status with
-# isdecimal(); skip the settlement (or abort INVALID_ARGUMENT) when invalid.
+# exception) instead of a response or INVALID_ARGUMENT. Still open at 8fa6ae1:
+# - a "customer" in the metadata that is no valid id (" ", "a b"):
+#   store.record_usage raises TollwayError (ExtProcService._settle, ~L128);
+# - a ":status" of "\u00b2" (isdigit() but not int()): int(status) in _settle
+#   (~L123) -> ValueError; likewise an upstream x-tollway-cost of "\u00b9" (UTF-8)
+#   in real_cost (~L50), which a real upstream can send: the stream fails, Envoy
+#   (failure_mode_allow) passes the response with x-tollway-cost still on it, and
+#   the lease stays held until lease_ttl;
+# - a NaN "cost" in the metadata: MessageToDict raises ValueError (~L111).
+# Fixed in 8fa6ae1: an empty ProcessingRequest (AttributeError on None.endswith)
+# and a non-integer or negative "cost" (int("abc"); -5 was charged, refunding
+# quota). Envoy sends none of these itself, but the port answers anyone who
+# reaches it. Fix: isdecimal() instead of isdigit() for :status and the cost
+# header; skip the settlement when valid_customer_id(customer) is false; catch
+# ValueError around MessageToDict.
 def test_process_streams_never_end_in_unknown(channel: grpc.Channel) -> None:
     stub = ext_proc_grpc.ExternalProcessorStub(channel)
     step = st.tuples(
@@ -701,9 +710,11 @@ def test_process_streams_never_end_in_unknown(channel: grpc.Channel) -> None:
             code, details = exc.code(), exc.details()
         # Outside the except block, so a failure replays identically for Hypothesis.
         assert code in (Code.OK, Code.INVALID_ARGUMENT), (code, details)
-        if code is Code.OK:  # one answer per phase sent, in order; empty messages get none
-            expected = [s[0] for s in steps if s[0] is not None]
-            assert [a.WhichOneof("response") for a in answers] == expected
+        if code is Code.OK:  # one answer per phase sent, in order; an empty message
+            # gets an empty answer or none
+            phases = [a.WhichOneof("response") for a in answers]
+            assert [p for p in phases if p is not None] == [s[0] for s in steps if s[0]]
+            assert phases.count(None) <= [s[0] for s in steps].count(None)
 
     run()
     assert serving(channel)
@@ -1095,12 +1106,12 @@ def test_a_client_chosen_request_id_cannot_dodge_metering(
 # BUG: a client that retries with the same x-request-id (many HTTP clients reuse
 # it on retry) must not be throttled on a concurrency plan when its requests never
 # overlap. At 071b06b such requests were all admitted but metered once (the bug
-# above). The working tree's decide.lua change meters them but counts a lease id
-# already held as "full", and sidecar/lua/record_usage.lua returns on a duplicate
+# above). Since 8fa6ae1, decide.lua meters them but counts a lease id already
+# held as "full", and sidecar/lua/record_usage.lua returns on a duplicate
 # idempotency claim ("settle:<id>", ~L35) before it releases the lease (~L39):
-# the second response leaves lease "<id>" held until lease_ttl, and the third
-# request is a 429 concurrency_limited. Fix: release ARGV[8] before the duplicate
-# check in record_usage.lua (and prefer unique lease ids per Check, see above).
+# the second response leaves lease "<id>" held until lease_ttl (60 s by default),
+# and the third request is a 429 concurrency_limited. Fix: release ARGV[8] before
+# the duplicate check in record_usage.lua (and prefer unique lease ids per Check).
 def test_a_client_reusing_its_request_id_one_at_a_time_is_not_throttled(
     envoy: str, tollway_stub: pb_grpc.TollwayStub, make_customer: MakeCustomer
 ) -> None:
@@ -1448,3 +1459,75 @@ def test_keys_are_looked_up_by_sha256_and_stored_only_as_it(
         secret = key[8:51].encode()
         leaks = [name for name, value in every_value(client) if secret in value]
     assert not leaks, f"the key's secret is stored under {leaks[:5]}"
+
+
+# == keys that no longer work ===========================================================
+
+
+def add_key(redis_url: str, customer: str, *, expires_at_us: int = 0, revoke: bool = False) -> str:
+    """A key for an existing account, stored the way `tollway keys issue` stores one."""
+
+    async def work() -> str:
+        store = Store(connect(redis_url, timeout=2.0), timeout=2.0)
+        try:
+            key = keys.generate("test")
+            hashed = keys.key_hash(key)
+            record = KeyRecord(keys.key_id(hashed), customer, "active", expires_at_us)
+            await store.add_key(hashed, record)
+            if revoke:
+                await store.revoke_key(customer, record.key_id)
+            return key
+        finally:
+            await store.close()
+
+    return asyncio.run(work())
+
+
+# BUG: an expired key (past --expires-in, or an old key whose rotation overlap is
+# over) is refused by Authorize and Check (401 key_expired) but still works
+# everywhere else a key is accepted, because those places check only
+# record.revoked, never record.expires_at_us:
+# - webhook/app.py Companion.portal (~L321, "if record is None or
+#   record.revoked"): POST /portal opens a Billing Portal session, where the
+#   holder of a rotated-out (say, leaked) key can change the payment method or
+#   cancel the subscription;
+# - sidecar/server.py TollwayService._customer (~L137): GetUsage shows the
+#   customer's usage and plan, and RecordUsage bills the customer;
+# - sidecar/server.py TollwayService.Release (~L222) checks only that the key
+#   exists: revoked and expired keys release the customer's leases.
+# Fix: one helper "usable(record, now_us)" (not revoked, not expired) used by
+# _customer, Release and portal; Redis TIME or the wall clock for now.
+def test_an_expired_or_revoked_key_opens_nothing(
+    stack: Stack, fake_stripe: FakeStripe, redis_url: str
+) -> None:
+    customer = fake_stripe.create_customer("rotated@example.com")
+    sub = fake_stripe.create_subscription(customer, "price_basic", status="active")
+    assert stack.deliver(make_event("customer.subscription.created", sub)).status_code == 200
+    good = add_key(redis_url, customer)
+    expired = add_key(redis_url, customer, expires_at_us=1)  # long past
+    revoked = add_key(redis_url, customer, revoke=True)
+
+    def portal(key: str) -> int:
+        headers = {"x-api-key": key}
+        return httpx.post(f"{stack.companion}/portal", headers=headers, timeout=10).status_code
+
+    def usage_calls(key: str) -> list[grpc.StatusCode]:
+        record = pb.RecordUsageRequest(
+            api_key=key, meter="api_calls", quantity=1, idempotency_key=f"rotated-{key[-6:]}"
+        )
+        return [
+            rpc(stack.stub.GetUsage, pb.GetUsageRequest(api_key=key))[1],
+            rpc(stack.stub.RecordUsage, record)[1],
+            rpc(stack.stub.Release, pb.ReleaseRequest(api_key=key, lease_id="any"))[1],
+        ]
+
+    # The oracle is live: the good key opens all of it.
+    assert stack.authorize(good).allowed and portal(good) == 200
+    assert usage_calls(good) == [Code.OK] * 3
+    assert stack.authorize(expired).reason == pb.REASON_KEY_EXPIRED
+    assert stack.authorize(revoked).reason == pb.REASON_KEY_REVOKED
+    results = {name: (portal(key), usage_calls(key)) for name, key in
+               (("expired", expired), ("revoked", revoked))}  # fmt: skip
+    assert results == {name: (401, [Code.UNAUTHENTICATED] * 3) for name in results}
+    usage = stack.stub.GetUsage(pb.GetUsageRequest(customer_id=customer), timeout=5)
+    assert {m.meter: m.used for m in usage.meters} == {"api_calls": 1}  # the good key's

@@ -318,7 +318,7 @@ class Companion:
                 if keys.is_well_formed(key)
                 else None
             )
-            if record is None or record.revoked:
+            if record is None or not record.usable():
                 return _error(401, "invalid_key", "API key is not valid")
             session = await self.client.v1.billing_portal.sessions.create_async(
                 {

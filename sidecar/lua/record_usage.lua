@@ -31,12 +31,14 @@ local function quota_used()
   return tonumber(redis.call("HGET", KEYS[6], "used") or "0")
 end
 
+-- The lease goes first, even for a duplicate: a client reusing a request id for
+-- calls one after another must not find the previous call still holding it.
+if ARGV[8] ~= "" then
+  redis.call("ZREM", KEYS[7], ARGV[8])
+end
 local existing = redis.call("GET", KEYS[1])
 if existing then
   return {"duplicate", existing, 0, quota_used()}
-end
-if ARGV[8] ~= "" then
-  redis.call("ZREM", KEYS[7], ARGV[8])
 end
 
 local quantity = tonumber(ARGV[2])
