@@ -103,7 +103,11 @@ def _supervise_workers(args: argparse.Namespace, settings: Settings) -> None:
         base += ["--config", args.config]
     workers = [subprocess.Popen([*base, "--worker-index", str(i)]) for i in range(args.workers)]
 
+    asked_to_stop = []
+
     def forward(signum: int, frame: object) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            asked_to_stop.append(signum)
         for worker in workers:
             if worker.poll() is None:
                 worker.send_signal(signum)
@@ -113,10 +117,15 @@ def _supervise_workers(args: argparse.Namespace, settings: Settings) -> None:
     log.info("serving on %s with %d workers", listen, args.workers)
     while all(w.poll() is None for w in workers):
         time.sleep(0.2)
+    stopping = bool(asked_to_stop)
     forward(signal.SIGTERM, None)
     codes = [w.wait() for w in workers]
-    if any(codes):
-        failed = next(c for c in codes if c)
+    # A worker still starting when asked to stop dies of the signal itself: that
+    # is a stop, not a failure.
+    stopped_by_signal = (-signal.SIGTERM, -signal.SIGINT)
+    failures = [c for c in codes if c and not (stopping and c in stopped_by_signal)]
+    if failures:
+        failed = failures[0]
         raise TollwayError(f"a worker exited (status {failed}); all stopped")
 
 

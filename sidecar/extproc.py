@@ -108,7 +108,10 @@ class ExtProcService(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[m
         struct = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
         if struct is None:
             return mutation
-        meta: dict[str, Any] = MessageToDict(struct)
+        try:
+            meta: dict[str, Any] = MessageToDict(struct)
+        except ValueError:  # e.g. a NaN number: not metadata Check wrote
+            return mutation
         customer, request_id = str(meta.get("customer", "")), str(meta.get("request_id", ""))
         lease_id = str(meta.get("lease_id", ""))
         if not valid_customer_id(customer) or not (request_id or lease_id):

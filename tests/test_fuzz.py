@@ -44,7 +44,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_gr
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sidecar import keys
@@ -382,12 +382,12 @@ def test_an_unknown_huge_meter_is_invalid_argument(
         assert code is Code.INVALID_ARGUMENT
 
 
-# BUG: sidecar/decide.py decision_from_outcome (~L207) echoes the whole feature,
-# repr()-escaped, into the answer's message (f"Feature {feature!r} is not in
-# plan ..."). A 300 KB feature of control characters becomes a 1.2 MB answer, over
-# the server's 1 MiB send limit: the caller gets RESOURCE_EXHAUSTED ("Sent message
-# larger than max") for a request well under the limit, not FEATURE_NOT_IN_PLAN.
-# Fix: quote at most 64 characters (feature[:64]), as for meters and customer ids.
+# BUG (regression test): sidecar/decide.py decision_from_outcome (~L207) echoed
+# the whole feature, repr()-escaped, into the answer's message (f"Feature
+# {feature!r} is not in plan ..."). A 300 KB feature of control characters became
+# a 1.2 MB answer, over the server's 1 MiB send limit: the caller got
+# RESOURCE_EXHAUSTED ("Sent message larger than max") for a request well under
+# the limit, not FEATURE_NOT_IN_PLAN. Fixed in 8fa6ae1 (at most 64 characters).
 def test_an_unknown_huge_feature_is_feature_not_in_plan(
     tollway_stub: pb_grpc.TollwayStub, make_customer: MakeCustomer
 ) -> None:
@@ -672,22 +672,17 @@ def processing_request(
     return request
 
 
-# BUG: sidecar/extproc.py answers hostile streams with UNKNOWN (an unhandled
-# exception) instead of a response or INVALID_ARGUMENT. Still open at 8fa6ae1:
-# - a "customer" in the metadata that is no valid id (" ", "a b"):
-#   store.record_usage raises TollwayError (ExtProcService._settle, ~L128);
-# - a ":status" of "\u00b2" (isdigit() but not int()): int(status) in _settle
-#   (~L123) -> ValueError; likewise an upstream x-tollway-cost of "\u00b9" (UTF-8)
-#   in real_cost (~L50), which a real upstream can send: the stream fails, Envoy
-#   (failure_mode_allow) passes the response with x-tollway-cost still on it, and
-#   the lease stays held until lease_ttl;
-# - a NaN "cost" in the metadata: MessageToDict raises ValueError (~L111).
-# Fixed in 8fa6ae1: an empty ProcessingRequest (AttributeError on None.endswith)
-# and a non-integer or negative "cost" (int("abc"); -5 was charged, refunding
-# quota). Envoy sends none of these itself, but the port answers anyone who
-# reaches it. Fix: isdecimal() instead of isdigit() for :status and the cost
-# header; skip the settlement when valid_customer_id(customer) is false; catch
-# ValueError around MessageToDict.
+# BUG: sidecar/extproc.py answered hostile streams with UNKNOWN (an unhandled
+# exception) instead of a response or INVALID_ARGUMENT. At 071b06b: an empty
+# ProcessingRequest (ProcessingResponse(**{None: ...}) -> AttributeError), a
+# non-integer metadata "cost" (int("abc")), a ":status" or an upstream
+# x-tollway-cost of "\u00b2"/"\u00b9" (isdigit() but not int()), a metadata
+# "customer" that is no valid id (store.record_usage -> TollwayError); and a
+# negative "cost" was charged (x-tollway-charged: -5, quota refunded). Fixed by
+# 8fa6ae1 and a4dd35e. STILL OPEN at a4dd35e: a NaN "cost" in the metadata makes
+# MessageToDict raise ValueError ("Fail to serialize NaN", ExtProcService._settle
+# ~L111) -> UNKNOWN. Envoy never sends that itself, but the port answers anyone
+# who reaches it. Fix: catch ValueError around MessageToDict and skip settlement.
 def test_process_streams_never_end_in_unknown(channel: grpc.Channel) -> None:
     stub = ext_proc_grpc.ExternalProcessorStub(channel)
     step = st.tuples(
@@ -699,8 +694,12 @@ def test_process_streams_never_end_in_unknown(channel: grpc.Channel) -> None:
         st.none() | st.one_of(st.sampled_from(["7", "-1", "1e3", "\u00b9"]), st.text(max_size=6)),
     )
 
+    nan_cost = {"customer": "cus_nan", "request_id": "r", "cost": float("nan")}
+
     @fuzz(80)
     @given(st.lists(step, min_size=1, max_size=4))
+    @example([("response_headers", nan_cost, "200", None)])
+    @example([("response_headers", {"customer": "a b", "request_id": "r"}, "\u00b2", "\u00b9")])
     def run(steps: list[tuple[str | None, dict[str, Any] | None, str, str | None]]) -> None:
         requests = [processing_request(*s) for s in steps]
         answers, code, details = [], Code.OK, ""
@@ -1103,15 +1102,15 @@ def test_a_client_chosen_request_id_cannot_dodge_metering(
     assert {m.meter: m.used for m in usage.meters} == {"api_calls": 5}
 
 
-# BUG: a client that retries with the same x-request-id (many HTTP clients reuse
-# it on retry) must not be throttled on a concurrency plan when its requests never
-# overlap. At 071b06b such requests were all admitted but metered once (the bug
-# above). Since 8fa6ae1, decide.lua meters them but counts a lease id already
-# held as "full", and sidecar/lua/record_usage.lua returns on a duplicate
-# idempotency claim ("settle:<id>", ~L35) before it releases the lease (~L39):
-# the second response leaves lease "<id>" held until lease_ttl (60 s by default),
-# and the third request is a 429 concurrency_limited. Fix: release ARGV[8] before
-# the duplicate check in record_usage.lua (and prefer unique lease ids per Check).
+# BUG (regression test): a client that retries with the same x-request-id (many
+# HTTP clients reuse it on retry) must not be throttled on a concurrency plan when
+# its requests never overlap. At 071b06b such requests were admitted but metered
+# once (above); 8fa6ae1 metered them but counted a lease id already held as
+# "full" while sidecar/lua/record_usage.lua returned on a duplicate idempotency
+# claim ("settle:<id>") before releasing the lease: the second response left
+# lease "<id>" held until lease_ttl, and the third request was a 429
+# concurrency_limited. Fixed in a4dd35e (the lease is released before the
+# duplicate check).
 def test_a_client_reusing_its_request_id_one_at_a_time_is_not_throttled(
     envoy: str, tollway_stub: pb_grpc.TollwayStub, make_customer: MakeCustomer
 ) -> None:
@@ -1246,14 +1245,13 @@ def test_forged_webhooks_are_400_and_change_nothing(
     assert account(redis_url, doomed["customer"])[b"status"] == b"canceled"
 
 
-# BUG: webhook/app.py signature_ok (~L58-74) catches only
-# stripe.SignatureVerificationError (the working tree adds ValueError), but the
-# SDK compares signatures with hmac.compare_digest on str, which raises
-# *TypeError* ("comparing strings with non-ASCII characters is not supported").
-# So a Stripe-Signature of "t=<any integer>,v1=\xe9" (one unsigned request, no
-# secret needed) is a 500 Internal Server Error instead of 400 invalid_signature.
-# Found by the forgery fuzzing; pinned here. Fix: also catch TypeError around
-# verify_header, or refuse a header that is not ASCII before calling it.
+# BUG (regression test): webhook/app.py signature_ok caught only
+# stripe.SignatureVerificationError, but the SDK compares signatures with
+# hmac.compare_digest on str, which raises TypeError ("comparing strings with
+# non-ASCII characters is not supported"). So a Stripe-Signature of
+# "t=<any integer>,v1=\xe9" (one unsigned request, no secret needed) was a 500
+# Internal Server Error instead of 400 invalid_signature. Found by the forgery
+# fuzzing; pinned here. Fixed in 8fa6ae1 (a non-ASCII header is refused first).
 def test_a_non_ascii_signature_is_400_not_500(stack: Stack) -> None:
     now = int(time.time())
     for header in (
@@ -1483,20 +1481,18 @@ def add_key(redis_url: str, customer: str, *, expires_at_us: int = 0, revoke: bo
     return asyncio.run(work())
 
 
-# BUG: an expired key (past --expires-in, or an old key whose rotation overlap is
-# over) is refused by Authorize and Check (401 key_expired) but still works
-# everywhere else a key is accepted, because those places check only
-# record.revoked, never record.expires_at_us:
-# - webhook/app.py Companion.portal (~L321, "if record is None or
-#   record.revoked"): POST /portal opens a Billing Portal session, where the
-#   holder of a rotated-out (say, leaked) key can change the payment method or
-#   cancel the subscription;
-# - sidecar/server.py TollwayService._customer (~L137): GetUsage shows the
-#   customer's usage and plan, and RecordUsage bills the customer;
-# - sidecar/server.py TollwayService.Release (~L222) checks only that the key
-#   exists: revoked and expired keys release the customer's leases.
-# Fix: one helper "usable(record, now_us)" (not revoked, not expired) used by
-# _customer, Release and portal; Redis TIME or the wall clock for now.
+# BUG (regression test): up to 8fa6ae1 an expired key (past --expires-in, or an
+# old key whose rotation overlap is over) was refused by Authorize and Check
+# (401 key_expired) but still worked everywhere else a key is accepted, because
+# those places checked only record.revoked, never record.expires_at_us:
+# - webhook/app.py Companion.portal: POST /portal opened a Billing Portal
+#   session, where the holder of a rotated-out (say, leaked) key can change the
+#   payment method or cancel the subscription;
+# - sidecar/server.py TollwayService._customer: GetUsage showed the customer's
+#   usage and plan, and RecordUsage billed the customer;
+# - sidecar/server.py TollwayService.Release checked only that the key existed:
+#   revoked and expired keys released the customer's leases.
+# Fixed in a4dd35e.
 def test_an_expired_or_revoked_key_opens_nothing(
     stack: Stack, fake_stripe: FakeStripe, redis_url: str
 ) -> None:
