@@ -30,9 +30,10 @@ from sidecar.cache import TtlCache
 from sidecar.decide import (
     Decision,
     OutcomeCode,
-    RateState,
     Reason,
+    bucket_state,
     decision_from_outcome,
+    rate_limited,
     refuse,
 )
 from sidecar.errors import StoreUnavailable
@@ -210,22 +211,10 @@ class Authorizer:
 
     @staticmethod
     def _rate_denial(customer: str, plan: Plan, cost: int, upper: float) -> Decision:
-        rate = plan.rate.per_second
-        state = RateState(
-            limit=plan.burst,
-            remaining=max(0, math.floor(upper + 1e-9)),
-            reset_seconds=max(0, math.ceil((plan.burst - upper) / rate)),
-            rate_per_second=rate,
-            window_seconds=max(1, math.ceil(plan.burst / rate)),
-        )
-        if cost > plan.burst:
-            message = f"Request cost {cost} exceeds plan {plan.name}'s burst of {plan.burst}"
-            retry = 0
-        else:
-            message = f"Rate limit exceeded for plan {plan.name}: {plan.rate}"
-            retry = max(1, math.ceil((cost - upper) / rate))
-        return Decision(False, Reason.RATE_LIMITED, message, customer, plan.name, state,
-                        retry_after=retry)  # fmt: skip
+        per_ms = plan.rate.per_second / 1000
+        state = bucket_state(plan, upper, (plan.burst - upper) / per_ms)
+        retry_ms = -1 if cost > plan.burst else (cost - upper) / per_ms
+        return rate_limited(plan, customer_id=customer, cost=cost, rate=state, retry_ms=retry_ms)
 
     def _quota_alert(self, customer: str, plan: str, percent: int, used: int) -> None:
         """The script notes each threshold once per period; deliver it off the

@@ -29,7 +29,9 @@ __all__ = [
     "QuotaState",
     "RateState",
     "Reason",
+    "bucket_state",
     "decision_from_outcome",
+    "rate_limited",
     "refuse",
 ]
 
@@ -156,14 +158,40 @@ def _period_seconds(period: str, period_end: int) -> int:
     return int((end - start).total_seconds())
 
 
-def _limits(plan: Plan, outcome: Outcome) -> tuple[RateState, QuotaState]:
-    rate = RateState(
+def bucket_state(plan: Plan, tokens: float, reset_ms: float) -> RateState:
+    """The plan's token bucket holding `tokens`, full again in reset_ms."""
+    return RateState(
         limit=plan.burst,
-        remaining=max(0, math.floor(outcome.tokens + 1e-9)),
-        reset_seconds=max(0, math.ceil(outcome.reset_ms / 1000)),
+        remaining=max(0, math.floor(tokens + 1e-9)),
+        reset_seconds=max(0, math.ceil(reset_ms / 1000)),
         rate_per_second=plan.rate.per_second,
         window_seconds=max(1, math.ceil(plan.burst / plan.rate.per_second)),
     )
+
+
+def rate_limited(
+    plan: Plan,
+    *,
+    customer_id: str,
+    cost: int,
+    rate: RateState,
+    retry_ms: float,
+    quota: QuotaState | None = None,
+) -> Decision:
+    """An empty bucket's denial; retry_ms < 0: waiting can never help (cost > burst)."""
+    if retry_ms < 0:
+        message = f"Request cost {cost} exceeds plan {plan.name}'s burst of {plan.burst}"
+        retry_after = 0
+    else:
+        message = f"Rate limit exceeded for plan {plan.name}: {plan.rate}"
+        retry_after = max(1, math.ceil(retry_ms / 1000))
+    return Decision(
+        False, Reason.RATE_LIMITED, message, customer_id, plan.name, rate, quota, retry_after
+    )
+
+
+def _limits(plan: Plan, outcome: Outcome) -> tuple[RateState, QuotaState]:
+    rate = bucket_state(plan, outcome.tokens, outcome.reset_ms)
     limit = plan.quota.limit if plan.quota else 0
     quota = QuotaState(
         limit=limit,
@@ -209,15 +237,10 @@ def decision_from_outcome(
         )
     rate, quota = _limits(plan, outcome)
     if code is OutcomeCode.RATE_LIMITED:
-        if outcome.retry_ms < 0:
-            message = f"Request cost {cost} exceeds plan {plan.name}'s burst of {plan.burst}"
-            retry_after = 0
-        else:
-            message = f"Rate limit exceeded for plan {plan.name}: {plan.rate}"
-            retry_after = max(1, math.ceil(outcome.retry_ms / 1000))
-        return Decision(
-            False, Reason.RATE_LIMITED, message, customer_id, plan.name, rate, quota, retry_after
-        )
+        return rate_limited(
+            plan, customer_id=customer_id, cost=cost, rate=rate, retry_ms=outcome.retry_ms,
+            quota=quota,
+        )  # fmt: skip
     if code is OutcomeCode.CONCURRENCY:
         return Decision(
             False,
