@@ -303,7 +303,11 @@ class Sidecar:
         self, set_health: Callable[[int], Awaitable[None]], *, every: float = 0.5
     ) -> None:
         """gRPC health follows Redis: NOT_SERVING while it does not answer (so a
-        load balancer can route around this sidecar), SERVING once it does."""
+        load balancer can route around this sidecar), SERVING once it does.
+        With [sidecar] health_follows_redis = false health stays SERVING; calls
+        are still UNAVAILABLE while Redis is away."""
+        if not self.settings.health_follows_redis:
+            return
         serving = True
         while True:
             await asyncio.sleep(every)

@@ -6,6 +6,7 @@ an environment mapping (passed in, so tests need no patching).
     TOLLWAY_REDIS_TIMEOUT_MS  per-call Redis timeout; overrides [redis] timeout_ms
 
     [sidecar]  listen = "127.0.0.1:50051"   metrics_listen = "127.0.0.1:9464" (optional)
+               health_follows_redis = true
     [webhook]  listen = "127.0.0.1:8000"
     [redis]    url = "redis://127.0.0.1:6379/0"   timeout_ms = 50
     [headers]  api_key = ["x-api-key"]  bearer = true
@@ -101,6 +102,11 @@ class Settings:
     redis_timeout: float = DEFAULT_REDIS_TIMEOUT_MS / 1000
     listen: str = DEFAULT_LISTEN
     metrics_listen: str | None = None  # Prometheus /metrics of the sidecar, off by default
+    # gRPC health turns NOT_SERVING while Redis does not answer, so a load balancer
+    # routes around this sidecar. Off where health feeds a liveness probe or every
+    # sidecar shares one Redis: restarting them, or all leaving the pool, would not
+    # bring Redis back; requests still get UNAVAILABLE either way.
+    health_follows_redis: bool = True
     webhook_listen: str = DEFAULT_WEBHOOK_LISTEN
     headers: HeaderNames = HeaderNames()
     billing: Billing = Billing()
@@ -172,7 +178,14 @@ def settings_from_document(
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section or field")
     catalog = parse_catalog(doc)
-    sidecar = _section(doc, "sidecar", frozenset({"listen", "metrics_listen"}))
+    sidecar = _section(
+        doc, "sidecar", frozenset({"listen", "metrics_listen", "health_follows_redis"})
+    )
+    follows = sidecar.get("health_follows_redis", True)
+    if not isinstance(follows, bool):
+        raise ConfigError(
+            f"[sidecar] health_follows_redis: expected true or false, got {follows!r}"
+        )
     webhook = _section(doc, "webhook", frozenset({"listen"}))
     redis = _section(doc, "redis", frozenset({"url", "timeout_ms"}))
     headers = _section(doc, "headers", frozenset({"api_key", "bearer", "customer", "plan"}))
@@ -247,6 +260,7 @@ def settings_from_document(
             if "metrics_listen" in sidecar
             else None
         ),
+        health_follows_redis=follows,
         webhook_listen=_listen(webhook.get("listen", DEFAULT_WEBHOOK_LISTEN), "[webhook] listen"),
         headers=names,
         billing=Billing(grace_seconds=grace, fallback_plan=fallback),

@@ -4,6 +4,8 @@ turns NOT_SERVING and back, and enforcement returns within a second."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import threading
@@ -20,6 +22,7 @@ from sidecar import dev
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc
 from sidecar.store import Store, connect
+from tests.conftest import TEST_CONFIG
 
 
 class Load:
@@ -71,16 +74,15 @@ def wait_for(check: Callable[[], bool], seconds: float) -> float:
     return time.monotonic() - started
 
 
-@pytest.fixture
-def rig(tmp_path: Path, config_path: Path) -> Iterator[tuple[ValkeyServer, str, str]]:
+@contextlib.contextmanager
+def running_rig(workdir: Path, config: Path) -> Iterator[tuple[ValkeyServer, str, str]]:
     """Its own Valkey (so the suite's is never paused) and sidecar; yields a key."""
-    valkey = ValkeyServer(port=dev.free_port(), data_dir=tmp_path / "valkey", appendonly="yes")
+    valkey = ValkeyServer(port=dev.free_port(), data_dir=workdir / "valkey", appendonly="yes")
     valkey.start()
     url = valkey.connection_url
     port = dev.free_port()
-    child = dev.start_sidecar(config_path, redis_url=url, port=port, log=tmp_path / "s.log")
+    child = dev.start_sidecar(config, redis_url=url, port=port, log=workdir / "s.log")
     try:
-        import asyncio
 
         async def provision() -> str:
             store = Store(connect(url, timeout=2.0), timeout=2.0)
@@ -98,6 +100,12 @@ def rig(tmp_path: Path, config_path: Path) -> Iterator[tuple[ValkeyServer, str, 
             valkey.stop()
 
 
+@pytest.fixture
+def rig(tmp_path: Path, config_path: Path) -> Iterator[tuple[ValkeyServer, str, str]]:
+    with running_rig(tmp_path, config_path) as running:
+        yield running
+
+
 def test_a_paused_redis_is_answered_fast_and_recovery_is_immediate(
     rig: tuple[ValkeyServer, str, str],
 ) -> None:
@@ -109,7 +117,7 @@ def test_a_paused_redis_is_answered_fast_and_recovery_is_immediate(
         paused = time.monotonic()
         os.kill(pid, signal.SIGSTOP)
         try:
-            wait_for(lambda: health(address) == "NOT_SERVING", 3)
+            unhealthy = wait_for(lambda: health(address) == "NOT_SERVING", 3)
             time.sleep(1.0)
             during = load.since(paused + 0.5)
             assert during, "requests kept being answered during the pause"
@@ -118,8 +126,13 @@ def test_a_paused_redis_is_answered_fast_and_recovery_is_immediate(
         finally:
             os.kill(pid, signal.SIGCONT)
         resumed = time.monotonic()
-        wait_for(lambda: any(r[2] == "allowed" for r in load.since(resumed)), 1.0)
-        wait_for(lambda: health(address) == "SERVING", 3)
+        back = wait_for(lambda: any(r[2] == "allowed" for r in load.since(resumed)), 1.0)
+        healthy = wait_for(lambda: health(address) == "SERVING", 3)
+    print(
+        f"SIGSTOP: {len(during)} answers during the pause, all UNAVAILABLE, slowest "
+        f"{max(r[1] for r in during) * 1000:.0f} ms; NOT_SERVING after {unhealthy:.2f} s; "
+        f"first allow {back * 1000:.0f} ms after SIGCONT; SERVING after {healthy:.2f} s"
+    )
 
 
 def test_a_killed_and_restarted_redis_is_found_again(
@@ -130,12 +143,48 @@ def test_a_killed_and_restarted_redis_is_found_again(
         time.sleep(0.3)
         valkey.stop()
         down = time.monotonic()
-        wait_for(lambda: health(address) == "NOT_SERVING", 3)
+        unhealthy = wait_for(lambda: health(address) == "NOT_SERVING", 3)
         time.sleep(0.5)
         during = load.since(down + 0.2)
         assert during and {r[2] for r in during} == {"UNAVAILABLE"}
         assert max(r[1] for r in during) < 1.0
         valkey.start()  # same port, same data: the account and key are still there
-        back = time.monotonic()
-        wait_for(lambda: any(r[2] == "allowed" for r in load.since(back)), 1.0)
-        wait_for(lambda: health(address) == "SERVING", 3)
+        restarted = time.monotonic()
+        back = wait_for(lambda: any(r[2] == "allowed" for r in load.since(restarted)), 1.0)
+        healthy = wait_for(lambda: health(address) == "SERVING", 3)
+    print(
+        f"Redis stopped: {len(during)} answers while down, all UNAVAILABLE, slowest "
+        f"{max(r[1] for r in during) * 1000:.0f} ms; NOT_SERVING after {unhealthy:.2f} s; "
+        f"first allow {back * 1000:.0f} ms after the restart; SERVING after {healthy:.2f} s"
+    )
+
+
+def test_with_health_not_following_redis_health_stays_serving_and_calls_unavailable(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "tollway.toml"
+    config.write_text(TEST_CONFIG + "\n[sidecar]\nhealth_follows_redis = false\n")
+    with running_rig(tmp_path, config) as (valkey, address, key), Load(address, key) as load:
+        wait_for(lambda: any(r[2] == "allowed" for r in load.results), 3)
+        pid = valkey._process.pid
+        paused = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # Redis is checked every 0.5 s: 2 s would have flipped health four times over.
+            seen = set()
+            while time.monotonic() < paused + 2.0:
+                seen.add(health(address))
+                time.sleep(0.1)
+            during = load.since(paused + 0.5)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        resumed = time.monotonic()
+        assert seen == {"SERVING"}
+        assert during and {r[2] for r in during} == {"UNAVAILABLE"}, "never an allow or a deny"
+        assert max(r[1] for r in during) < 1.0
+        back = wait_for(lambda: any(r[2] == "allowed" for r in load.since(resumed)), 1.0)
+    print(
+        f"health_follows_redis = false: health SERVING throughout a 2 s pause; "
+        f"{len(during)} answers, all UNAVAILABLE, slowest "
+        f"{max(r[1] for r in during) * 1000:.0f} ms; first allow {back * 1000:.0f} ms after SIGCONT"
+    )

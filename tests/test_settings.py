@@ -40,6 +40,11 @@ def test_header_names_are_configurable_and_lower_cased() -> None:
         ({"redis": {"url": "http://x"}}, "[redis] url: expected redis://"),
         ({"redis": {"host": "x"}}, "[redis] host: unknown field"),
         ({"sidecar": {"listen": "nowhere"}}, "[sidecar] listen: expected host:port"),
+        (
+            {"sidecar": {"health_follows_redis": "no"}},
+            "[sidecar] health_follows_redis: expected true or false, got 'no'",
+        ),
+        ({"sidecar": {"health_follows": False}}, "[sidecar] health_follows: unknown field"),
         ({"headers": {"customer": "bad header"}}, "[headers] customer: expected an HTTP header"),
         ({"headers": {"api_key": [], "bearer": False}}, "no key can be read"),
         ({"plan": []}, "plan: unknown section"),
@@ -49,6 +54,12 @@ def test_each_mistake_names_its_field(doc: dict[str, object], message: str) -> N
     with pytest.raises(ConfigError) as caught:
         settings_from_document({**PLANS, **doc}, {})
     assert message in str(caught.value)
+
+
+def test_health_follows_redis_unless_turned_off() -> None:
+    assert settings_from_document(PLANS, {}).health_follows_redis
+    off = settings_from_document({**PLANS, "sidecar": {"health_follows_redis": False}}, {})
+    assert not off.health_follows_redis
 
 
 def test_file_errors_name_the_file(tmp_path: Path) -> None:
