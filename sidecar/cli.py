@@ -139,7 +139,11 @@ def cmd_webhook(args: argparse.Namespace, out: Output) -> None:
     host, _, port = (args.listen or settings.core.webhook_listen).rpartition(":")
     app = create_app(settings, _store(settings.core))
     # log_config=None: uvicorn logs through our handler (JSON, request ids).
-    uvicorn.run(app, host=host.strip("[]"), port=int(port), access_log=False, log_config=None)
+    # loop="asyncio", not uvloop when it happens to be installed: uvloop raises
+    # RuntimeError (not ConnectionError) writing to a Redis connection the network
+    # has reset, so a Redis outage answered 500 instead of 503 (uvloop issue #506).
+    uvicorn.run(app, host=host.strip("[]"), port=int(port), access_log=False, log_config=None,
+                loop="asyncio")  # fmt: skip
 
 
 def cmd_reconcile(args: argparse.Namespace, out: Output) -> None:

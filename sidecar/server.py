@@ -311,11 +311,7 @@ class Sidecar:
         serving = True
         while True:
             await asyncio.sleep(every)
-            try:
-                await self.store.ping()
-                up = True
-            except StoreUnavailable:
-                up = False
+            up = await self._redis_answers()
             if up != serving:
                 serving = up
                 log.warning("Redis %s: health %s", "is back" if up else "unreachable",
@@ -325,6 +321,19 @@ class Sidecar:
                     if up
                     else health_pb2.HealthCheckResponse.NOT_SERVING
                 )
+
+    async def _redis_answers(self) -> bool:
+        """Whether Redis answers a ping, asked twice: a pooled connection the network
+        reset (RST) fails its first command though Redis is well, and that failure
+        drops the idle connections, so the second ping tells. One reset must not
+        take this sidecar out of its load balancer."""
+        for _ in range(2):
+            try:
+                await self.store.ping()
+                return True
+            except StoreUnavailable:
+                pass
+        return False
 
     async def follow_invalidations(self, *, retry: float = 0.5) -> None:
         """Applies the invalidations other processes publish (revocations, plan and

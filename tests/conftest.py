@@ -307,18 +307,41 @@ class Stack:
         timestamp: int | None = None,
         body: bytes | None = None,
     ) -> Any:
-        import httpx
+        return deliver(self.companion, event, secret=secret, timestamp=timestamp, body=body)
 
-        from tests.fakestripe import sign_payload
 
-        payload = body if body is not None else json.dumps(event).encode()
-        header = sign_payload(payload, secret, timestamp=timestamp)
-        return httpx.post(
-            f"{self.companion}/webhooks/stripe",
-            content=payload,
-            headers={"stripe-signature": header, "content-type": "application/json"},
-            timeout=10,
-        )
+def deliver(
+    companion: str,
+    event: dict[str, Any],
+    *,
+    secret: str = WEBHOOK_SECRET,
+    timestamp: int | None = None,
+    body: bytes | None = None,
+) -> Any:
+    """POSTs an event to a companion's webhook endpoint, signed as Stripe signs it now."""
+    import httpx
+
+    from tests.fakestripe import sign_payload
+
+    payload = body if body is not None else json.dumps(event).encode()
+    header = sign_payload(payload, secret, timestamp=timestamp)
+    return httpx.post(
+        f"{companion}/webhooks/stripe",
+        content=payload,
+        headers={"stripe-signature": header, "content-type": "application/json"},
+        timeout=10,
+    )
+
+
+def companion_env(workdir: Path, stripe_url: str) -> dict[str, str]:
+    """The environment of a companion with Stripe sync on, against a fake Stripe."""
+    return {
+        **os.environ,
+        "STRIPE_SECRET_KEY": STRIPE_SECRET,
+        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "STRIPE_API_BASE": stripe_url,
+        "TOLLWAY_ENV_FILE": str(workdir / "none.env"),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -333,13 +356,7 @@ def stack_factory(
         workdir = tmp_path_factory.mktemp("stack")
         config = workdir / "tollway.toml"
         config.write_text(config_text)
-        env = {
-            **os.environ,
-            "STRIPE_SECRET_KEY": STRIPE_SECRET,
-            "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
-            "STRIPE_API_BASE": fake_stripe.url,
-            "TOLLWAY_ENV_FILE": str(workdir / "none.env"),
-        }
+        env = companion_env(workdir, fake_stripe.url)
         sidecar_port, companion_port = dev.free_port(), dev.free_port()
         logs = [workdir / "sidecar.log", workdir / "companion.log"]
         sidecar_child = dev.start_sidecar(

@@ -35,7 +35,7 @@ class Load:
 
     def _run(self, address: str, key: str) -> None:
         with grpc.insecure_channel(address) as channel:
-            stub = tollway_pb2_grpc.TollwayStub(channel)
+            stub = tollway_pb2_grpc.TollwayStub(channel)  # type: ignore[no-untyped-call]
             while not self._stop.is_set():
                 started = time.monotonic()
                 try:
