@@ -170,6 +170,7 @@ class TollwayService(pb_grpc.TollwayServicer):
             request_id=request.request_id,
             lease_id=request.request_id,  # settling a request ends its lease too
             wait_for_aof=settings.usage.wait_for_aof,
+            wait_for_replicas=settings.usage.wait_for_replicas,
         )
         if recorded.units or (recorded.duplicate and recorded.record_id != "-"):
             # A duplicate may be the retry of a call whose answer was lost: make

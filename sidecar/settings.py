@@ -13,7 +13,7 @@ an environment mapping (passed in, so tests need no patching).
                customer = "x-tollway-customer"  plan = "x-tollway-plan"
     [billing]  grace_period = "5d"  fallback_plan = "free"   (optional)
     [usage]    dedupe_window = "24h"  reservation_ttl = "5m"  thresholds = [80, 100]
-               wait_for_aof = false
+               wait_for_aof = false  wait_for_replicas = 0
     [envoy]    ext_proc = false  cost_header = "x-tollway-cost"
     [stripe]   read by the companion (webhook/config.py)
 """
@@ -70,6 +70,7 @@ class Usage:
     reservation_ttl: int = 300  # an unsettled reservation is billed at its estimate after
     thresholds: tuple[int, ...] = (80, 100)  # quota percentages that notify, once per period
     wait_for_aof: bool = False  # acknowledge usage only once fsynced (WAITAOF, Redis >= 7.2)
+    wait_for_replicas: int = 0  # acknowledge usage only once on this many replicas (WAIT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,11 +164,17 @@ def _parse_usage(section: Mapping[str, Any]) -> Usage:
     wait = section.get("wait_for_aof", False)
     if not isinstance(wait, bool):
         raise ConfigError(f"[usage] wait_for_aof: expected true or false, got {wait!r}")
+    replicas = section.get("wait_for_replicas", 0)
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or not 0 <= replicas <= 64:
+        raise ConfigError(
+            f"[usage] wait_for_replicas: expected a number of replicas, 0 to 64, got {replicas!r}"
+        )
     return Usage(
         dedupe_window=window,
         reservation_ttl=ttl,
         thresholds=tuple(sorted(thresholds)),
         wait_for_aof=wait,
+        wait_for_replicas=replicas,
     )
 
 
@@ -237,7 +244,15 @@ def settings_from_document(
         _section(
             doc,
             "usage",
-            frozenset({"dedupe_window", "reservation_ttl", "thresholds", "wait_for_aof"}),
+            frozenset(
+                {
+                    "dedupe_window",
+                    "reservation_ttl",
+                    "thresholds",
+                    "wait_for_aof",
+                    "wait_for_replicas",
+                }
+            ),
         )
     )
     envoy = _section(doc, "envoy", frozenset({"ext_proc", "cost_header"}))

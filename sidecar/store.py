@@ -799,10 +799,13 @@ class Store:
         request_id: str = "",
         lease_id: str = "",
         wait_for_aof: bool = False,
+        wait_for_replicas: int = 0,
     ) -> Recorded:
-        """record_usage.lua (see its header). With
-        wait_for_aof, returns only once the record is fsynced to Redis's
-        append-only file (WAITAOF), else raises StoreUnavailable."""
+        """record_usage.lua (see its header). With wait_for_aof, returns only
+        once the record is fsynced to Redis's append-only file (WAITAOF); with
+        wait_for_replicas, once that many replicas have it (WAIT): a failover
+        then cannot lose it. Else raises StoreUnavailable, and the client's
+        retry with the same idempotency key waits again (the record counts once)."""
         settle = request_hash(request_id) if request_id else ""
         keys = [
             idempotency_key(customer_id, idempotency),
@@ -818,20 +821,49 @@ class Store:
         ]  # fmt: skip
         async with self._guard("usage record"):
             raw = await self._record(keys=keys, args=args)
-            if wait_for_aof:
-                # Bounded like every call here: with appendfsync always it returns at
-                # once; with everysec it may take up to a second, past our deadline.
-                # On a cluster, asked of the node that holds the account.
-                node: dict[str, Any] = {}
-                if isinstance(self._redis, RedisCluster):
-                    node["target_nodes"] = self._redis.get_node_from_key(usage_key(customer_id))
-                reply = await self._redis.execute_command(
-                    "WAITAOF", 1, 0, max(1, int(self._deadline * 1000) // 2), **node
-                )
-                local = reply[0]
-                if int(local) < 1:
-                    raise StoreUnavailable("usage record not yet on disk (WAITAOF)")
+            if wait_for_aof or wait_for_replicas:
+                await self._confirm(keys[0], _text(raw[1]), wait_for_aof, wait_for_replicas)
         return Recorded(_text(raw[0]) == "duplicate", _text(raw[1]), int(raw[2]), int(raw[3]))
+
+    async def _confirm(self, claim: str, record_id: str, aof: bool, replicas: int) -> None:
+        """Waits until the usage claim (and so its record) is fsynced or replicated.
+
+        WAIT and WAITAOF count the writes of the connection they are sent on,
+        and the script may have run on another pooled connection, or on another
+        sidecar (a duplicate writes nothing). So this connection first rewrites
+        the claim unchanged: a write after the record on the same master, which
+        the waits then cover. A claim that is gone (a failover lost it before a
+        replica had it) is not confirmed: the client's retry records it anew.
+        On a cluster all of it goes to the node that holds the account, with no
+        redirect followed (that would leave the waits on another connection)."""
+        # Bounded like every call here, and under the socket timeout (half the
+        # deadline), so a wait that falls short answers before the socket gives up.
+        wait_ms = max(1, int(self._deadline * 1000) // 4)
+        if isinstance(self._redis, RedisCluster):
+            node = self._redis.get_node_from_key(claim)
+            pipe: Any = self._redis.pipeline()
+            pipe.execute_command("SET", claim, record_id, "XX", "KEEPTTL", target_nodes=node)
+            if replicas:
+                pipe.execute_command("WAIT", replicas, wait_ms, target_nodes=node)
+            if aof:
+                pipe.execute_command("WAITAOF", 1, 0, wait_ms, target_nodes=node)
+            replies = await pipe.execute(allow_redirections=False)
+        else:
+            async with self._redis.pipeline(transaction=False) as plain:
+                plain.set(claim, record_id, xx=True, keepttl=True)
+                if replicas:
+                    plain.execute_command("WAIT", replicas, wait_ms)
+                if aof:
+                    plain.execute_command("WAITAOF", 1, 0, wait_ms)
+                replies = await plain.execute()
+        if not replies[0]:
+            raise StoreUnavailable("usage record lost in a failover; retry to record it")
+        if replicas and int(replies[1]) < replicas:
+            raise StoreUnavailable(
+                f"usage record on {int(replies[1])} of {replicas} replicas (WAIT)"
+            )
+        if aof and int(replies[-1][0]) < 1:
+            raise StoreUnavailable("usage record not yet on disk (WAITAOF)")
 
     async def release(self, customer_id: str, lease_id: str) -> bool:
         """Frees a concurrency lease; False if it was not held (expired, released)."""

