@@ -15,7 +15,6 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import grpc
@@ -94,6 +93,20 @@ class Callers:
     def enforcing_since(self, moment: float) -> bool:
         """Each key got its right answer at least once since moment."""
         return all(c.right_since(moment) for c in self.clients)
+
+    def wait_enforcing(self, moment: float, within: float) -> float:
+        """Seconds from moment until every key got its right answer; fails past within,
+        naming who did not and what they got."""
+        while not self.enforcing_since(moment):
+            if time.monotonic() - moment > within:
+                late = {
+                    c.name: [(round(r[1] * 1000), r[2]) for r in c.load.since(moment)]
+                    for c in self.clients
+                    if not c.right_since(moment)
+                }
+                raise AssertionError(f"not enforcing {within} s on: (ms, answer) {late}")
+            time.sleep(0.01)
+        return time.monotonic() - moment
 
     def answers_since(self, moment: float) -> list[tuple[str, float, str]]:
         return [(c.name, r[1], r[2]) for c in self.clients for r in c.load.since(moment)]
@@ -180,7 +193,7 @@ def test_a_slow_redis_is_a_fast_unavailable_and_enforcement_returns_within_a_sec
         figures = check_the_fault(callers, slow + 0.3, "200 ms round trips")
         proxy.latency = 0.0
         healed = time.monotonic()
-        back = wait_for(lambda: callers.enforcing_since(healed), RECOVERY_WITHIN)
+        back = callers.wait_enforcing(healed, RECOVERY_WITHIN)
         healthy = wait_for(lambda: health(address) == "SERVING", 3)
         time.sleep(0.3)
     callers.assert_never_wrong()
@@ -202,7 +215,7 @@ def test_dropped_and_refused_redis_connections_are_remade_by_the_sidecar_itself(
             before = proxy.accepted
             assert proxy.drop() >= 1, "the sidecar held no connection to Redis"
             dropped = time.monotonic()
-            recoveries.append(wait_for(partial(callers.enforcing_since, dropped), RECOVERY_WITHIN))
+            recoveries.append(callers.wait_enforcing(dropped, RECOVERY_WITHIN))
             assert proxy.accepted > before, "no new connection after the drop"
             time.sleep(0.2)
         callers.assert_never_wrong()
@@ -215,7 +228,7 @@ def test_dropped_and_refused_redis_connections_are_remade_by_the_sidecar_itself(
         figures = check_the_fault(callers, down + 0.2, "connections refused")
         proxy.refuse = False
         healed = time.monotonic()
-        back = wait_for(lambda: callers.enforcing_since(healed), RECOVERY_WITHIN)
+        back = callers.wait_enforcing(healed, RECOVERY_WITHIN)
         healthy = wait_for(lambda: health(address) == "SERVING", 3)
         time.sleep(0.3)
     callers.assert_never_wrong()

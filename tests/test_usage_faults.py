@@ -19,7 +19,7 @@ duplicate ever after (copies in the same batch; keys reused later with another q
 and an account that exists is never NOT_FOUND.
 
 Two stand-ins for time: a SIGKILLed reporter (or one whose unlock failed while Redis was
-away) leaves a customer's billing lock behind for its 120 s TTL; the test deletes such
+away) leaves a customer's billing lock behind for its 30 s TTL; the test deletes such
 locks instead of waiting (counted in the notes). And the fake Stripe is the test's own,
 so no other test's companion consumes its faults and no leftover fault outlives it.
 
@@ -65,7 +65,7 @@ EVENTS = 3000
 BATCH = 100
 LOAD_SECONDS = 10.0  # how long the load is spread over
 HOLD_AT = 0.65  # the share of the load sent before Valkey's restart, at most
-LOCK_TTL_MS = 120_000  # webhook/reporter.py: account_lock(purpose="bill", ttl=120)
+LOCK_TTL_MS = 30_000  # webhook/reporter.py: account_lock(purpose="bill", ttl=30)
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
 RETRY_GET_USAGE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)
@@ -358,7 +358,7 @@ def test_usage_is_billed_exactly_once_through_stripe_reporter_and_redis_failures
         def free_bill_locks(taken_before: float) -> int:
             """Deletes billing locks taken before `taken_before` (time.monotonic()): their
             holder was SIGKILLed, or gave up on them when Redis went away and could not
-            release them. They would free themselves after their 120 s TTL, longer than
+            release them. They would free themselves after their 30 s TTL, longer than
             this test may take; deleting them is that TTL running out."""
 
             async def work(store: Store) -> int:
