@@ -116,14 +116,33 @@ class Callers:
         assert not wrong, f"answers that were neither right nor UNAVAILABLE: {wrong}"
 
 
+@dataclass
+class Proxied:
+    """A sidecar behind the proxy: its address, its /metrics URL, and per caller, a key
+    and the answer it must get."""
+
+    address: str
+    metrics: str
+    keys: dict[str, tuple[str, str]]
+
+    def store_errors(self) -> float:
+        text = httpx.get(self.metrics, timeout=5).text
+        return sum(
+            float(line.rpartition(" ")[2])
+            for line in text.splitlines()
+            if line.startswith("tollway_store_errors_total ")
+        )
+
+
 @pytest.fixture
 def proxied_sidecar(
     tmp_path: Path, proxy: TcpProxy, redis_url: str, make_customer: MakeCustomer
-) -> Iterator[tuple[str, dict[str, tuple[str, str]]]]:
-    """A sidecar reaching Redis only through the proxy; yields its address and, per
-    caller, its key and the answer it must get."""
+) -> Iterator[Proxied]:
+    """A sidecar reaching Redis only through the proxy."""
     config_text = TEST_CONFIG.replace("timeout_ms = 200", "timeout_ms = 50")
     assert config_text != TEST_CONFIG, "TEST_CONFIG no longer sets timeout_ms = 200"
+    metrics = f"127.0.0.1:{dev.free_port()}"
+    config_text += f'\n[sidecar]\nmetrics_listen = "{metrics}"\n'
     config = tmp_path / "tollway.toml"
     config.write_text(config_text)
     good = make_customer("pro")
@@ -149,8 +168,9 @@ def proxied_sidecar(
             stub = tollway_pb2_grpc.TollwayStub(channel)  # type: ignore[no-untyped-call]
             for _ in range(3):
                 assert stub.Authorize(pb.AuthorizeRequest(api_key=spent.key), timeout=5).allowed
-        yield (
+        yield Proxied(
             address,
+            f"http://{metrics}/metrics",
             {
                 "good": (good.key, "allowed"),
                 "revoked": (revoked.key, "REASON_KEY_REVOKED"),
@@ -180,10 +200,10 @@ def check_the_fault(callers: Callers, began: float, what: str) -> str:
 
 
 def test_a_slow_redis_is_a_fast_unavailable_and_enforcement_returns_within_a_second(
-    proxy: TcpProxy, proxied_sidecar: tuple[str, dict[str, tuple[str, str]]]
+    proxy: TcpProxy, proxied_sidecar: Proxied
 ) -> None:
-    address, keys = proxied_sidecar
-    with Callers(address, keys) as callers:
+    address = proxied_sidecar.address
+    with Callers(address, proxied_sidecar.keys) as callers:
         wait_for(lambda: callers.enforcing_since(0.0), 5)
         proxy.latency = 0.1  # each way: a 200 ms round trip, four times the 50 ms timeout
         slow = time.monotonic()
@@ -197,17 +217,22 @@ def test_a_slow_redis_is_a_fast_unavailable_and_enforcement_returns_within_a_sec
         healthy = wait_for(lambda: health(address) == "SERVING", 3)
         time.sleep(0.3)
     callers.assert_never_wrong()
+    # An operator sees the outage in metrics: one store error per UNAVAILABLE answer.
+    unavailable = sum(r[2] == "UNAVAILABLE" for c in callers.clients for r in c.load.results)
+    counted = proxied_sidecar.store_errors()
+    assert counted == unavailable, f"tollway_store_errors_total {counted}, {unavailable} answers"
     print(
         f"{figures}; NOT_SERVING after {unhealthy:.2f} s; every key answered right again "
-        f"{back * 1000:.0f} ms after the latency went; SERVING after {healthy:.2f} s"
+        f"{back * 1000:.0f} ms after the latency went; SERVING after {healthy:.2f} s; "
+        f"tollway_store_errors_total {counted:.0f} = the UNAVAILABLE answers"
     )
 
 
 def test_dropped_and_refused_redis_connections_are_remade_by_the_sidecar_itself(
-    proxy: TcpProxy, proxied_sidecar: tuple[str, dict[str, tuple[str, str]]]
+    proxy: TcpProxy, proxied_sidecar: Proxied
 ) -> None:
-    address, keys = proxied_sidecar
-    with Callers(address, keys) as callers:
+    address = proxied_sidecar.address
+    with Callers(address, proxied_sidecar.keys) as callers:
         wait_for(lambda: callers.enforcing_since(0.0), 5)
         # Every connection reset, five times over: each time the next calls reconnect.
         recoveries = []
@@ -302,11 +327,11 @@ def test_the_companion_answers_503_while_redis_is_unreachable_then_recovers_by_i
 
 
 def test_a_reset_connection_neither_flaps_health_nor_fails_more_than_one_call(
-    proxy: TcpProxy, proxied_sidecar: tuple[str, dict[str, tuple[str, str]]]
+    proxy: TcpProxy, proxied_sidecar: Proxied
 ) -> None:
     """A quiet sidecar: nothing else finds the dead connections before health does."""
-    address, keys = proxied_sidecar
-    key = keys["good"][0]
+    address = proxied_sidecar.address
+    key = proxied_sidecar.keys["good"][0]
     failed = []
     with grpc.insecure_channel(address) as channel:
         stub = tollway_pb2_grpc.TollwayStub(channel)  # type: ignore[no-untyped-call]
