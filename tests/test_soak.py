@@ -149,11 +149,14 @@ def test_soak(
     assert ledger.requests >= SECONDS * RATE * 0.9
     assert ledger.errors == [], f"{len(ledger.errors)} errors: {sorted(set(ledger.errors))}"
     assert end < warm * 1.10, f"sidecar RSS grew from {warm} KiB to {end} KiB"
+    after_revoke: list[float] = []  # seconds from a key's revocation to each later allow
+    tightest = float("-inf")
     for key, stamps in ledger.allowed.items():
         revoked = ledger.revoked_at.get(key)
         if revoked is not None:
             late = [t for t in stamps if t > revoked + 1.0]
             assert not late, f"a revoked key was allowed {late[0] - revoked:.2f}s after"
+            after_revoke += [t - revoked for t in stamps if t > revoked]
         if ledger.plan_of.get(key) != "basic":
             continue
         # Over any window [t_i, t_j]: allowed <= burst + rate * window (per key; the
@@ -165,3 +168,13 @@ def test_soak(
             lowest = min(lowest, f)
             worst = max(worst, f - lowest + 1)
         assert worst <= BASIC_BURST + BASIC_RATE * 0.05 + 1, (key[:12], worst)
+        tightest = max(tightest, worst)
+    print(
+        f"soak {SECONDS:.0f} s at {RATE:.0f}/s: {ledger.requests} requests, "
+        f"{len(ledger.errors)} errors; sidecar RSS {warm} KiB warm, {end} KiB at the end "
+        f"({(end - warm) / warm * 100:+.1f} %); {len(ledger.allowed)} keys admitted, "
+        f"{len(ledger.revoked_at)} revoked or rotated out, {len(after_revoke)} allows after "
+        f"a revocation (latest {max(after_revoke, default=0):.2f} s after it); the most a "
+        f"basic key was admitted in any window beyond rate x window: {tightest:.2f} "
+        f"(bound: burst {BASIC_BURST} + 1.5 for client-side timing)"
+    )
