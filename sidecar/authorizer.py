@@ -81,11 +81,12 @@ class Authorizer:
     ) -> Decision:
         if not api_key:
             return refuse(Reason.MISSING_KEY, "API key required: send it in the x-api-key header")
-        if not keys.is_well_formed(api_key):
-            return refuse(Reason.INVALID_KEY, "API key is malformed; check it was copied whole")
-        hashed = keys.key_hash(api_key)
-        cached_record = self.key_cache.get(hashed)
+        # Only well-formed keys enter the key cache, so a hit needs no second check.
+        hashed = keys.key_hash(api_key) if len(api_key) == keys.KEY_LEN else ""
+        cached_record = self.key_cache.get(hashed) if hashed else None
         if cached_record is None:
+            if not keys.is_well_formed(api_key):
+                return refuse(Reason.INVALID_KEY, "API key is malformed; check it was copied whole")
             cached_record = (await self._store.lookup_key(hashed),)
             self.key_cache.put(hashed, cached_record)  # an unknown key is remembered too
         record = cached_record[0]

@@ -50,9 +50,19 @@ class TtlCache(Generic[K, V]):
         life = self._ttl if ttl is None else min(ttl, self._ttl)
         if life <= 0:
             return
-        if key not in self._entries and len(self._entries) >= self._max_size:
-            del self._entries[next(iter(self._entries))]  # the oldest insertion
-        self._entries[key] = (self._clock() + life, value)
+        now = self._clock()
+        entries = self._entries
+        entries.pop(key, None)  # re-inserted last: the dict stays in order of puts
+        # Expired entries go as new ones come, oldest first, so a stream of
+        # distinct keys keeps the cache at (rate x ttl) entries, not max_size.
+        for _ in range(2):
+            oldest = next(iter(entries), None)
+            if oldest is None or entries[oldest][0] > now:
+                break
+            del entries[oldest]
+        if len(entries) >= self._max_size:
+            del entries[next(iter(entries))]  # the oldest put
+        entries[key] = (now + life, value)
 
     def expires_in(self, key: K) -> float:
         """Seconds until key's entry expires (0 if absent)."""

@@ -14,6 +14,7 @@ Subscription status → access (applied atomically in decide.lua):
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -148,6 +149,7 @@ _INACTIVE_HELP: Final = {
 }
 
 
+@functools.lru_cache(maxsize=64)  # one period end per month: the same few, every request
 def _period_seconds(period: str, period_end: int) -> int:
     if period == "hour":
         return 3600

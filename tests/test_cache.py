@@ -46,3 +46,25 @@ def test_discard_clear_and_non_positive_lifetimes() -> None:
     cache.put("c", 3)
     cache.clear()
     assert len(cache) == 0
+
+
+def test_a_stream_of_distinct_keys_keeps_only_the_live_ones() -> None:
+    # A million distinct keys an hour must not fill the cache to max_size:
+    # the sidecar's memory would grow with every key ever seen.
+    clock = Clock()
+    cache: TtlCache[int, int] = TtlCache(max_size=100_000, clock=clock)
+    for n in range(10_000):
+        cache.put(n, n)
+        clock.now += 0.001  # 1,000 new keys a second, each kept a second
+    assert len(cache) <= 1_002
+    assert cache.get(9_999) == 9_999 and cache.get(0) is None
+
+
+def test_putting_a_key_again_renews_it_and_moves_it_last() -> None:
+    clock = Clock()
+    cache: TtlCache[str, int] = TtlCache(max_size=2, clock=clock)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    cache.put("a", 3)  # now the newest: "b" is dropped first
+    cache.put("c", 4)
+    assert cache.get("b") is None and cache.get("a") == 3 and cache.get("c") == 4
