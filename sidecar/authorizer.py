@@ -11,7 +11,12 @@ staleness Tollway promises (cache.MAX_STALENESS):
 - denials for an empty bucket or an exhausted quota, until the bucket could
   admit again (at most a second): until then the same request, or a dearer
   one, must be denied anyway, so a client hammering an exhausted key costs
-  Redis nothing.
+  Redis nothing;
+- what each account has in flight: when the bucket's bound could not cover a
+  request on top of the decisions still on their way to Redis, the request
+  waits for their answers (one round trip at most) and looks at the bound
+  again, instead of racing them to Redis for a denial. So when a token drops
+  into an empty bucket under attack, one request asks Redis, not all of them.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from sidecar.decide import (
     refuse,
 )
 from sidecar.errors import StoreUnavailable
-from sidecar.plans import Plan
+from sidecar.plans import Plan, Route
 from sidecar.settings import Settings
 from sidecar.store import SUBSCRIPTION_ENDED, KeyRecord, Store
 
@@ -47,6 +52,16 @@ log = logging.getLogger("tollway.authorizer")
 
 _HINTS_MAX: Final = 100_000
 _SLACK: Final = 0.002  # tokens
+
+
+class _InFlight:
+    """Decisions of one account on their way to Redis."""
+
+    __slots__ = ("cost", "landed")
+
+    def __init__(self) -> None:
+        self.cost = 0  # their costs, summed
+        self.landed = asyncio.Event()  # set once none is left
 
 
 class Authorizer:
@@ -66,6 +81,8 @@ class Authorizer:
         self.key_cache: TtlCache[str, tuple[KeyRecord | None]] = TtlCache(clock=clock)
         self.denials: TtlCache[str, tuple[int, Decision, float]] = TtlCache(clock=clock)
         self.buckets: TtlCache[str, tuple[str, float, float]] = TtlCache(clock=clock)
+        self._in_flight: dict[str, _InFlight] = {}
+        self._lookups: dict[str, asyncio.Future[KeyRecord | None]] = {}
         self._clock = clock
 
     async def authorize(
@@ -87,8 +104,7 @@ class Authorizer:
         if cached_record is None:
             if not keys.is_well_formed(api_key):
                 return refuse(Reason.INVALID_KEY, "API key is malformed; check it was copied whole")
-            cached_record = (await self._store.lookup_key(hashed),)
-            self.key_cache.put(hashed, cached_record)  # an unknown key is remembered too
+            cached_record = (await self._lookup(hashed),)
         record = cached_record[0]
         if record is None:
             return refuse(Reason.INVALID_KEY, "API key is not recognised")
@@ -108,10 +124,67 @@ class Authorizer:
         cost = cost or (route.cost if route else 1)
         feature = feature or (route.feature if route else None)
 
-        plan = catalog.plans.get(self._plan_hints.get(customer, ""))
-        cached = self._cached_denial(customer, cost, feature, plan)
-        if cached is not None:
-            return cached
+        waited = False
+        while True:
+            plan = catalog.plans.get(self._plan_hints.get(customer, ""))
+            cached = self._cached_denial(customer, cost, feature, plan)
+            if cached is not None:
+                return cached
+            flight = self._in_flight.get(customer)
+            if flight is None:
+                break
+            room = self._room(customer, plan)
+            if room is None and waited:
+                break  # their answers taught nothing: go ask
+            if room is not None and cost + flight.cost <= room:
+                break
+            await flight.landed.wait()  # then the bound is fresh: look again
+            waited = True
+        if flight is None:
+            flight = self._in_flight[customer] = _InFlight()
+        flight.cost += cost
+        try:
+            return await self._decide(
+                settings, customer, record, plan, cost=cost, feature=feature, route=route,
+                request_id=request_id, lease_id=lease_id,
+            )  # fmt: skip
+        finally:
+            flight.cost -= cost
+            if flight.cost <= 0 and self._in_flight.get(customer) is flight:
+                del self._in_flight[customer]
+                flight.landed.set()
+
+    async def _lookup(self, hashed: str) -> KeyRecord | None:
+        """The key's record; concurrent requests with one uncached key share
+        one read (a cold cache under load is one round trip per key, not per
+        request)."""
+        lookup = self._lookups.get(hashed)
+        if lookup is None:
+            lookup = asyncio.ensure_future(self._store.lookup_key(hashed))
+            self._lookups[hashed] = lookup
+            lookup.add_done_callback(lambda done: self._looked_up(hashed, done))
+        return await asyncio.shield(lookup)
+
+    def _looked_up(self, hashed: str, lookup: asyncio.Future[KeyRecord | None]) -> None:
+        del self._lookups[hashed]
+        if not lookup.cancelled() and lookup.exception() is None:
+            self.key_cache.put(hashed, (lookup.result(),))  # an unknown key is remembered too
+
+    async def _decide(
+        self,
+        settings: Settings,
+        customer: str,
+        record: KeyRecord,
+        plan: Plan | None,
+        *,
+        cost: int,
+        feature: str | None,
+        route: Route | None,
+        request_id: str,
+        lease_id: str,
+    ) -> Decision:
+        """The script's decision, with what it teaches the local caches."""
+        catalog = settings.catalog
         sent_at = self._clock()  # before the call: the refill bound is never too low
         lease = ""
         for _ in range(3):
@@ -186,6 +259,19 @@ class Authorizer:
         self.denials.clear()
         self.buckets.clear()
 
+    def _room(self, customer: str, plan: Plan | None) -> float | None:
+        """The most the bucket can hold now, or None if nothing is known."""
+        bound = self.buckets.get(customer)
+        if plan is None or bound is None or bound[0] != plan.name:
+            return None
+        return self._upper_bound(plan, bound[1], bound[2])
+
+    def _upper_bound(self, plan: Plan, tokens: float, at: float) -> float:
+        # Slack for the script's milli-token rounding and float clocks: the
+        # bound must never fall below the truth, or a paying request is refused.
+        rate = plan.rate.per_second
+        return min(plan.burst, tokens + (self._clock() - at) * rate + _SLACK)
+
     def _cached_denial(
         self, customer: str, cost: int, feature: str | None, plan: Plan | None
     ) -> Decision | None:
@@ -194,11 +280,7 @@ class Authorizer:
             return None  # the script would answer "plan changed" or "feature" first
         bound = self.buckets.get(customer)
         if bound is not None and bound[0] == plan.name:
-            _, tokens, at = bound
-            rate = plan.rate.per_second
-            # Slack for the script's milli-token rounding and float clocks: the
-            # bound must never fall below the truth, or a paying request is refused.
-            upper = min(plan.burst, tokens + (self._clock() - at) * rate + _SLACK)
+            upper = self._upper_bound(plan, bound[1], bound[2])
             if cost > upper:
                 return self._rate_denial(customer, plan, cost, upper)
         cached = self.denials.get(customer)
