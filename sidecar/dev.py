@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any, Final
@@ -299,6 +299,10 @@ class ValkeyCluster:
 
         return key_slot(hash_tag.encode()) * self.masters // _SLOTS
 
+    def tag_on(self, shard: int) -> str:
+        """A hash tag whose keys live on the shard."""
+        return next(f"s{n}" for n in range(100_000) if self.master_of(f"s{n}") == shard)
+
     def replica_of(self, shard: int, n: int = 0) -> int:
         """The node index of shard's n-th replica."""
         replicas = (len(self.ports) - self.masters) // self.masters
@@ -362,11 +366,13 @@ def start_valkey_cluster(
     replicas: int = 0,
     node_timeout_ms: int = 15000,
     appendfsync: str | None = "everysec",
+    options: Sequence[str] = (),
     timeout: float = 30.0,
 ) -> ValkeyCluster:
     """A cluster of masters (slots split evenly, formed with CLUSTER MEET and
     ADDSLOTSRANGE) and `replicas` replicas of each, all in sync; returns once
-    every node says the cluster is ok. appendfsync None: no append-only file."""
+    every node says the cluster is ok. appendfsync None: no append-only file;
+    options: more valkey-server arguments for every node."""
     import redis
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -384,7 +390,7 @@ def start_valkey_cluster(
              "--appendonly", "no" if appendfsync is None else "yes",
              "--appendfsync", appendfsync or "everysec",
              # A replica syncs at once, not after the default 5 s wait for others.
-             "--repl-diskless-sync-delay", "0"]
+             "--repl-diskless-sync-delay", "0", *options]
         )  # fmt: skip
     cluster = ValkeyCluster(workdir, argvs, ports, masters)
     clients: list[Any] = []  # sync redis-py: execute_command is untyped
@@ -425,6 +431,12 @@ def start_valkey_cluster(
                 online = [v for k, v in info.items()
                           if k.startswith("slave") and v.get("state") == "online"]  # fmt: skip
                 if info.get("connected_slaves") != replicas or len(online) != replicas:
+                    return False
+                # "online" comes before a replica acknowledges anything (for about
+                # half a second, measured): ready once a write here is on them all.
+                key = f"tollway:ready:{{{cluster.tag_on(shard)}}}"
+                clients[shard].set(key, 1, px=1000)
+                if int(clients[shard].execute_command("WAIT", replicas, 100)) < replicas:
                     return False
             return formed()
 

@@ -57,9 +57,11 @@ from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
 from importlib import resources
+from pathlib import Path
 from typing import Any, Final, TypeAlias
 from urllib.parse import unquote
 
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import parse_url
@@ -98,6 +100,7 @@ __all__ = [
     "subscriber",
 ]
 
+_REDIS_PY: Final = Path(redis.__file__).parent
 # Why the companion revoked an account's keys: its subscription was deleted.
 SUBSCRIPTION_ENDED: Final = "subscription_ended"
 _CUSTOMER_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -491,6 +494,16 @@ class Store:
                 await self._redis.connection_pool.disconnect(inuse_connections=False)
             raise StoreUnavailable(
                 f"Redis unavailable during {what}: {type(exc).__name__}"
+            ) from exc
+        except AttributeError as exc:
+            # redis-py closes the idle connections of a node that just failed while
+            # they stay in its free queue; a call that takes one meanwhile finds its
+            # socket gone mid-write (AttributeError on None). Seen in
+            # tests/test_failover.py: that call met a failed Redis, not a bug of ours.
+            if not _raised_in_redis_py(exc):
+                raise
+            raise StoreUnavailable(
+                f"Redis unavailable during {what}: connection closed under the call"
             ) from exc
 
     async def ping(self) -> None:
@@ -1039,6 +1052,14 @@ def _pipelined(client: Client, timeout: float) -> PipelinedConnection | None:
     )
 
 
+def _raised_in_redis_py(exc: BaseException) -> bool:
+    """Whether the innermost frame of exc's traceback is redis-py's code."""
+    frame = exc.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    if frame is None:
+        return False
+    return Path(frame.tb_frame.f_code.co_filename).is_relative_to(_REDIS_PY)
 
 
 def _check_status(status: str) -> None:

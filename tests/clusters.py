@@ -129,6 +129,18 @@ def start_sentinel_group(
                     "replica",
                     STARTUP_DEADLINE,
                 )
+        if replicas:
+            # A replica is "up" a moment before it acknowledges writes (see
+            # dev.start_valkey_cluster): ready once a write is on them all.
+            with group.node(0) as master:
+                wait_for(
+                    lambda: (
+                        master.set("tollway:ready", 1, px=1000)
+                        and int(master.execute_command("WAIT", replicas, 100)) >= replicas
+                    ),
+                    "replicas acknowledging",
+                    STARTUP_DEADLINE,
+                )
         # The sentinel last: started before the master answers, it would call it
         # down at once, fail to fail it over, and wait 2 x failover-timeout to retry.
         group.children.append(dev.Child("valkey-sentinel", [dev.valkey_binary(), str(conf),
