@@ -167,7 +167,8 @@ def test_usage_is_acknowledged_only_once_a_replica_has_it_even_when_retried_else
         grpc.insecure_channel(first) as a,
         grpc.insecure_channel(second) as b,
     ):
-        stub_a, stub_b = tollway_pb2_grpc.TollwayStub(a), tollway_pb2_grpc.TollwayStub(b)
+        stub_a = tollway_pb2_grpc.TollwayStub(a)  # type: ignore[no-untyped-call]
+        stub_b = tollway_pb2_grpc.TollwayStub(b)  # type: ignore[no-untyped-call]
         assert not record(stub_a, customer, "job-1", 5).duplicate
         os.kill(replica, signal.SIGSTOP)
         try:
@@ -213,7 +214,7 @@ def test_after_a_sentinel_failover_the_sidecar_decides_again_and_keeps_acknowled
         sidecars(config, sentinel_group.url, tmp_path) as (address,),
         grpc.insecure_channel(address) as channel,
     ):
-        stub = tollway_pb2_grpc.TollwayStub(channel)
+        stub = tollway_pb2_grpc.TollwayStub(channel)  # type: ignore[no-untyped-call]
         for n in range(1, 21):
             assert not record(stub, customer, f"before-{n}", n).duplicate
         assert authorize(stub, key).allowed
@@ -332,7 +333,7 @@ def test_a_master_killed_under_load_loses_no_acknowledged_usage_and_counts_none_
 
     async def load(address: str) -> None:
         async with grpc.aio.insecure_channel(address) as channel:
-            stub = tollway_pb2_grpc.TollwayStub(channel)
+            stub = tollway_pb2_grpc.TollwayStub(channel)  # type: ignore[no-untyped-call]
             stop = asyncio.Event()
             give_up = time.monotonic() + 60
 
