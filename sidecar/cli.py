@@ -235,6 +235,7 @@ def cmd_health(args: argparse.Namespace, out: Output) -> None:
     """Healthy when the local sidecar (gRPC health) or companion (/healthz) says so.
 
     One image runs either role, so the container HEALTHCHECK asks both ports."""
+    import urllib.error
     import urllib.request
 
     import grpc
@@ -256,9 +257,14 @@ def cmd_health(args: argparse.Namespace, out: Output) -> None:
         url = f"http://127.0.0.1:{http_port}/healthz"
         with urllib.request.urlopen(url, timeout=2) as response:
             results["companion"] = "SERVING" if response.status == 200 else str(response.status)
+    except urllib.error.HTTPError as exc:
+        results["companion"] = str(exc.code)  # it answered: 503 while Redis is away
     except OSError as exc:
         results["companion"] = type(exc).__name__
-    healthy = "SERVING" in results.values()
+    # --live (a liveness probe): the process answers at all. Without Redis it
+    # answers NOT_SERVING / 503, and restarting it would not bring Redis back.
+    alive = {"SERVING", "NOT_SERVING", "503"}
+    healthy = bool(alive & set(results.values())) if args.live else "SERVING" in results.values()
     out.emit({"healthy": healthy, **results},
              ", ".join(f"{k}: {v}" for k, v in results.items()))  # fmt: skip
     if not healthy:
@@ -489,11 +495,16 @@ def build_parser() -> argparse.ArgumentParser:
         "list Stripe subscriptions and repair accounts that differ (missed webhooks)",
     )
     p.add_argument("--dry-run", action="store_true", help="show the changes, make none")
-    add(
+    p = add(
         sub,
         "health",
         cmd_health,
         "exit 0 when the local sidecar or companion reports healthy (container probes)",
+    )
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="exit 0 when either answers at all, Redis or not (a liveness probe)",
     )
     plans = add(sub, "plans", lambda a, o: None, "plan catalog")
     plans_sub = plans.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -12,7 +12,14 @@ class ConfigError(TollwayError):
 
 
 class StoreUnavailable(TollwayError):
-    """Redis could not answer in time. Never a decision: the caller fails the request."""
+    """Redis could not answer in time. Never a decision: the caller fails the request.
+
+    cause, for metrics: "timeout" (no answer in time), "connection" (refused,
+    reset, closed) or "error" (an answer that was not the one needed)."""
+
+    def __init__(self, message: str, *, cause: str = "error") -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 class NotFound(TollwayError):

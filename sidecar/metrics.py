@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from collections.abc import Iterator, Mapping
+from typing import Protocol
 
-__all__ = ["DECISIONS", "DECISION_SECONDS", "STORE_ERRORS", "USAGE_EVENTS"]
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = [
+    "DECISIONS",
+    "DECISION_SECONDS",
+    "STORE_ERRORS",
+    "USAGE_EVENTS",
+    "Counted",
+    "watch_caches",
+]
 
 DECISIONS = Counter(
     "tollway_decisions_total", "Authorization decisions by reason and plan", ["reason", "plan"]
@@ -15,8 +27,39 @@ DECISION_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
 )
 STORE_ERRORS = Counter(
-    "tollway_store_errors_total", "Requests failed because Redis was unavailable"
-)
+    "tollway_store_errors_total",
+    "Requests failed because Redis was unavailable, by cause",
+    ["cause"],
+)  # timeout | connection | error
 USAGE_EVENTS = Counter(
     "tollway_usage_events_total", "RecordUsage events by result", ["result"]
 )  # accepted | duplicate | rejected
+
+
+class Counted(Protocol):
+    hits: int
+    misses: int
+
+
+class _CacheLookups(Collector):
+    """Hits and misses of the request path's local caches, read when scraped,
+    so counting costs a request nothing beyond the cache's own two integers."""
+
+    def __init__(self, caches: Mapping[str, Counted]) -> None:
+        self._caches = caches
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "tollway_cache_lookups",
+            "Local cache lookups by cache (key, bucket, denial) and result (hit, miss)",
+            labels=["cache", "result"],
+        )
+        for name, cache in self._caches.items():
+            family.add_metric([name, "hit"], cache.hits)
+            family.add_metric([name, "miss"], cache.misses)
+        yield family
+
+
+def watch_caches(caches: Mapping[str, Counted]) -> None:
+    """Exposes the caches' hit and miss counts as tollway_cache_lookups_total."""
+    REGISTRY.register(_CacheLookups(caches))

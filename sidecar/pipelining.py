@@ -37,6 +37,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 __all__ = ["PipelinedConnection"]
 
+
 class _Protocol(asyncio.Protocol):
     def __init__(self, owner: PipelinedConnection) -> None:
         self._owner = owner
@@ -164,9 +165,7 @@ class PipelinedConnection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
-                transport, _ = await loop.create_connection(
-                    lambda: _Protocol(self), *self._address
-                )
+                transport, _ = await loop.create_connection(lambda: _Protocol(self), *self._address)
                 self._transport = transport
                 replies = [self._send(hiredis.pack_command(command)) for command in self._hello]
                 for command, reply in zip(self._hello, replies, strict=True):

@@ -36,7 +36,13 @@ from sidecar.extproc import ExtProcService
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc as pb_grpc
 from sidecar.logs import bind_request_id
-from sidecar.metrics import DECISION_SECONDS, DECISIONS, STORE_ERRORS, USAGE_EVENTS
+from sidecar.metrics import (
+    DECISION_SECONDS,
+    DECISIONS,
+    STORE_ERRORS,
+    USAGE_EVENTS,
+    watch_caches,
+)
 from sidecar.report import usage_report
 from sidecar.settings import Settings, load_settings
 from sidecar.store import INVALIDATE_CHANNEL, Store, connect, subscriber, valid_customer_id
@@ -94,8 +100,8 @@ async def _decide(authorizer: Authorizer, key: str, **request: Any) -> Decision:
     started = time.perf_counter()
     try:
         decision = await authorizer.authorize(key, **request)
-    except StoreUnavailable:
-        STORE_ERRORS.inc()
+    except StoreUnavailable as exc:
+        STORE_ERRORS.labels(exc.cause).inc()
         raise
     DECISION_SECONDS.observe(time.perf_counter() - started)
     DECISIONS.labels(decision.reason.value, decision.plan or "-").inc()
@@ -426,6 +432,8 @@ async def serve(
     await server.start()
     if settings.metrics_listen and not worker:  # one metrics port: worker 0's
         host, _, metrics_port = settings.metrics_listen.rpartition(":")
+        authz = sidecar.authorizer
+        watch_caches({"key": authz.key_cache, "bucket": authz.buckets, "denial": authz.denials})
         prometheus_client.start_http_server(int(metrics_port), addr=host.strip("[]"))
         log.info("metrics on http://%s/metrics", settings.metrics_listen)
     served = ("", *services[:3])

@@ -492,8 +492,11 @@ class Store:
                 # idle ones now rather than fail one request per connection. (A
                 # cluster client does this itself, for the node that failed.)
                 await self._redis.connection_pool.disconnect(inuse_connections=False)
+            cause = "timeout" if isinstance(exc, TimeoutError) else "error"
+            if isinstance(exc, RedisConnectionError | OSError):
+                cause = "connection"
             raise StoreUnavailable(
-                f"Redis unavailable during {what}: {type(exc).__name__}"
+                f"Redis unavailable during {what}: {type(exc).__name__}", cause=cause
             ) from exc
         except AttributeError as exc:
             # redis-py closes the idle connections of a node that just failed while
@@ -503,7 +506,8 @@ class Store:
             if not _raised_in_redis_py(exc):
                 raise
             raise StoreUnavailable(
-                f"Redis unavailable during {what}: connection closed under the call"
+                f"Redis unavailable during {what}: connection closed under the call",
+                cause="connection",
             ) from exc
 
     async def ping(self) -> None:

@@ -57,7 +57,9 @@ def test_the_api_pod_puts_tollway_beside_envoy_and_the_app() -> None:
     assert set(parts) == {"app", "envoy", "tollway"}
     tollway = parts["tollway"]
     assert tollway["args"][0] == "serve" and "127.0.0.1:50051" in tollway["args"]
-    assert tollway["readinessProbe"]["grpc"]["port"] == 50051
+    # It listens on loopback, and kubelet dials the pod IP: probes run inside.
+    assert tollway["readinessProbe"]["exec"]["command"] == ["tollway", "health"]
+    assert tollway["livenessProbe"]["exec"]["command"] == ["tollway", "health", "--live"]
     redis = next(e for e in tollway["env"] if e["name"] == "TOLLWAY_REDIS_URL")
     assert "secretKeyRef" in redis["valueFrom"]
     assert parts["envoy"]["ports"][0]["containerPort"] == 10000
@@ -69,4 +71,5 @@ def test_the_companion_takes_its_stripe_secrets_from_a_secret() -> None:
     assert companion["args"][0] == "webhook"
     assert companion["envFrom"] == [{"secretRef": {"name": "tollway-stripe"}}]
     assert companion["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert "tcpSocket" in companion["livenessProbe"]  # a Redis outage is no reason to restart
     assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] != 0

@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -188,3 +190,24 @@ def test_with_health_not_following_redis_health_stays_serving_and_calls_unavaila
         f"{len(during)} answers, all UNAVAILABLE, slowest "
         f"{max(r[1] for r in during) * 1000:.0f} ms; first allow {back * 1000:.0f} ms after SIGCONT"
     )
+
+
+def test_the_liveness_probe_passes_while_redis_is_away_and_the_readiness_probe_fails(
+    rig: tuple[ValkeyServer, str, str], tmp_path: Path, env: dict[str, str]
+) -> None:
+    # Restarting the sidecar would not bring Redis back (deploy/k8s uses these).
+    valkey, address, _ = rig
+    config = tmp_path / "probe.toml"
+    config.write_text(
+        TEST_CONFIG + f'\n[sidecar]\nlisten = "{address}"\n'
+        f'[webhook]\nlisten = "127.0.0.1:{dev.free_port()}"\n'
+    )
+
+    def probe(*flags: str) -> int:
+        argv = [sys.executable, "-m", "sidecar", "health", "--config", str(config), *flags]
+        return subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode
+
+    assert (probe(), probe("--live")) == (0, 0)
+    valkey.stop()
+    wait_for(lambda: health(address) == "NOT_SERVING", 3)
+    assert (probe(), probe("--live")) == (1, 0)

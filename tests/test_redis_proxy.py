@@ -130,7 +130,7 @@ class Proxied:
         return sum(
             float(line.rpartition(" ")[2])
             for line in text.splitlines()
-            if line.startswith("tollway_store_errors_total ")
+            if line.startswith("tollway_store_errors_total")
         )
 
 

@@ -351,6 +351,8 @@ def test_metrics_hold_no_secret(
     assert metric(sidecar.text, "tollway_decisions_total", reason="ok") >= 6
     assert metric(sidecar.text, "tollway_decisions_total", reason="key_revoked") >= 1
     assert metric(sidecar.text, "tollway_usage_events_total", result="accepted") >= 3
+    assert metric(sidecar.text, "tollway_cache_lookups_total", cache="key", result="miss") >= 1
+    assert metric(sidecar.text, "tollway_cache_lookups_total", cache="key") >= 6
     assert metric(companion.text, "tollway_webhook_events_total", result="applied") >= 2
     for name, response in (("companion", companion), ("sidecar", sidecar)):
         hits = leaks(response.content, driven)
