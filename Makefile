@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint proto bench soak clean
+.PHONY: run test lint proto bench bench-scaling h2load soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,11 +27,17 @@ lint: $(STAMP)
 	$(BIN)/buf lint
 
 ## bench: load test vs a no-op floor and through Envoy; writes bench/results/latest.md (BENCH_QUICK=1: ~1 min)
-bench: $(STAMP)
+bench: $(STAMP) h2load
+	$(BIN)/python -m bench.run
+
+## bench-scaling: Authorize with 1 and 2 workers, 1 to 3 cluster masters; writes bench/results/scaling.md (~4 min)
+bench-scaling: $(STAMP) h2load
+	$(BIN)/python -m bench.scaling
+
+h2load:
 	@command -v h2load >/dev/null || { \
 		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$sudo apt-get update -qq && $$sudo apt-get install -y -qq nghttp2-client; }
-	$(BIN)/python -m bench.run
 
 ## soak: 30 minutes of load with key churn and plan changes (make test runs 2 minutes of it)
 soak: $(STAMP)
