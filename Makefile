@@ -30,7 +30,7 @@ lint: $(STAMP)
 bench: $(STAMP) h2load
 	$(BIN)/python -m bench.run
 
-## bench-scaling: Authorize with 1 and 2 workers, 1 to 3 cluster masters; writes bench/results/scaling.md (~4 min)
+## bench-scaling: Authorize with 1 and 2 workers, 1 to 3 cluster masters; writes bench/results/scaling.md (~3 min)
 bench-scaling: $(STAMP) h2load
 	$(BIN)/python -m bench.scaling
 

@@ -1,7 +1,7 @@
 """`make bench-scaling`: how Authorize throughput grows with sidecar worker
 processes and with Redis Cluster masters, and what each request costs in CPU.
 
-    python -m bench.scaling                 # full, ~4 minutes
+    python -m bench.scaling                 # full, ~2-4 minutes
     BENCH_QUICK=1 python -m bench.scaling   # smoke, ~1 minute
 
 Five setups, each started fresh and loaded the same way: `tollway serve
@@ -77,6 +77,7 @@ class Mode:
 
 FULL: Final = Mode("full", 15.0, 5.0, budget=12 * 60, retries=1)
 QUICK: Final = Mode("quick", 3.0, 1.0, budget=5 * 60, retries=0)
+IDLE: Final = 3.0  # seconds of the processes' CPU measured with no load, before it
 
 
 @dataclass(frozen=True)
@@ -103,14 +104,19 @@ class Row:
     allowed: float  # share of measured requests the quota counters saw allowed
     seconds: float  # wall time of the measured load
     cpu: CpuUse
+    idle: CpuUse = dataclasses.field(default_factory=CpuUse)  # the same processes, no load
 
-    def percent(self, prefix: str) -> float:
+    def percent(self, prefix: str, *, idle: bool = False) -> float:
         """% of one core used by the processes whose name starts with prefix."""
-        return sum(v for name, v in self.cpu.percent.items() if name.startswith(prefix))
+        use = self.idle if idle else self.cpu
+        return sum(v for name, v in use.percent.items() if name.startswith(prefix))
 
-    def micros_per_request(self, prefix: str) -> float:
-        """CPU µs per request of those processes: (% of a core * seconds) / requests."""
-        return self.percent(prefix) / 100 * self.seconds / max(self.requests, 1) * 1e6
+    def micros_per_request(self, prefix: str, *, marginal: bool = False) -> float:
+        """CPU µs per request of those processes: (% of a core * seconds) / requests;
+        marginal: less what they use idle (timers, health checks, the cluster bus),
+        which does not grow with the load."""
+        percent = self.percent(prefix) - (self.percent(prefix, idle=True) if marginal else 0)
+        return max(percent, 0.0) / 100 * self.seconds / max(self.requests, 1) * 1e6
 
     @property
     def noisy(self) -> bool:
@@ -239,6 +245,8 @@ def measure(setup: Setup, mode: Mode) -> Row:
         pids = {f"sidecar-{n}": pid for n, pid in enumerate(sidecar_pids)}
         pids |= {f"valkey-{n}": pid for n, pid in enumerate(valkey_pids)}
         counters = Counters(client)
+        with cpu_meter(pids) as idle:
+            time.sleep(IDLE)
         best: Row | None = None
         for attempt in range(1 + mode.retries):
             h2load.run(warmup, check=False)
@@ -250,7 +258,7 @@ def measure(setup: Setup, mode: Mode) -> Row:
                 result = h2load.run(loads)
             seconds = time.monotonic() - started
             allowed = (counters.used(accounts) - used_before) / max(result.requests, 1)
-            row = Row(setup, result.rps, result.requests, allowed, seconds, cpu)
+            row = Row(setup, result.rps, result.requests, allowed, seconds, cpu, idle)
             say(f"{setup.label}: {row.rps:,.0f} req/s, {allowed:.1%} allowed, sidecar "
                 f"{row.percent('sidecar'):.0f}% Valkey {row.percent('valkey'):.0f}% "
                 f"h2load {cpu.get('h2load'):.0f}% other {cpu.get('other'):.0f}%")  # fmt: skip
@@ -304,17 +312,23 @@ def report(rows: list[Row], facts: dict[str, str], mode: Mode) -> str:
         "## CPU per request",
         "",
         "CPU seconds each part used during the measurement ÷ requests served, in µs; "
-        "req/s per core = 1,000,000 ÷ that: what one fully busy core of it would serve.",
+        "req/s per core = 1,000,000 ÷ that: what one fully busy core of it would serve. "
+        f"*Idle*: % of a core the same processes used over {IDLE:g} s with no load; "
+        "*marginal*: µs per request with that subtracted, the part that grows with load.",
         "",
-        "| setup | sidecar µs/req | sidecar req/s per core | Valkey µs/req "
-        "| Valkey req/s per core |",
-        "|---|---:|---:|---:|---:|",
+        "| setup | sidecar µs/req | sidecar req/s per core | sidecar idle "
+        "| Valkey µs/req | Valkey marginal µs/req | Valkey req/s per core (marginal) "
+        "| Valkey idle |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         side, kv = row.micros_per_request("sidecar"), row.micros_per_request("valkey")
+        kv_marginal = row.micros_per_request("valkey", marginal=True)
         lines.append(
             f"| {row.setup.label} | {side:,.0f} | {1e6 / side if side else 0:,.0f} "
-            f"| {kv:,.1f} | {1e6 / kv if kv else 0:,.0f} |"
+            f"| {row.percent('sidecar', idle=True):.1f} | {kv:,.1f} | {kv_marginal:,.1f} "
+            f"| {1e6 / kv_marginal if kv_marginal else 0:,.0f} "
+            f"| {row.percent('valkey', idle=True):.1f} |"
         )
     return "\n".join(lines) + "\n"
 

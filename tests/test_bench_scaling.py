@@ -49,8 +49,9 @@ def row(label: str, workers: int, masters: int, rps: float, sidecar: float) -> s
     summary = h2load.Summary(10.0, rps, int(rps * 10), int(rps * 10), int(rps * 10), 0, 0, 0,
                              (int(rps * 10), 0, 0, 0), 0, 0, 0)  # fmt: skip
     result = h2load.Result([summary])
+    idle = CpuUse(percent={"sidecar-0": 1.0, "valkey-0": 5.0})
     return scaling.Row(scaling.Setup(label, workers, masters), result.rps, result.requests,
-                       1.0, 10.0, cpu)  # fmt: skip
+                       1.0, 10.0, cpu, idle)  # fmt: skip
 
 
 def test_cpu_per_request_is_cpu_seconds_over_requests() -> None:
@@ -58,6 +59,8 @@ def test_cpu_per_request_is_cpu_seconds_over_requests() -> None:
     measured = row("1 worker, 1 Valkey", 1, 0, 2000.0, 100.0)
     assert measured.micros_per_request("sidecar") == 500.0
     assert measured.micros_per_request("valkey") == 100.0
+    # Valkey at 5 % of a core with no load: 15 % of the 20 % grows with the load.
+    assert measured.micros_per_request("valkey", marginal=True) == 75.0
 
 
 def test_the_report_gives_each_setup_its_ratio_to_the_first() -> None:
@@ -69,5 +72,5 @@ def test_the_report_gives_each_setup_its_ratio_to_the_first() -> None:
     text = scaling.report(rows, {"nproc": "2"}, scaling.QUICK)
     assert "| 2 workers, 1 Valkey | 3,000 | 1.50 | 100.0% | 180 | 20 | 10 | 5 |" in text
     assert "| 1 worker, cluster of 3 masters | 1,500 | 0.75 |" in text
-    assert "| 1 worker, 1 Valkey | 500 | 2,000 | 100.0 | 10,000 |" in text
+    assert "| 1 worker, 1 Valkey | 500 | 2,000 | 1.0 | 100.0 | 75.0 | 13,333 | 5.0 |" in text
     assert "| nproc | 2 |" in text
