@@ -1,4 +1,4 @@
-"""The three Envoy configs of the bench, derived from deploy/envoy.yaml.
+"""The Envoy configs of the bench, derived from deploy/envoy.yaml.
 
 Each is deploy/envoy.yaml (same listener, path normalization, Tollway filters
 and tollway cluster) with these edits:
@@ -10,7 +10,10 @@ and tollway cluster) with these edits:
   headers; this is how the 10,000-key Zipf mix reaches Envoy). Every variant
   has it, so it cancels out of the ratios;
 * for the ceiling only, every Tollway filter of the chain (ext_authz, and
-  ext_proc when deploy/envoy.yaml runs it) is disabled on that same route.
+  ext_proc when deploy/envoy.yaml runs it) is disabled on that same route;
+* for the "ext_authz only" pair, the Tollway filters named in `without`
+  (ext_proc) are cut out of the chain, comments above them included, so
+  that pair shows what those filters cost.
 
 The edits are textual and each must apply exactly once, so a change to
 deploy/envoy.yaml that breaks them fails loudly rather than benchmarking
@@ -20,17 +23,21 @@ something else.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from typing import Final
 
 from sidecar.dev import render_envoy_config
 
-__all__ = ["KEY_QUERY_PARAM", "TOLLWAY_FILTERS", "render", "tollway_filters"]
+__all__ = ["EXT_AUTHZ", "EXT_PROC", "KEY_QUERY_PARAM", "TOLLWAY_FILTERS", "render",
+           "tollway_filters"]  # fmt: skip
 
 KEY_QUERY_PARAM: Final = "k"
+EXT_AUTHZ: Final = "envoy.filters.http.ext_authz"
+EXT_PROC: Final = "envoy.filters.http.ext_proc"
 # The filters that call the tollway cluster, and how a route turns each off.
 TOLLWAY_FILTERS: Final = {
-    "envoy.filters.http.ext_authz": "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
-    "envoy.filters.http.ext_proc": "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+    EXT_AUTHZ: "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+    EXT_PROC: "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
 }
 _ROUTE: Final = re.compile(r"^(?P<indent> *)route: \{ cluster: upstream \}\n", re.M)
 _FILTERS: Final = re.compile(r"^(?P<indent> *)http_filters:\n(?P<item> *)- ", re.M)
@@ -47,18 +54,43 @@ def _once(pattern: re.Pattern[str], replace: str, text: str, what: str) -> str:
 def tollway_filters(template: str) -> list[str]:
     """The Tollway filters deploy/envoy.yaml runs, in order (ext_authz at least)."""
     found = [name for name in _FILTER_NAME.findall(template) if name in TOLLWAY_FILTERS]
-    if "envoy.filters.http.ext_authz" not in found:
-        raise ValueError("deploy/envoy.yaml: no envoy.filters.http.ext_authz filter")
+    if EXT_AUTHZ not in found:
+        raise ValueError(f"deploy/envoy.yaml: no {EXT_AUTHZ} filter")
     return found
 
 
-def render(template: str, *, listen: int, admin: int, authorizer: int, authz: bool) -> str:
-    """deploy/envoy.yaml turned into a bench config (authz False: the ceiling)."""
+def _filter_item(name: str) -> re.Pattern[str]:
+    """One `- name: <name>` item of a filter list: the comment lines just above it,
+    its first line and every line indented deeper than its dash."""
+    return re.compile(
+        rf"^(?P<indent> *)(?:#.*\n(?P=indent))*- name: {re.escape(name)}\n(?:(?P=indent) +\S.*\n)*",
+        re.M,
+    )
+
+
+def render(
+    template: str,
+    *,
+    listen: int,
+    admin: int,
+    authorizer: int,
+    authz: bool,
+    without: Collection[str] = (),
+) -> str:
+    """deploy/envoy.yaml turned into a bench config (authz False: the ceiling),
+    minus the Tollway filters in `without` (any but ext_authz)."""
+    present = tollway_filters(template)
+    if EXT_AUTHZ in without or not set(without) <= set(present):
+        raise ValueError(f"cannot leave out {sorted(without)}: deploy/envoy.yaml runs {present}")
     text = render_envoy_config(template, listen=listen, admin=admin, sidecar=authorizer)
+    for name in without:
+        text = _once(_filter_item(name), "", text, f"'- name: {name}' filter")
     route = '{indent}direct_response: {{ status: 200, body: {{ inline_string: "ok" }} }}\n'
     if not authz:
         route += "{indent}typed_per_filter_config:\n"
-        for name in tollway_filters(template):
+        for name in present:
+            if name in without:
+                continue
             route += (
                 f"{{indent}}  {name}:\n"
                 f'{{indent}}    "@type": type.googleapis.com/{TOLLWAY_FILTERS[name]}\n'

@@ -85,7 +85,7 @@ class Mode:
     retries: int  # extra attempts at a load measured while the machine was busy
 
 
-FULL: Final = Mode("full", 10_000, 12.0, 3.0, 15.0, budget=15 * 60, retries=1)
+FULL: Final = Mode("full", 10_000, 12.0, 3.0, 15.0, budget=20 * 60, retries=1)
 QUICK: Final = Mode("quick", 10_000, 2.0, 0.5, 3.0, budget=5 * 60, retries=0)
 
 
@@ -258,27 +258,84 @@ class Population:
     hostile_key: str
 
 
-async def _create_population(redis_url: str, count: int) -> Population:
-    """count accounts on plan "bench" with one key each, plus the hostile one."""
-    store = Store(connect(redis_url, timeout=10.0, max_connections=64), timeout=10.0)
-    gate = asyncio.Semaphore(48)
+POPULATION_BATCH: Final = 5_000  # accounts per pipeline: ~15,000 commands, ~2 MB each way
 
-    async def one(customer: str, plan: str) -> str:
-        async with gate:
-            await store.create_account(customer, plan, "active")
-            api_key = keys.generate("test")
-            hashed = keys.key_hash(api_key)
-            record = KeyRecord(key_id=keys.key_id(hashed), customer_id=customer, state="active")
-            await store.add_key(hashed, record)
-            return api_key
 
+async def _issue(redis_url: str, customer: str, plan: str) -> str:
+    """One account on plan with one active key, through the Store itself."""
+    store = Store(connect(redis_url, timeout=10.0, max_connections=4), timeout=10.0)
     try:
-        customers = [f"cus_bench{i:06d}" for i in range(count)]
-        api_keys = await asyncio.gather(*(one(c, "bench") for c in customers))
-        hostile = await one("cus_hostile", "hostile")
+        await store.create_account(customer, plan, "active")
+        api_key = keys.generate("test")
+        hashed = keys.key_hash(api_key)
+        record = KeyRecord(key_id=keys.key_id(hashed), customer_id=customer, state="active")
+        await store.add_key(hashed, record)
     finally:
         await store.close()
-    return Population(customers, list(api_keys), "cus_hostile", hostile)
+    return api_key
+
+
+Hashes = list[tuple[str, dict[str, str]]]  # Redis key -> its hash's fields
+
+
+def _written_for(client: redis.Redis, ids: Sequence[str]) -> Hashes:
+    """Every Redis key named after one of ids (in a hash tag, as the Store names an
+    account's keys and a key's record), with its fields: what the Store wrote."""
+    found: Hashes = []
+    names = sorted({str(n) for i in ids for n in client.scan_iter(match=f"*{{{i}}}*")})
+    for name in names:
+        if client.type(name) != "hash":
+            raise RuntimeError(f"bench population: {name} is not a hash; teach _clone its type")
+        fields: dict[str, str] = client.hgetall(name)  # type: ignore[assignment]
+        for text in (name, *fields, *fields.values()):
+            inside = [i for i in ids if i in text and text != i and f"{{{i}}}" not in text]
+            if inside:
+                raise RuntimeError(f"bench population: {text!r} embeds {inside[0]!r}; "
+                                   "cannot copy it for other accounts")  # fmt: skip
+        found.append((name, fields))
+    return found
+
+
+def _clone(template: Hashes, swap: dict[str, str]) -> Iterator[tuple[str, list[str]]]:
+    """template with its ids replaced (swap: old id -> new) in names, fields and
+    values: each hash's name and its fields and values, flat, as HSET takes them."""
+    for name, fields in template:
+        for old, new in swap.items():
+            name = name.replace(f"{{{old}}}", f"{{{new}}}")
+        yield name, [swap.get(text, text) for pair in fields.items() for text in pair]
+
+
+def create_population(
+    client: redis.Redis, redis_url: str, count: int, *, prefix: str = "cus_bench"
+) -> Population:
+    """count accounts on plan "bench" with one key each, plus the hostile one on
+    plan "hostile"; customer ids are prefix + a number.
+
+    The first account and the hostile one are written by the Store; the others
+    are copies of the first (its Redis keys, fields and values, with the
+    customer id, key hash and key id swapped), sent in pipelines of
+    POPULATION_BATCH accounts. One round trip per batch instead of several per
+    account is what makes 1,000,000 accounts take about a minute (bench/memory.py),
+    and the Store stays the one place that knows its layout.
+    """
+    customers = [f"{prefix}{i:07d}" for i in range(count)]
+    api_keys = [asyncio.run(_issue(redis_url, customers[0], "bench"))]
+    first_hash = keys.key_hash(api_keys[0])
+    first = (customers[0], first_hash, keys.key_id(first_hash))
+    template = _written_for(client, first)
+    for start in range(1, count, POPULATION_BATCH):
+        pipe = client.pipeline(transaction=False)
+        for customer in customers[start : start + POPULATION_BATCH]:
+            api_key = keys.generate("test")
+            hashed = keys.key_hash(api_key)
+            swap = dict(zip(first, (customer, hashed, keys.key_id(hashed)), strict=True))
+            for name, items in _clone(template, swap):
+                pipe.hset(name, items=items)
+            api_keys.append(api_key)
+        pipe.execute()
+    hostile_customer = f"{prefix}_hostile"
+    hostile = asyncio.run(_issue(redis_url, hostile_customer, "hostile"))
+    return Population(customers, api_keys, hostile_customer, hostile)
 
 
 class Counters:
@@ -287,11 +344,18 @@ class Counters:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
 
+    def quota_used(self, customers: Sequence[str]) -> list[int]:
+        """Each customer's quota `used`, read in pipelines of POPULATION_BATCH."""
+        used = []
+        for start in range(0, len(customers), POPULATION_BATCH):
+            pipe = self.client.pipeline(transaction=False)
+            for customer in customers[start : start + POPULATION_BATCH]:
+                pipe.hget(quota_key(customer), "used")
+            used += [int(value or 0) for value in pipe.execute()]
+        return used
+
     def used(self, customers: Sequence[str]) -> int:
-        pipe = self.client.pipeline(transaction=False)
-        for customer in customers:
-            pipe.hget(quota_key(customer), "used")
-        return sum(int(value or 0) for value in pipe.execute())
+        return sum(self.quota_used(customers))
 
     def commands(self) -> dict[str, int]:
         stats: dict[str, Any] = self.client.info("commandstats")
@@ -393,8 +457,24 @@ class Bench:
         self.counters = counters
         self.pids = pids
         self.measurements: list[Measurement] = []
-        self.children: dict[str, dev.Child] = {}  # checked alive around every load
+        self.children: dict[str, dev.Child] = {}  # by role, as pids; checked around every load
         self._runs = 0
+
+    @contextmanager
+    def playing(self, role: str, child: dev.Child) -> Iterator[None]:
+        """child is role (its CPU column, its liveness check) during the block;
+        whoever was before is role again after it."""
+        saved = self.pids.get(role), self.children.get(role)
+        self.pids[role], self.children[role] = pid_of(child), child
+        try:
+            yield
+        finally:
+            pid, previous = saved
+            if pid is None or previous is None:
+                self.pids.pop(role, None)
+                self.children.pop(role, None)
+            else:
+                self.pids[role], self.children[role] = pid, previous
 
     def check_alive(self) -> None:
         for name, child in self.children.items():
@@ -487,18 +567,20 @@ def http_get(url: str) -> tuple[int, dict[str, str]]:
         return int(exc.code), {k.lower(): v for k, v in exc.headers.items()}
 
 
-def check_envoy(listen: int, good: str, bad: str, *, authz: bool, authz_denies: bool) -> None:
+def check_envoy(
+    listen: int, good: str, bad: str, *, authz: bool, authz_denies: bool, ext_proc: bool
+) -> None:
     """The good key passes; the bad one is refused only by the real sidecar; the
-    response phase (ext_proc, when configured) runs exactly when authz does."""
+    response phase runs exactly when ext_proc is in the chain and authz is on."""
     base = f"http://127.0.0.1:{listen}/v1/search?{envoy_config.KEY_QUERY_PARAM}="
     (good_status, headers), (bad_status, _) = http_get(base + good), http_get(base + bad)
     want_bad = 401 if authz_denies else 200
     if (good_status, bad_status) != (200, want_bad):
         raise RuntimeError(f"envoy :{listen}: good key → {good_status}, bad key → {bad_status}; "
                            f"expected 200, {want_bad}")  # fmt: skip
-    filters = envoy_config.tollway_filters(dev.ENVOY_TEMPLATE.read_text())
-    if "envoy.filters.http.ext_proc" in filters and ("x-tollway-charged" in headers) is not authz:
-        raise RuntimeError(f"envoy :{listen}: ext_proc {'did not run' if authz else 'ran'}")
+    charged = "x-tollway-charged" in headers  # what the sidecar's response phase adds
+    if charged is not (ext_proc and authz):
+        raise RuntimeError(f"envoy :{listen}: ext_proc {'ran' if charged else 'did not run'}")
 
 
 # -- facts and the report ---------------------------------------------------------
@@ -554,8 +636,21 @@ LABELS: Final = {
     "floor": "floor: no-op gRPC Authorize",
     "sidecar": "sidecar Authorize (gRPC)",
     "envoy-ceiling": "Envoy, Tollway filters off (ceiling)",
-    "envoy-noop": "Envoy + no-op authorizer",
-    "envoy-sidecar": "Envoy + sidecar",
+    "envoy-noop": "Envoy + no-op authorizer, all Tollway filters",
+    "envoy-sidecar": "Envoy + sidecar, all Tollway filters",
+    "envoy-noop-authz": "Envoy + no-op authorizer, ext_authz only",
+    "envoy-sidecar-authz": "Envoy + sidecar, ext_authz only",
+}
+# The row each row is divided by: the no-op authorizer behind the same Envoy
+# filters (the ceiling: the Envoy + no-op row it was run against).
+BASELINE: Final = {
+    "floor": "floor",
+    "sidecar": "floor",
+    "envoy-ceiling": "envoy-noop",
+    "envoy-noop": "envoy-noop",
+    "envoy-sidecar": "envoy-noop",
+    "envoy-noop-authz": "envoy-noop-authz",
+    "envoy-sidecar-authz": "envoy-noop-authz",
 }
 
 
@@ -614,11 +709,12 @@ def report(
         "## Throughput at saturation",
         "",
         "gRPC rows: ratio to the floor (the better of its two peaks). Envoy rows: ratio to "
-        "Envoy + no-op authorizer and to the ceiling. †: processes outside the bench used over "
+        "Envoy + no-op authorizer with the same Tollway filters (the *floor* column names it) "
+        "and to the ceiling. †: processes outside the bench used over "
         f"{NOISY:.0f} % of a core during that measurement (see the CPU table): noisy.",
         "",
-        "| measurement | req/s | vs floor | vs ceiling | Redis cmds/req | outcome |",
-        "|---|---:|---:|---:|---:|---|",
+        "| measurement | req/s | vs floor | floor | vs ceiling | Redis cmds/req | outcome |",
+        "|---|---:|---:|---|---:|---:|---|",
     ]
     # Noise only ever slows a run down, so the better of the floor's two peaks
     # (start and end of the run) is its best estimate.
@@ -627,20 +723,36 @@ def report(
         key=lambda m: m.rps,
         default=None,
     )
-    envoy_floor = find("envoy-noop", "peak")
     ceiling = find("envoy-ceiling", "peak")
+
+    def peak(target: str) -> Measurement | None:
+        return floor if target == "floor" else find(target, "peak")
+
     for target in LABELS:
-        m = floor if target == "floor" else find(target, "peak")
+        m = peak(target)
         if m is None:
             continue
-        base = envoy_floor if target.startswith("envoy") else floor
+        base = peak(BASELINE[target])
         per_request = sum(m.commands.values()) / m.result.requests if m.result.requests else 0.0
         lines.append(
             f"| {LABELS[target]}{' †' if m.noisy else ''} | {m.rps:,.0f} "
             f"| {_ratio(m.rps, base.rps if base else None)} "
+            f"| {'itself' if BASELINE[target] == target else LABELS[BASELINE[target]]} "
             f"| {_ratio(m.rps, ceiling.rps) if target.startswith('envoy') and ceiling else '—'} "
             f"| {per_request:.2f} | {_outcome(m)} |"
         )
+    sidecar_all, sidecar_authz = peak("envoy-sidecar"), peak("envoy-sidecar-authz")
+    noop_all, noop_authz = peak("envoy-noop"), peak("envoy-noop-authz")
+    if sidecar_all and sidecar_authz and noop_all and noop_authz:
+        lines += [
+            "",
+            "What ext_proc costs (the same Envoy without deploy/envoy.yaml's other Tollway "
+            f"filters): Envoy + sidecar serves {sidecar_authz.rps:,.0f} req/s with ext_authz "
+            f"only and {sidecar_all.rps:,.0f} with every filter "
+            f"({_ratio(sidecar_all.rps, sidecar_authz.rps)} of it); Envoy + no-op authorizer "
+            f"{noop_authz.rps:,.0f} and {noop_all.rps:,.0f} "
+            f"({_ratio(noop_all.rps, noop_authz.rps)}).",
+        ]
     first, end = find("floor", "peak"), find("floor", END_PEAK)
     if first is not None and end is not None and first.rps:
         lines += [
@@ -654,9 +766,10 @@ def report(
         "## Latency at fixed offered loads",
         "",
         "Offered loads are shares of the floor's peak (gRPC rows: the no-op Authorize peak; "
-        "Envoy rows: the Envoy + no-op peak). Latencies in ms; ratios p50 / p99 / p999 "
-        "against the floor at the same offered load (Envoy rows: Envoy + no-op), and for "
-        "Envoy rows against the ceiling. *overloaded*: achieved under "
+        "Envoy rows: the peak of Envoy + no-op with the same filters, as in the table above). "
+        "Latencies in ms; ratios p50 / p99 / p999 against that floor at the same offered load, "
+        "and for Envoy rows against the ceiling when it ran at the same offered load (it ran at "
+        "shares of the all-filters floor). *overloaded*: achieved under "
         f"{SATURATED:.0%} of offered, so the latency is queueing. †: noisy, as above.",
         "",
         "| measurement | load | offered req/s | achieved req/s | p50 | p99 | p999 "
@@ -670,11 +783,11 @@ def report(
             if m is None:
                 continue
             r = m.result
-            base = find("envoy-noop" if target.startswith("envoy") else "floor", load)
+            base = find(BASELINE[target], load)
             top = find("envoy-ceiling", load) if target.startswith("envoy") else None
 
             def ratios(other: Measurement | None, m: Measurement = m, r: h2load.Result = r) -> str:
-                if other is None or other is m:
+                if other is None or other is m or other.offered != m.offered:
                     return "—"
                 return " / ".join(_ratio(r.p(q), other.result.p(q)) for q in (50, 99, 99.9))
 
@@ -801,14 +914,66 @@ def hostile_attack(bench: Bench, port: int, population: Population, mode: Mode) 
 
 
 def sidecar_config(filters: Sequence[str]) -> Path:
-    """bench/tollway-bench.toml, plus `[envoy] ext_proc = true` when Envoy runs ext_proc
-    (as deploy/tollway.toml pairs with deploy/envoy.yaml)."""
-    text = CONFIG.read_text()
-    if "envoy.filters.http.ext_proc" in filters:
-        text += "\n[envoy]\next_proc = true\n"
-    path = WORK / CONFIG.name
-    path.write_text(text)
+    """bench/tollway-bench.toml with `[envoy] ext_proc` set to whether Envoy runs
+    ext_proc (as deploy/tollway.toml pairs with deploy/envoy.yaml)."""
+    ext_proc = envoy_config.EXT_PROC in filters
+    path = WORK / f"{CONFIG.stem}-ext-proc-{str(ext_proc).lower()}.toml"
+    path.write_text(CONFIG.read_text() + f"\n[envoy]\next_proc = {str(ext_proc).lower()}\n")
     return path
+
+
+@dataclass(frozen=True)
+class EnvoyVariant:
+    name: str  # the target's name in the report (LABELS, BASELINE)
+    authorizer: str  # "noop" or "sidecar"
+    authz: bool = True  # False: every Tollway filter disabled on the route (the ceiling)
+    without: tuple[str, ...] = ()  # Tollway filters of deploy/envoy.yaml cut out of the chain
+
+
+def envoy_variants(filters: Sequence[str]) -> list[EnvoyVariant]:
+    """The Envoy rows: deploy/envoy.yaml's filters behind the no-op server, off, and
+    behind the sidecar; then, when it runs more than ext_authz (ext_proc), the same
+    pair with ext_authz only, so what the others cost shows."""
+    variants = [
+        EnvoyVariant("envoy-noop", "noop"),
+        EnvoyVariant("envoy-ceiling", "sidecar", authz=False),  # the sidecar must see nothing
+        EnvoyVariant("envoy-sidecar", "sidecar"),
+    ]
+    others = tuple(name for name in filters if name != envoy_config.EXT_AUTHZ)
+    if others:
+        variants += [
+            EnvoyVariant("envoy-noop-authz", "noop", without=others),
+            EnvoyVariant("envoy-sidecar-authz", "sidecar", without=others),
+        ]
+    return variants
+
+
+def prepare(work: Path, budget: int) -> None:
+    """Signals and a watchdog (budget seconds) end the run cleanly; work starts empty."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
+        signal.signal(signum, _interrupt)
+    signal.alarm(budget)  # a watchdog over the whole run: stop, clean up, exit
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+
+
+@dataclass(frozen=True)
+class Valkey:
+    url: str
+    client: redis.Redis  # decode_responses
+    pid: int
+    version: str
+
+
+def start_valkey(stack: ExitStack, work: Path) -> Valkey:
+    """The run's embedded Valkey (stopped with stack), in memory only."""
+    server = dev.start_valkey(work / "valkey", persist=False)
+    stack.callback(server.stop)
+    client = redis.Redis.from_url(server.connection_url, decode_responses=True)
+    stack.callback(client.close)
+    info: dict[str, Any] = client.info("server")
+    version = str(info.get("valkey_version") or info.get("redis_version"))
+    return Valkey(server.connection_url, client, int(info["process_id"]), version)
 
 
 def main() -> int:
@@ -816,24 +981,15 @@ def main() -> int:
     if shutil.which("h2load") is None:
         print("bench: h2load not found: apt-get install nghttp2-client", file=sys.stderr)
         return 2
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
-        signal.signal(signum, _interrupt)
-    signal.alarm(mode.budget)  # a watchdog over the whole run: stop, clean up, exit
-    shutil.rmtree(WORK, ignore_errors=True)
-    WORK.mkdir(parents=True)
+    prepare(WORK, mode.budget)
     started = time.monotonic()
     say(f"mode {mode.name}; logs in {WORK.relative_to(REPO_ROOT)}")
 
     with ExitStack() as stack:
-        valkey = dev.start_valkey(WORK / "valkey", persist=False)
-        stack.callback(valkey.stop)
-        client = redis.Redis.from_url(valkey.connection_url, decode_responses=True)
-        stack.callback(client.close)
-        server_info: dict[str, Any] = client.info("server")
-        facts = machine_facts(
-            str(server_info.get("valkey_version") or server_info.get("redis_version"))
-        )
-        pids = {"valkey": int(server_info["process_id"])}
+        valkey = start_valkey(stack, WORK)
+        client = valkey.client
+        facts = machine_facts(valkey.version)
+        pids = {"valkey": valkey.pid}
 
         template = dev.ENVOY_TEMPLATE.read_text()
         filters = envoy_config.tollway_filters(template)
@@ -841,18 +997,16 @@ def main() -> int:
             name.rsplit(".", 1)[1] for name in filters
         )
         t0 = time.monotonic()
-        population = asyncio.run(_create_population(valkey.connection_url, mode.keys))
+        population = create_population(client, valkey.url, mode.keys)
         say(f"{mode.keys:,} accounts and keys issued in {time.monotonic() - t0:.1f} s")
 
         noop_port, sidecar_port = dev.free_port(), dev.free_port()
         noop = start_noop(noop_port)
         stack.callback(noop.stop)
         sidecar = dev.start_sidecar(
-            sidecar_config(filters),
-            redis_url=valkey.connection_url,
-            port=sidecar_port,
+            sidecar_config(filters), redis_url=valkey.url, port=sidecar_port,
             log=WORK / "sidecar.log",
-        )
+        )  # fmt: skip
         stack.callback(sidecar.stop)
         pids |= {"noop": pid_of(noop), "sidecar": pid_of(sidecar)}
         check_authorize(noop_port, population.api_keys[0], pb.REASON_OK)
@@ -869,38 +1023,45 @@ def main() -> int:
         order = zipf.sample(URIS_PER_FILE)  # the key of each request through Envoy
 
         bench = Bench(mode, Counters(client), pids)
-        bench.children |= {"the no-op server": noop, "the sidecar": sidecar}
+        bench.children |= {"noop": noop, "sidecar": sidecar}
         floor_peak = bench.curve(grpc_target("floor", noop_port, bodies))
         grpc_customers = [population.customers[rank] for rank in ranks]
         bench.curve(grpc_target("sidecar", sidecar_port, bodies, grpc_customers), floor_peak)
 
         bad_key = keys.generate("test")
-        envoy_peak: float | None = None
-        for name, authorizer, authz in (
-            ("envoy-noop", noop_port, True),
-            ("envoy-ceiling", sidecar_port, False),  # authz off: the sidecar must see nothing
-            ("envoy-sidecar", sidecar_port, True),
-        ):
-            listen, admin = dev.free_port(), dev.free_port()
-            config = envoy_config.render(
-                template, listen=listen, admin=admin, authorizer=authorizer, authz=authz
-            )
+        peaks: dict[str, float] = {}  # each Envoy + no-op row's peak: its rows' offered loads
+        for variant in envoy_variants(filters):
+            name = variant.name
+            kept = [f for f in filters if f not in variant.without]
             with ExitStack() as envoy_stack:
+                authorizer = noop_port if variant.authorizer == "noop" else sidecar_port
+                if variant.authorizer == "sidecar" and variant.without:
+                    # A sidecar of its own, configured for the filters this Envoy runs.
+                    authorizer = dev.free_port()
+                    own = dev.start_sidecar(
+                        sidecar_config(kept), redis_url=valkey.url, port=authorizer,
+                        log=WORK / f"sidecar-{name}.log",
+                    )  # fmt: skip
+                    envoy_stack.callback(own.stop)
+                    envoy_stack.enter_context(bench.playing("sidecar", own))
+                listen, admin = dev.free_port(), dev.free_port()
+                config = envoy_config.render(
+                    template, listen=listen, admin=admin, authorizer=authorizer,
+                    authz=variant.authz, without=variant.without,
+                )  # fmt: skip
                 envoy = start_envoy(name, config, admin)
                 envoy_stack.callback(envoy.stop)
-                bench.pids["envoy"] = pid_of(envoy)
-                bench.children["envoy"] = envoy
-                check_envoy(listen, population.api_keys[0], bad_key, authz=authz,
-                            authz_denies=name == "envoy-sidecar")  # fmt: skip
+                envoy_stack.enter_context(bench.playing("envoy", envoy))
+                real_sidecar = variant.authorizer == "sidecar" and variant.authz
+                check_envoy(listen, population.api_keys[0], bad_key, authz=variant.authz,
+                            authz_denies=real_sidecar,
+                            ext_proc=envoy_config.EXT_PROC in kept)  # fmt: skip
                 uris = WORK / f"uris-{name}.txt"
                 base = f"http://127.0.0.1:{listen}"
                 uris.write_text("\n".join(envoy_uris(base, population.api_keys, order)) + "\n")
-                counted = population.customers if name == "envoy-sidecar" else ()
-                peak = bench.curve(envoy_target(name, uris, counted), envoy_peak)
-                if name == "envoy-noop":
-                    envoy_peak = peak
-            bench.pids.pop("envoy")
-            bench.children.pop("envoy")
+                counted = population.customers if real_sidecar else ()
+                peak = bench.curve(envoy_target(name, uris, counted), peaks.get(BASELINE[name]))
+                peaks.setdefault(name, peak)
 
         hostile = hostile_attack(bench, sidecar_port, population, mode)
         rss["after load"] = rss_kib(pids["sidecar"])
