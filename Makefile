@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint proto bench bench-scaling h2load soak clean
+.PHONY: run test lint proto bench bench-scaling bench-memory h2load soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench: $(STAMP) h2load
 ## bench-scaling: Authorize with 1 and 2 workers, 1 to 3 cluster masters; writes bench/results/scaling.md (~3 min)
 bench-scaling: $(STAMP) h2load
 	$(BIN)/python -m bench.scaling
+
+## bench-memory: sidecar RSS while 1,000,000 keys are touched; writes bench/results/memory.md (~15 min; BENCH_MEMORY_SECONDS=600, BENCH_MEMORY_KEYS=1000000)
+bench-memory: $(STAMP)
+	$(BIN)/python -m bench.memory
 
 h2load:
 	@command -v h2load >/dev/null || { \

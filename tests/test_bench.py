@@ -5,17 +5,22 @@ No load runs here; `make bench` is the load test.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import math
 import re
 import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
 import pytest
+import redis
 
-from bench import envoy_config, h2load, noop_server, run
+from bench import envoy_config, grpc_load, h2load, memory, noop_server, run
 from bench.workload import (
     ZipfSampler,
     authorize_body,
@@ -26,6 +31,7 @@ from bench.workload import (
 from sidecar import dev, keys
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.settings import load_settings
+from sidecar.store import Store, connect
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -215,11 +221,16 @@ def test_h2load_command_line() -> None:
 
 TEMPLATE = dev.ENVOY_TEMPLATE.read_text()
 PORTS = {"listen": 21000, "admin": 21001, "authorizer": 21002}
+TOLLWAY = envoy_config.tollway_filters(TEMPLATE)
+OTHERS = tuple(name for name in TOLLWAY if name != envoy_config.EXT_AUTHZ)  # ext_proc
 
 
 @pytest.mark.parametrize("authz", [True, False])
-def test_bench_envoy_configs_validate(tmp_path: Path, authz: bool) -> None:
-    text = envoy_config.render(TEMPLATE, **PORTS, authz=authz)
+@pytest.mark.parametrize("without", [(), OTHERS], ids=["all filters", "ext_authz only"])
+def test_bench_envoy_configs_validate(
+    tmp_path: Path, authz: bool, without: tuple[str, ...]
+) -> None:
+    text = envoy_config.render(TEMPLATE, **PORTS, authz=authz, without=without)
     assert "direct_response" in text
     assert "cluster: upstream }" not in text  # the upstream is never reached
     for port in PORTS.values():
@@ -227,17 +238,55 @@ def test_bench_envoy_configs_validate(tmp_path: Path, authz: bool) -> None:
     filters = re.findall(r"- name: (envoy\.filters\.http\.\w+)", text)
     assert filters == [
         "envoy.filters.http.header_mutation",
-        *re.findall(r"- name: (envoy\.filters\.http\.\w+)", TEMPLATE),
-    ]
+        *(f for f in re.findall(r"- name: (envoy\.filters\.http\.\w+)", TEMPLATE)
+          if f not in without),
+    ]  # fmt: skip
     assert "%QUERY_PARAM(k)%" in text
-    tollway = envoy_config.tollway_filters(TEMPLATE)
-    assert tollway[0] == "envoy.filters.http.ext_authz"
-    assert text.count("disabled: true") == (0 if authz else len(tollway))
+    assert TOLLWAY[0] == "envoy.filters.http.ext_authz"
+    assert text.count("disabled: true") == (0 if authz else len(TOLLWAY) - len(without))
+    if without:  # the filter's own comments go with it
+        assert "The response path" not in text and "ExternalProcessor" not in text
     config = tmp_path / "envoy.yaml"
     config.write_text(text)
     argv = [dev.envoy_binary(), "--mode", "validate", "-c", str(config), "--use-dynamic-base-id"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_bench_envoy_config_leaves_out_only_filters_it_has_and_never_ext_authz() -> None:
+    for without in ([envoy_config.EXT_AUTHZ], ["envoy.filters.http.lua"]):
+        with pytest.raises(ValueError, match="cannot leave out"):
+            envoy_config.render(TEMPLATE, **PORTS, authz=True, without=without)
+
+
+def test_envoy_variants_pair_each_row_with_a_no_op_row_of_the_same_filters() -> None:
+    variants = run.envoy_variants(TOLLWAY)
+    by_name = {v.name: v for v in variants}
+    assert len(by_name) == len(variants)
+    for variant in variants:
+        assert variant.name in run.LABELS
+        base = by_name[run.BASELINE[variant.name]]
+        assert base.authorizer == "noop" and base.authz
+        assert base.without == variant.without
+    if OTHERS:  # deploy/envoy.yaml runs ext_proc: the ext_authz-only pair is in the run
+        assert by_name["envoy-sidecar-authz"].without == OTHERS
+        assert run.BASELINE["envoy-sidecar-authz"] == "envoy-noop-authz"
+    # With ext_authz alone in deploy/envoy.yaml the pair would repeat the main rows.
+    assert [v.name for v in run.envoy_variants([envoy_config.EXT_AUTHZ])] == [
+        "envoy-noop",
+        "envoy-ceiling",
+        "envoy-sidecar",
+    ]
+
+
+@pytest.mark.parametrize("filters", [list(TOLLWAY), [envoy_config.EXT_AUTHZ]])
+def test_sidecar_config_runs_ext_proc_exactly_when_envoy_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, filters: list[str]
+) -> None:
+    monkeypatch.setattr(run, "WORK", tmp_path)
+    settings = load_settings(run.sidecar_config(filters), {})
+    assert settings.envoy.ext_proc is (envoy_config.EXT_PROC in filters)
+    assert settings.catalog.plans.keys() == load_settings(run.CONFIG, {}).catalog.plans.keys()
 
 
 def test_bench_envoy_config_fails_loudly_when_the_template_changes() -> None:
@@ -302,11 +351,13 @@ def _result(rps: float, latency_ms: float, requests: int = 1000) -> h2load.Resul
 def test_report_renders_every_section() -> None:
     bench = run.Bench(run.QUICK, cast(run.Counters, None), {})
     targets = {"floor": 4000, "sidecar": 1500, "envoy-noop": 3500, "envoy-ceiling": 50000,
-               "envoy-sidecar": 1400}  # fmt: skip
+               "envoy-sidecar": 1400, "envoy-noop-authz": 6000,
+               "envoy-sidecar-authz": 3000}  # fmt: skip
     for target, peak in targets.items():
         bench.measurements.append(run.Measurement(target, "peak", None, _result(peak, 10)))
+        base = targets[run.BASELINE[target]]
         for share in run.SHARES:
-            offered = share * (4000 if target in ("floor", "sidecar") else 3500)
+            offered = share * base
             achieved = min(offered, peak)
             bench.measurements.append(
                 run.Measurement(target, f"{share:.0%}", offered, _result(achieved, share * 4))
@@ -332,3 +383,147 @@ def test_report_renders_every_section() -> None:
     assert "4,000 req/s at the start of the run and 4,080 at the end (+2.0%)" in text
     assert "| floor again, at the end |" in text
     assert "| hostile attack | 0 | 0 | 40 | 0 | 0 | 0 | 30 (pytest 25) |" in text
+    # Each Envoy row names the no-op row it is divided by: the same filters.
+    assert ("| Envoy + sidecar, ext_authz only | 3,000 | 0.50 "
+            "| Envoy + no-op authorizer, ext_authz only | 0.06 |") in text  # fmt: skip
+    assert ("| Envoy + sidecar, all Tollway filters | 1,400 | 0.40 "
+            "| Envoy + no-op authorizer, all Tollway filters | 0.03 |") in text  # fmt: skip
+    assert "3,000 req/s with ext_authz only and 1,400 with every filter (0.47 of it)" in text
+    # The ceiling ran at other offered loads than the ext_authz-only rows: no ratio to it.
+    [row] = [line for line in text.splitlines() if "Envoy + sidecar, ext_authz only | 25%" in line]
+    assert row.endswith("| 1.00 / 1.00 / 1.00 | — | — |")
+
+
+# -- the population ----------------------------------------------------------------
+
+
+def test_clone_swaps_ids_in_names_fields_and_values() -> None:
+    template = [
+        ("tw:{cus_a}:a", {"plan": "bench", "status": "active"}),
+        ("tw:{cus_a}:keys", {"key_1": "h1"}),
+        ("tw:k:{h1}", {"customer": "cus_a", "key_id": "key_1", "state": "active"}),
+    ]
+    swap = {"cus_a": "cus_b", "h1": "h2", "key_1": "key_2"}
+    assert list(run._clone(template, swap)) == [
+        ("tw:{cus_b}:a", ["plan", "bench", "status", "active"]),
+        ("tw:{cus_b}:keys", ["key_2", "h2"]),
+        ("tw:k:{h2}", ["customer", "cus_b", "key_id", "key_2", "state", "active"]),
+    ]
+
+
+def test_population_reads_back_as_the_store_wrote_it(redis_url: str) -> None:
+    """Copies of the Store's first account are what the Store would have written."""
+    prefix = f"cus_pop{uuid.uuid4().hex[:8]}_"
+    with redis.Redis.from_url(redis_url, decode_responses=True) as client:
+        population = run.create_population(client, redis_url, 4, prefix=prefix)
+
+    async def read() -> list[tuple[str, str, str, bool]]:
+        store = Store(connect(redis_url, timeout=2.0), timeout=2.0)
+        try:
+            rows = []
+            for customer, api_key in zip(population.customers, population.api_keys, strict=True):
+                account = await store.get_account(customer)
+                record = await store.lookup_key(keys.key_hash(api_key))
+                listed = await store.list_keys(customer)
+                assert account is not None and record is not None
+                assert listed == [record] and record.customer_id == customer
+                assert keys.is_well_formed(api_key)
+                rows.append((account.plan, account.status, record.state, record.usable()))
+            return rows
+        finally:
+            await store.close()
+
+    assert asyncio.run(read()) == [("bench", "active", "active", True)] * 4
+    assert len(set(population.api_keys)) == 4
+    assert population.hostile_customer not in population.customers
+
+
+# -- the memory run: its load client, bodies and report --------------------------------
+
+
+@pytest.fixture
+def noop_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """The bench's no-op server (every Authorize allowed), its log in tmp_path."""
+    monkeypatch.setattr(run, "WORK", tmp_path)
+    port = dev.free_port()
+    child = run.start_noop(port)
+    try:
+        yield port
+    finally:
+        child.stop()
+
+
+def _grpc_load(tmp_path: Path, port: int, api_keys: list[str], seconds: float) -> Path:
+    bodies = tmp_path / "bodies.bin"
+    bodies.write_bytes(b"".join(authorize_body(key) for key in api_keys))
+    result = tmp_path / "result.json"
+    argv = [sys.executable, "-m", "bench.grpc_load", "--target", f"127.0.0.1:{port}",
+            "--bodies", str(bodies), "--seconds", str(seconds), "--streams", "4",
+            "--result", str(result)]  # fmt: skip
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return result
+
+
+def test_grpc_load_walks_every_body_and_counts_each_key_once(
+    tmp_path: Path, noop_port: int
+) -> None:
+    api_keys = [keys.generate("test") for _ in range(5)]
+    tally = grpc_load.read_tally(_grpc_load(tmp_path, noop_port, api_keys, 1.0))
+    assert (tally.bodies, tally.distinct_allowed) == (5, 5)
+    assert tally.requests == tally.allowed > 5  # it wrapped around
+    assert (tally.denied, tally.errors) == (0, {})
+    assert 0.9 < tally.seconds < 10
+
+
+def test_grpc_load_counts_failed_calls_as_errors(tmp_path: Path) -> None:
+    closed = dev.free_port()  # nothing listens there
+    tally = grpc_load.read_tally(_grpc_load(tmp_path, closed, [keys.generate("test")], 0.3))
+    assert tally.allowed == tally.distinct_allowed == 0
+    assert tally.requests == tally.errors.get("UNAVAILABLE", 0) > 0
+
+
+def test_memory_bodies_deal_every_key_once_in_a_shuffled_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(memory, "WORK", tmp_path)
+    api_keys = [keys.generate("test") for _ in range(7)]
+    population = run.Population([f"cus_{i}" for i in range(7)], api_keys, "cus_h", "k")
+    sent = [
+        [pb.AuthorizeRequest.FromString(m).api_key for m in parse_grpc_frames(p.read_bytes())]
+        for p in memory.write_bodies(population, 2)
+    ]
+    assert [len(part) for part in sent] == [4, 3]
+    everything = sent[0] + sent[1]
+    assert sorted(everything) == sorted(api_keys)
+    assert everything != api_keys  # shuffled (seeded: the same order every run)
+
+
+def _memory_run(rss_kib: list[int], distinct: int) -> memory.MemoryRun:
+    run_ = memory.MemoryRun(keys=1000, seconds=40, clients=1, population_seconds=1.5,
+                            valkey_populated=2**20, idle_kib=40_000)  # fmt: skip
+    for i, rss in enumerate(rss_kib):
+        answered = min(100 * i, 700)
+        run_.samples.append(
+            memory.Sample(10.0 * i, rss, max(rss_kib[: i + 1]), 2**21, answered, answered)
+        )
+    run_.tallies = [grpc_load.Tally(bodies=1000, requests=700, allowed=700,
+                                    distinct_allowed=distinct, seconds=70)]  # fmt: skip
+    run_.touched_in_valkey = run_.allowed_in_valkey = distinct
+    return run_
+
+
+def test_memory_report_says_growth_and_coverage() -> None:
+    flat = memory.report(_memory_run([40_000, 49_000, 50_000, 50_000, 51_000, 50_500, 51_000,
+                                      51_000], 700), {"nproc": "2"})  # fmt: skip
+    assert "| sidecar RSS at start (after the 30 s warm-up, t = 30 s) | 48.8 MiB |" in flat
+    assert "| max (t = 40 s) | 49.8 MiB |" in flat
+    assert "| **growth**, start to end (target < 10%: met) | **+2.0%** |" in flat
+    assert "700 distinct keys (70.0%) were touched" in flat
+    assert "| 70 | 49.8 MiB | +2.0% | 2 MiB | 700 | 700 |" in flat
+    assert "bytes per new key" not in flat
+    growing = memory.report(_memory_run([40_000, 45_000, 50_000, 50_000, 55_000, 60_000,
+                                         65_000, 70_000], 1000), {})  # fmt: skip
+    assert "(target < 10%: **not met**) | **+40.0%** |" in growing
+    assert "bytes per new key" in growing
+    assert "every one of the 1,000 keys was touched" in growing
