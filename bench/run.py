@@ -316,7 +316,8 @@ def create_population(
     customer id, key hash and key id swapped), sent in pipelines of
     POPULATION_BATCH accounts. One round trip per batch instead of several per
     account is what makes 1,000,000 accounts take about a minute (bench/memory.py),
-    and the Store stays the one place that knows its layout.
+    and the Store stays the one place that knows its layout. (The copies skip the
+    Store's invalidation messages: no sidecar runs yet to cache anything.)
     """
     customers = [f"{prefix}{i:07d}" for i in range(count)]
     api_keys = [asyncio.run(_issue(redis_url, customers[0], "bench"))]
