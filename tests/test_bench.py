@@ -521,9 +521,17 @@ def test_memory_report_says_growth_and_coverage() -> None:
     assert "| **growth**, start to end (target < 10%: met) | **+2.0%** |" in flat
     assert "700 distinct keys (70.0%) were touched" in flat
     assert "| 70 | 49.8 MiB | +2.0% | 2 MiB | 700 | 700 |" in flat
-    assert "bytes per new key" not in flat
+    assert (
+        "| mean RSS, first half of the window → second half | 49.3 MiB → 49.6 MiB (+0.7%) |" in flat
+    )
+    assert "not met" not in flat and "bytes per new key" not in flat
     growing = memory.report(_memory_run([40_000, 45_000, 50_000, 50_000, 55_000, 60_000,
                                          65_000, 70_000], 1000), {})  # fmt: skip
     assert "(target < 10%: **not met**) | **+40.0%** |" in growing
-    assert "bytes per new key" in growing
+    assert "bytes per new key), and its mean still moved +23.8%" in growing
     assert "every one of the 1,000 keys was touched" in growing
+    # Up and down around a level: the end sample says +10 %, the halves' means do not.
+    cycling = memory.report(_memory_run([40_000, 45_000, 48_000, 50_000, 55_000, 56_000,
+                                         51_000, 52_000, 55_100], 1000), {})  # fmt: skip
+    assert "(target < 10%: **not met**) | **+10.2%** |" in cycling
+    assert "but its mean moved -1.8% between the two halves of the window" in cycling
