@@ -14,9 +14,9 @@ staleness Tollway promises (cache.MAX_STALENESS):
   Redis nothing;
 - what each account has in flight: when the bucket's bound could not cover a
   request on top of the decisions still on their way to Redis, the request
-  waits for their answers (one round trip at most) and looks at the bound
-  again, instead of racing them to Redis for a denial. So when a token drops
-  into an empty bucket under attack, one request asks Redis, not all of them.
+  waits for the next of them to land and looks at the (fresher) bound again,
+  instead of racing them to Redis for a denial. So when a token drops into an
+  empty bucket under attack, one request asks Redis, not all of them.
 """
 
 from __future__ import annotations
@@ -57,11 +57,24 @@ _SLACK: Final = 0.002  # tokens
 class _InFlight:
     """Decisions of one account on their way to Redis."""
 
-    __slots__ = ("cost", "landed")
+    __slots__ = ("cost", "waiting")
 
     def __init__(self) -> None:
         self.cost = 0  # their costs, summed
-        self.landed = asyncio.Event()  # set once none is left
+        self.waiting: asyncio.Event | None = None  # set as the next of them lands
+
+    async def next_landing(self) -> None:
+        if self.waiting is None:
+            self.waiting = asyncio.Event()
+        await self.waiting.wait()
+
+    def landed(self, cost: int) -> None:
+        self.cost -= cost
+        # Every landing wakes the waiters (not only the last one: under steady
+        # traffic there may never be a last one), to look at the fresh bound.
+        if self.waiting is not None:
+            self.waiting.set()
+            self.waiting = None
 
 
 class Authorizer:
@@ -138,7 +151,7 @@ class Authorizer:
                 break  # their answers taught nothing: go ask
             if room is not None and cost + flight.cost <= room:
                 break
-            await flight.landed.wait()  # then the bound is fresh: look again
+            await flight.next_landing()  # then the bound is fresher: look again
             waited = True
         if flight is None:
             flight = self._in_flight[customer] = _InFlight()
@@ -149,10 +162,9 @@ class Authorizer:
                 request_id=request_id, lease_id=lease_id,
             )  # fmt: skip
         finally:
-            flight.cost -= cost
+            flight.landed(cost)
             if flight.cost <= 0 and self._in_flight.get(customer) is flight:
                 del self._in_flight[customer]
-                flight.landed.set()
 
     async def _lookup(self, hashed: str) -> KeyRecord | None:
         """The key's record; concurrent requests with one uncached key share

@@ -152,7 +152,7 @@ class PipelinedConnection:
 
     async def _connect(self) -> None:
         # Calls arriving while a connection is being made wait for that one.
-        if self._connecting is None:
+        if self._connecting is None or self._connecting.done():
             self._connecting = asyncio.get_running_loop().create_task(self._open())
         task = self._connecting
         try:

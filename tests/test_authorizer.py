@@ -5,6 +5,7 @@ decision script admits, and a hostile client costs Redis almost nothing."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -154,3 +155,43 @@ def test_concurrent_requests_admit_exactly_what_the_bucket_holds(redis_url: str)
             await store.close()
 
     assert asyncio.run(waves()) == [3, 1, 3, 0]
+
+
+def test_a_dear_request_is_answered_promptly_amid_steady_cheap_traffic(redis_url: str) -> None:
+    # Cheap requests keep the account's decisions in flight without a pause;
+    # a dear one that must wait for room is still answered within moments.
+    async def run() -> tuple[float, int]:
+        store = Store(connect(redis_url, timeout=2.0), timeout=2.0)
+        try:
+            authorizer = Authorizer(store, lambda: CONFIG)
+            _, key = await customer_with_key(store, "big")  # 100/s, burst 50
+            stop = asyncio.Event()
+
+            async def cheap() -> None:
+                while not stop.is_set():
+                    await authorizer.authorize(key, method="GET", path="/", cost=1)
+                    await asyncio.sleep(0)  # a local denial does not yield by itself
+
+            async def dear() -> tuple[float, int]:
+                slowest, answered = 0.0, 0
+                for _ in range(20):
+                    started = time.monotonic()
+                    await authorizer.authorize(key, method="GET", path="/", cost=30)
+                    slowest = max(slowest, time.monotonic() - started)
+                    answered += 1
+                    await asyncio.sleep(0.02)
+                return slowest, answered
+
+            cheap_clients = [asyncio.ensure_future(cheap()) for _ in range(10)]
+            await asyncio.sleep(0.1)
+            try:
+                return await asyncio.wait_for(dear(), 10)
+            finally:
+                stop.set()
+                await asyncio.gather(*cheap_clients)
+        finally:
+            await store.close()
+
+    slowest, answered = asyncio.run(run())
+    assert answered == 20
+    assert slowest < 0.5, f"a dear request waited {slowest:.2f} s"
