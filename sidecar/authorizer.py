@@ -50,7 +50,9 @@ __all__ = ["Authorizer"]
 
 log = logging.getLogger("tollway.authorizer")
 
-_HINTS_MAX: Final = 100_000
+# Plan hints are only a saved round trip (the script re-checks them), so they
+# are few: a million accounts touched once each must not grow the sidecar.
+_HINTS_MAX: Final = 20_000
 _SLACK: Final = 0.002  # tokens
 
 
@@ -328,6 +330,8 @@ class Authorizer:
             log.error("quota alert for %s not queued: Redis unavailable", payload["customer_id"])
 
     def _remember(self, customer: str, plan: str) -> None:
-        if len(self._plan_hints) >= _HINTS_MAX:
-            self._plan_hints.clear()
-        self._plan_hints[customer] = plan
+        hints = self._plan_hints
+        hints.pop(customer, None)  # re-inserted last: the oldest are dropped first
+        if len(hints) >= _HINTS_MAX:
+            del hints[next(iter(hints))]
+        hints[customer] = plan
