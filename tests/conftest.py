@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,6 +146,19 @@ def store(aio: asyncio.Runner, redis_url: str) -> Iterator[Store]:
     instance = Store(connect(redis_url, timeout=2.0), timeout=2.0)
     yield instance
     aio.run(instance.close())
+
+
+def with_store(redis_url: str, work: Callable[[Store], Awaitable[Any]]) -> Any:
+    """Runs work(store) on a Store of its own, closed after."""
+
+    async def go() -> Any:
+        store = Store(connect(redis_url, timeout=2.0), timeout=2.0)
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
 
 
 def new_customer() -> str:

@@ -15,23 +15,12 @@ import httpx
 import pytest
 
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
-from sidecar.store import Store, connect
-from tests.conftest import COMPANION_CONFIG, WEBHOOK_SECRET, Stack
+from sidecar.store import Store
+from tests.conftest import COMPANION_CONFIG, WEBHOOK_SECRET, Stack, with_store
 from tests.fakestripe import FakeStripe, make_event
 
 ReadAccount = Callable[[str], dict[str, Any]]
 IssueKey = Callable[[str], str]
-
-
-def with_store(redis_url: str, work: Callable[[Store], Any]) -> Any:
-    async def go() -> Any:
-        store = Store(connect(redis_url, timeout=2.0), timeout=2.0)
-        try:
-            return await work(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(go())
 
 
 @pytest.fixture

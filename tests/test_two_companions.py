@@ -24,8 +24,8 @@ import httpx
 import pytest
 
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
-from sidecar.store import Store, connect, events_key
-from tests.conftest import COMPANION_CONFIG, WEBHOOK_SECRET, Stack
+from sidecar.store import Store, events_key
+from tests.conftest import COMPANION_CONFIG, WEBHOOK_SECRET, Stack, with_store
 from tests.fakestripe import FakeStripe, make_event, sign_payload
 
 DELIVERIES = 8  # at once, alternating between the two companions
@@ -126,17 +126,6 @@ def applied_count(stacks: tuple[Stack, Stack], kind: str) -> dict[str, float]:
         for result, value in pattern.findall(text):
             totals[result] = totals.get(result, 0.0) + float(value)
     return totals
-
-
-def with_store(redis_url: str, work: Callable[[Store], Any]) -> Any:
-    async def go() -> Any:
-        store = Store(connect(redis_url, timeout=2.0), timeout=2.0)
-        try:
-            return await work(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(go())
 
 
 def invoice_event(kind: str, sub: dict[str, Any]) -> dict[str, Any]:
