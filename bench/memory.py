@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import ExitStack
@@ -307,6 +308,12 @@ def _errors(errors: dict[str, int]) -> str:
 # -- the run ------------------------------------------------------------------------
 
 
+def _drop_bulk() -> None:
+    shutil.rmtree(WORK / "valkey", ignore_errors=True)
+    for bodies in WORK.glob("bodies-*.bin"):
+        bodies.unlink()
+
+
 def main() -> int:
     keys_count = int(_setting("BENCH_MEMORY_KEYS", 1_000_000))
     seconds = _setting("BENCH_MEMORY_SECONDS", 600)
@@ -318,6 +325,9 @@ def main() -> int:
         f"{WORK.relative_to(REPO_ROOT)}")  # fmt: skip
 
     with ExitStack() as stack:
+        # Runs last, once Valkey has stopped: its files and the request bodies are
+        # hundreds of MB at a million keys; the logs and samples stay.
+        stack.callback(_drop_bulk)
         valkey = start_valkey(stack, WORK)
         facts = machine_facts(valkey.version)
         t0 = time.monotonic()
