@@ -92,6 +92,7 @@ class Authorizer:
         self._settings = settings  # a getter: SIGHUP swaps plans under us
         self._metered = metered  # told of each customer whose usage was just recorded
         self._plan_hints: dict[str, str] = {}
+        self._likely_plan = ""
         self._notifications: set[asyncio.Task[None]] = set()
         self.key_cache: TtlCache[str, tuple[KeyRecord | None]] = TtlCache(clock=clock)
         self.denials: TtlCache[str, tuple[int, Decision, float]] = TtlCache(clock=clock)
@@ -141,7 +142,9 @@ class Authorizer:
 
         waited = False
         while True:
-            plan = catalog.plans.get(self._plan_hints.get(customer, ""))
+            # Without a hint, the plan seen last is the best guess: the script
+            # compares plans first, so a wrong guess costs what no guess does.
+            plan = catalog.plans.get(self._plan_hints.get(customer) or self._likely_plan)
             cached = self._cached_denial(customer, cost, feature, plan)
             if cached is not None:
                 return cached
@@ -232,6 +235,8 @@ class Authorizer:
             self._remember(customer, plan.name)
         else:  # the plan flipped under us three times in a row
             raise RuntimeError(f"plan of {customer} kept changing during the decision")
+        if plan is not None and outcome.plan == plan.name != self._plan_hints.get(customer):
+            self._remember(customer, plan.name)  # a right guess is kept as a hint too
         decision = decision_from_outcome(
             outcome, plan=plan, customer_id=customer, cost=cost, feature=feature
         )
@@ -330,6 +335,7 @@ class Authorizer:
             log.error("quota alert for %s not queued: Redis unavailable", payload["customer_id"])
 
     def _remember(self, customer: str, plan: str) -> None:
+        self._likely_plan = plan
         hints = self._plan_hints
         hints.pop(customer, None)  # re-inserted last: the oldest are dropped first
         if len(hints) >= _HINTS_MAX:

@@ -195,3 +195,31 @@ def test_a_dear_request_is_answered_promptly_amid_steady_cheap_traffic(redis_url
     slowest, answered = asyncio.run(run())
     assert answered == 20
     assert slowest < 0.5, f"a dear request waited {slowest:.2f} s"
+
+
+def test_a_new_accounts_first_request_costs_one_script_call_on_a_common_plan(
+    redis_url: str,
+) -> None:
+    # A sidecar meeting many accounts for the first time (a restart, a million
+    # customers) guesses each one's plan from the last; one plan, one call each.
+    async def run() -> tuple[int, int]:
+        store = Store(connect(redis_url, timeout=2.0), timeout=2.0)
+        try:
+            authorizer = Authorizer(store, lambda: CONFIG)
+            pairs = [await customer_with_key(store, "big") for _ in range(40)]
+            before = await script_calls_so_far(store)
+            allowed = 0
+            for _, key in pairs:
+                allowed += (await authorizer.authorize(key, method="GET", path="/")).allowed
+            return allowed, await script_calls_so_far(store) - before
+        finally:
+            await store.close()
+
+    allowed, script_calls = asyncio.run(run())
+    assert allowed == 40
+    assert script_calls <= 41, f"{script_calls} script calls for 40 first requests"
+
+
+async def script_calls_so_far(store: Store) -> int:
+    stats = await store.redis.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
