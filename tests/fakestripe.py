@@ -445,6 +445,11 @@ class FakeStripe:
         idempotent retry), then the connection closes without the answer."""
         self._add_fault(_Fault("accept_then_drop", count, path_prefix))
 
+    def clear_faults(self) -> None:
+        """Every fault still waiting is dropped: Stripe is healthy again."""
+        with self._lock:
+            self._faults.clear()
+
     def _add_fault(self, fault: _Fault) -> None:
         if fault.remaining < 1:
             raise ValueError("count must be at least 1")

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from sidecar.settings import settings_from_document
 from sidecar.store import Store, connect
@@ -228,3 +229,36 @@ def test_huge_sums_are_billed_to_the_unit(redis_url: str, fake_stripe: FakeStrip
 
     customer = run(redis_url, fake_stripe, work)
     assert billed(fake_stripe, customer) == {"api_calls": 150 * (10**12 + 1)}
+
+
+def test_backlog_and_lag_show_usage_stripe_has_not_accepted_yet(
+    redis_url: str, fake_stripe: FakeStripe
+) -> None:
+    # What an operator's alert watches: while Stripe refuses, the customer is in
+    # the backlog and the lag is the age of its oldest unbilled usage; once
+    # Stripe takes it, it leaves the backlog.
+    def gauge(name: str) -> float:
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    def gauges() -> tuple[float, float]:
+        return gauge("tollway_reporter_backlog_customers"), gauge("tollway_reporter_lag_seconds")
+
+    async def work(store: Store, reporter: Reporter) -> tuple[float, float, float]:
+        customer = await new_account(store, fake_stripe)
+        await use(store, customer, "api_calls", 5)
+        fake_stripe.fail_next(50, status=500, path_prefix="/v1/billing/meter_events")
+        try:
+            await reporter.round(limit=10_000)
+            await asyncio.sleep(1.2)  # the usage ages, still refused
+            await reporter.round(limit=10_000)  # the gauges describe a round's start
+            during = gauges()
+        finally:
+            fake_stripe.clear_faults()
+        await reporter.round(limit=10_000)
+        await reporter.round(limit=10_000)
+        assert billed(fake_stripe, customer) == {"api_calls": 5}
+        return (*during, gauges()[0])
+
+    backlog, lag, backlog_after = run(redis_url, fake_stripe, work)
+    assert backlog >= 1 and lag >= 1.2
+    assert backlog_after <= backlog - 1
