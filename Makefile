@@ -21,9 +21,9 @@ test: $(STAMP) lint
 	$(BIN)/pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check sidecar webhook tests
-	$(BIN)/ruff format --check sidecar webhook tests
-	$(BIN)/mypy sidecar webhook
+	$(BIN)/ruff check sidecar webhook bench tests
+	$(BIN)/ruff format --check sidecar webhook bench tests
+	$(BIN)/mypy sidecar webhook bench
 	$(BIN)/buf lint
 
 ## bench: load test vs a no-op floor and through Envoy; writes bench/results/latest.md (BENCH_QUICK=1: ~1 min)
