@@ -45,6 +45,7 @@ from bench.run import (
     pid_of,
     prepare,
     rss_kib,
+    run_main,
     say,
     start_valkey,
 )
@@ -371,8 +372,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("bench: interrupted; everything it started has been stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

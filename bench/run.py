@@ -1077,9 +1077,14 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run_main(main: Callable[[], int]) -> None:
+    """Exits with main()'s status; Ctrl-C (everything started is stopped by then) is 130."""
     try:
         sys.exit(main())
     except KeyboardInterrupt:
         print("bench: interrupted; everything it started has been stopped", file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    run_main(main)

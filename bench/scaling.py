@@ -53,6 +53,7 @@ from bench.run import (
     check_authorize,
     cpu_meter,
     machine_facts,
+    run_main,
     say,
 )
 from bench.workload import AUTHORIZE_PATH, GRPC_HEADERS, authorize_body
@@ -363,8 +364,4 @@ def valkey_version() -> str:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("bench: interrupted; everything it started has been stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

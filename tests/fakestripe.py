@@ -44,6 +44,7 @@ __all__ = [
     "DUPLICATE_METER_EVENT_MESSAGE",
     "FakeStripe",
     "RecordedRequest",
+    "invoice_event",
     "make_event",
     "parse_form",
     "sign_payload",
@@ -169,6 +170,20 @@ def make_event(
         "request": {"id": _new_id("req_", 14), "idempotency_key": str(uuid.uuid4())},
         "type": type,
     }
+
+
+def invoice_event(type: str, sub: Mapping[str, Any], created: int | None = None) -> JSON:
+    """An invoice event (invoice.paid, invoice.payment_failed) for subscription `sub`."""
+    invoice = {
+        "id": "in_" + sub["id"][4:],
+        "object": "invoice",
+        "customer": sub["customer"],
+        "parent": {
+            "subscription_details": {"subscription": sub["id"]},
+            "type": "subscription_details",
+        },
+    }
+    return make_event(type, invoice, created=created)
 
 
 # --------------------------------------------------------------------------------------

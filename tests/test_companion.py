@@ -17,7 +17,7 @@ import pytest
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.store import Store
 from tests.conftest import COMPANION_CONFIG, WEBHOOK_SECRET, Stack, with_store
-from tests.fakestripe import FakeStripe, make_event
+from tests.fakestripe import FakeStripe, invoice_event, make_event
 
 ReadAccount = Callable[[str], dict[str, Any]]
 IssueKey = Callable[[str], str]
@@ -54,19 +54,6 @@ def subscribe(
 
 def sub_event(kind: str, sub: dict[str, Any], created: int | None = None) -> dict[str, Any]:
     return make_event(kind, sub, created=created)
-
-
-def invoice_event(kind: str, sub: dict[str, Any], created: int | None = None) -> dict[str, Any]:
-    invoice = {
-        "id": "in_" + sub["id"][4:],
-        "object": "invoice",
-        "customer": sub["customer"],
-        "parent": {
-            "subscription_details": {"subscription": sub["id"]},
-            "type": "subscription_details",
-        },
-    }
-    return make_event(kind, invoice, created=created)
 
 
 # -- the webhook endpoint ----------------------------------------------------

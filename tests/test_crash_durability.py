@@ -45,8 +45,7 @@ from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc
 from sidecar.store import Store, events_key, lock_key
 from tests.conftest import COMPANION_CONFIG, companion_env, deliver, with_store
-from tests.fakestripe import FakeStripe
-from tests.test_companion import invoice_event
+from tests.fakestripe import FakeStripe, invoice_event
 from tests.test_reporter import billed
 
 EVENT_NAMES = {"api_calls": "api_calls", "tokens": "llm_tokens"}  # TEST_CONFIG's [[meters]]

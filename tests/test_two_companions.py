@@ -26,7 +26,7 @@ import pytest
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.store import Store, events_key
 from tests.conftest import COMPANION_CONFIG, WEBHOOK_SECRET, Stack, with_store
-from tests.fakestripe import FakeStripe, make_event, sign_payload
+from tests.fakestripe import FakeStripe, invoice_event, make_event, sign_payload
 
 DELIVERIES = 8  # at once, alternating between the two companions
 QUIET = 1.0  # seconds without a new notification before counting them
@@ -126,19 +126,6 @@ def applied_count(stacks: tuple[Stack, Stack], kind: str) -> dict[str, float]:
         for result, value in pattern.findall(text):
             totals[result] = totals.get(result, 0.0) + float(value)
     return totals
-
-
-def invoice_event(kind: str, sub: dict[str, Any]) -> dict[str, Any]:
-    invoice = {
-        "id": "in_" + sub["id"][4:],
-        "object": "invoice",
-        "customer": sub["customer"],
-        "parent": {
-            "subscription_details": {"subscription": sub["id"]},
-            "type": "subscription_details",
-        },
-    }
-    return make_event(kind, invoice)
 
 
 def test_two_companions_given_one_event_at_once_apply_it_and_notify_once(
