@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint proto bench bench-scaling bench-memory h2load soak clean
+.PHONY: run test test-fast lint proto bench bench-scaling bench-memory h2load soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ run: $(STAMP)
 ## test: the whole suite against real Valkey and Envoy, plus lint and types
 test: $(STAMP) lint
 	$(BIN)/pytest
+
+## test-fast: the tests that start no server (pure logic, parsing, mapping), in well under a minute
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not servers"
 
 lint: $(STAMP)
 	$(BIN)/ruff check sidecar webhook bench tests
@@ -49,7 +53,7 @@ soak: $(STAMP)
 
 ## proto: regenerate sidecar/gen after editing proto/
 proto: $(STAMP)
-	$(BIN)/python -m sidecar.protogen
+	$(BIN)/python -m tests.protogen
 
 clean:
 	rm -rf $(VENV) .tollway .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -26,10 +26,16 @@ import re
 from collections.abc import Collection
 from typing import Final
 
-from sidecar.dev import render_envoy_config
+from tests.harness import render_envoy_config
 
-__all__ = ["EXT_AUTHZ", "EXT_PROC", "KEY_QUERY_PARAM", "TOLLWAY_FILTERS", "render",
-           "tollway_filters"]  # fmt: skip
+__all__ = [
+    "EXT_AUTHZ",
+    "EXT_PROC",
+    "KEY_QUERY_PARAM",
+    "TOLLWAY_FILTERS",
+    "render",
+    "tollway_filters",
+]
 
 KEY_QUERY_PARAM: Final = "k"
 EXT_AUTHZ: Final = "envoy.filters.http.ext_authz"

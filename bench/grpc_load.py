@@ -131,10 +131,13 @@ async def drive(
                 _write(result, tally)
                 rewrites += 1
                 if rewrites % PROGRESS_EVERY == 0:
-                    print(f"{tally.seconds:6.0f} s: {tally.requests} answered "
-                          f"({tally.requests / tally.seconds:.0f}/s), {tally.allowed} allowed, "
-                          f"{tally.distinct_allowed} distinct, {sum(tally.errors.values())} "
-                          "errors", flush=True)  # fmt: skip
+                    print(
+                        f"{tally.seconds:6.0f} s: {tally.requests} answered "
+                        f"({tally.requests / tally.seconds:.0f}/s), {tally.allowed} allowed, "
+                        f"{tally.distinct_allowed} distinct, {sum(tally.errors.values())} "
+                        "errors",
+                        flush=True,
+                    )
 
         reporter = asyncio.create_task(report())
         await asyncio.gather(*(stream() for _ in range(streams)))

@@ -50,8 +50,8 @@ from bench.run import (
     start_valkey,
 )
 from bench.workload import authorize_body
-from sidecar import dev
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
+from tests import harness
 
 WORK: Final = RESULTS / "memory.tmp"  # gitignored (bench/results/*.tmp)
 REPORT: Final = RESULTS / "memory.md"
@@ -137,7 +137,7 @@ def drive(
     run: MemoryRun,
     bodies: list[Path],
     port: int,
-    sidecar: dev.Child,
+    sidecar: harness.Child,
     counters: Counters,
 ) -> list[Path]:
     """Starts a load process per bodies file and samples until they end; returns
@@ -146,10 +146,10 @@ def drive(
     results, loads = [], []
     for j, path in enumerate(bodies):
         result = WORK / f"load-{j}.json"
-        argv = [sys.executable, "-m", "bench.grpc_load", "--target", f"127.0.0.1:{port}",
-                "--bodies", str(path), "--seconds", f"{WARMUP + run.seconds:g}",
-                "--streams", str(STREAMS), "--result", str(result)]  # fmt: skip
-        load = dev.Child(f"load-{j}", argv, WORK / f"load-{j}.log", env)
+        argv = [sys.executable, "-m", "bench.grpc_load", "--target", f"127.0.0.1:{port}"]
+        argv += ["--bodies", str(path), "--seconds", f"{WARMUP + run.seconds:g}"]
+        argv += ["--streams", str(STREAMS), "--result", str(result)]
+        load = harness.Child(f"load-{j}", argv, WORK / f"load-{j}.log", env)
         stack.callback(load.stop)
         results.append(result)
         loads.append(load)
@@ -322,8 +322,10 @@ def main() -> int:
     # Population (~1 min per million keys on 2 cores), the load, the final count.
     prepare(WORK, int(WARMUP + seconds + GRACE + 300 + keys_count / 5_000))
     began = time.monotonic()
-    say(f"{keys_count:,} keys, {WARMUP:g} + {seconds:g} s of load; logs in "
-        f"{WORK.relative_to(REPO_ROOT)}")  # fmt: skip
+    say(
+        f"{keys_count:,} keys, {WARMUP:g} + {seconds:g} s of load; logs in "
+        f"{WORK.relative_to(REPO_ROOT)}"
+    )
 
     with ExitStack() as stack:
         # Runs last, once Valkey has stopped: its files and the request bodies are
@@ -338,9 +340,10 @@ def main() -> int:
         counters = Counters(valkey.client)
         bodies = write_bodies(population, clients)
 
-        port = dev.free_port()
-        sidecar = dev.start_sidecar(CONFIG, redis_url=valkey.url, port=port,
-                                    log=WORK / "sidecar.log")  # fmt: skip
+        port = harness.free_port()
+        sidecar = harness.start_sidecar(
+            CONFIG, redis_url=valkey.url, port=port, log=WORK / "sidecar.log"
+        )
         stack.callback(sidecar.stop)
         # The hostile account answers for the sidecar: the bench keys stay untouched.
         check_authorize(port, population.hostile_key, pb.REASON_OK)

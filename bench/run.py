@@ -23,7 +23,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -50,11 +49,13 @@ from bench.workload import (
     envoy_uris,
     grpc_frame,
 )
-from sidecar import dev, keys
+from sidecar import keys
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc as pb_grpc
 from sidecar.settings import load_settings
-from sidecar.store import KeyRecord, Store, connect, quota_key
+from sidecar.store import KeyRecord, Store, connect
+from sidecar.store.names import quota_key
+from tests import harness
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 CONFIG: Final = REPO_ROOT / "bench" / "tollway-bench.toml"
@@ -100,48 +101,28 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _wait_until(check: Callable[[], bool], what: str, timeout: float, child: dev.Child) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if child.process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {child.process.returncode}; see {child.log}")
-        with suppress(OSError, ValueError):
-            if check():
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} did not become ready within {timeout:.0f}s; see {child.log}")
-
-
-def _tcp_open(port: int) -> bool:
-    with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-        return True
-
-
-def start_noop(port: int) -> dev.Child:
+def start_noop(port: int) -> harness.Child:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     argv = [sys.executable, "-m", "bench.noop_server", "--listen", f"127.0.0.1:{port}"]
-    child = dev.Child("noop", argv, WORK / "noop.log", env)
-    _wait_until(lambda: _tcp_open(port), "noop server", 30, child)
+    child = harness.Child("noop", argv, WORK / "noop.log", env)
+    harness.wait_until(lambda: harness.tcp_open(port), "noop server", 30, child)
     return child
 
 
-def start_envoy(name: str, config: str, admin: int) -> dev.Child:
+def start_envoy(name: str, config: str, admin: int) -> harness.Child:
     """Runs one bench Envoy config; returns once its admin says ready."""
     path = WORK / f"envoy-{name}.yaml"
     path.write_text(config)
-    argv = [dev.envoy_binary(), "-c", str(path), "--use-dynamic-base-id", "-l", "warning",
-            "--disable-hot-restart", "--concurrency", str(ENVOY_CONCURRENCY)]  # fmt: skip
-    child = dev.Child(f"envoy-{name}", argv, WORK / f"envoy-{name}.log", os.environ)
-
-    def ready() -> bool:
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=0.5) as r:
-            return bool(r.status == 200)
-
-    _wait_until(ready, f"envoy ({name})", 60, child)
-    return child
+    return harness.run_envoy(
+        path,
+        admin=admin,
+        log=WORK / f"envoy-{name}.log",
+        name=f"envoy-{name}",
+        args=["--concurrency", str(ENVOY_CONCURRENCY)],
+    )
 
 
-def pid_of(child: dev.Child) -> int:
+def pid_of(child: harness.Child) -> int:
     return int(child.process.pid)
 
 
@@ -290,8 +271,10 @@ def _written_for(client: redis.Redis, ids: Sequence[str]) -> Hashes:
         for text in (name, *fields, *fields.values()):
             inside = [i for i in ids if i in text and text != i and f"{{{i}}}" not in text]
             if inside:
-                raise RuntimeError(f"bench population: {text!r} embeds {inside[0]!r}; "
-                                   "cannot copy it for other accounts")  # fmt: skip
+                raise RuntimeError(
+                    f"bench population: {text!r} embeds {inside[0]!r}; "
+                    "cannot copy it for other accounts"
+                )
         found.append((name, fields))
     return found
 
@@ -458,11 +441,11 @@ class Bench:
         self.counters = counters
         self.pids = pids
         self.measurements: list[Measurement] = []
-        self.children: dict[str, dev.Child] = {}  # by role, as pids; checked around every load
+        self.children: dict[str, harness.Child] = {}  # by role, as pids; checked around every load
         self._runs = 0
 
     @contextmanager
-    def playing(self, role: str, child: dev.Child) -> Iterator[None]:
+    def playing(self, role: str, child: harness.Child) -> Iterator[None]:
         """child is role (its CPU column, its liveness check) during the block;
         whoever was before is role again after it."""
         saved = self.pids.get(role), self.children.get(role)
@@ -577,8 +560,10 @@ def check_envoy(
     (good_status, headers), (bad_status, _) = http_get(base + good), http_get(base + bad)
     want_bad = 401 if authz_denies else 200
     if (good_status, bad_status) != (200, want_bad):
-        raise RuntimeError(f"envoy :{listen}: good key → {good_status}, bad key → {bad_status}; "
-                           f"expected 200, {want_bad}")  # fmt: skip
+        raise RuntimeError(
+            f"envoy :{listen}: good key → {good_status}, bad key → {bad_status}; "
+            f"expected 200, {want_bad}"
+        )
     charged = "x-tollway-charged" in headers  # what the sidecar's response phase adds
     if charged is not (ext_proc and authz):
         raise RuntimeError(f"envoy :{listen}: ext_proc {'ran' if charged else 'did not run'}")
@@ -602,7 +587,7 @@ def machine_facts(valkey_version: str) -> dict[str, str]:
             if line.startswith("model name"):
                 cpu_model = line.split(":", 1)[1].strip()
                 break
-    envoy = _run_text([dev.envoy_binary(), "--version"]).split("version:")[-1].strip()
+    envoy = _run_text([harness.envoy_binary(), "--version"]).split("version:")[-1].strip()
     commit = _run_text(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"])
     dirty = _run_text(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "sidecar"])
     load1, load5, _ = os.getloadavg()
@@ -866,8 +851,9 @@ def hostile_attack(bench: Bench, port: int, population: Population, mode: Mode) 
     body.write_bytes(authorize_body(population.hostile_key))
     url = f"http://127.0.0.1:{port}{AUTHORIZE_PATH}"
     # Drain its bucket first; the attack then finds it refilling at `rate` only.
-    h2load.run([h2load.Load(url=url, body_file=body, headers=GRPC_HEADERS, streams=8,
-                            requests=4 * burst)])  # fmt: skip
+    h2load.run(
+        [h2load.Load(url=url, body_file=body, headers=GRPC_HEADERS, streams=8, requests=4 * burst)]
+    )
     counters = bench.counters
     used_before = counters.used([population.hostile_customer])
     commands_before = counters.commands()
@@ -968,7 +954,7 @@ class Valkey:
 
 def start_valkey(stack: ExitStack, work: Path) -> Valkey:
     """The run's embedded Valkey (stopped with stack), in memory only."""
-    server = dev.start_valkey(work / "valkey", persist=False)
+    server = harness.start_valkey(work / "valkey", persist=False)
     stack.callback(server.stop)
     client = redis.Redis.from_url(server.connection_url, decode_responses=True)
     stack.callback(client.close)
@@ -992,7 +978,7 @@ def main() -> int:
         facts = machine_facts(valkey.version)
         pids = {"valkey": valkey.pid}
 
-        template = dev.ENVOY_TEMPLATE.read_text()
+        template = harness.ENVOY_TEMPLATE.read_text()
         filters = envoy_config.tollway_filters(template)
         facts["Tollway filters in deploy/envoy.yaml"] = ", ".join(
             name.rsplit(".", 1)[1] for name in filters
@@ -1001,13 +987,15 @@ def main() -> int:
         population = create_population(client, valkey.url, mode.keys)
         say(f"{mode.keys:,} accounts and keys issued in {time.monotonic() - t0:.1f} s")
 
-        noop_port, sidecar_port = dev.free_port(), dev.free_port()
+        noop_port, sidecar_port = harness.free_port(), harness.free_port()
         noop = start_noop(noop_port)
         stack.callback(noop.stop)
-        sidecar = dev.start_sidecar(
-            sidecar_config(filters), redis_url=valkey.url, port=sidecar_port,
+        sidecar = harness.start_sidecar(
+            sidecar_config(filters),
+            redis_url=valkey.url,
+            port=sidecar_port,
             log=WORK / "sidecar.log",
-        )  # fmt: skip
+        )
         stack.callback(sidecar.stop)
         pids |= {"noop": pid_of(noop), "sidecar": pid_of(sidecar)}
         check_authorize(noop_port, population.api_keys[0], pb.REASON_OK)
@@ -1038,25 +1026,36 @@ def main() -> int:
                 authorizer = noop_port if variant.authorizer == "noop" else sidecar_port
                 if variant.authorizer == "sidecar" and variant.without:
                     # A sidecar of its own, configured for the filters this Envoy runs.
-                    authorizer = dev.free_port()
-                    own = dev.start_sidecar(
-                        sidecar_config(kept), redis_url=valkey.url, port=authorizer,
+                    authorizer = harness.free_port()
+                    own = harness.start_sidecar(
+                        sidecar_config(kept),
+                        redis_url=valkey.url,
+                        port=authorizer,
                         log=WORK / f"sidecar-{name}.log",
-                    )  # fmt: skip
+                    )
                     envoy_stack.callback(own.stop)
                     envoy_stack.enter_context(bench.playing("sidecar", own))
-                listen, admin = dev.free_port(), dev.free_port()
+                listen, admin = harness.free_port(), harness.free_port()
                 config = envoy_config.render(
-                    template, listen=listen, admin=admin, authorizer=authorizer,
-                    authz=variant.authz, without=variant.without,
-                )  # fmt: skip
+                    template,
+                    listen=listen,
+                    admin=admin,
+                    authorizer=authorizer,
+                    authz=variant.authz,
+                    without=variant.without,
+                )
                 envoy = start_envoy(name, config, admin)
                 envoy_stack.callback(envoy.stop)
                 envoy_stack.enter_context(bench.playing("envoy", envoy))
                 real_sidecar = variant.authorizer == "sidecar" and variant.authz
-                check_envoy(listen, population.api_keys[0], bad_key, authz=variant.authz,
-                            authz_denies=real_sidecar,
-                            ext_proc=envoy_config.EXT_PROC in kept)  # fmt: skip
+                check_envoy(
+                    listen,
+                    population.api_keys[0],
+                    bad_key,
+                    authz=variant.authz,
+                    authz_denies=real_sidecar,
+                    ext_proc=envoy_config.EXT_PROC in kept,
+                )
                 uris = WORK / f"uris-{name}.txt"
                 base = f"http://127.0.0.1:{listen}"
                 uris.write_text("\n".join(envoy_uris(base, population.api_keys, order)) + "\n")

@@ -6,7 +6,7 @@ processes and with Redis Cluster masters, and what each request costs in CPU.
 
 Five setups, each started fresh and loaded the same way: `tollway serve
 --workers 1` and `--workers 2` against one Valkey, then one worker against a
-Redis Cluster of 1, 2 and 3 masters (sidecar.dev.start_valkey_cluster). The
+Redis Cluster of 1, 2 and 3 masters (tests.harness.start_valkey_cluster). The
 load is h2load at saturation straight at the sidecar's gRPC Authorize: six
 h2load processes, each posting one account's request (bench/workload.py), so
 that on a cluster the accounts spread evenly over the masters. Every request
@@ -26,7 +26,6 @@ import asyncio
 import dataclasses
 import os
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -47,19 +46,17 @@ from bench.run import (
     RESULTS,
     Counters,
     CpuUse,
-    _interrupt,
-    _tcp_open,
-    _wait_until,
     check_authorize,
     cpu_meter,
     machine_facts,
+    prepare,
     run_main,
     say,
 )
 from bench.workload import AUTHORIZE_PATH, GRPC_HEADERS, authorize_body
-from sidecar import dev
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.store import Store, connect
+from tests import harness
 
 WORK: Final = RESULTS / "scaling.tmp"  # gitignored (bench/results/*.tmp)
 ACCOUNTS: Final = 6  # one per h2load process; 6 spreads evenly over 1, 2 or 3 masters
@@ -148,7 +145,7 @@ def valkey(setup: Setup, stack: ExitStack) -> Iterator[tuple[str, list[int], Any
     """The Redis of one setup: (TOLLWAY_REDIS_URL, server pids, a sync client for counters)."""
     workdir = WORK / f"redis-{setup.workers}w-{setup.masters}m"  # fresh data for each setup
     if setup.masters == 0:
-        server = dev.start_valkey(workdir, persist=False)
+        server = harness.start_valkey(workdir, persist=False)
         stack.callback(server.stop)
         client: Any = redis.Redis.from_url(server.connection_url)
         stack.callback(client.close)
@@ -156,7 +153,7 @@ def valkey(setup: Setup, stack: ExitStack) -> Iterator[tuple[str, list[int], Any
         yield server.connection_url, [pid], client
         return
     # Persistence as start_valkey's: an append-only file, fsynced every second.
-    cluster = dev.start_valkey_cluster(workdir, masters=setup.masters, appendfsync="everysec")
+    cluster = harness.start_valkey_cluster(workdir, masters=setup.masters, appendfsync="everysec")
     stack.callback(cluster.stop)
     client = RedisCluster(host="127.0.0.1", port=cluster.ports[0])
     stack.callback(client.close)
@@ -190,14 +187,15 @@ async def create_accounts(url: str, masters: int) -> list[tuple[str, str]]:
         await store.close()
 
 
-def start_sidecar(setup: Setup, url: str, port: int) -> dev.Child:
+def start_sidecar(setup: Setup, url: str, port: int) -> harness.Child:
     """`tollway serve --workers N` (bench/tollway-bench.toml) on 127.0.0.1:port."""
-    argv = [sys.executable, "-m", "sidecar", "serve", "--config", str(CONFIG),
-            "--listen", f"127.0.0.1:{port}", "--workers", str(setup.workers)]  # fmt: skip
-    env = {**os.environ, "TOLLWAY_REDIS_URL": url}
-    child = dev.Child(f"sidecar-{setup.workers}w", argv, WORK / f"sidecar-{setup.label}.log", env)
-    _wait_until(lambda: _tcp_open(port), "sidecar", 30, child)
-    return child
+    return harness.start_sidecar(
+        CONFIG,
+        redis_url=url,
+        port=port,
+        log=WORK / f"sidecar-{setup.label}.log",
+        args=["--workers", str(setup.workers)],
+    )
 
 
 def ready(port: int, api_key: str, within: float = 15.0) -> None:
@@ -220,7 +218,7 @@ def measure(setup: Setup, mode: Mode) -> Row:
         created = asyncio.run(create_accounts(url, setup.masters))
         accounts = [customer for customer, _ in created]
         api_keys = [key for _, key in created]
-        port = dev.free_port()
+        port = harness.free_port()
         sidecar = start_sidecar(setup, url, port)
         stack.callback(sidecar.stop)
         for key in api_keys:
@@ -260,9 +258,11 @@ def measure(setup: Setup, mode: Mode) -> Row:
             seconds = time.monotonic() - started
             allowed = (counters.used(accounts) - used_before) / max(result.requests, 1)
             row = Row(setup, result.rps, result.requests, allowed, seconds, cpu, idle)
-            say(f"{setup.label}: {row.rps:,.0f} req/s, {allowed:.1%} allowed, sidecar "
+            say(
+                f"{setup.label}: {row.rps:,.0f} req/s, {allowed:.1%} allowed, sidecar "
                 f"{row.percent('sidecar'):.0f}% Valkey {row.percent('valkey'):.0f}% "
-                f"h2load {cpu.get('h2load'):.0f}% other {cpu.get('other'):.0f}%")  # fmt: skip
+                f"h2load {cpu.get('h2load'):.0f}% other {cpu.get('other'):.0f}%"
+            )
             if best is None or row.cpu.get("other") < best.cpu.get("other"):
                 best = row
             if not best.noisy:
@@ -339,11 +339,7 @@ def main() -> int:
     if shutil.which("h2load") is None:
         print("bench: h2load not found: apt-get install nghttp2-client", file=sys.stderr)
         return 2
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
-        signal.signal(signum, _interrupt)
-    signal.alarm(mode.budget)  # a watchdog over the whole run: stop, clean up, exit
-    shutil.rmtree(WORK, ignore_errors=True)
-    WORK.mkdir(parents=True)
+    prepare(WORK, mode.budget)
     started = time.monotonic()
     say(f"mode {mode.name}; logs in {WORK.relative_to(RESULTS.parent.parent)}")
     facts = machine_facts(valkey_version())
@@ -358,8 +354,13 @@ def main() -> int:
 def valkey_version() -> str:
     import subprocess
 
-    done = subprocess.run([dev.valkey_binary(), "--version"], capture_output=True, text=True,
-                          timeout=20, check=False)  # fmt: skip
+    done = subprocess.run(
+        [harness.valkey_binary(), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
     return next((w.removeprefix("v=") for w in done.stdout.split() if w.startswith("v=")), "?")
 
 

@@ -37,9 +37,15 @@ __all__ = [
 ]
 
 STATUSES: Final = (
-    "active", "trialing", "past_due", "incomplete", "incomplete_expired", "unpaid",
-    "canceled", "paused",
-)  # fmt: skip
+    "active",
+    "trialing",
+    "past_due",
+    "incomplete",
+    "incomplete_expired",
+    "unpaid",
+    "canceled",
+    "paused",
+)
 
 
 class Reason(enum.Enum):
@@ -240,9 +246,13 @@ def decision_from_outcome(
     rate, quota = _limits(plan, outcome)
     if code is OutcomeCode.RATE_LIMITED:
         return rate_limited(
-            plan, customer_id=customer_id, cost=cost, rate=rate, retry_ms=outcome.retry_ms,
+            plan,
+            customer_id=customer_id,
+            cost=cost,
+            rate=rate,
+            retry_ms=outcome.retry_ms,
             quota=quota,
-        )  # fmt: skip
+        )
     if code is OutcomeCode.CONCURRENCY:
         return Decision(
             False,

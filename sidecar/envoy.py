@@ -6,6 +6,8 @@ client sent under those names), the header that carried the key is removed,
 and the rate-limit headers go back to the client.
 Denied: a non-OK status with a DeniedHttpResponse: HTTP status, a small JSON
 body {"code", "message"}, the rate-limit headers, Retry-After on 429.
+The pure pieces (identity_headers, denial, settlement_fields) are shared with
+the HTTP transport (http_authz.py), so both answer a decision the same way.
 A store outage is not a CheckResponse at all: the servicer aborts with gRPC
 UNAVAILABLE, so Envoy's failure_mode_allow / status_on_error decide.
 """
@@ -29,8 +31,11 @@ __all__ = [
     "HTTP_STATUS",
     "METADATA_NAMESPACE",
     "check_response",
+    "denial",
     "extract_key",
+    "identity_headers",
     "rate_limit_headers",
+    "settlement_fields",
     "settlement_metadata",
 ]
 
@@ -54,7 +59,8 @@ _OVERWRITE: Final = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
 def extract_key(headers: Mapping[str, str], names: HeaderNames) -> tuple[str, str | None]:
-    """(key, header it came from); ("", None) when absent. Envoy lower-cases names."""
+    """(key, header it came from); ("", None) when absent. Envoy lower-cases names.
+    The whitespace around a header's value is not part of it (RFC 9110, 5.5)."""
     for name in names.api_key:
         value = headers.get(name)
         if value:
@@ -100,22 +106,43 @@ def _options(pairs: list[tuple[str, str]]) -> list[HeaderValueOption]:
     ]
 
 
-def settlement_metadata(decision: Decision) -> Struct | None:
-    """What the response phase (extproc.py) needs to settle and release; None
-    when there is nothing to do after the response."""
+def identity_headers(decision: Decision, names: HeaderNames) -> list[tuple[str, str]]:
+    """What an allowed request carries upstream: who it is and on which plan."""
+    return [(names.customer, decision.customer_id), (names.plan, decision.plan)]
+
+
+def denial(decision: Decision) -> tuple[int, list[tuple[str, str]], str]:
+    """A denied decision as the client sees it: (HTTP status, headers, JSON body)."""
+    http_status = HTTP_STATUS[decision.reason][0]
+    body = json.dumps({"code": decision.reason.value, "message": decision.message})
+    headers = [("content-type", "application/json"), *rate_limit_headers(decision)]
+    if http_status == 401:
+        headers.append(("www-authenticate", 'Bearer realm="api"'))
+    return http_status, headers, body
+
+
+def settlement_fields(decision: Decision) -> dict[str, str | int | bool] | None:
+    """What the response phase (extproc.py) needs to settle and release, by the
+    names it reads; None when there is nothing to do after the response."""
     if not (decision.reserved or decision.lease_id):
         return None
+    return {
+        "customer": decision.customer_id,
+        "plan": decision.plan,
+        "request_id": decision.reserved,
+        "lease_id": decision.lease_id,
+        "cost": decision.cost,
+        "bill_only_success": decision.bill_only_success,
+    }
+
+
+def settlement_metadata(decision: Decision) -> Struct | None:
+    """settlement_fields as the dynamic metadata of a CheckResponse."""
+    fields = settlement_fields(decision)
+    if fields is None:
+        return None
     metadata = Struct()
-    metadata.update(
-        {
-            "customer": decision.customer_id,
-            "plan": decision.plan,
-            "request_id": decision.reserved,
-            "lease_id": decision.lease_id,
-            "cost": decision.cost,
-            "bill_only_success": decision.bill_only_success,
-        }
-    )
+    metadata.update(fields)
     return metadata
 
 
@@ -126,28 +153,23 @@ def check_response(
     names: HeaderNames,
     upstream_headers: Sequence[tuple[str, str]] = (),
 ) -> ext_authz.CheckResponse:
-    http_status, grpc_code = HTTP_STATUS[decision.reason]
-    limit_headers = rate_limit_headers(decision)
     if decision.allowed:
-        identity = [(names.customer, decision.customer_id), (names.plan, decision.plan)]
+        identity = identity_headers(decision, names)
         response = ext_authz.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=ext_authz.OkHttpResponse(
                 headers=_options([*identity, *upstream_headers]),
                 headers_to_remove=[key_header] if key_header else [],
-                response_headers_to_add=_options(limit_headers),
+                response_headers_to_add=_options(rate_limit_headers(decision)),
             ),
         )
         metadata = settlement_metadata(decision)
         if metadata is not None:
             response.dynamic_metadata.CopyFrom(metadata)
         return response
-    body = json.dumps({"code": decision.reason.value, "message": decision.message})
-    headers = [("content-type", "application/json"), *limit_headers]
-    if http_status == 401:
-        headers.append(("www-authenticate", 'Bearer realm="api"'))
+    http_status, headers, body = denial(decision)
     return ext_authz.CheckResponse(
-        status=status_pb2.Status(code=grpc_code, message=decision.message),
+        status=status_pb2.Status(code=HTTP_STATUS[decision.reason][1], message=decision.message),
         denied_response=ext_authz.DeniedHttpResponse(
             status=HttpStatus(code=http_status),
             headers=_options(headers),

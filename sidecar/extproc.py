@@ -31,7 +31,8 @@ from google.protobuf.json_format import MessageToDict
 from sidecar.envoy import METADATA_NAMESPACE
 from sidecar.errors import StoreUnavailable
 from sidecar.settings import Settings
-from sidecar.store import Store, valid_customer_id
+from sidecar.store import Store
+from sidecar.store.names import valid_customer_id
 
 __all__ = ["ExtProcService", "real_cost"]
 
@@ -150,11 +151,13 @@ class ExtProcService(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[m
         mutation.set_headers.append(_set("x-tollway-charged", str(cost)))
         if plan is not None and plan.quota is not None and quota_used >= 0:
             left = max(0, plan.quota.limit - quota_used)
-            mutation.set_headers.extend([
-                _set("x-tollway-quota-limit", str(plan.quota.limit)),
-                _set("x-tollway-quota-used", str(quota_used)),
-                _set("x-tollway-quota-remaining", str(left)),
-            ])  # fmt: skip
+            mutation.set_headers.extend(
+                [
+                    _set("x-tollway-quota-limit", str(plan.quota.limit)),
+                    _set("x-tollway-quota-used", str(quota_used)),
+                    _set("x-tollway-quota-remaining", str(left)),
+                ]
+            )
         return mutation
 
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
+
+from sidecar.errors import StoreUnavailable
+
+if TYPE_CHECKING:
+    from sidecar.authorizer import Authorizer
+    from sidecar.decide import Decision
 
 __all__ = [
     "DECISIONS",
@@ -15,6 +22,7 @@ __all__ = [
     "STORE_ERRORS",
     "USAGE_EVENTS",
     "Counted",
+    "counted_decision",
     "watch_caches",
 ]
 
@@ -63,3 +71,18 @@ class _CacheLookups(Collector):
 def watch_caches(caches: Mapping[str, Counted]) -> None:
     """Exposes the caches' hit and miss counts as tollway_cache_lookups_total."""
     REGISTRY.register(_CacheLookups(caches))
+
+
+async def counted_decision(authorizer: Authorizer, key: str, **request: Any) -> Decision:
+    """One decision through Authorizer.authorize, counted and timed: the one way
+    every transport (Check, Authorize, HTTP ext_authz) asks. StoreUnavailable
+    passes through, counted."""
+    started = time.perf_counter()
+    try:
+        decision = await authorizer.authorize(key, **request)
+    except StoreUnavailable as exc:
+        STORE_ERRORS.labels(exc.cause).inc()
+        raise
+    DECISION_SECONDS.observe(time.perf_counter() - started)
+    DECISIONS.labels(decision.reason.value, decision.plan or "-").inc()
+    return decision

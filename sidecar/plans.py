@@ -34,8 +34,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from sidecar.durations import parse_duration
 from sidecar.errors import ConfigError
+from sidecar.fields import Table
 
 __all__ = ["Catalog", "Meter", "Plan", "Quota", "Rate", "Route", "parse_catalog"]
 
@@ -43,18 +43,32 @@ Overage = Literal["block", "bill"]
 Period = Literal["hour", "day", "month"]
 
 _RATE_UNITS: Final = {
-    "s": 1, "sec": 1, "second": 1,
-    "m": 60, "min": 60, "minute": 60,
-    "h": 3600, "hour": 3600,
-}  # fmt: skip
+    **dict.fromkeys(("s", "sec", "second"), 1),
+    **dict.fromkeys(("m", "min", "minute"), 60),
+    **dict.fromkeys(("h", "hour"), 3600),
+}
 _PERIODS: Final[dict[str, Period]] = {"hour": "hour", "day": "day", "month": "month"}
+_OVERAGES: Final[dict[str, Overage]] = {"block": "block", "bill": "bill"}
 _NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _COUNT_RE: Final = re.compile(r"\s*(\d[\d_]*)\s*/\s*([a-z]+)\s*")
 _METHOD_RE: Final = re.compile(r"[A-Z]+|\*")
 _PLAN_FIELDS: Final = frozenset(
-    {"name", "stripe_price", "stripe_lookup_key", "rate", "burst", "quota", "overage",
-     "features", "description", "meter", "concurrency", "lease_ttl", "bill_only_success"}
-)  # fmt: skip
+    {
+        "name",
+        "stripe_price",
+        "stripe_lookup_key",
+        "rate",
+        "burst",
+        "quota",
+        "overage",
+        "features",
+        "description",
+        "meter",
+        "concurrency",
+        "lease_ttl",
+        "bill_only_success",
+    }
+)
 _EVENT_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 _ROUTE_FIELDS: Final = frozenset({"method", "path", "cost", "feature", "bill_only_success"})
 
@@ -171,58 +185,32 @@ def parse_quota(text: str, where: str) -> Quota:
     return Quota(limit=int(match.group(1)), period=_PERIODS[match.group(2)])
 
 
-def _expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
-    # bool is an int in Python; a plan saying `burst = true` is a mistake.
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ConfigError(f"{where}: expected {what}, got {value!r}")
-    return value
+def _positive(number: int) -> bool:
+    return number > 0
 
 
 def _parse_plan(raw: Any, index: int) -> Plan:
-    where = f"plans[{index}]"
-    _expect(raw, dict, where, "a table")
-    name = raw.get("name")
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ConfigError(
-            f"{where}: name: expected lower-case letters, digits, '-' or '_', got {name!r}"
-        )
-    where = f"plans[{index}] '{name}'"
-    unknown = sorted(set(raw) - _PLAN_FIELDS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown field {unknown[0]!r}")
-    if "rate" not in raw:
+    entry = Table.entry(raw, f"plans[{index}]")
+    name = entry.string(
+        "name", what="lower-case letters, digits, '-' or '_'", valid=_NAME_RE.fullmatch
+    )
+    entry = entry.named(name).only(_PLAN_FIELDS)
+    where = entry.where
+    if "rate" not in entry.data:
         raise ConfigError(f'{where}: rate: required, e.g. rate = "50/s"')
-    rate = parse_rate(raw["rate"], f"{where}: rate")
-    burst = _expect(raw.get("burst", rate.count), int, f"{where}: burst", "a positive integer")
-    if burst <= 0:
-        raise ConfigError(f"{where}: burst: expected a positive integer, got {burst!r}")
-    quota = parse_quota(raw["quota"], f"{where}: quota") if "quota" in raw else None
-    overage = raw.get("overage", "block")
-    if overage not in ("block", "bill"):
-        raise ConfigError(f'{where}: overage: expected "block" or "bill", got {overage!r}')
-    features = _expect(raw.get("features", []), list, f"{where}: features", "a list of names")
-    for feature in features:
-        _expect(feature, str, f"{where}: features", "a list of names")
-    meter = raw.get("meter")
-    if meter is not None:
-        _expect(meter, str, f"{where}: meter", "a meter name")
-    concurrency = _expect(raw.get("concurrency", 0), int, f"{where}: concurrency",
-                          "a positive integer")  # fmt: skip
-    if concurrency < 0 or ("concurrency" in raw and concurrency == 0):
-        raise ConfigError(f"{where}: concurrency: expected a positive integer, got {concurrency}")
-    try:
-        lease_ttl = parse_duration(raw.get("lease_ttl", "60s"))
-    except ValueError as exc:
-        raise ConfigError(f"{where}: lease_ttl: {exc}") from None
+    rate = parse_rate(entry.data["rate"], f"{where}: rate")
+    burst = entry.integer("burst", rate.count, what="a positive integer", valid=_positive)
+    quota = parse_quota(entry.data["quota"], f"{where}: quota") if "quota" in entry.data else None
+    overage = entry.string("overage", "block", what='"block" or "bill"', valid=_OVERAGES.get)
+    features = entry.array("features", str, (), what="a list of names")
+    meter = entry.string("meter", None, what="a meter name")
+    concurrency = entry.integer("concurrency", 0, what="a positive integer", valid=_positive)
+    lease_ttl = entry.duration("lease_ttl", 60)
     if lease_ttl <= 0:
         raise ConfigError(f"{where}: lease_ttl: must be longer than 0s")
-    only_success = _expect(raw.get("bill_only_success", False), bool,
-                           f"{where}: bill_only_success", "true or false")  # fmt: skip
-    price = raw.get("stripe_price")
-    lookup = raw.get("stripe_lookup_key")
-    for label, value in (("stripe_price", price), ("stripe_lookup_key", lookup)):
-        if value is not None:
-            _expect(value, str, f"{where}: {label}", "a string")
+    only_success = entry.boolean("bill_only_success", False)
+    price = entry.string("stripe_price", None, what="a string")
+    lookup = entry.string("stripe_lookup_key", None, what="a string")
     if price is not None and not price.startswith("price_"):
         raise ConfigError(f"{where}: stripe_price: expected a Stripe price id 'price_…'")
     return Plan(
@@ -230,7 +218,7 @@ def _parse_plan(raw: Any, index: int) -> Plan:
         rate=rate,
         burst=burst,
         quota=quota,
-        overage=overage,
+        overage=_OVERAGES[overage],
         features=frozenset(features),
         stripe_price=price,
         stripe_lookup_key=lookup,
@@ -242,44 +230,34 @@ def _parse_plan(raw: Any, index: int) -> Plan:
 
 
 def _parse_meter(raw: Any, index: int) -> Meter:
-    where = f"meters[{index}]"
-    _expect(raw, dict, where, "a table")
-    unknown = sorted(set(raw) - {"name", "event_name"})
-    if unknown:
-        raise ConfigError(f"{where}: unknown field {unknown[0]!r}")
-    name = raw.get("name")
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ConfigError(f"{where}: name: expected lower-case letters, digits, '-' or '_'")
-    event_name = raw.get("event_name", name)
-    if not isinstance(event_name, str) or not _EVENT_NAME_RE.fullmatch(event_name):
-        raise ConfigError(f"{where} '{name}': event_name: expected a Stripe meter event name")
+    entry = Table.entry(raw, f"meters[{index}]").only({"name", "event_name"})
+    name = entry.string(
+        "name", what="lower-case letters, digits, '-' or '_'", valid=_NAME_RE.fullmatch, echo=False
+    )
+    event_name = entry.named(name).string(
+        "event_name",
+        name,
+        what="a Stripe meter event name",
+        valid=_EVENT_NAME_RE.fullmatch,
+        echo=False,
+    )
     return Meter(name=name, event_name=event_name)
 
 
 def _parse_route(raw: Any, index: int, features: frozenset[str]) -> Route:
-    where = f"routes[{index}]"
-    _expect(raw, dict, where, "a table")
-    unknown = sorted(set(raw) - _ROUTE_FIELDS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown field {unknown[0]!r}")
-    path = _expect(raw.get("path"), str, f"{where}: path", "a path like '/v1/search/*'")
+    entry = Table.entry(raw, f"routes[{index}]").only(_ROUTE_FIELDS)
+    where = entry.where
+    path = entry.string("path", what="a path like '/v1/search/*'")
     if not path.startswith("/"):
         raise ConfigError(f"{where}: path: must start with '/', got {path!r}")
-    method = _expect(raw.get("method", "*"), str, f"{where}: method", "an HTTP method or '*'")
-    method = method.upper()
+    method = entry.string("method", "*", what="an HTTP method or '*'").upper()
     if not _METHOD_RE.fullmatch(method):
         raise ConfigError(f"{where}: method: expected an HTTP method or '*', got {method!r}")
-    cost = _expect(raw.get("cost", 1), int, f"{where}: cost", "a positive integer")
-    if cost <= 0:
-        raise ConfigError(f"{where}: cost: expected a positive integer, got {cost!r}")
-    feature = raw.get("feature")
-    if feature is not None:
-        _expect(feature, str, f"{where}: feature", "a feature name")
-        if feature not in features:
-            raise ConfigError(f"{where}: feature: {feature!r} is in no plan's features")
-    only_success = raw.get("bill_only_success")
-    if only_success is not None:
-        _expect(only_success, bool, f"{where}: bill_only_success", "true or false")
+    cost = entry.integer("cost", 1, what="a positive integer", valid=_positive)
+    feature = entry.string("feature", None, what="a feature name")
+    if feature is not None and feature not in features:
+        raise ConfigError(f"{where}: feature: {feature!r} is in no plan's features")
+    only_success = entry.boolean("bill_only_success", None)
     return Route(
         method=method, path=path, cost=cost, feature=feature, bill_only_success=only_success
     )
@@ -305,8 +283,8 @@ def parse_catalog(data: Mapping[str, Any]) -> Catalog:
                         f"plans '{plan.name}': {ref!r} is already used by plan '{seen[ref]}'"
                     )
                 seen[ref] = plan.name
-    raw_meters = data.get("meters", [])
-    _expect(raw_meters, list, "meters", "a list of [[meters]] tables")
+    document = Table(data)
+    raw_meters = document.array("meters", object, (), what="a list of [[meters]] tables")
     meters: dict[str, Meter] = {}
     for index, raw in enumerate(raw_meters):
         meter = _parse_meter(raw, index)
@@ -317,7 +295,6 @@ def parse_catalog(data: Mapping[str, Any]) -> Catalog:
         if plan.meter is not None and plan.meter not in meters:
             raise ConfigError(f"plans '{plan.name}': meter: {plan.meter!r} is not in [[meters]]")
     all_features = frozenset().union(*(p.features for p in plans.values()))
-    raw_routes = data.get("routes", [])
-    _expect(raw_routes, list, "routes", "a list of [[routes]] tables")
+    raw_routes = document.array("routes", object, (), what="a list of [[routes]] tables")
     routes = tuple(_parse_route(raw, i, all_features) for i, raw in enumerate(raw_routes))
     return Catalog(plans=plans, routes=routes, meters=meters)

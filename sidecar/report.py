@@ -6,7 +6,8 @@ import time
 from dataclasses import dataclass
 
 from sidecar.settings import Settings
-from sidecar.store import Store, month_start
+from sidecar.store import Store
+from sidecar.store.usage import month_start
 
 __all__ = ["MeterReport", "UsageReport", "usage_report"]
 

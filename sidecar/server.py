@@ -16,10 +16,10 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any
 
 import grpc
 import prometheus_client
+import uvicorn
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_authz_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
@@ -28,24 +28,25 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.exceptions import RedisError
 
-from sidecar import envoy, keys
+from sidecar import envoy
 from sidecar.authorizer import Authorizer
 from sidecar.decide import Decision, Reason
 from sidecar.errors import ConfigError, StoreUnavailable
 from sidecar.extproc import ExtProcService
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc as pb_grpc
+from sidecar.http_authz import HttpAuthz, http_server, listen_socket
 from sidecar.logs import bind_request_id
 from sidecar.metrics import (
-    DECISION_SECONDS,
-    DECISIONS,
-    STORE_ERRORS,
     USAGE_EVENTS,
+    counted_decision,
     watch_caches,
 )
+from sidecar.quota_alerts import AlertQueue
 from sidecar.report import usage_report
 from sidecar.settings import Settings, load_settings
-from sidecar.store import INVALIDATE_CHANNEL, Store, connect, subscriber, valid_customer_id
+from sidecar.store import Store, connect, subscriber
+from sidecar.store.names import INVALIDATE_CHANNEL, valid_customer_id
 from sidecar.usage import DirtyIndex, UsageError, validate
 
 __all__ = ["authorize_response", "serve"]
@@ -95,19 +96,6 @@ _USAGE_CODES = {
 }
 
 
-async def _decide(authorizer: Authorizer, key: str, **request: Any) -> Decision:
-    """One decision, counted and timed; StoreUnavailable passes through, counted."""
-    started = time.perf_counter()
-    try:
-        decision = await authorizer.authorize(key, **request)
-    except StoreUnavailable as exc:
-        STORE_ERRORS.labels(exc.cause).inc()
-        raise
-    DECISION_SECONDS.observe(time.perf_counter() - started)
-    DECISIONS.labels(decision.reason.value, decision.plan or "-").inc()
-    return decision
-
-
 class TollwayService(pb_grpc.TollwayServicer):
     def __init__(self, sidecar: Sidecar) -> None:
         self._sidecar = sidecar
@@ -119,7 +107,7 @@ class TollwayService(pb_grpc.TollwayServicer):
         if request.request_id:
             bind_request_id(request.request_id)
         try:
-            decision = await _decide(
+            decision = await counted_decision(
                 self._authorizer,
                 request.api_key,
                 method=request.method,
@@ -136,11 +124,8 @@ class TollwayService(pb_grpc.TollwayServicer):
         """The customer a usage call names, by key or id; UsageError if none."""
         store = self._sidecar.store
         if request.WhichOneof("customer") == "api_key":
-            key = request.api_key
-            record = (
-                await store.lookup_key(keys.key_hash(key)) if keys.is_well_formed(key) else None
-            )
-            if record is None or not record.usable():
+            record = await store.usable_record(request.api_key)
+            if record is None:
                 raise UsageError("unauthenticated", "API key is not valid")
             return record.customer_id
         customer = request.customer_id
@@ -219,14 +204,9 @@ class TollwayService(pb_grpc.TollwayServicer):
     async def Release(
         self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseResponse:
-        key = request.api_key
         try:
-            record = (
-                await self._sidecar.store.lookup_key(keys.key_hash(key))
-                if keys.is_well_formed(key)
-                else None
-            )
-            if record is None or not record.usable():
+            record = await self._sidecar.store.usable_record(request.api_key)
+            if record is None:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, "API key is not valid")
                 raise AssertionError("abort raises")
             released = await self._sidecar.store.release(record.customer_id, request.lease_id)
@@ -282,7 +262,7 @@ class CheckService(ext_authz_grpc.AuthorizationServicer):  # type: ignore[misc]
         bind_request_id(lease_id)
         request_id = lease_id if settings.envoy.ext_proc else ""
         try:
-            decision = await _decide(
+            decision = await counted_decision(
                 self._authorizer,
                 key,
                 method=http.method,
@@ -304,7 +284,12 @@ class Sidecar:
         self.settings = settings
         self.store = store
         self.dirty = DirtyIndex(store)
-        self.authorizer = Authorizer(store, lambda: self.settings, metered=self.dirty.add)
+        self.authorizer = Authorizer(
+            store,
+            lambda: self.settings,
+            metered=self.dirty.add,
+            on_quota_alert=AlertQueue(store.notify),  # queued off the request path
+        )
 
     async def watch_redis(
         self, set_health: Callable[[int], Awaitable[None]], *, every: float = 0.5
@@ -429,7 +414,19 @@ async def serve(
     port = server.add_insecure_port(address)
     if port == 0:
         raise ConfigError(f"listen: cannot bind {address}")
+    drain = 5  # seconds in-flight requests get on SIGTERM, on either port
+    # HTTP ext_authz (http_authz.py) on its own port, in this loop: the same
+    # Authorizer, caches and Redis connection as Check.
+    http: uvicorn.Server | None = None
+    http_task: asyncio.Task[None] | None = None
+    if settings.http_listen:
+        sock = listen_socket(settings.http_listen, reuse_port=worker is not None)
+        http = http_server(
+            HttpAuthz(sidecar.authorizer, lambda: sidecar.settings), drain_seconds=drain
+        )
     await server.start()
+    if http is not None:
+        http_task = asyncio.create_task(http.serve(sockets=[sock]))
     if settings.metrics_listen and not worker:  # one metrics port: worker 0's
         host, _, metrics_port = settings.metrics_listen.rpartition(":")
         authz = sidecar.authorizer
@@ -450,6 +447,10 @@ async def serve(
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: sidecar.reload(environ))
     log.info("sidecar listening on %s (plans: %s)", address, ", ".join(settings.catalog.plans))
+    if http_task is not None:
+        log.info("HTTP ext_authz on http://%s", settings.http_listen)
+        # If it ends on its own, it failed: stop all, loudly, rather than serve half.
+        http_task.add_done_callback(lambda _: stop.set())
     dirty_task = asyncio.create_task(sidecar.dirty.run())
     invalidations = asyncio.create_task(sidecar.follow_invalidations())
     watch = asyncio.create_task(sidecar.watch_redis(set_health))
@@ -459,9 +460,16 @@ async def serve(
     log.info("shutting down: finishing in-flight requests")
     watch.cancel()
     await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.stop(grace=5)
+    if http is not None:
+        http.should_exit = True
+    stopped = await asyncio.gather(
+        server.stop(grace=drain), *([http_task] if http_task else []), return_exceptions=True
+    )
     for task in (dirty_task, invalidations, watch):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
     await store.close()
+    for outcome in stopped:
+        if isinstance(outcome, BaseException):
+            raise outcome

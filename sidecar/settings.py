@@ -4,9 +4,10 @@ an environment mapping (passed in, so tests need no patching).
     TOLLWAY_CONFIG            path of tollway.toml (or --config)
     TOLLWAY_REDIS_URL         redis://host:port/db; overrides [redis] url
     TOLLWAY_REDIS_TIMEOUT_MS  per-call Redis timeout; overrides [redis] timeout_ms
+    TOLLWAY_HTTP_LISTEN       host:port of HTTP ext_authz; overrides [sidecar] http_listen
 
     [sidecar]  listen = "127.0.0.1:50051"   metrics_listen = "127.0.0.1:9464" (optional)
-               health_follows_redis = true
+               health_follows_redis = true   http_listen = "127.0.0.1:50052" (optional)
     [webhook]  listen = "127.0.0.1:8000"
     [redis]    url = "redis://127.0.0.1:6379/0"   timeout_ms = 50
     [headers]  api_key = ["x-api-key"]  bearer = true
@@ -29,6 +30,7 @@ from typing import Any, Final
 
 from sidecar.durations import parse_duration
 from sidecar.errors import ConfigError
+from sidecar.fields import Table, expect
 from sidecar.plans import Catalog, parse_catalog
 
 __all__ = [
@@ -46,6 +48,12 @@ DEFAULT_LISTEN: Final = "127.0.0.1:50051"
 DEFAULT_WEBHOOK_LISTEN: Final = "127.0.0.1:8000"
 DEFAULT_REDIS_TIMEOUT_MS: Final = 50
 _HEADER_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]*")
+_HEADER: Final = "an HTTP header name"
+_LISTEN_RE: Final = re.compile(r"\[?[\w.:-]+\]?:\d{1,5}")
+_HOST_PORT: Final = "host:port"
+_REDIS_URL_RE: Final = re.compile(
+    r"(redis|rediss|unix|redis\+cluster|rediss\+cluster|redis\+sentinel)://"
+)
 _SECTIONS: Final = frozenset(
     {"sidecar", "webhook", "redis", "headers", "billing", "usage", "stripe", "plans", "routes",
      "meters", "envoy"}
@@ -103,6 +111,9 @@ class Settings:
     redis_timeout: float = DEFAULT_REDIS_TIMEOUT_MS / 1000
     listen: str = DEFAULT_LISTEN
     metrics_listen: str | None = None  # Prometheus /metrics of the sidecar, off by default
+    # Envoy's ext_authz in HTTP service mode (http_authz.py), beside the gRPC port;
+    # off by default.
+    http_listen: str | None = None
     # gRPC health turns NOT_SERVING while Redis does not answer, so a load balancer
     # routes around this sidecar. Off where health feeds a liveness probe or every
     # sidecar shares one Redis: restarting them, or all leaving the pool, would not
@@ -124,56 +135,40 @@ class Settings:
         )
 
 
-def _section(doc: Mapping[str, Any], name: str, fields: frozenset[str]) -> Mapping[str, Any]:
-    section = doc.get(name, {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"[{name}]: expected a table")
-    unknown = sorted(set(section) - fields)
-    if unknown:
-        raise ConfigError(f"[{name}] {unknown[0]}: unknown field")
-    return section
+def _is_header(name: str) -> bool:
+    return bool(_HEADER_RE.fullmatch(name.lower()))
 
 
-def _header(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not _HEADER_RE.fullmatch(value.lower()):
-        raise ConfigError(f"{where}: expected an HTTP header name, got {value!r}")
-    return value.lower()
+def _header(table: Table, name: str, default: str) -> str:
+    return table.string(name, default, what=_HEADER, valid=_is_header).lower()
 
 
-def _listen(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"\[?[\w.:-]+\]?:\d{1,5}", value):
-        raise ConfigError(f"{where}: expected host:port, got {value!r}")
-    return value
-
-
-def _parse_usage(section: Mapping[str, Any]) -> Usage:
+def _parse_usage(usage: Table) -> Usage:
     try:
-        window = parse_duration(section.get("dedupe_window", "24h"))
-        ttl = parse_duration(section.get("reservation_ttl", "5m"))
+        window = parse_duration(usage.data.get("dedupe_window", "24h"))
+        ttl = parse_duration(usage.data.get("reservation_ttl", "5m"))
     except ValueError as exc:
         raise ConfigError(f"[usage] {exc}") from None
     if window < 86400:
         raise ConfigError(
             "[usage] dedupe_window: at least 24h, so client retries stay deduplicated"
         )
-    thresholds = section.get("thresholds", [80, 100])
-    if not isinstance(thresholds, list) or not all(
-        isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= 1000 for t in thresholds
-    ):
-        raise ConfigError("[usage] thresholds: expected percentages like [80, 100]")
-    wait = section.get("wait_for_aof", False)
-    if not isinstance(wait, bool):
-        raise ConfigError(f"[usage] wait_for_aof: expected true or false, got {wait!r}")
-    replicas = section.get("wait_for_replicas", 0)
-    if isinstance(replicas, bool) or not isinstance(replicas, int) or not 0 <= replicas <= 64:
-        raise ConfigError(
-            f"[usage] wait_for_replicas: expected a number of replicas, 0 to 64, got {replicas!r}"
-        )
+    thresholds = usage.array(
+        "thresholds",
+        int,
+        (80, 100),
+        what="percentages like [80, 100]",
+        valid=lambda percent: 1 <= percent <= 1000,
+        echo=False,
+    )
+    replicas = usage.integer(
+        "wait_for_replicas", 0, what="a number of replicas, 0 to 64", valid=lambda n: 0 <= n <= 64
+    )
     return Usage(
         dedupe_window=window,
         reservation_ttl=ttl,
         thresholds=tuple(sorted(thresholds)),
-        wait_for_aof=wait,
+        wait_for_aof=usage.boolean("wait_for_aof", False),
         wait_for_replicas=replicas,
     )
 
@@ -181,87 +176,64 @@ def _parse_usage(section: Mapping[str, Any]) -> Usage:
 def settings_from_document(
     doc: Mapping[str, Any], environ: Mapping[str, str], *, path: Path | None = None
 ) -> Settings:
-    unknown = sorted(set(doc) - _SECTIONS)
-    if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown section or field")
+    document = Table(doc).only(_SECTIONS)
     catalog = parse_catalog(doc)
-    sidecar = _section(
-        doc, "sidecar", frozenset({"listen", "metrics_listen", "health_follows_redis"})
+    sidecar = document.section("sidecar").only(
+        {"listen", "metrics_listen", "health_follows_redis", "http_listen"}
     )
-    follows = sidecar.get("health_follows_redis", True)
-    if not isinstance(follows, bool):
-        raise ConfigError(
-            f"[sidecar] health_follows_redis: expected true or false, got {follows!r}"
-        )
-    webhook = _section(doc, "webhook", frozenset({"listen"}))
-    redis = _section(doc, "redis", frozenset({"url", "timeout_ms"}))
-    headers = _section(doc, "headers", frozenset({"api_key", "bearer", "customer", "plan"}))
+    follows = sidecar.boolean("health_follows_redis", True)
+    webhook = document.section("webhook").only({"listen"})
+    redis = document.section("redis").only({"url", "timeout_ms"})
+    headers = document.section("headers").only({"api_key", "bearer", "customer", "plan"})
 
-    redis_url = environ.get("TOLLWAY_REDIS_URL") or redis.get("url")
-    if redis_url is not None and not (
-        isinstance(redis_url, str)
-        and re.match(
-            r"(redis|rediss|unix|redis\+cluster|rediss\+cluster|redis\+sentinel)://", redis_url
-        )
-    ):
-        raise ConfigError(
-            "[redis] url: expected redis://, rediss://, unix://, redis+cluster://, "
-            "rediss+cluster:// or redis+sentinel:// URL"
-        )
-    timeout_raw: Any = environ.get("TOLLWAY_REDIS_TIMEOUT_MS") or redis.get(
-        "timeout_ms", DEFAULT_REDIS_TIMEOUT_MS
+    redis_url = redis.string(
+        "url",
+        None,
+        what="redis://, rediss://, unix://, redis+cluster://, rediss+cluster:// or "
+        "redis+sentinel:// URL",
+        valid=_REDIS_URL_RE.match,
+        echo=False,  # a URL may carry a password
+        env=environ.get("TOLLWAY_REDIS_URL"),
     )
-    try:
-        timeout_ms = int(timeout_raw)
-    except (TypeError, ValueError):
-        timeout_ms = -1
-    if isinstance(timeout_raw, bool) or not 1 <= timeout_ms <= 10_000:
-        raise ConfigError(f"[redis] timeout_ms: expected 1..10000 ms, got {timeout_raw!r}")
+    timeout_ms = redis.integer(
+        "timeout_ms",
+        DEFAULT_REDIS_TIMEOUT_MS,
+        what="1..10000 ms",
+        valid=lambda ms: 1 <= ms <= 10_000,
+        env=environ.get("TOLLWAY_REDIS_TIMEOUT_MS"),
+    )
 
-    key_headers = headers.get("api_key", ["x-api-key"])
-    if isinstance(key_headers, str):
-        key_headers = [key_headers]
-    if not isinstance(key_headers, list):
-        raise ConfigError("[headers] api_key: expected a list of header names")
-    bearer = headers.get("bearer", True)
-    if not isinstance(bearer, bool):
-        raise ConfigError(f"[headers] bearer: expected true or false, got {bearer!r}")
+    lone_key = headers.data.get("api_key")
+    if isinstance(lone_key, str):  # api_key = "x-key" is short for a list of one
+        key_headers: tuple[object, ...] = (lone_key,)
+    else:
+        key_headers = headers.array(
+            "api_key", object, ("x-api-key",), what="a list of header names", echo=False
+        )
+    bearer = headers.boolean("bearer", True)
     names = HeaderNames(
-        api_key=tuple(_header(h, "[headers] api_key") for h in key_headers),
+        api_key=tuple(
+            expect(h, str, headers.path("api_key"), _HEADER, valid=_is_header).lower()
+            for h in key_headers
+        ),
         bearer=bearer,
-        customer=_header(headers.get("customer", "x-tollway-customer"), "[headers] customer"),
-        plan=_header(headers.get("plan", "x-tollway-plan"), "[headers] plan"),
+        customer=_header(headers, "customer", "x-tollway-customer"),
+        plan=_header(headers, "plan", "x-tollway-plan"),
     )
-    billing = _section(doc, "billing", frozenset({"grace_period", "fallback_plan"}))
-    try:
-        grace = parse_duration(billing.get("grace_period", "5d"))
-    except ValueError as exc:
-        raise ConfigError(f"[billing] grace_period: {exc}") from None
-    fallback = billing.get("fallback_plan")
+    billing = document.section("billing").only({"grace_period", "fallback_plan"})
+    grace = billing.duration("grace_period", 5 * 86400)
+    fallback = billing.data.get("fallback_plan")
     if fallback is not None and fallback not in catalog.plans:
         raise ConfigError(f"[billing] fallback_plan: {fallback!r} is not a plan in this file")
     usage = _parse_usage(
-        _section(
-            doc,
-            "usage",
-            frozenset(
-                {
-                    "dedupe_window",
-                    "reservation_ttl",
-                    "thresholds",
-                    "wait_for_aof",
-                    "wait_for_replicas",
-                }
-            ),
+        document.section("usage").only(
+            {"dedupe_window", "reservation_ttl", "thresholds", "wait_for_aof", "wait_for_replicas"}
         )
     )
-    envoy = _section(doc, "envoy", frozenset({"ext_proc", "cost_header"}))
-    ext_proc = envoy.get("ext_proc", False)
-    if not isinstance(ext_proc, bool):
-        raise ConfigError(f"[envoy] ext_proc: expected true or false, got {ext_proc!r}")
+    envoy = document.section("envoy").only({"ext_proc", "cost_header"})
     envoy_options = EnvoyOptions(
-        ext_proc=ext_proc,
-        cost_header=_header(envoy.get("cost_header", "x-tollway-cost"), "[envoy] cost_header"),
+        ext_proc=envoy.boolean("ext_proc", False),
+        cost_header=_header(envoy, "cost_header", "x-tollway-cost"),
     )
     if not names.api_key and not names.bearer:
         raise ConfigError("[headers]: api_key is empty and bearer is false; no key can be read")
@@ -269,14 +241,24 @@ def settings_from_document(
         catalog=catalog,
         redis_url=redis_url,
         redis_timeout=timeout_ms / 1000,
-        listen=_listen(sidecar.get("listen", DEFAULT_LISTEN), "[sidecar] listen"),
-        metrics_listen=(
-            _listen(sidecar["metrics_listen"], "[sidecar] metrics_listen")
-            if "metrics_listen" in sidecar
-            else None
+        listen=sidecar.string(
+            "listen", DEFAULT_LISTEN, what=_HOST_PORT, valid=_LISTEN_RE.fullmatch
+        ),
+        metrics_listen=sidecar.string(
+            "metrics_listen", None, what=_HOST_PORT, valid=_LISTEN_RE.fullmatch
         ),
         health_follows_redis=follows,
-        webhook_listen=_listen(webhook.get("listen", DEFAULT_WEBHOOK_LISTEN), "[webhook] listen"),
+        http_listen=sidecar.string(
+            "http_listen",
+            None,
+            what=f"{_HOST_PORT}, or empty for off",
+            valid=lambda text: not text or _LISTEN_RE.fullmatch(text),
+            env=environ.get("TOLLWAY_HTTP_LISTEN"),
+        )
+        or None,
+        webhook_listen=webhook.string(
+            "listen", DEFAULT_WEBHOOK_LISTEN, what=_HOST_PORT, valid=_LISTEN_RE.fullmatch
+        ),
         headers=names,
         billing=Billing(grace_seconds=grace, fallback_plan=fallback),
         usage=usage,

@@ -1,6 +1,6 @@
 """Helpers shared by the tests that run Tollway on a real Redis Cluster or
 Sentinel (tests/test_cluster.py, tests/test_failover.py). The clusters
-themselves are started by sidecar.dev.start_valkey_cluster, which the
+themselves are started by tests.harness.start_valkey_cluster, which the
 scaling bench uses too."""
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from typing import Any
 import redis
 from redis.crc import key_slot
 
-from sidecar import dev, keys
+from sidecar import keys
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc
 from sidecar.store import KeyRecord, Store
+from tests import harness
 
 SLOTS = 16384
 MASTERS = 3
@@ -39,7 +40,7 @@ def wait_for(check: Any, what: str, deadline: float) -> float:
         time.sleep(0.05)
 
 
-def customer_on(cluster: dev.ValkeyCluster, master: int) -> str:
+def customer_on(cluster: harness.ValkeyCluster, master: int) -> str:
     """A new customer id whose hash tag lands on the given shard."""
     while True:
         customer = "cus_" + uuid.uuid4().hex[:14]
@@ -55,8 +56,9 @@ async def new_account(store: Store, customer: str, plan: str, *, avoid: int = -1
     while key_slot(keys.key_hash(key).encode()) * MASTERS // SLOTS == avoid:
         key = keys.generate("test")
     hashed = keys.key_hash(key)
-    await store.add_key(hashed, KeyRecord(key_id=keys.key_id(hashed), customer_id=customer,
-                                          state="active"))  # fmt: skip
+    await store.add_key(
+        hashed, KeyRecord(key_id=keys.key_id(hashed), customer_id=customer, state="active")
+    )
     return key
 
 
@@ -74,7 +76,7 @@ class SentinelGroup:
         self.workdir = workdir
         self.ports = ports
         self.sentinel_port = sentinel_port
-        self.children: list[dev.Child] = []
+        self.children: list[harness.Child] = []
 
     @property
     def url(self) -> str:
@@ -100,8 +102,8 @@ def start_sentinel_group(
     """One master, `replicas` replicas of it in sync, and one sentinel (quorum 1)
     that considers the master down after down_after_ms without an answer."""
     workdir.mkdir(parents=True, exist_ok=True)
-    ports = [dev.free_port() for _ in range(1 + replicas)]
-    group = SentinelGroup(workdir, ports, dev.free_port())
+    ports = [harness.free_port() for _ in range(1 + replicas)]
+    group = SentinelGroup(workdir, ports, harness.free_port())
     conf = workdir / "sentinel.conf"
     conf.write_text(
         f"port {group.sentinel_port}\nbind 127.0.0.1\ndir {workdir}\n"
@@ -113,13 +115,14 @@ def start_sentinel_group(
         for index, port in enumerate(ports):
             data = workdir / str(port)
             data.mkdir()
-            argv = [dev.valkey_binary(), "--port", str(port), "--bind", "127.0.0.1",
-                    "--save", "", "--appendonly", "no", "--dir", str(data),
-                    "--repl-diskless-sync-delay", "0"]  # fmt: skip
+            argv = [harness.valkey_binary(), "--port", str(port), "--bind", "127.0.0.1"]
+            argv += ["--save", "", "--appendonly", "no", "--dir", str(data)]
+            argv += ["--repl-diskless-sync-delay", "0"]
             if index:
                 argv += ["--replicaof", "127.0.0.1", str(ports[0])]
-            group.children.append(dev.Child(f"valkey-{port}", argv, workdir / f"{port}.log",
-                                            os.environ))  # fmt: skip
+            group.children.append(
+                harness.Child(f"valkey-{port}", argv, workdir / f"{port}.log", os.environ)
+            )
         for index in range(1, len(ports)):
             with group.node(index) as replica:
                 wait_for(
@@ -131,7 +134,7 @@ def start_sentinel_group(
                 )
         if replicas:
             # A replica is "up" a moment before it acknowledges writes (see
-            # dev.start_valkey_cluster): ready once a write is on them all.
+            # harness.start_valkey_cluster): ready once a write is on them all.
             with group.node(0) as master:
                 wait_for(
                     lambda: (
@@ -143,8 +146,14 @@ def start_sentinel_group(
                 )
         # The sentinel last: started before the master answers, it would call it
         # down at once, fail to fail it over, and wait 2 x failover-timeout to retry.
-        group.children.append(dev.Child("valkey-sentinel", [dev.valkey_binary(), str(conf),
-                              "--sentinel"], workdir / "sentinel.log", os.environ))  # fmt: skip
+        group.children.append(
+            harness.Child(
+                "valkey-sentinel",
+                [harness.valkey_binary(), str(conf), "--sentinel"],
+                workdir / "sentinel.log",
+                os.environ,
+            )
+        )
         with redis.Redis(port=group.sentinel_port, socket_timeout=5) as sentinel:
 
             def ready() -> bool:

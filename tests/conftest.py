@@ -22,9 +22,10 @@ from typing import Any
 import grpc
 import pytest
 
-from sidecar import dev, keys
+from sidecar import keys
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc
 from sidecar.store import KeyRecord, Store, connect
+from tests import harness
 
 TEST_CONFIG = """
 [redis]
@@ -114,7 +115,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if external:
         yield external
         return
-    server = dev.start_valkey(tmp_path_factory.mktemp("valkey"), persist=False)
+    server = harness.start_valkey(tmp_path_factory.mktemp("valkey"), persist=False)
     try:
         yield server.connection_url
     finally:
@@ -221,9 +222,9 @@ def sidecar(
     tmp_path_factory: pytest.TempPathFactory, redis_url: str, config_path: Path
 ) -> Iterator[str]:
     """A running `tollway serve`; yields its host:port."""
-    port = dev.free_port()
+    port = harness.free_port()
     log = tmp_path_factory.mktemp("logs") / "sidecar.log"
-    child = dev.start_sidecar(config_path, redis_url=redis_url, port=port, log=log)
+    child = harness.start_sidecar(config_path, redis_url=redis_url, port=port, log=log)
     try:
         yield f"127.0.0.1:{port}"
     finally:
@@ -246,13 +247,13 @@ def tollway_stub(channel: grpc.Channel) -> tollway_pb2_grpc.TollwayStub:
 def envoy(tmp_path_factory: pytest.TempPathFactory, sidecar: str) -> Iterator[str]:
     """A real Envoy running deploy/envoy.yaml in front of the echo upstream; yields its URL."""
     workdir = tmp_path_factory.mktemp("envoy")
-    listen = dev.free_port()
-    with dev.EchoUpstream() as upstream:
-        child = dev.start_envoy(
+    listen = harness.free_port()
+    with harness.EchoUpstream() as upstream:
+        child = harness.start_envoy(
             workdir=workdir,
             log=workdir / "envoy.log",
             listen=listen,
-            admin=dev.free_port(),
+            admin=harness.free_port(),
             sidecar=int(sidecar.rpartition(":")[2]),
             upstream=upstream.port,
         )
@@ -362,7 +363,7 @@ def stack_factory(
     tmp_path_factory: pytest.TempPathFactory, redis_url: str, fake_stripe: Any
 ) -> Iterator[Callable[[str], Stack]]:
     """Starts a sidecar + companion pair for a config text; all stopped at the end."""
-    children: list[dev.Child] = []
+    children: list[harness.Child] = []
     channels: list[grpc.Channel] = []
 
     def start(config_text: str) -> Stack:
@@ -370,14 +371,14 @@ def stack_factory(
         config = workdir / "tollway.toml"
         config.write_text(config_text)
         env = companion_env(workdir, fake_stripe.url)
-        sidecar_port, companion_port = dev.free_port(), dev.free_port()
+        sidecar_port, companion_port = harness.free_port(), harness.free_port()
         logs = [workdir / "sidecar.log", workdir / "companion.log"]
-        sidecar_child = dev.start_sidecar(
+        sidecar_child = harness.start_sidecar(
             config, redis_url=redis_url, port=sidecar_port, log=logs[0], env=env
         )
         children.append(sidecar_child)
         children.append(
-            dev.start_companion(
+            harness.start_companion(
                 config, redis_url=redis_url, port=companion_port, log=logs[1], env=env
             )
         )
@@ -413,3 +414,90 @@ def no_secrets_in_logs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
     logs = list(tmp_path_factory.getbasetemp().rglob("*.log"))
     leaks = scan(logs)
     assert not leaks, f"secrets in logs: {leaks}"
+
+
+# -- make test-fast: the tests that start no server ---------------------------------
+
+# A test that needs any of these (directly or through another fixture) starts or
+# uses a real server; `make test-fast` (pytest -m "not servers") leaves it out.
+SERVER_FIXTURES = frozenset(
+    {"redis_url", "sidecar", "envoy", "fake_stripe", "stack_factory", "cluster"}
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.servers)
+
+
+# -- HTTP ext_authz: the sidecar's HTTP port, and Envoy with deploy/envoy-http.yaml --
+
+ENVOY_HTTP_TEMPLATE = harness.REPO_ROOT / "deploy" / "envoy-http.yaml"
+
+
+@dataclass(frozen=True)
+class HttpSidecar:
+    """A running `tollway serve` with [sidecar] http_listen set."""
+
+    grpc_port: int
+    http_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+
+def start_envoy_http(
+    workdir: Path, *, sidecar: HttpSidecar, upstream: int, fail_open: bool = False
+) -> tuple[harness.Child, str]:
+    """Envoy running deploy/envoy-http.yaml on free ports (its listener on loopback),
+    ext_authz failing open if asked; returns it and its URL once it is ready."""
+    listen, admin = harness.free_port(), harness.free_port()
+    text = harness.render_envoy_config(
+        ENVOY_HTTP_TEMPLATE.read_text(), listen=listen, admin=admin,
+        sidecar=sidecar.grpc_port, upstream=upstream,
+    )  # fmt: skip
+    for old, new in [
+        ("port_value: 50052 ", f"port_value: {sidecar.http_port} "),
+        ("uri: http://127.0.0.1:50052\n", f"uri: http://127.0.0.1:{sidecar.http_port}\n"),
+        *([("failure_mode_allow: false", "failure_mode_allow: true")] if fail_open else []),
+    ]:
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "envoy-http.yaml"
+    config.write_text(text)
+    child = harness.run_envoy(config, admin=admin, log=workdir / "envoy.log", name="envoy-http")
+    return child, f"http://127.0.0.1:{listen}"
+
+
+@pytest.fixture(scope="session")
+def http_sidecar(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, config_path: Path
+) -> Iterator[HttpSidecar]:
+    """A running `tollway serve` answering HTTP ext_authz too, on the test Redis."""
+    ports = HttpSidecar(grpc_port=harness.free_port(), http_port=harness.free_port())
+    log = tmp_path_factory.mktemp("logs") / "sidecar-http.log"
+    child = harness.start_sidecar(config_path, redis_url=redis_url, port=ports.grpc_port,
+                                  log=log, http_port=ports.http_port)  # fmt: skip
+    try:
+        yield ports
+    finally:
+        child.stop()
+
+
+@pytest.fixture(scope="session")
+def envoy_http(
+    tmp_path_factory: pytest.TempPathFactory, http_sidecar: HttpSidecar
+) -> Iterator[str]:
+    """A real Envoy running deploy/envoy-http.yaml in front of the echo upstream,
+    asking http_sidecar; yields its URL."""
+    with harness.EchoUpstream() as upstream:
+        child, url = start_envoy_http(
+            tmp_path_factory.mktemp("envoy-http"), sidecar=http_sidecar, upstream=upstream.port
+        )
+        try:
+            yield url
+        finally:
+            child.stop()

@@ -17,6 +17,7 @@ from sidecar.authorizer import Authorizer
 from sidecar.decide import OutcomeCode
 from sidecar.settings import settings_from_document
 from sidecar.store import KeyRecord, Store, connect
+from sidecar.store.admission import admission
 from tests.conftest import new_customer
 
 CONFIG = settings_from_document(
@@ -75,8 +76,8 @@ def test_cached_and_bare_paths_admit_the_same_requests(
                 clock.us += gap
                 decision = await authorizer.authorize(key, method="GET", path="/", cost=cost)
                 cached.append(decision.allowed)
-                outcome = await store.decide(
-                    bare_customer, plan, cost=cost, feature_ok=True, key_expires_at_us=0
+                outcome = await store.admit(
+                    bare_customer, admission(plan, cost=cost, feature_ok=True, key_expires_at_us=0)
                 )
                 bare.append(outcome.code is OutcomeCode.OK)
             return cached, bare

@@ -28,10 +28,11 @@ from bench.workload import (
     grpc_frame,
     parse_grpc_frames,
 )
-from sidecar import dev, keys
+from sidecar import keys
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.settings import load_settings
 from sidecar.store import Store, connect
+from tests import harness
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -176,8 +177,13 @@ def test_h2load_output_parser_refuses_something_else() -> None:
 
 
 def test_h2load_log_and_percentiles() -> None:
-    log = ["1795799544485944\t200\t9768\n", "1795799544486068\t200\t120\n",
-           "1795799544486070\t-1\t5\n", "garbage\n", "1795799544486208\t503\t50\n"]  # fmt: skip
+    log = [
+        "1795799544485944\t200\t9768\n",
+        "1795799544486068\t200\t120\n",
+        "1795799544486070\t-1\t5\n",
+        "garbage\n",
+        "1795799544486208\t503\t50\n",
+    ]
     latencies = sorted(h2load.parse_log(log))
     assert latencies == [50, 120, 9768]
     ordered = list(range(1, 1001))
@@ -219,7 +225,7 @@ def test_h2load_command_line() -> None:
 
 # -- Envoy configs -----------------------------------------------------------------
 
-TEMPLATE = dev.ENVOY_TEMPLATE.read_text()
+TEMPLATE = harness.ENVOY_TEMPLATE.read_text()
 PORTS = {"listen": 21000, "admin": 21001, "authorizer": 21002}
 TOLLWAY = envoy_config.tollway_filters(TEMPLATE)
 OTHERS = tuple(name for name in TOLLWAY if name != envoy_config.EXT_AUTHZ)  # ext_proc
@@ -235,12 +241,10 @@ def test_bench_envoy_configs_validate(
     assert "cluster: upstream }" not in text  # the upstream is never reached
     for port in PORTS.values():
         assert f"port_value: {port}" in text
-    filters = re.findall(r"- name: (envoy\.filters\.http\.\w+)", text)
-    assert filters == [
-        "envoy.filters.http.header_mutation",
-        *(f for f in re.findall(r"- name: (envoy\.filters\.http\.\w+)", TEMPLATE)
-          if f not in without),
-    ]  # fmt: skip
+    http_filter = r"- name: (envoy\.filters\.http\.\w+)"
+    filters = re.findall(http_filter, text)
+    kept = [f for f in re.findall(http_filter, TEMPLATE) if f not in without]
+    assert filters == ["envoy.filters.http.header_mutation", *kept]
     assert "%QUERY_PARAM(k)%" in text
     assert TOLLWAY[0] == "envoy.filters.http.ext_authz"
     assert text.count("disabled: true") == (0 if authz else len(TOLLWAY) - len(without))
@@ -248,7 +252,8 @@ def test_bench_envoy_configs_validate(
         assert "The response path" not in text and "ExternalProcessor" not in text
     config = tmp_path / "envoy.yaml"
     config.write_text(text)
-    argv = [dev.envoy_binary(), "--mode", "validate", "-c", str(config), "--use-dynamic-base-id"]
+    argv = [harness.envoy_binary(), "--mode", "validate", "-c", str(config)]
+    argv += ["--use-dynamic-base-id"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -350,9 +355,15 @@ def _result(rps: float, latency_ms: float, requests: int = 1000) -> h2load.Resul
 
 def test_report_renders_every_section() -> None:
     bench = run.Bench(run.QUICK, cast(run.Counters, None), {})
-    targets = {"floor": 4000, "sidecar": 1500, "envoy-noop": 3500, "envoy-ceiling": 50000,
-               "envoy-sidecar": 1400, "envoy-noop-authz": 6000,
-               "envoy-sidecar-authz": 3000}  # fmt: skip
+    targets = {
+        "floor": 4000,
+        "sidecar": 1500,
+        "envoy-noop": 3500,
+        "envoy-ceiling": 50000,
+        "envoy-sidecar": 1400,
+        "envoy-noop-authz": 6000,
+        "envoy-sidecar-authz": 3000,
+    }
     for target, peak in targets.items():
         bench.measurements.append(run.Measurement(target, "peak", None, _result(peak, 10)))
         base = targets[run.BASELINE[target]]
@@ -363,11 +374,22 @@ def test_report_renders_every_section() -> None:
                 run.Measurement(target, f"{share:.0%}", offered, _result(achieved, share * 4))
             )
     bench.measurements.append(run.Measurement("floor", run.END_PEAK, None, _result(4080, 10)))
-    hostile = {"rate": 50.0, "burst": 50, "offered": 500.0, "rps": 499.0, "allowed_rps": 50.0,
-               "cmds_rps": 3000.0, "ratio": 6.0, "normal_ratio": 10.0, "breakdown": "evalsha 1.00",
-               "cpu": run.CpuUse({"sidecar": 40.0, "other": 30.0}, [("pytest", 25.0)])}  # fmt: skip
-    rss = {"before load": {"VmRSS": 50_000, "VmHWM": 50_000},
-           "after load": {"VmRSS": 52_000, "VmHWM": 60_000}}  # fmt: skip
+    hostile = {
+        "rate": 50.0,
+        "burst": 50,
+        "offered": 500.0,
+        "rps": 499.0,
+        "allowed_rps": 50.0,
+        "cmds_rps": 3000.0,
+        "ratio": 6.0,
+        "normal_ratio": 10.0,
+        "breakdown": "evalsha 1.00",
+        "cpu": run.CpuUse({"sidecar": 40.0, "other": 30.0}, [("pytest", 25.0)]),
+    }
+    rss = {
+        "before load": {"VmRSS": 50_000, "VmHWM": 50_000},
+        "after load": {"VmRSS": 52_000, "VmHWM": 60_000},
+    }
     text = run.report(bench, {"nproc": "2"}, run.QUICK, hostile, rss)
     for heading in (
         "Throughput at saturation",
@@ -384,10 +406,14 @@ def test_report_renders_every_section() -> None:
     assert "| floor again, at the end |" in text
     assert "| hostile attack | 0 | 0 | 40 | 0 | 0 | 0 | 30 (pytest 25) |" in text
     # Each Envoy row names the no-op row it is divided by: the same filters.
-    assert ("| Envoy + sidecar, ext_authz only | 3,000 | 0.50 "
-            "| Envoy + no-op authorizer, ext_authz only | 0.06 |") in text  # fmt: skip
-    assert ("| Envoy + sidecar, all Tollway filters | 1,400 | 0.40 "
-            "| Envoy + no-op authorizer, all Tollway filters | 0.03 |") in text  # fmt: skip
+    assert (
+        "| Envoy + sidecar, ext_authz only | 3,000 | 0.50 "
+        "| Envoy + no-op authorizer, ext_authz only | 0.06 |"
+    ) in text
+    assert (
+        "| Envoy + sidecar, all Tollway filters | 1,400 | 0.40 "
+        "| Envoy + no-op authorizer, all Tollway filters | 0.03 |"
+    ) in text
     assert "3,000 req/s with ext_authz only and 1,400 with every filter (0.47 of it)" in text
     # The ceiling ran at other offered loads than the ext_authz-only rows: no ratio to it.
     [row] = [line for line in text.splitlines() if "Envoy + sidecar, ext_authz only | 25%" in line]
@@ -445,7 +471,7 @@ def test_population_reads_back_as_the_store_wrote_it(redis_url: str) -> None:
 def noop_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
     """The bench's no-op server (every Authorize allowed), its log in tmp_path."""
     monkeypatch.setattr(run, "WORK", tmp_path)
-    port = dev.free_port()
+    port = harness.free_port()
     child = run.start_noop(port)
     try:
         yield port
@@ -457,14 +483,15 @@ def _grpc_load(tmp_path: Path, port: int, api_keys: list[str], seconds: float) -
     bodies = tmp_path / "bodies.bin"
     bodies.write_bytes(b"".join(authorize_body(key) for key in api_keys))
     result = tmp_path / "result.json"
-    argv = [sys.executable, "-m", "bench.grpc_load", "--target", f"127.0.0.1:{port}",
-            "--bodies", str(bodies), "--seconds", str(seconds), "--streams", "4",
-            "--result", str(result)]  # fmt: skip
+    argv = [sys.executable, "-m", "bench.grpc_load", "--target", f"127.0.0.1:{port}"]
+    argv += ["--bodies", str(bodies), "--seconds", str(seconds)]
+    argv += ["--streams", "4", "--result", str(result)]
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     return result
 
 
+@pytest.mark.servers
 def test_grpc_load_walks_every_body_and_counts_each_key_once(
     tmp_path: Path, noop_port: int
 ) -> None:
@@ -476,8 +503,9 @@ def test_grpc_load_walks_every_body_and_counts_each_key_once(
     assert 0.9 < tally.seconds < 10
 
 
+@pytest.mark.servers
 def test_grpc_load_counts_failed_calls_as_errors(tmp_path: Path) -> None:
-    closed = dev.free_port()  # nothing listens there
+    closed = harness.free_port()  # nothing listens there
     tally = grpc_load.read_tally(_grpc_load(tmp_path, closed, [keys.generate("test")], 0.3))
     assert tally.allowed == tally.distinct_allowed == 0
     assert tally.requests == tally.errors.get("UNAVAILABLE", 0) > 0
@@ -500,22 +528,33 @@ def test_memory_bodies_deal_every_key_once_in_a_shuffled_order(
 
 
 def _memory_run(rss_kib: list[int], distinct: int) -> memory.MemoryRun:
-    run_ = memory.MemoryRun(keys=1000, seconds=40, clients=1, population_seconds=1.5,
-                            valkey_populated=2**20, idle_kib=40_000)  # fmt: skip
+    run_ = memory.MemoryRun(
+        keys=1000,
+        seconds=40,
+        clients=1,
+        population_seconds=1.5,
+        valkey_populated=2**20,
+        idle_kib=40_000,
+    )
     for i, rss in enumerate(rss_kib):
         answered = min(100 * i, 700)
         run_.samples.append(
             memory.Sample(10.0 * i, rss, max(rss_kib[: i + 1]), 2**21, answered, answered)
         )
-    run_.tallies = [grpc_load.Tally(bodies=1000, requests=700, allowed=700,
-                                    distinct_allowed=distinct, seconds=70)]  # fmt: skip
+    run_.tallies = [
+        grpc_load.Tally(
+            bodies=1000, requests=700, allowed=700, distinct_allowed=distinct, seconds=70
+        )
+    ]
     run_.touched_in_valkey = run_.allowed_in_valkey = distinct
     return run_
 
 
 def test_memory_report_says_growth_and_coverage() -> None:
-    flat = memory.report(_memory_run([40_000, 49_000, 50_000, 50_000, 51_000, 50_500, 51_000,
-                                      51_000], 700), {"nproc": "2"})  # fmt: skip
+    flat = memory.report(
+        _memory_run([40_000, 49_000, 50_000, 50_000, 51_000, 50_500, 51_000, 51_000], 700),
+        {"nproc": "2"},
+    )
     assert "| sidecar RSS at start (after the 30 s warm-up, t = 30 s) | 48.8 MiB |" in flat
     assert "| max (t = 40 s) | 49.8 MiB |" in flat
     assert "| **growth**, start to end (target < 10%: met) | **+2.0%** |" in flat
@@ -525,13 +564,16 @@ def test_memory_report_says_growth_and_coverage() -> None:
         "| mean RSS, first half of the window → second half | 49.3 MiB → 49.6 MiB (+0.7%) |" in flat
     )
     assert "not met" not in flat and "bytes per new key" not in flat
-    growing = memory.report(_memory_run([40_000, 45_000, 50_000, 50_000, 55_000, 60_000,
-                                         65_000, 70_000], 1000), {})  # fmt: skip
+    growing = memory.report(
+        _memory_run([40_000, 45_000, 50_000, 50_000, 55_000, 60_000, 65_000, 70_000], 1000), {}
+    )
     assert "(target < 10%: **not met**) | **+40.0%** |" in growing
     assert "bytes per new key), and its mean still moved +23.8%" in growing
     assert "every one of the 1,000 keys was touched" in growing
     # Up and down around a level: the end sample says +10 %, the halves' means do not.
-    cycling = memory.report(_memory_run([40_000, 45_000, 48_000, 50_000, 55_000, 56_000,
-                                         51_000, 52_000, 55_100], 1000), {})  # fmt: skip
+    cycling = memory.report(
+        _memory_run([40_000, 45_000, 48_000, 50_000, 55_000, 56_000, 51_000, 52_000, 55_100], 1000),
+        {},
+    )
     assert "(target < 10%: **not met**) | **+10.2%** |" in cycling
     assert "but its mean moved -1.8% between the two halves of the window" in cycling

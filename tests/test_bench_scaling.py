@@ -27,8 +27,10 @@ def test_loaded_accounts_spread_evenly_over_every_master_count() -> None:
 
 def test_the_sidecars_cpu_includes_every_worker_process() -> None:
     """`tollway serve --workers 2` is a supervisor and two workers: all are counted."""
-    code = "import subprocess, sys, time; [subprocess.Popen([sys.executable, '-c', " \
-           "'import time; time.sleep(30)']) for _ in range(2)]; time.sleep(30)"  # fmt: skip
+    code = (
+        "import subprocess, sys, time; [subprocess.Popen([sys.executable, '-c', "
+        "'import time; time.sleep(30)']) for _ in range(2)]; time.sleep(30)"
+    )
     parent = subprocess.Popen([sys.executable, "-c", code])
     try:
         deadline = time.monotonic() + 20
@@ -46,12 +48,13 @@ def test_the_sidecars_cpu_includes_every_worker_process() -> None:
 
 def row(label: str, workers: int, masters: int, rps: float, sidecar: float) -> scaling.Row:
     cpu = CpuUse(percent={"sidecar-0": sidecar, "valkey-0": 20.0, "h2load": 10.0, "other": 5.0})
-    summary = h2load.Summary(10.0, rps, int(rps * 10), int(rps * 10), int(rps * 10), 0, 0, 0,
-                             (int(rps * 10), 0, 0, 0), 0, 0, 0)  # fmt: skip
+    n = int(rps * 10)
+    summary = h2load.Summary(10.0, rps, n, n, n, 0, 0, 0, (n, 0, 0, 0), 0, 0, 0)
     result = h2load.Result([summary])
     idle = CpuUse(percent={"sidecar-0": 1.0, "valkey-0": 5.0})
-    return scaling.Row(scaling.Setup(label, workers, masters), result.rps, result.requests,
-                       1.0, 10.0, cpu, idle)  # fmt: skip
+    return scaling.Row(
+        scaling.Setup(label, workers, masters), result.rps, result.requests, 1.0, 10.0, cpu, idle
+    )
 
 
 def test_cpu_per_request_is_cpu_seconds_over_requests() -> None:

@@ -1,4 +1,4 @@
-"""Properties of the token bucket in decide.lua, run on the real Valkey.
+"""Properties of the token bucket in admit.lua, run on the real Valkey.
 
 The clock is injected, so hypothesis chooses exact arrival times. Every
 example works on a fresh customer id. An exact model (fractions) follows the
@@ -21,7 +21,9 @@ from hypothesis import strategies as st
 
 from sidecar.decide import Outcome, OutcomeCode
 from sidecar.plans import Plan, Rate
-from sidecar.store import Store, bucket_key, connect
+from sidecar.store import Store, connect
+from sidecar.store.admission import admission
+from sidecar.store.names import bucket_key
 from tests.conftest import new_customer
 
 SECOND = 1_000_000
@@ -145,8 +147,8 @@ async def run_traffic(
     clock.now = start
     for step in steps:
         clock.now += step.gap_us
-        outcome = await store.decide(
-            customer, plan, cost=step.cost, feature_ok=True, key_expires_at_us=0
+        outcome = await store.admit(
+            customer, admission(plan, cost=step.cost, feature_ok=True, key_expires_at_us=0)
         )
         model.check(outcome, clock.now, step.cost)
         log.append((clock.now, step.cost, outcome.code is OutcomeCode.OK))
@@ -191,7 +193,9 @@ def test_a_bucket_left_idle_long_enough_is_full_again(
         clock.now += math.ceil(Fraction(plan.burst * plan.rate.seconds * SECOND, plan.rate.count))
         clock.now += 1
         outcomes = [
-            await pstore.decide(customer, plan, cost=1, feature_ok=True, key_expires_at_us=0)
+            await pstore.admit(
+                customer, admission(plan, cost=1, feature_ok=True, key_expires_at_us=0)
+            )
             for _ in range(plan.burst + 1)
         ]
         assert [o.code for o in outcomes] == [OutcomeCode.OK] * plan.burst + [
@@ -213,7 +217,9 @@ def test_concurrent_requests_never_overdraw_the_bucket(aio: asyncio.Runner, redi
             started = time.monotonic()
             outcomes = await asyncio.gather(
                 *(
-                    store.decide(customer, plan, cost=1, feature_ok=True, key_expires_at_us=0)
+                    store.admit(
+                        customer, admission(plan, cost=1, feature_ok=True, key_expires_at_us=0)
+                    )
                     for _ in range(200)
                 )
             )

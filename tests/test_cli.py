@@ -60,8 +60,8 @@ def test_mistakes_are_one_clear_line(cli: Cli, tmp_path: Path) -> None:
     bad.write_text('[[plans]]\nname = "free"\nrate = "1/s"\nburst = -1\n')
     error = one_line_error(cli("plans", "check", "--config", str(bad)))
     assert "plans[0] 'free': burst: expected a positive integer" in error
-    dead = cli("accounts", "show", "--customer", customer,
-               extra_env={"TOLLWAY_REDIS_URL": "redis://127.0.0.1:1/0"})  # fmt: skip
+    no_redis = {"TOLLWAY_REDIS_URL": "redis://127.0.0.1:1/0"}
+    dead = cli("accounts", "show", "--customer", customer, extra_env=no_redis)
     assert "Redis unavailable" in one_line_error(dead)
 
 
@@ -136,8 +136,8 @@ def test_webhook_help_says_what_it_serves_today(cli: Cli) -> None:
 
 
 def test_health_probe_follows_the_local_sidecar(cli: Cli, sidecar: str, tmp_path: Path) -> None:
-    from sidecar.dev import free_port
     from tests.conftest import TEST_CONFIG
+    from tests.harness import free_port
 
     def config(grpc_port: str) -> str:
         path = tmp_path / f"health-{grpc_port}.toml"

@@ -23,36 +23,35 @@ from typing import Any
 import grpc
 import pytest
 
-from sidecar import dev, keys
+from sidecar import keys
 from sidecar.errors import Busy, ConfigError, StoreUnavailable
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc
 from sidecar.settings import settings_from_document
-from sidecar.store import (
+from sidecar.store import Store, connect, subscriber
+from sidecar.store.admission import admission
+from sidecar.store.connection import RedisTarget, parse_redis_url
+from sidecar.store.names import (
     INVALIDATE_CHANNEL,
-    RedisTarget,
-    Store,
     account_key,
     alerts_key,
     bill_failed_key,
     bill_key,
     bucket_key,
     checkouts_key,
-    connect,
     events_key,
     idempotency_key,
     key_index_key,
     leases_key,
     lock_key,
-    month_start,
-    parse_redis_url,
     quota_key,
     reservation_key,
     reservations_key,
-    subscriber,
     totals_key,
     usage_key,
 )
+from sidecar.store.usage import month_start
+from tests import harness
 from tests.clusters import (
     MASTERS,
     STARTUP_DEADLINE,
@@ -68,14 +67,14 @@ from webhook.config import CompanionSettings, stripe_settings
 from webhook.reporter import Reporter
 from webhook.sync import make_client
 
-LUA = Path(__file__).resolve().parent.parent / "sidecar" / "lua"
+LUA = Path(__file__).resolve().parent.parent / "sidecar" / "store"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dev.ValkeyCluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[harness.ValkeyCluster]:
     """Three masters, slots split evenly; append-only files fsynced on every
     write (for wait_for_aof)."""
-    started = dev.start_valkey_cluster(
+    started = harness.start_valkey_cluster(
         tmp_path_factory.mktemp("cluster"), masters=MASTERS, appendfsync="always"
     )
     try:
@@ -85,7 +84,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dev.ValkeyClus
 
 
 @pytest.fixture
-def cstore(aio: asyncio.Runner, cluster: dev.ValkeyCluster) -> Iterator[Store]:
+def cstore(aio: asyncio.Runner, cluster: harness.ValkeyCluster) -> Iterator[Store]:
     """A Store on the cluster (generous timeout: the suite may run on a busy machine)."""
     store = Store(connect(cluster.url, timeout=2.0), timeout=2.0)
     yield store
@@ -183,21 +182,32 @@ def test_every_script_touches_only_the_keys_it_is_given() -> None:
 
 
 def test_an_accounts_keys_share_one_slot_and_accounts_spread_over_the_masters(
-    cluster: dev.ValkeyCluster,
+    cluster: harness.ValkeyCluster,
 ) -> None:
     customers = [customer_on(cluster, master) for master in range(MASTERS)]
     node = cluster.node(0)
     try:
         for master, customer in enumerate(customers):
             names = [
-                account_key(customer), bucket_key(customer), quota_key(customer),
-                key_index_key(customer), events_key(customer), lock_key(customer),
-                lock_key(customer) + ":bill", checkouts_key(customer), usage_key(customer),
-                totals_key(customer), idempotency_key(customer, "any key"),
-                reservation_key(customer, "-"), reservation_key(customer, "f" * 32),
-                reservations_key(customer), alerts_key(customer), leases_key(customer),
-                bill_key(customer), bill_failed_key(customer),
-            ]  # fmt: skip
+                account_key(customer),
+                bucket_key(customer),
+                quota_key(customer),
+                key_index_key(customer),
+                events_key(customer),
+                lock_key(customer),
+                lock_key(customer) + ":bill",
+                checkouts_key(customer),
+                usage_key(customer),
+                totals_key(customer),
+                idempotency_key(customer, "any key"),
+                reservation_key(customer, "-"),
+                reservation_key(customer, "f" * 32),
+                reservations_key(customer),
+                alerts_key(customer),
+                leases_key(customer),
+                bill_key(customer),
+                bill_failed_key(customer),
+            ]
             slots = {node.execute_command("CLUSTER KEYSLOT", name) for name in names}
             assert len(slots) == 1, customer
             # ...and that slot is served by the master we expect: accounts really spread.
@@ -214,9 +224,9 @@ def test_an_accounts_keys_share_one_slot_and_accounts_spread_over_the_masters(
 
 @pytest.fixture(scope="module")
 def cluster_sidecar(
-    tmp_path_factory: pytest.TempPathFactory, cluster: dev.ValkeyCluster, config_path: Path
+    tmp_path_factory: pytest.TempPathFactory, cluster: harness.ValkeyCluster, config_path: Path
 ) -> Iterator[tollway_pb2_grpc.TollwayStub]:
-    port = dev.free_port()
+    port = harness.free_port()
     workdir = tmp_path_factory.mktemp("cluster-sidecar")
     log = workdir / "sidecar.log"
     # A roomier Redis timeout than the suite's 200 ms: 90 concurrent first calls
@@ -224,16 +234,16 @@ def cluster_sidecar(
     config = workdir / "tollway.toml"
     config.write_text(config_path.read_text().replace("timeout_ms = 200", "timeout_ms = 1000"))
     assert config.read_text() != config_path.read_text()
-    child = dev.start_sidecar(config, redis_url=cluster.url, port=port, log=log)
+    child = harness.start_sidecar(config, redis_url=cluster.url, port=port, log=log)
     nodes = [cluster.node(i) for i in range(MASTERS)]
+
+    def subscribed() -> bool:
+        counts = (dict(n.pubsub_numsub(INVALIDATE_CHANNEL)) for n in nodes)
+        return sum(int(count[INVALIDATE_CHANNEL.encode()]) for count in counts) >= 1
+
     try:
         # Ready once its invalidation subscription is up, on whichever node it chose.
-        wait_for(
-            lambda: sum(dict(n.pubsub_numsub(INVALIDATE_CHANNEL))[INVALIDATE_CHANNEL.encode()]
-                        for n in nodes) >= 1,
-            "the sidecar's subscription",
-            STARTUP_DEADLINE,
-        )  # fmt: skip
+        wait_for(subscribed, "the sidecar's subscription", STARTUP_DEADLINE)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             yield tollway_pb2_grpc.TollwayStub(channel)
     finally:
@@ -244,7 +254,7 @@ def cluster_sidecar(
 
 def test_authorize_on_every_master_and_the_bucket_stays_exact_under_concurrency(
     aio: asyncio.Runner,
-    cluster: dev.ValkeyCluster,
+    cluster: harness.ValkeyCluster,
     cstore: Store,
     cluster_sidecar: tollway_pb2_grpc.TollwayStub,
 ) -> None:
@@ -277,7 +287,7 @@ def test_authorize_on_every_master_and_the_bucket_stays_exact_under_concurrency(
 
 def test_a_revocation_published_on_any_master_reaches_the_sidecar_at_once(
     aio: asyncio.Runner,
-    cluster: dev.ValkeyCluster,
+    cluster: harness.ValkeyCluster,
     cstore: Store,
     cluster_sidecar: tollway_pb2_grpc.TollwayStub,
 ) -> None:
@@ -320,23 +330,32 @@ def test_a_revocation_published_on_any_master_reaches_the_sidecar_at_once(
 
 def test_record_usage_counts_once_on_every_master(
     aio: asyncio.Runner,
-    cluster: dev.ValkeyCluster,
+    cluster: harness.ValkeyCluster,
     cstore: Store,
     cluster_sidecar: tollway_pb2_grpc.TollwayStub,
 ) -> None:
     for master in range(MASTERS):
         customer = customer_on(cluster, master)
         aio.run(new_account(cstore, customer, "basic"))
-        request = pb.RecordUsageRequest(customer_id=customer, meter="tokens", quantity=1500,
-                                        idempotency_key=f"job-{master}")  # fmt: skip
+        request = pb.RecordUsageRequest(
+            customer_id=customer, meter="tokens", quantity=1500, idempotency_key=f"job-{master}"
+        )
         first = cluster_sidecar.RecordUsage(request, timeout=5)
         again = cluster_sidecar.RecordUsage(request, timeout=5)
         assert not first.duplicate and again.duplicate
         assert again.record_id == first.record_id
         # wait_for_aof: acknowledged once on disk, as asked of the account's own master.
-        durable = aio.run(cstore.record_usage(customer, meter="tokens", quantity=25,
-                                              at=int(time.time()), idempotency=f"aof-{master}",
-                                              dedupe_window=86400, wait_for_aof=True))  # fmt: skip
+        durable = aio.run(
+            cstore.record_usage(
+                customer,
+                meter="tokens",
+                quantity=25,
+                at=int(time.time()),
+                idempotency=f"aof-{master}",
+                dedupe_window=86400,
+                wait_for_aof=True,
+            )
+        )
         assert not durable.duplicate and durable.units == 25
         usage = cluster_sidecar.GetUsage(pb.GetUsageRequest(customer_id=customer), timeout=5)
         assert [(m.meter, m.used) for m in usage.meters] == [("tokens", 1525)]
@@ -344,7 +363,7 @@ def test_record_usage_counts_once_on_every_master(
 
 def test_a_stalled_master_makes_only_its_own_accounts_unavailable(
     aio: asyncio.Runner,
-    cluster: dev.ValkeyCluster,
+    cluster: harness.ValkeyCluster,
     cstore: Store,
     cluster_sidecar: tollway_pb2_grpc.TollwayStub,
 ) -> None:
@@ -394,7 +413,7 @@ def companion_settings(fake: FakeStripe) -> CompanionSettings:
 
 
 def test_the_reporter_bills_usage_on_every_master_exactly_once(
-    aio: asyncio.Runner, cluster: dev.ValkeyCluster, fake_stripe: FakeStripe
+    aio: asyncio.Runner, cluster: harness.ValkeyCluster, fake_stripe: FakeStripe
 ) -> None:
     settings = companion_settings(fake_stripe)
     plan = settings.core.catalog.plans["metered"]
@@ -409,13 +428,26 @@ def test_the_reporter_bills_usage_on_every_master_exactly_once(
             for n, customer in enumerate(customers):
                 await store.create_account(customer, "metered")
                 for quantity in (5, 7):
-                    await store.record_usage(customer, meter="tokens", quantity=quantity,
-                                             at=now, idempotency=uuid.uuid4().hex,
-                                             dedupe_window=86400)  # fmt: skip
+                    await store.record_usage(
+                        customer,
+                        meter="tokens",
+                        quantity=quantity,
+                        at=now,
+                        idempotency=uuid.uuid4().hex,
+                        dedupe_window=86400,
+                    )
                 # A reservation nobody settles: billed at its estimate (expire_reservation.lua).
-                outcome = await store.decide(customer, plan, cost=n + 1, feature_ok=True,
-                                             key_expires_at_us=0, request_id=f"req-{n}",
-                                             reservation_ttl=0)  # fmt: skip
+                outcome = await store.admit(
+                    customer,
+                    admission(
+                        plan,
+                        cost=n + 1,
+                        feature_ok=True,
+                        key_expires_at_us=0,
+                        request_id=f"req-{n}",
+                        reservation_ttl=0,
+                    ),
+                )
                 assert outcome.code == 0
             # The reporter's safety net scans every master for usage streams.
             found = set(await store.find_usage_streams())
@@ -432,8 +464,9 @@ def test_the_reporter_bills_usage_on_every_master_exactly_once(
     assert first == [2] * MASTERS  # one event per meter and minute
     assert again == [0] * MASTERS
     for n, customer in enumerate(customers):
-        sent = [e for e in fake_stripe.meter_events
-                if e["payload"]["stripe_customer_id"] == customer]  # fmt: skip
+        sent = [
+            e for e in fake_stripe.meter_events if e["payload"]["stripe_customer_id"] == customer
+        ]
         values = sorted((e["event_name"], int(e["payload"]["value"])) for e in sent)
         assert values == [("api_calls", n + 1), ("llm_tokens", 12)]
 
@@ -451,7 +484,7 @@ def test_the_reporter_bills_usage_on_every_master_exactly_once(
 
 
 def test_subscription_changes_apply_once_under_the_account_lock(
-    aio: asyncio.Runner, cluster: dev.ValkeyCluster, cstore: Store
+    aio: asyncio.Runner, cluster: harness.ValkeyCluster, cstore: Store
 ) -> None:
     async def work(customer: str) -> None:
         await cstore.create_account(customer, "basic")
@@ -460,24 +493,35 @@ def test_subscription_changes_apply_once_under_the_account_lock(
                 async with cstore.account_lock(customer, wait=0.1):
                     pass
             change = await cstore.apply_subscription(
-                customer, event_id="evt_1", subscription_id="sub_1", status="past_due",
-                plan="pro", error="", period_end=0, grace_seconds=3600,
+                customer,
+                event_id="evt_1",
+                subscription_id="sub_1",
+                status="past_due",
+                plan="pro",
+                error="",
+                period_end=0,
+                grace_seconds=3600,
                 trouble_since=int(time.time()),
-            )  # fmt: skip
-            assert (change.result, change.new_plan, change.new_status) == (
-                "applied", "pro", "past_due"
-            )  # fmt: skip
+            )
+            applied = (change.result, change.new_plan, change.new_status)
+            assert applied == ("applied", "pro", "past_due")
             repeat = await cstore.apply_subscription(
-                customer, event_id="evt_1", subscription_id="sub_1", status="canceled",
-                plan=None, error="", period_end=0, grace_seconds=3600, trouble_since=0,
-            )  # fmt: skip
+                customer,
+                event_id="evt_1",
+                subscription_id="sub_1",
+                status="canceled",
+                plan=None,
+                error="",
+                period_end=0,
+                grace_seconds=3600,
+                trouble_since=0,
+            )
             assert repeat.result == "duplicate"
         async with cstore.account_lock(customer, wait=0.1):  # released
             pass
         account = await cstore.require_account(customer)
-        assert (account.plan, account.status, account.subscription_id) == (
-            "pro", "past_due", "sub_1"
-        )  # fmt: skip
+        final = (account.plan, account.status, account.subscription_id)
+        assert final == ("pro", "past_due", "sub_1")
         assert account.grace_until > time.time()
 
     for master in range(MASTERS):
@@ -491,7 +535,7 @@ def test_subscription_changes_apply_once_under_the_account_lock(
 def test_an_unreachable_cluster_or_sentinel_is_unavailable_at_once(
     aio: asyncio.Runner, scheme: str
 ) -> None:
-    dead = f"127.0.0.1:{dev.free_port()},127.0.0.1:{dev.free_port()}"
+    dead = f"127.0.0.1:{harness.free_port()},127.0.0.1:{harness.free_port()}"
     url = f"{scheme}://{dead}" + ("/mymaster" if scheme == "redis+sentinel" else "")
 
     async def attempt() -> float:
@@ -522,12 +566,14 @@ def sentinel_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         group.stop()
 
 
+@pytest.mark.servers
 def test_sentinel_decides_records_and_invalidates_through_the_master(
     aio: asyncio.Runner, sentinel_url: str, tmp_path: Path, config_path: Path
 ) -> None:
-    port = dev.free_port()
-    child = dev.start_sidecar(config_path, redis_url=sentinel_url, port=port,
-                              log=tmp_path / "sidecar.log")  # fmt: skip
+    port = harness.free_port()
+    child = harness.start_sidecar(
+        config_path, redis_url=sentinel_url, port=port, log=tmp_path / "sidecar.log"
+    )
     try:
         customer = "cus_" + uuid.uuid4().hex[:14]
 
@@ -543,8 +589,9 @@ def test_sentinel_decides_records_and_invalidates_through_the_master(
             stub = tollway_pb2_grpc.TollwayStub(channel)
             decisions = [authorize(stub, key) for _ in range(3)]
             assert [d.allowed for d in decisions] == [True, True, False]
-            request = pb.RecordUsageRequest(customer_id=customer, meter="tokens", quantity=9,
-                                            idempotency_key="once")  # fmt: skip
+            request = pb.RecordUsageRequest(
+                customer_id=customer, meter="tokens", quantity=9, idempotency_key="once"
+            )
             assert not stub.RecordUsage(request, timeout=5).duplicate
             assert stub.RecordUsage(request, timeout=5).duplicate
 

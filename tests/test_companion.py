@@ -295,14 +295,20 @@ def lifecycle(fake: FakeStripe) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     t = int(time.time()) - 600
     events = [sub_event("customer.subscription.created", sub, t)]
     sub = fake.update_subscription(sub["id"], status="active")
-    events += [sub_event("customer.subscription.updated", sub, t + 1),
-               invoice_event("invoice.paid", sub, t + 1)]  # fmt: skip
+    events += [
+        sub_event("customer.subscription.updated", sub, t + 1),
+        invoice_event("invoice.paid", sub, t + 1),
+    ]
     sub = fake.update_subscription(sub["id"], status="past_due")
-    events += [invoice_event("invoice.payment_failed", sub, t + 100),
-               sub_event("customer.subscription.updated", sub, t + 100)]  # fmt: skip
+    events += [
+        invoice_event("invoice.payment_failed", sub, t + 100),
+        sub_event("customer.subscription.updated", sub, t + 100),
+    ]
     sub = fake.update_subscription(sub["id"], status="active", price="price_pro")
-    events += [invoice_event("invoice.paid", sub, t + 200),
-               sub_event("customer.subscription.updated", sub, t + 200)]  # fmt: skip
+    events += [
+        invoice_event("invoice.paid", sub, t + 200),
+        sub_event("customer.subscription.updated", sub, t + 200),
+    ]
     sub = fake.update_subscription(sub["id"], status="canceled")
     events.append(sub_event("customer.subscription.deleted", sub, t + 300))
     return sub, events
@@ -436,8 +442,11 @@ def test_reconcile_repairs_missed_webhooks(
     missed = subscribe(fake_stripe, price="price_pro")  # no webhook ever arrives
     config = tmp_path / "tollway.toml"
     config.write_text(COMPANION_CONFIG)
-    env = {"STRIPE_SECRET_KEY": STRIPE_SECRET, "STRIPE_API_BASE": fake_stripe.url,
-           "TOLLWAY_ENV_FILE": str(tmp_path / "none.env")}  # fmt: skip
+    env = {
+        "STRIPE_SECRET_KEY": STRIPE_SECRET,
+        "STRIPE_API_BASE": fake_stripe.url,
+        "TOLLWAY_ENV_FILE": str(tmp_path / "none.env"),
+    }
 
     dry = cli("reconcile", "--dry-run", "--json", "--config", str(config), extra_env=env)
     assert dry.returncode == 0, dry.stderr

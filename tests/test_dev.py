@@ -13,7 +13,11 @@ import urllib.request
 from email.message import Message
 from pathlib import Path
 
-from sidecar import dev
+import pytest
+
+from tests import harness
+
+pytestmark = pytest.mark.servers  # starts its own servers
 
 
 def fetch(url: str, key: str) -> tuple[int, Message]:
@@ -26,14 +30,18 @@ def fetch(url: str, key: str) -> tuple[int, Message]:
 
 
 def test_dev_prints_a_working_key_and_curl(tmp_path: Path) -> None:
-    port = dev.free_port()
+    port = harness.free_port()
     environ = {k: v for k, v in os.environ.items() if not k.startswith("TOLLWAY_")}
+    command = [sys.executable, "-m", "sidecar", "dev", "--json"]
+    command += ["--port", str(port), "--data-dir", str(tmp_path / "data")]
     process = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "dev", "--json", "--port", str(port),
-         "--data-dir", str(tmp_path / "data")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ,
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environ,
         cwd=tmp_path,
-    )  # fmt: skip
+    )
     try:
         assert process.stdout is not None
         lines = []

@@ -137,12 +137,19 @@ def test_plan_without_quota_shows_the_rate() -> None:
 
 
 def test_rate_limited_shows_the_rate_and_retry_after() -> None:
-    empty = RateState(limit=2, remaining=0, reset_seconds=120, rate_per_second=1 / 60,
-                      window_seconds=120)  # fmt: skip
+    empty = RateState(
+        limit=2, remaining=0, reset_seconds=120, rate_per_second=1 / 60, window_seconds=120
+    )
     decision = Decision(
-        False, Reason.RATE_LIMITED, "slow down", "cus_1", "tight", rate=empty,
-        quota=QUOTA_LOW, retry_after=60,
-    )  # fmt: skip
+        False,
+        Reason.RATE_LIMITED,
+        "slow down",
+        "cus_1",
+        "tight",
+        rate=empty,
+        quota=QUOTA_LOW,
+        retry_after=60,
+    )
     headers = as_dict(rate_limit_headers(decision))
     # the rate decided, even though the quota has less left than the limit's size
     assert headers["ratelimit-policy"] == '"rate";q=2;w=120'
@@ -154,9 +161,15 @@ def test_rate_limited_shows_the_rate_and_retry_after() -> None:
 
 def test_cost_above_burst_has_no_retry_after() -> None:
     decision = Decision(
-        False, Reason.RATE_LIMITED, "too big", "cus_1", "basic", rate=RATE, quota=QUOTA,
+        False,
+        Reason.RATE_LIMITED,
+        "too big",
+        "cus_1",
+        "basic",
+        rate=RATE,
+        quota=QUOTA,
         retry_after=0,
-    )  # fmt: skip
+    )
     headers = as_dict(rate_limit_headers(decision))
     assert headers["ratelimit-policy"] == '"rate";q=5;w=1'
     assert "retry-after" not in headers
@@ -172,9 +185,15 @@ def test_quota_exceeded_shows_the_quota_and_retry_after() -> None:
         window_seconds=86_400,
     )
     decision = Decision(
-        False, Reason.QUOTA_EXCEEDED, "quota", "cus_1", "quota3", rate=RATE, quota=spent,
+        False,
+        Reason.QUOTA_EXCEEDED,
+        "quota",
+        "cus_1",
+        "quota3",
+        rate=RATE,
+        quota=spent,
         retry_after=3600,
-    )  # fmt: skip
+    )
     headers = as_dict(rate_limit_headers(decision))
     assert headers["ratelimit-policy"].startswith('"quota";q=3;')
     assert headers["ratelimit"] == '"quota";r=0;t=3600'
@@ -259,9 +278,15 @@ def test_denial_status_and_json_body(reason: Reason, http_status: int, grpc_code
 
 def test_rate_limited_denial_carries_limit_headers_and_retry_after() -> None:
     decision = Decision(
-        False, Reason.RATE_LIMITED, "slow down", "cus_1", "basic", rate=RATE, quota=QUOTA,
+        False,
+        Reason.RATE_LIMITED,
+        "slow down",
+        "cus_1",
+        "basic",
+        rate=RATE,
+        quota=QUOTA,
         retry_after=7,
-    )  # fmt: skip
+    )
     response = check_response(decision, key_header="x-api-key", names=DEFAULT)
     headers = options(response.denied_response.headers)
     assert response.denied_response.status.code == 429

@@ -14,8 +14,11 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from sidecar import dev, keys
+from sidecar import keys
+from tests import harness
 from tests.conftest import Customer
+
+pytestmark = pytest.mark.servers  # starts its own servers
 
 MakeCustomer = Callable[..., Customer]
 Cli = Callable[..., subprocess.CompletedProcess[str]]
@@ -54,8 +57,9 @@ def send_raw(base: str, method: str, path: str, key: str) -> tuple[int, dict[str
     url = urlsplit(base)
     conn = HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=5)
     try:
-        conn.request(method, path, body=b"{}" if method == "POST" else None,
-                     headers={"x-api-key": key})  # fmt: skip
+        conn.request(
+            method, path, body=b"{}" if method == "POST" else None, headers={"x-api-key": key}
+        )
         response = conn.getresponse()
         headers = {k.lower(): v for k, v in response.getheaders()}
         return response.status, headers, response.read()
@@ -336,21 +340,21 @@ def test_billed_overage_keeps_serving(http: httpx.Client, make_customer: MakeCus
 
 
 def test_redis_down_fails_closed_with_503(tmp_path: Path, config_path: Path) -> None:
-    dead_redis = f"redis://127.0.0.1:{dev.free_port()}"  # nothing listens there
-    sidecar_port, listen = dev.free_port(), dev.free_port()
-    children: list[dev.Child] = []
-    with dev.EchoUpstream() as upstream:
+    dead_redis = f"redis://127.0.0.1:{harness.free_port()}"  # nothing listens there
+    sidecar_port, listen = harness.free_port(), harness.free_port()
+    children: list[harness.Child] = []
+    with harness.EchoUpstream() as upstream:
         try:
             sidecar_log = tmp_path / "sidecar.log"
-            sidecar = dev.start_sidecar(
+            sidecar = harness.start_sidecar(
                 config_path, redis_url=dead_redis, port=sidecar_port, log=sidecar_log
             )
             children.append(sidecar)
-            envoy = dev.start_envoy(
+            envoy = harness.start_envoy(
                 workdir=tmp_path / "envoy",
                 log=tmp_path / "envoy.log",
                 listen=listen,
-                admin=dev.free_port(),
+                admin=harness.free_port(),
                 sidecar=sidecar_port,
                 upstream=upstream.port,
             )

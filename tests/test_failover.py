@@ -27,12 +27,12 @@ import grpc
 import pytest
 import redis.asyncio
 
-from sidecar import dev
 from sidecar.errors import ConfigError, StoreUnavailable
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc
 from sidecar.settings import settings_from_document
 from sidecar.store import Store, connect
+from tests import harness
 from tests.clusters import (
     SentinelGroup,
     authorize,
@@ -40,6 +40,8 @@ from tests.clusters import (
     new_account,
     start_sentinel_group,
 )
+
+pytestmark = pytest.mark.servers  # starts its own servers
 
 PLANS = {"plans": [{"name": "free", "rate": "1/s"}]}
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -106,12 +108,15 @@ def sidecar_config(config_path: Path, workdir: Path, *, replicas: int) -> Path:
 @contextmanager
 def sidecars(config: Path, url: str, workdir: Path, count: int = 1) -> Iterator[list[str]]:
     """`tollway serve` processes on the Redis at url; yields their addresses."""
-    children: list[dev.Child] = []
-    ports = [dev.free_port() for _ in range(count)]
+    children: list[harness.Child] = []
+    ports = [harness.free_port() for _ in range(count)]
     try:
         for n, port in enumerate(ports):
-            children.append(dev.start_sidecar(config, redis_url=url, port=port,
-                                              log=workdir / f"sidecar-{n}.log"))  # fmt: skip
+            children.append(
+                harness.start_sidecar(
+                    config, redis_url=url, port=port, log=workdir / f"sidecar-{n}.log"
+                )
+            )
         yield [f"127.0.0.1:{port}" for port in ports]
     finally:
         for child in children:
@@ -289,14 +294,18 @@ async def record_until_acknowledged(
 
 
 @pytest.fixture
-def replicated_cluster(tmp_path: Path) -> Iterator[dev.ValkeyCluster]:
+def replicated_cluster(tmp_path: Path) -> Iterator[harness.ValkeyCluster]:
     """3 masters, a replica each; a master unreachable for 1 s is failed over."""
-    cluster = dev.start_valkey_cluster(
-        tmp_path / "cluster", masters=3, replicas=1, node_timeout_ms=1000, appendfsync=None,
+    cluster = harness.start_valkey_cluster(
+        tmp_path / "cluster",
+        masters=3,
+        replicas=1,
+        node_timeout_ms=1000,
+        appendfsync=None,
         # The other masters keep serving while one is down (the default, yes, would
         # answer CLUSTERDOWN for every slot until the replica is promoted).
         options=["--cluster-require-full-coverage", "no"],
-    )  # fmt: skip
+    )
     try:
         yield cluster
     finally:
@@ -305,7 +314,7 @@ def replicated_cluster(tmp_path: Path) -> Iterator[dev.ValkeyCluster]:
 
 def test_a_master_killed_under_load_loses_no_acknowledged_usage_and_counts_none_twice(
     aio: asyncio.Runner,
-    replicated_cluster: dev.ValkeyCluster,
+    replicated_cluster: harness.ValkeyCluster,
     config_path: Path,
     tmp_path: Path,
 ) -> None:

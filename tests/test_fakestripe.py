@@ -14,6 +14,8 @@ from stripe.params.billing import MeterEventCreateParams
 
 from tests.fakestripe import API_VERSION, FakeStripe, make_event, parse_form, sign_payload
 
+pytestmark = pytest.mark.servers  # starts its own servers
+
 MakeClient = Callable[..., stripe.StripeClient]
 
 

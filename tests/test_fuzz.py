@@ -1070,7 +1070,7 @@ def slow_requests(envoy: str, key: str, request_ids: list[str]) -> list[int]:
 # each request's concurrency lease (and, with ext_proc, its reservation) by the
 # client's own x-request-id, which deploy/envoy.yaml passes through unchanged (the
 # upstream sees the value the client sent). At 071b06b, requests sharing one
-# x-request-id shared one lease (decide.lua ZADDs the same member): six concurrent
+# x-request-id shared one lease (admit.lua ZADDs the same member): six concurrent
 # requests on a concurrency-2 plan were all admitted. Fix proposed: have Envoy
 # regenerate x-request-id for external requests (use_remote_address: true;
 # preserve_external_request_id stays false), or make the lease id unique per
@@ -1106,7 +1106,7 @@ def test_a_client_chosen_request_id_cannot_dodge_metering(
 # HTTP clients reuse it on retry) must not be throttled on a concurrency plan when
 # its requests never overlap. At 071b06b such requests were admitted but metered
 # once (above); 8fa6ae1 metered them but counted a lease id already held as
-# "full" while sidecar/lua/record_usage.lua returned on a duplicate idempotency
+# "full" while sidecar/store/record_usage.lua returned on a duplicate idempotency
 # claim ("settle:<id>") before releasing the lease: the second response left
 # lease "<id>" held until lease_ttl, and the third request was a 429
 # concurrency_limited. Fixed in a4dd35e (the lease is released before the

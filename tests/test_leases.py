@@ -13,9 +13,9 @@ import grpc
 import httpx
 import pytest
 
-from sidecar import dev
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc
+from tests import harness
 from tests.conftest import Customer
 
 Stub = tollway_pb2_grpc.TollwayStub
@@ -76,8 +76,9 @@ def test_release_and_settle_free_a_lease_early(
     customer = make_customer("duo")
     request = pb.AuthorizeRequest(api_key=customer.key, method="GET", path="/v1/x")
     first = tollway_stub.Authorize(request, timeout=5)
-    pb_settle = pb.AuthorizeRequest(api_key=customer.key, method="GET", path="/v1/x",
-                                    request_id="job-7")  # fmt: skip
+    pb_settle = pb.AuthorizeRequest(
+        api_key=customer.key, method="GET", path="/v1/x", request_id="job-7"
+    )
     second = tollway_stub.Authorize(pb_settle, timeout=5)
     assert second.lease_id == "job-7"
     assert tollway_stub.Authorize(request, timeout=5).reason == pb.REASON_CONCURRENCY_LIMITED
@@ -94,9 +95,15 @@ def test_release_and_settle_free_a_lease_early(
     assert tollway_stub.Authorize(request, timeout=5).reason == pb.REASON_CONCURRENCY_LIMITED
     # Settling job-7 with RecordUsage ends its lease too.
     tollway_stub.RecordUsage(
-        pb.RecordUsageRequest(api_key=customer.key, meter="api_calls", quantity=1,
-                              idempotency_key="job-7-done", request_id="job-7"), timeout=5,
-    )  # fmt: skip
+        pb.RecordUsageRequest(
+            api_key=customer.key,
+            meter="api_calls",
+            quantity=1,
+            idempotency_key="job-7-done",
+            request_id="job-7",
+        ),
+        timeout=5,
+    )
     assert tollway_stub.Authorize(request, timeout=5).allowed
 
 
@@ -129,8 +136,10 @@ def test_a_5xx_costs_nothing_with_bill_only_success(
 
 @pytest.fixture
 def second_sidecar(tmp_path: Path, redis_url: str, config_path: Path) -> Iterator[Stub]:
-    port = dev.free_port()
-    child = dev.start_sidecar(config_path, redis_url=redis_url, port=port, log=tmp_path / "s2.log")
+    port = harness.free_port()
+    child = harness.start_sidecar(
+        config_path, redis_url=redis_url, port=port, log=tmp_path / "s2.log"
+    )
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield tollway_pb2_grpc.TollwayStub(channel)
     child.stop()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import grpc
 
-from sidecar import dev
 from sidecar.logs import JsonFormatter, RepeatLimit, bind_request_id, configure
+from tests import harness
 
 
 def test_json_lines_carry_the_request_id_of_their_own_request() -> None:
@@ -86,8 +86,8 @@ def test_a_client_sending_undecodable_messages_cannot_flood_the_sidecar_log(
     tmp_path: Path, redis_url: str, config_path: Path
 ) -> None:
     log_file = tmp_path / "sidecar.log"
-    port = dev.free_port()
-    child = dev.start_sidecar(config_path, redis_url=redis_url, port=port, log=log_file)
+    port = harness.free_port()
+    child = harness.start_sidecar(config_path, redis_url=redis_url, port=port, log=log_file)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             authorize = channel.unary_unary("/tollway.v1.Tollway/Authorize")

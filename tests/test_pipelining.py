@@ -13,7 +13,7 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from sidecar.pipelining import PipelinedConnection
+from sidecar.store.pipelining import PipelinedConnection
 
 
 def _connection(redis_url: str, **options: object) -> PipelinedConnection:
@@ -155,8 +155,9 @@ def test_user_password_and_database_from_the_url_are_used_and_a_wrong_password_i
 ) -> None:
     admin = redis.Redis.from_url(redis_url)
     user, password = "tw_pipe_" + uuid.uuid4().hex[:6], uuid.uuid4().hex
-    admin.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"],
-                      commands=["+@all"])  # fmt: skip
+    admin.acl_setuser(
+        user, enabled=True, passwords=[f"+{password}"], keys=["*"], commands=["+@all"]
+    )
     key = "tw:test:" + uuid.uuid4().hex
     parts = urlsplit(redis_url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 6379

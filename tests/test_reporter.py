@@ -65,8 +65,14 @@ async def new_account(store: Store, fake: FakeStripe) -> str:
 async def use(
     store: Store, customer: str, meter: str, quantity: int, at: int | None = None
 ) -> None:
-    await store.record_usage(customer, meter=meter, quantity=quantity, at=at or int(time.time()),
-                             idempotency=uuid.uuid4().hex, dedupe_window=86400)  # fmt: skip
+    await store.record_usage(
+        customer,
+        meter=meter,
+        quantity=quantity,
+        at=at or int(time.time()),
+        idempotency=uuid.uuid4().hex,
+        dedupe_window=86400,
+    )
     await store.mark_dirty([customer])
 
 
@@ -105,7 +111,7 @@ def test_usage_is_billed_once_per_meter_and_minute(redis_url: str, fake_stripe: 
     assert all(e["identifier"].startswith("tw_") for e in sent)
 
     async def report(store: Store, reporter: Reporter) -> dict[str, tuple[int, int]]:
-        from sidecar.store import month_start
+        from sidecar.store.usage import month_start
 
         return await store.usage_totals(customer, month_start(int(time.time())))
 

@@ -32,9 +32,9 @@ from envoy.service.auth.v3 import attribute_context_pb2 as attrs
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_authz_grpc
 
-from sidecar import dev
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc as pb_grpc
+from tests import harness
 from tests.conftest import STRIPE_SECRET, TEST_CONFIG, WEBHOOK_SECRET, Stack, new_customer
 from tests.fakestripe import FakeStripe, make_event
 from tests.secretscan import secrets_in
@@ -79,10 +79,12 @@ def metrics_sidecar(
 ) -> Iterator[tuple[str, str]]:
     """A `tollway serve` with [sidecar] metrics_listen; yields (gRPC target, metrics URL)."""
     workdir = tmp_path_factory.mktemp("metrics-sidecar")
-    port, metrics_port = dev.free_port(), dev.free_port()
+    port, metrics_port = harness.free_port(), harness.free_port()
     config = workdir / "tollway.toml"
     config.write_text(f'[sidecar]\nmetrics_listen = "127.0.0.1:{metrics_port}"\n' + TEST_CONFIG)
-    child = dev.start_sidecar(config, redis_url=redis_url, port=port, log=workdir / "sidecar.log")
+    child = harness.start_sidecar(
+        config, redis_url=redis_url, port=port, log=workdir / "sidecar.log"
+    )
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     try:
         deadline = time.monotonic() + 10

@@ -16,9 +16,10 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_authz_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from sidecar import dev, keys
+from sidecar import keys
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc
+from tests import harness
 from tests.conftest import TEST_CONFIG, Customer
 
 
@@ -146,12 +147,13 @@ def test_health_and_reflection_are_served(channel: grpc.Channel) -> None:
     assert {"tollway.v1.Tollway", "envoy.service.auth.v3.Authorization"} <= names
 
 
+@pytest.mark.servers
 def test_dead_redis_is_a_fast_unavailable_never_a_decision(
     tmp_path: Path, config_path: Path
 ) -> None:
-    dead_redis = f"redis://127.0.0.1:{dev.free_port()}/0"
-    port = dev.free_port()
-    child = dev.start_sidecar(
+    dead_redis = f"redis://127.0.0.1:{harness.free_port()}/0"
+    port = harness.free_port()
+    child = harness.start_sidecar(
         config_path, redis_url=dead_redis, port=port, log=tmp_path / "sidecar.log"
     )
     try:
@@ -187,9 +189,9 @@ def test_sighup_reloads_plans_and_a_bad_file_keeps_the_old_ones(
 ) -> None:
     config = tmp_path / "tollway.toml"
     config.write_text(TEST_CONFIG)
-    port = dev.free_port()
+    port = harness.free_port()
     log = tmp_path / "sidecar.log"
-    child = dev.start_sidecar(config, redis_url=redis_url, port=port, log=log)
+    child = harness.start_sidecar(config, redis_url=redis_url, port=port, log=log)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = tollway_pb2_grpc.TollwayStub(ch)

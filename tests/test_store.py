@@ -1,4 +1,4 @@
-"""decide.lua and the Store against the real Valkey.
+"""admit.lua and the Store against the real Valkey.
 
 Time is injected (Store's clock_us) wherever a test depends on it, so every
 refill, period boundary and grace period is exact. Each test works on fresh
@@ -19,20 +19,14 @@ from typing import Any
 import pytest
 from redis.crc import key_slot
 
-from sidecar import dev, keys
+from sidecar import keys
 from sidecar.decide import STATUSES, Outcome, OutcomeCode
 from sidecar.errors import NotFound, StoreUnavailable, TollwayError
 from sidecar.plans import Plan, Quota, Rate, parse_catalog
-from sidecar.store import (
-    KeyRecord,
-    Store,
-    account_key,
-    bucket_key,
-    connect,
-    key_index_key,
-    key_record_key,
-    quota_key,
-)
+from sidecar.store import KeyRecord, Store, connect
+from sidecar.store.admission import admission
+from sidecar.store.names import account_key, bucket_key, key_index_key, key_record_key, quota_key
+from tests import harness
 from tests.conftest import new_customer
 
 # rate 10/s: one token every 100 ms, exactly 100_000 µs.
@@ -102,13 +96,15 @@ async def decide(
     key_expires_at_us: int = 0,
     fallback_plan: str | None = None,
 ) -> Outcome:
-    return await store.decide(
+    return await store.admit(
         customer,
-        plan,
-        cost=cost,
-        feature_ok=feature_ok,
-        key_expires_at_us=key_expires_at_us,
-        fallback_plan=fallback_plan,
+        admission(
+            plan,
+            cost=cost,
+            feature_ok=feature_ok,
+            key_expires_at_us=key_expires_at_us,
+            fallback_plan=fallback_plan,
+        ),
     )
 
 
@@ -592,9 +588,15 @@ def test_inactive_is_decided_before_the_plan_and_ignores_the_fallback(
 
 def test_every_known_status_is_covered() -> None:
     assert set(STATUSES) == {
-        "active", "trialing", "canceled", "unpaid", "paused", "incomplete",
-        "incomplete_expired", "past_due",
-    }  # fmt: skip
+        "active",
+        "trialing",
+        "canceled",
+        "unpaid",
+        "paused",
+        "incomplete",
+        "incomplete_expired",
+        "past_due",
+    }
 
 
 def test_past_due_is_admitted_only_during_the_grace_period(
@@ -885,7 +887,7 @@ def test_plaintext_key_is_stored_nowhere(aio: asyncio.Runner, tstore: Store) -> 
 
 def test_dead_redis_fails_fast_with_store_unavailable() -> None:
     async def scenario() -> None:
-        url = f"redis://127.0.0.1:{dev.free_port()}/0"
+        url = f"redis://127.0.0.1:{harness.free_port()}/0"
         store = Store(connect(url, timeout=0.05), timeout=0.05)
         try:
             calls = {

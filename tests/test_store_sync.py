@@ -12,7 +12,9 @@ import pytest
 from sidecar.decide import OutcomeCode
 from sidecar.errors import StoreUnavailable
 from sidecar.plans import Plan, Quota, Rate
-from sidecar.store import Store, SubscriptionChange, events_key
+from sidecar.store import Store, SubscriptionChange
+from sidecar.store.admission import admission
+from sidecar.store.names import events_key
 from tests.conftest import new_customer
 
 GRACE = 3600
@@ -142,7 +144,9 @@ def test_a_cost_that_can_never_fit_the_quota_is_not_retryable(
 ) -> None:
     customer = new_customer()
     aio.run(store.create_account(customer, "basic"))
-    outcome = aio.run(store.decide(customer, BASIC, cost=4, feature_ok=True, key_expires_at_us=0))
+    outcome = aio.run(
+        store.admit(customer, admission(BASIC, cost=4, feature_ok=True, key_expires_at_us=0))
+    )
     assert outcome.code is OutcomeCode.QUOTA_EXCEEDED and outcome.retry_ms == -1
 
 
@@ -151,6 +155,10 @@ def test_changing_the_quota_period_starts_a_fresh_count(aio: asyncio.Runner, sto
     aio.run(store.create_account(customer, "basic"))
     monthly = Plan(name="basic", rate=Rate(100, 1), burst=100, quota=Quota(1000, "month"))
     for _ in range(5):
-        aio.run(store.decide(customer, monthly, cost=1, feature_ok=True, key_expires_at_us=0))
-    daily = aio.run(store.decide(customer, BASIC, cost=1, feature_ok=True, key_expires_at_us=0))
+        aio.run(
+            store.admit(customer, admission(monthly, cost=1, feature_ok=True, key_expires_at_us=0))
+        )
+    daily = aio.run(
+        store.admit(customer, admission(BASIC, cost=1, feature_ok=True, key_expires_at_us=0))
+    )
     assert daily.code is OutcomeCode.OK and daily.quota_used == 1

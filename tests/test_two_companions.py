@@ -24,7 +24,8 @@ import httpx
 import pytest
 
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
-from sidecar.store import Store, events_key
+from sidecar.store import Store
+from sidecar.store.names import events_key
 from tests.conftest import COMPANION_CONFIG, WEBHOOK_SECRET, Stack, with_store
 from tests.fakestripe import FakeStripe, invoice_event, make_event, sign_payload
 
@@ -103,9 +104,11 @@ def deliver_at_once(stacks: tuple[Stack, Stack], event: dict[str, Any]) -> list[
                 answer = await client.post(
                     f"{stack.companion}/webhooks/stripe",
                     content=body,
-                    headers={"stripe-signature": sign_payload(body, WEBHOOK_SECRET),
-                             "content-type": "application/json"},
-                )  # fmt: skip
+                    headers={
+                        "stripe-signature": sign_payload(body, WEBHOOK_SECRET),
+                        "content-type": "application/json",
+                    },
+                )
                 assert answer.status_code == 200, answer.text
                 return str(answer.json()["result"])
 
@@ -150,8 +153,9 @@ def test_two_companions_given_one_event_at_once_apply_it_and_notify_once(
     recorded = with_store(redis_url, lambda store: store.redis.zrange(events_key(customer), 0, -1))
     assert sorted(e.decode() for e in recorded) == sorted([created["id"], event["id"]])
     assert applied_count(companions, "invoice.payment_failed") == {
-        "applied": 1.0, "duplicate": 2 * DELIVERIES - 1.0
-    }  # fmt: skip
+        "applied": 1.0,
+        "duplicate": 2 * DELIVERIES - 1.0,
+    }
     notified = inbox.about(customer, "payment_failed")
     assert [n["event"] for n in notified] == [event["id"]]
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc
 from sidecar.store import Store, connect
+from sidecar.store.admission import admission
 from tests.conftest import Customer
 
 Stub = tollway_pb2_grpc.TollwayStub
@@ -73,13 +74,15 @@ def test_who_is_asked_for(
     tollway_stub: Stub, make_customer: Callable[..., Customer], cli: Callable[..., Any]
 ) -> None:
     customer = make_customer("basic")
-    by_id = tollway_stub.RecordUsage(
-        pb.RecordUsageRequest(customer_id=customer.id, meter="tokens", quantity=500,
-                              idempotency_key="k1"), timeout=5)  # fmt: skip
+    theirs = pb.RecordUsageRequest(
+        customer_id=customer.id, meter="tokens", quantity=500, idempotency_key="k1"
+    )
+    by_id = tollway_stub.RecordUsage(theirs, timeout=5)
     assert by_id.customer_id == customer.id and not by_id.duplicate
-    unknown = refused(lambda: tollway_stub.RecordUsage(
-        pb.RecordUsageRequest(customer_id="cus_nobody", meter="tokens", quantity=1,
-                              idempotency_key="k"), timeout=5))  # fmt: skip
+    nobody = pb.RecordUsageRequest(
+        customer_id="cus_nobody", meter="tokens", quantity=1, idempotency_key="k"
+    )
+    unknown = refused(lambda: tollway_stub.RecordUsage(nobody, timeout=5))
     assert unknown.code() is grpc.StatusCode.NOT_FOUND
     stranger = Customer("cus_x", "tw_live_" + "0" * 49, "key_x")
     assert refused(lambda: record(tollway_stub, stranger)).code() is grpc.StatusCode.UNAUTHENTICATED
@@ -173,8 +176,9 @@ def test_reserve_then_settle_leaves_quota_and_usage_at_the_real_amount(
     reserved = authorize(tollway_stub, customer, cost=estimate, request_id="req-42")
     assert reserved.allowed and reserved.quota.used == estimate
     assert meters(tollway_stub, customer) == {}  # nothing billed until settled
-    settled = record(tollway_stub, customer, quantity=actual, request_id="req-42",
-                     idempotency_key="settle-42")  # fmt: skip
+    settled = record(
+        tollway_stub, customer, quantity=actual, request_id="req-42", idempotency_key="settle-42"
+    )
     assert not settled.duplicate
     assert quota_used(tollway_stub, customer) == actual
     assert meters(tollway_stub, customer) == {"api_calls": (actual, 0, actual)}
@@ -191,14 +195,27 @@ def test_an_unsettled_reservation_expires_and_is_billed_at_the_estimate(
     from sidecar.plans import Meter, Plan, Quota, Rate
 
     customer = make_customer("metered")
-    plan = Plan(name="metered", rate=Rate(100, 1), burst=100, quota=Quota(10, "day"),
-                overage="bill", meter="api_calls")  # fmt: skip
+    plan = Plan(
+        name="metered",
+        rate=Rate(100, 1),
+        burst=100,
+        quota=Quota(10, "day"),
+        overage="bill",
+        meter="api_calls",
+    )
 
     async def reserve_and_expire() -> tuple[int, int]:
         store = Store(connect(redis_url, timeout=2.0), timeout=2.0)
         try:
-            await store.decide(customer.id, plan, cost=6, feature_ok=True, key_expires_at_us=0,
-                               request_id="slow-1", reservation_ttl=1)  # fmt: skip
+            slow = admission(
+                plan,
+                cost=6,
+                feature_ok=True,
+                key_expires_at_us=0,
+                request_id="slow-1",
+                reservation_ttl=1,
+            )
+            await store.admit(customer.id, slow)
             assert await store.due_reservations(customer.id) == []
             await asyncio.sleep(1.2)
             due = await store.due_reservations(customer.id)
@@ -255,9 +272,14 @@ def test_with_wait_for_aof_usage_is_acknowledged_once_fsynced(
         store = Store(connect(redis_url, timeout=2.0), timeout=2.0)
         try:
             recorded = await store.record_usage(
-                customer.id, meter="api_calls", quantity=3, at=int(time.time()),
-                idempotency="aof-1", dedupe_window=86400, wait_for_aof=True,
-            )  # fmt: skip
+                customer.id,
+                meter="api_calls",
+                quantity=3,
+                at=int(time.time()),
+                idempotency="aof-1",
+                dedupe_window=86400,
+                wait_for_aof=True,
+            )
             # The test Valkey runs with appendonly yes: the write reached the AOF.
             info = await store.redis.info("persistence")
             assert info["aof_enabled"] == 1

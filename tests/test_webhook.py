@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar import dev
+from tests import harness
 
 
 def get(url: str) -> tuple[int, dict[str, str]]:
@@ -24,9 +24,9 @@ def get(url: str) -> tuple[int, dict[str, str]]:
 def test_healthz_reports_whether_redis_answers(
     tmp_path: Path, config_path: Path, redis_url: str, redis_up: bool
 ) -> None:
-    url = redis_url if redis_up else f"redis://127.0.0.1:{dev.free_port()}/0"
-    port = dev.free_port()
-    child = dev.start_companion(config_path, redis_url=url, port=port, log=tmp_path / "c.log")
+    url = redis_url if redis_up else f"redis://127.0.0.1:{harness.free_port()}/0"
+    port = harness.free_port()
+    child = harness.start_companion(config_path, redis_url=url, port=port, log=tmp_path / "c.log")
     try:
         status, body = get(f"http://127.0.0.1:{port}/healthz")
     finally:

@@ -27,9 +27,12 @@ def test_two_webhook_secrets_during_rotation() -> None:
     old = "whsec_" + "c" * 32
     settings = stripe_settings(
         {},
-        {"STRIPE_SECRET_KEY": SECRET, "STRIPE_WEBHOOK_SECRET": HOOK,
-         "STRIPE_WEBHOOK_SECRET_PREVIOUS": old},
-    )  # fmt: skip
+        {
+            "STRIPE_SECRET_KEY": SECRET,
+            "STRIPE_WEBHOOK_SECRET": HOOK,
+            "STRIPE_WEBHOOK_SECRET_PREVIOUS": old,
+        },
+    )
     assert settings.webhook_secrets == (HOOK, old)
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import grpc
 
-from sidecar import dev
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc
+from tests import harness
 from tests.conftest import Customer
 
 
@@ -46,10 +46,10 @@ def wait_for_port(port: int, seconds: float = 30) -> None:
 def test_workers_share_the_port_and_stop_together(
     tmp_path: Path, redis_url: str, config_path: Path, make_customer: Callable[..., Customer]
 ) -> None:
-    port = dev.free_port()
+    port = harness.free_port()
     env = {**os.environ, "TOLLWAY_REDIS_URL": redis_url}
-    argv = [sys.executable, "-m", "sidecar", "serve", "--workers", "2", "--config",
-            str(config_path), "--listen", f"127.0.0.1:{port}"]  # fmt: skip
+    argv = [sys.executable, "-m", "sidecar", "serve", "--workers", "2"]
+    argv += ["--config", str(config_path), "--listen", f"127.0.0.1:{port}"]
     with subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL) as parent:
         try:
             wait_for_port(port)
@@ -71,10 +71,10 @@ def test_workers_share_the_port_and_stop_together(
 def test_a_dead_worker_stops_the_rest_with_a_failure_status(
     redis_url: str, config_path: Path
 ) -> None:
-    port = dev.free_port()
+    port = harness.free_port()
     env = {**os.environ, "TOLLWAY_REDIS_URL": redis_url}
-    argv = [sys.executable, "-m", "sidecar", "serve", "--workers", "2", "--config",
-            str(config_path), "--listen", f"127.0.0.1:{port}"]  # fmt: skip
+    argv = [sys.executable, "-m", "sidecar", "serve", "--workers", "2"]
+    argv += ["--config", str(config_path), "--listen", f"127.0.0.1:{port}"]
     with subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True) as parent:
         try:
             wait_for_port(port)

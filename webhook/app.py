@@ -313,12 +313,8 @@ class Companion:
         if not key:
             return _error(401, "missing_key", "send your API key in the x-api-key header")
         try:
-            record = (
-                await self.store.lookup_key(keys.key_hash(key))
-                if keys.is_well_formed(key)
-                else None
-            )
-            if record is None or not record.usable():
+            record = await self.store.usable_record(key)
+            if record is None:
                 return _error(401, "invalid_key", "API key is not valid")
             session = await self.client.v1.billing_portal.sessions.create_async(
                 {

@@ -32,12 +32,14 @@ from pathlib import Path
 from typing import Any, Final
 
 from sidecar.errors import ConfigError
-from sidecar.settings import Settings, load_settings, parse_duration
+from sidecar.fields import Table
+from sidecar.settings import Settings, load_settings
 
 __all__ = ["API_VERSION", "CompanionSettings", "StripeSettings", "load_companion_settings"]
 
 # Pinned: payload shapes (e.g. items[].current_period_end) are read for this version.
 API_VERSION: Final = "2026-10-28.endive"
+_URL: Final = "an http(s) URL"
 _FIELDS: Final = frozenset(
     {
         "public_url",
@@ -97,29 +99,12 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
-def _duration(section: Mapping[str, Any], name: str, default: str) -> int:
-    try:
-        return parse_duration(section.get(name, default))
-    except ValueError as exc:
-        raise ConfigError(f"[stripe] {name}: {exc}") from None
-
-
-def _url(value: Any, name: str) -> str:
-    if not isinstance(value, str) or not value.startswith(("http://", "https://")):
-        raise ConfigError(f"[stripe] {name}: expected an http(s) URL, got {value!r}")
-    return value
-
-
-def _rate(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1000:
-        raise ConfigError(f"[stripe] meter_events_per_second: expected 1..1000, got {value!r}")
-    return float(value)
+def _is_http(url: str) -> bool:
+    return url.startswith(("http://", "https://"))
 
 
 def stripe_settings(section: Mapping[str, Any], environ: Mapping[str, str]) -> StripeSettings:
-    unknown = sorted(set(section) - _FIELDS)
-    if unknown:
-        raise ConfigError(f"[stripe] {unknown[0]}: unknown field")
+    stripe = Table(section, "[stripe]").only(_FIELDS)
     secret = environ.get("STRIPE_SECRET_KEY") or None
     if secret is not None and not secret.startswith(("sk_", "rk_")):
         raise ConfigError("STRIPE_SECRET_KEY: expected a Stripe secret key (sk_… or rk_…)")
@@ -133,35 +118,35 @@ def stripe_settings(section: Mapping[str, Any], environ: Mapping[str, str]) -> S
     )
     if any(not s.startswith("whsec_") for s in hooks):
         raise ConfigError("STRIPE_WEBHOOK_SECRET: expected a webhook signing secret (whsec_…)")
-    public = _url(section.get("public_url", "http://127.0.0.1:8000"), "public_url").rstrip("/")
-    retries = section.get("max_network_retries", 2)
-    if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= 10:
-        raise ConfigError(f"[stripe] max_network_retries: expected 0..10, got {retries!r}")
-    max_body = section.get("max_body_bytes", 512 * 1024)
-    if not isinstance(max_body, int) or isinstance(max_body, bool) or max_body < 1024:
-        raise ConfigError(f"[stripe] max_body_bytes: expected an integer >= 1024, got {max_body!r}")
-    notify = section.get("notify_url")
-    success = section.get(
-        "success_url", f"{public}/checkout/complete?session_id={{CHECKOUT_SESSION_ID}}"
+    public_url = stripe.string("public_url", "http://127.0.0.1:8000", what=_URL, valid=_is_http)
+    public = public_url.rstrip("/")
+    retries = stripe.integer("max_network_retries", 2, what="0..10", valid=lambda n: 0 <= n <= 10)
+    max_body = stripe.integer(
+        "max_body_bytes", 512 * 1024, what="an integer >= 1024", valid=lambda n: n >= 1024
     )
-    if "{CHECKOUT_SESSION_ID}" not in str(success):
+    success = f"{public}/checkout/complete?session_id={{CHECKOUT_SESSION_ID}}"
+    if "{CHECKOUT_SESSION_ID}" not in str(section.get("success_url", success)):
         raise ConfigError("[stripe] success_url: must contain {CHECKOUT_SESSION_ID}")
     return StripeSettings(
         secret_key=secret,
         webhook_secrets=hooks,
         api_base=environ.get("STRIPE_API_BASE") or None,
         public_url=public,
-        success_url=_url(success, "success_url"),
-        cancel_url=_url(section.get("cancel_url", f"{public}/checkout/cancelled"), "cancel_url"),
-        portal_return_url=_url(section.get("portal_return_url", public), "portal_return_url"),
-        notify_url=_url(notify, "notify_url") if notify is not None else None,
-        reconcile_interval=_duration(section, "reconcile_interval", "1h"),
-        webhook_tolerance=_duration(section, "webhook_tolerance", "5m"),
+        success_url=stripe.string("success_url", success, what=_URL, valid=_is_http),
+        cancel_url=stripe.string(
+            "cancel_url", f"{public}/checkout/cancelled", what=_URL, valid=_is_http
+        ),
+        portal_return_url=stripe.string("portal_return_url", public, what=_URL, valid=_is_http),
+        notify_url=stripe.string("notify_url", None, what=_URL, valid=_is_http),
+        reconcile_interval=stripe.duration("reconcile_interval", 3600),
+        webhook_tolerance=stripe.duration("webhook_tolerance", 300),
         max_body_bytes=max_body,
-        timeout=float(_duration(section, "timeout", "10s")),
+        timeout=float(stripe.duration("timeout", 10)),
         max_network_retries=retries,
-        meter_events_per_second=_rate(section.get("meter_events_per_second", 500)),
-        report_interval=_duration(section, "report_interval", "1s"),
+        meter_events_per_second=stripe.number(
+            "meter_events_per_second", 500.0, what="1..1000", valid=lambda n: 0 < n <= 1000
+        ),
+        report_interval=stripe.duration("report_interval", 1),
     )
 
 
@@ -173,10 +158,9 @@ def load_companion_settings(
     core = load_settings(path, merged)
     assert core.config_path is not None  # load_settings always names the file it read
     with core.config_path.open("rb") as fh:
-        section = tomllib.load(fh).get("stripe", {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"{core.config_path}: [stripe]: expected a table")
+        doc = tomllib.load(fh)
     try:
+        section = Table(doc).section("stripe").data
         return CompanionSettings(core=core, stripe=stripe_settings(section, merged))
     except ConfigError as exc:
         raise ConfigError(f"{core.config_path}: {exc}") from None

@@ -2,7 +2,7 @@
 -- idempotency key; optionally settle the reservation Authorize made for it.
 --
 -- KEYS[1]  idempotency record  tw:{acct}:idem:<key hash>  -> the record's stream id
--- KEYS[2]  usage stream        tw:{acct}:usage  (m, q, t, ms, k)
+-- KEYS[2]  usage stream        tw:{acct}:usage  (fields: shared/usage_stream.lua)
 -- KEYS[3]  usage totals        tw:{acct}:totals ("<meter>|<month start>" -> units)
 -- KEYS[4]  reservation         tw:{acct}:rsv:<request hash> (untouched without ARGV[7])
 -- KEYS[5]  reservations        tw:{acct}:rsvs
@@ -26,6 +26,8 @@
 -- quota moves by the difference. One already billed at its estimate (expired)
 -- records only the excess over the estimate. Without a reservation (or with
 -- one already settled), usage is recorded and the quota is left alone.
+
+-- #include shared/usage_stream.lua
 
 local function quota_used()
   return tonumber(redis.call("HGET", KEYS[6], "used") or "0")
@@ -63,9 +65,8 @@ end
 
 local id = "-"
 if to_record > 0 and ARGV[1] ~= "" then
-  id = redis.call("XADD", KEYS[2], "*", "m", ARGV[1], "q", to_record, "t", ARGV[3],
-    "ms", ARGV[4], "k", ARGV[5])
-  redis.call("HINCRBY", KEYS[3], ARGV[1] .. "|" .. ARGV[4], to_record)
+  id = redis.call("XADD", KEYS[2], "*", usage_entry(ARGV[1], to_record, ARGV[3], ARGV[4], ARGV[5]))
+  redis.call("HINCRBY", KEYS[3], totals_field(ARGV[1], ARGV[4]), to_record)
 end
 redis.call("SET", KEYS[1], id, "EX", tonumber(ARGV[6]))
 return {"recorded", id, to_record, quota_used()}

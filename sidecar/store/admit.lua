@@ -1,59 +1,72 @@
--- decide.lua: admit one request for one account, all or nothing.
+-- admit.lua: admit one request for one account, all or nothing.
 --
--- KEYS[1]  account hash   tw:{acct}:a   plan, status, grace_until (Unix s)
--- KEYS[2]  token bucket   tw:{acct}:rl  tokens (float), ts (us)
--- KEYS[3]  quota counter  tw:{acct}:q   k (period kind), p (period start, Unix s), used
--- ARGV[1]  now in microseconds, or "" to use Redis TIME (the production clock)
--- ARGV[2]  plan the caller believes the account has (its limits follow)
--- ARGV[3]  rate: tokens refilled per second (float > 0)
--- ARGV[4]  burst: bucket size (integer >= 1)
--- ARGV[5]  cost of this request (integer >= 1)
--- ARGV[6]  quota limit per period (0 = no quota; usage is still counted)
--- ARGV[7]  quota period: hour | day | month (calendar, UTC)
--- ARGV[8]  overage: block | bill
--- ARGV[9]  key expiry in microseconds since the epoch (0 = never)
--- ARGV[10] 1 if ARGV[2]'s plan includes the feature the request needs, else 0
--- ARGV[11] fallback plan for a past_due account whose grace is over ("" = deny)
--- KEYS[4]  usage stream   tw:{acct}:usage  (metered requests: m, q, t, ms, k)
--- KEYS[5]  usage totals   tw:{acct}:totals ("<meter>|<month start>" -> units)
--- KEYS[6]  reservation    tw:{acct}:rsv:<request hash> (untouched without ARGV[13])
--- KEYS[7]  reservations   tw:{acct}:rsvs   (request hash -> settle-by time)
--- KEYS[8]  quota alerts   tw:{acct}:alerts ("<kind>:<period start>:<percent>" sent)
--- ARGV[12] meter for this plan's requests ("" = the plan meters nothing)
--- ARGV[13] request hash to reserve the cost under ("" = no reservation: meter now)
--- ARGV[14] reservation lifetime in seconds
--- ARGV[15] quota percentages that notify, comma separated ("" = none)
--- KEYS[9]  leases         tw:{acct}:leases (lease id -> expiry, Unix s)
--- ARGV[16] concurrency: leases the plan allows at once (0 = unlimited, no lease)
--- ARGV[17] lease id for this request
--- ARGV[18] lease lifetime in seconds
+-- KEYS[1]  account       tw:{acct}:a       plan, status, grace_until (Unix s)
+-- KEYS[2]  bucket        tw:{acct}:rl      tokens (float), ts (us)
+-- KEYS[3]  quota         tw:{acct}:q       k (period kind), p (period start, Unix s), used
+-- KEYS[4]  usage         tw:{acct}:usage   usage stream (metered requests)
+-- KEYS[5]  totals        tw:{acct}:totals  "<meter>|<month start>" -> units
+-- KEYS[6]  reservation   tw:{acct}:rsv:<request hash> (untouched without a reservation)
+-- KEYS[7]  reservations  tw:{acct}:rsvs    request hash -> settle-by time
+-- KEYS[8]  alerts        tw:{acct}:alerts  "<kind>:<period start>:<percent>" sent
+-- KEYS[9]  leases        tw:{acct}:leases  lease id -> expiry (Unix s)
 --
--- Returns {code, plan, status, tokens_milli, reset_ms, retry_ms, quota_used, period_end, now_s,
---          thresholds} where thresholds lists the quota percentages this
---          request crossed for the first time this period ("80,100" or "").
---   code 0 ok, 1 no account, 2 plan differs from ARGV[2] (plan = the one to
---   enforce, the fallback after grace; call again with its limits), 3 key
---   expired, 4 subscription inactive, 8 concurrency limited,
---   5 feature not in plan, 6 rate limited, 7 quota exceeded.
+-- ARGV[1]  now_us           now in microseconds, or "" to use Redis TIME (production)
+-- ARGV[2]  expected_plan    plan the caller believes the account has (its limits follow)
+-- ARGV[3]  rate             tokens refilled per second (float > 0)
+-- ARGV[4]  burst            bucket size (integer >= 1)
+-- ARGV[5]  quota_limit      quota per period (0 = no quota; usage is still counted)
+-- ARGV[6]  quota_period     hour | day | month (calendar, UTC)
+-- ARGV[7]  overage          block | bill
+-- ARGV[8]  meter            meter for this plan's requests ("" = the plan meters nothing)
+-- ARGV[9]  concurrency      leases the plan allows at once (0 = unlimited, no lease)
+-- ARGV[10] lease_ttl        lease lifetime in seconds
+-- ARGV[11] fallback_plan    plan for a past_due account whose grace is over ("" = deny)
+-- ARGV[12] cost             cost of this request (integer >= 1)
+-- ARGV[13] feature_ok       1 if the plan includes the feature the request needs, else 0
+-- ARGV[14] key_expires_us   key expiry in microseconds since the epoch (0 = never)
+-- ARGV[15] reservation      request hash to reserve the cost under ("" = meter now)
+-- ARGV[16] reservation_ttl  reservation lifetime in seconds
+-- ARGV[17] thresholds       quota percentages that notify, comma separated ("" = none)
+-- ARGV[18] lease_id         lease id for this request
+--
+-- Returns {code, plan, status, tokens_milli, reset_ms, retry_ms, quota_used,
+--          period_end, now_s, thresholds}; thresholds lists the quota percentages
+--          this request crossed for the first time this period ("80,100" or "").
+--   code 0 ok
+--        1 no account
+--        2 plan differs from ARGV[2] (plan = the one to enforce, the fallback
+--          after grace; call again with its limits)
+--        3 key expired
+--        4 subscription inactive
+--        5 feature not in plan
+--        6 rate limited
+--        7 quota exceeded
+--        8 concurrency limited
 --   retry_ms is -1 when waiting can never help (cost above burst or quota).
 -- Only code 0 writes anything: a denied request consumes nothing.
 
-local now_us
-if ARGV[1] == "" then
+-- #include shared/usage_stream.lua
+
+local now_us, expected_plan, rate, burst, quota_limit, quota_period, overage, meter, concurrency,
+  lease_ttl, fallback_plan, cost, feature_ok, key_expires_us, reservation, reservation_ttl,
+  thresholds, lease_id = unpack(ARGV)
+
+if now_us == "" then
   local t = redis.call("TIME")
   now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 else
-  now_us = tonumber(ARGV[1])
+  now_us = tonumber(now_us)
 end
 local now_s = math.floor(now_us / 1000000)
+rate, burst, quota_limit = tonumber(rate), tonumber(burst), tonumber(quota_limit)
+concurrency, cost, key_expires_us = tonumber(concurrency), tonumber(cost), tonumber(key_expires_us)
 
 local function reply(code, plan, status, tokens, reset_ms, retry_ms, used, period_end, crossed)
   return {code, plan or "", status or "", math.floor(tokens * 1000), math.floor(reset_ms),
           math.floor(retry_ms), used, period_end, now_s, crossed or ""}
 end
 
-local key_expires = tonumber(ARGV[9])
-if key_expires > 0 and now_us >= key_expires then
+if key_expires_us > 0 and now_us >= key_expires_us then
   return reply(3, "", "", 0, 0, 0, 0, 0)
 end
 
@@ -64,17 +77,17 @@ if not plan then
 end
 local entitled = status == "active" or status == "trialing"
   or (status == "past_due" and now_s < grace_until)
-if not entitled and status == "past_due" and ARGV[11] ~= "" then
-  plan, entitled = ARGV[11], true
+if not entitled and status == "past_due" and fallback_plan ~= "" then
+  plan, entitled = fallback_plan, true
 end
 if not entitled then
   return reply(4, plan, status, 0, 0, 0, 0, 0)
 end
 -- "" is never a plan: the caller is asking which plan to enforce.
-if ARGV[2] == "" or plan ~= ARGV[2] then
+if expected_plan == "" or plan ~= expected_plan then
   return reply(2, plan, status, 0, 0, 0, 0, 0)
 end
-if ARGV[10] ~= "1" then
+if feature_ok ~= "1" then
   return reply(5, plan, status, 0, 0, 0, 0, 0)
 end
 
@@ -101,14 +114,13 @@ local function civil_from_days(z)
   return y, m
 end
 
-local period = ARGV[7]
 local p_start, p_end
 local y, m = civil_from_days(math.floor(now_s / 86400))
 local month_start = days_from_civil(y, m, 1) * 86400
-if period == "hour" then
+if quota_period == "hour" then
   p_start = now_s - now_s % 3600
   p_end = p_start + 3600
-elseif period == "day" then
+elseif quota_period == "day" then
   p_start = now_s - now_s % 86400
   p_end = p_start + 86400
 else
@@ -116,11 +128,6 @@ else
   if m == 12 then y, m = y + 1, 1 else m = m + 1 end
   p_end = days_from_civil(y, m, 1) * 86400
 end
-
-local rate = tonumber(ARGV[3])
-local burst = tonumber(ARGV[4])
-local cost = tonumber(ARGV[5])
-local quota_limit = tonumber(ARGV[6])
 
 local bucket = redis.call("HMGET", KEYS[2], "tokens", "ts")
 local tokens = burst
@@ -133,19 +140,18 @@ end
 -- from monthly to daily quotas), starts over.
 local q = redis.call("HMGET", KEYS[3], "k", "p", "used")
 local used = 0
-if q[1] == period and tonumber(q[2]) == p_start then used = tonumber(q[3]) end
+if q[1] == quota_period and tonumber(q[2]) == p_start then used = tonumber(q[3]) end
 
 local function full_in_ms(level)
   return (burst - level) * 1000 / rate
 end
 
 -- Concurrency: leases past their lifetime free themselves here.
-local concurrency = tonumber(ARGV[16])
 if concurrency > 0 then
   redis.call("ZREMRANGEBYSCORE", KEYS[9], "-inf", now_s)
   -- A lease id already held is another request in flight under the same id
   -- (a client may choose it): it needs a slot of its own, so it counts as full.
-  local held = redis.call("ZSCORE", KEYS[9], ARGV[17])
+  local held = redis.call("ZSCORE", KEYS[9], lease_id)
   if held or redis.call("ZCARD", KEYS[9]) >= concurrency then
     local soonest = redis.call("ZRANGE", KEYS[9], 0, 0, "WITHSCORES")
     local retry = (tonumber(soonest[2]) - now_s) * 1000
@@ -153,7 +159,7 @@ if concurrency > 0 then
   end
 end
 
-if quota_limit > 0 and ARGV[8] == "block" and used + cost > quota_limit then
+if quota_limit > 0 and overage == "block" and used + cost > quota_limit then
   local retry = (p_end - now_s) * 1000
   if cost > quota_limit or cost > burst then retry = -1 end
   return reply(7, plan, status, tokens, full_in_ms(tokens), retry, used, p_end)
@@ -167,39 +173,37 @@ end
 tokens = tokens - cost
 used = used + cost
 if concurrency > 0 then
-  local ttl = tonumber(ARGV[18])
-  redis.call("ZADD", KEYS[9], now_s + ttl, ARGV[17])
-  redis.call("EXPIRE", KEYS[9], ttl + 60)
+  redis.call("ZADD", KEYS[9], now_s + tonumber(lease_ttl), lease_id)
+  redis.call("EXPIRE", KEYS[9], tonumber(lease_ttl) + 60)
 end
 redis.call("HSET", KEYS[2], "tokens", string.format("%.17g", tokens), "ts", now_us)
 -- A bucket left alone refills to full; after that its key carries no information.
 redis.call("PEXPIRE", KEYS[2], math.ceil(full_in_ms(0)) + 1000)
-redis.call("HSET", KEYS[3], "k", period, "p", p_start, "used", used)
+redis.call("HSET", KEYS[3], "k", quota_period, "p", p_start, "used", used)
 redis.call("EXPIRE", KEYS[3], p_end - now_s + 86400)
 
-local meter = ARGV[12]
 -- A request id already holding a reservation cannot hold a second one (a client
 -- may choose the id): this request is metered now instead.
-if ARGV[13] ~= "" and redis.call("EXISTS", KEYS[6]) == 0 then
+if reservation ~= "" and redis.call("EXISTS", KEYS[6]) == 0 then
   -- Reserved: settled by record_usage.lua (the real cost; the quota moves by
   -- the difference) or, if that never comes, expired by expire_reservation.lua
   -- at the estimate. Metered usage is billed by exactly one of the two.
-  local settle_by = now_s + tonumber(ARGV[14])
+  local settle_by = now_s + tonumber(reservation_ttl)
   redis.call("HSET", KEYS[6], "q", cost, "m", meter, "t", now_s, "ms", month_start,
-    "kind", period, "p", p_start, "state", "open")
-  redis.call("EXPIRE", KEYS[6], tonumber(ARGV[14]) + 7 * 86400)
-  redis.call("ZADD", KEYS[7], settle_by, ARGV[13])
+    "kind", quota_period, "p", p_start, "state", "open")
+  redis.call("EXPIRE", KEYS[6], tonumber(reservation_ttl) + 7 * 86400)
+  redis.call("ZADD", KEYS[7], settle_by, reservation)
 elseif meter ~= "" then
-  redis.call("XADD", KEYS[4], "*", "m", meter, "q", cost, "t", now_s, "ms", month_start, "k", "")
-  redis.call("HINCRBY", KEYS[5], meter .. "|" .. month_start, cost)
+  redis.call("XADD", KEYS[4], "*", usage_entry(meter, cost, now_s, month_start, ""))
+  redis.call("HINCRBY", KEYS[5], totals_field(meter, month_start), cost)
 end
 
 local crossed = {}
-if quota_limit > 0 and ARGV[15] ~= "" then
-  for pct in string.gmatch(ARGV[15], "%d+") do
+if quota_limit > 0 and thresholds ~= "" then
+  for pct in string.gmatch(thresholds, "%d+") do
     local mark = quota_limit * tonumber(pct) / 100
     if used - cost < mark and used >= mark then
-      if redis.call("HSETNX", KEYS[8], period .. ":" .. p_start .. ":" .. pct, now_s) == 1 then
+      if redis.call("HSETNX", KEYS[8], quota_period .. ":" .. p_start .. ":" .. pct, now_s) == 1 then
         table.insert(crossed, pct)
       end
     end

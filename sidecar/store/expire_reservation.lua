@@ -7,6 +7,9 @@
 -- ARGV[1]  the request hash (member of KEYS[2])
 --
 -- Returns units billed (0 if it was settled meanwhile or is not due yet).
+
+-- #include shared/usage_stream.lua
+
 local t = redis.call("TIME")
 local now = tonumber(t[1])
 local due = redis.call("ZSCORE", KEYS[2], ARGV[1])
@@ -22,6 +25,6 @@ redis.call("HSET", KEYS[1], "state", "expired")
 if r[2] == "" then
   return 0  -- the plan meters nothing: the estimate stays on the quota, unbilled
 end
-redis.call("XADD", KEYS[3], "*", "m", r[2], "q", r[1], "t", r[3], "ms", r[4], "k", "")
-redis.call("HINCRBY", KEYS[4], r[2] .. "|" .. r[4], tonumber(r[1]))
+redis.call("XADD", KEYS[3], "*", usage_entry(r[2], r[1], r[3], r[4], ""))
+redis.call("HINCRBY", KEYS[4], totals_field(r[2], r[4]), tonumber(r[1]))
 return tonumber(r[1])

@@ -12,6 +12,9 @@
 -- until each is acknowledged (ack_batch.lua); only then is more planned.
 -- identifier is a hash of customer, meter, minute and first entry id: the
 -- same usage always yields the same identifier, which Stripe deduplicates.
+
+-- #include shared/usage_stream.lua
+
 local pending = redis.call("HGET", KEYS[2], "pending")
 if pending and pending ~= "[]" then
   return pending
@@ -23,15 +26,15 @@ if #entries == 0 then
 end
 local groups, order = {}, {}
 for _, entry in ipairs(entries) do
-  local f = {}
-  for i = 1, #entry[2], 2 do f[entry[2][i]] = entry[2][i + 1] end
-  local minute = math.floor(tonumber(f.t) / 60) * 60
-  local group = f.m .. "|" .. minute
+  local usage = usage_fields(entry[2])
+  local minute = math.floor(usage.at / 60) * 60
+  local group = usage.meter .. "|" .. minute
   if not groups[group] then
-    groups[group] = {meter = f.m, timestamp = minute, value = 0, first = entry[1], month = f.ms}
+    groups[group] = {meter = usage.meter, timestamp = minute, value = 0, first = entry[1],
+      month = usage.month}
     table.insert(order, group)
   end
-  groups[group].value = groups[group].value + tonumber(f.q)
+  groups[group].value = groups[group].value + usage.quantity
 end
 local batch = {}
 for _, group in ipairs(order) do

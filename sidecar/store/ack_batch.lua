@@ -9,12 +9,15 @@
 --
 -- Returns how many planned events are still pending. Once none are, the
 -- stream entries up to the cursor are billed and trimmed.
+
+-- #include shared/usage_stream.lua
+
 local raw = redis.call("HGET", KEYS[1], "pending") or "[]"
 local keep = {}
 for _, event in ipairs(cjson.decode(raw)) do
   if event.identifier == ARGV[1] then
     if ARGV[2] == "" then
-      redis.call("HINCRBY", KEYS[2], "r|" .. event.meter .. "|" .. event.month, event.value)  -- a string
+      redis.call("HINCRBY", KEYS[2], billed_field(event.meter, event.month), event.value)  -- a string
     else
       event.error = ARGV[2]
       redis.call("RPUSH", KEYS[4], cjson.encode(event))

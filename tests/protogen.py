@@ -1,7 +1,8 @@
 """Generates the Python code for proto/ into sidecar/gen (committed).
 
-Run `python -m sidecar.protogen` after editing a .proto; a test regenerates
-into a temporary directory and fails when the committed code differs.
+Run `make proto` (`python -m tests.protogen`) after editing a .proto;
+tests/test_proto.py regenerates into a temporary directory and fails when the
+committed code differs. A dev tool: it reads proto/, which is not shipped.
 protoc names imports after the proto package (`tollway.v1`), so they are
 rewritten to live under `sidecar.gen`.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
-GEN_DIR = Path(__file__).resolve().parent / "gen"
+GEN_DIR = ROOT / "sidecar" / "gen"
 PACKAGE = "sidecar.gen"
 
 

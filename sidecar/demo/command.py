@@ -1,4 +1,7 @@
-"""`tollway dev`: start the whole pipe locally and print a key and a curl."""
+"""`tollway dev`: start the whole pipe locally and print a key and a curl.
+
+Its config is the packaged copy of deploy/tollway.toml unless --config or
+TOLLWAY_CONFIG names another."""
 
 from __future__ import annotations
 
@@ -9,7 +12,18 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from sidecar import dev
+from sidecar.demo.processes import (
+    DEMO_CONFIG,
+    Child,
+    free_port,
+    port_is_free,
+    start_companion,
+    start_envoy,
+    start_sidecar,
+    start_valkey,
+    stopping,
+)
+from sidecar.demo.upstream import EchoUpstream
 from sidecar.errors import ConfigError, NotFound, TollwayError
 from sidecar.settings import load_settings
 
@@ -17,11 +31,13 @@ DEMO_CUSTOMER = "cus_demo"
 
 
 def run_dev(args: Any, out: Any) -> None:
-    config = Path(args.config or os.environ.get("TOLLWAY_CONFIG") or dev.DEMO_CONFIG)
+    config = Path(args.config or os.environ.get("TOLLWAY_CONFIG") or DEMO_CONFIG)
+    if config == DEMO_CONFIG and not config.is_file():
+        raise TollwayError(f"{config} is missing: this install does not carry the demo")
     settings = load_settings(config, os.environ)
     if args.plan not in settings.catalog.plans:
         raise ConfigError(f"--plan {args.plan!r} is not in {config}")
-    if not dev.port_is_free(args.port):
+    if not port_is_free(args.port):
         raise TollwayError(f"port {args.port} is in use; pass --port to pick another")
     data_dir = Path(args.data_dir).resolve()
     logs = data_dir / "logs"
@@ -29,31 +45,55 @@ def run_dev(args: Any, out: Any) -> None:
     valkey = None
     redis_url = os.environ.get("TOLLWAY_REDIS_URL")
     if not redis_url:
-        valkey = dev.start_valkey(data_dir / "valkey")
+        valkey = start_valkey(data_dir / "valkey")
         redis_url = valkey.connection_url
     assert redis_url is not None
     env = {**os.environ, "TOLLWAY_REDIS_URL": redis_url}
-    children: list[dev.Child] = []
+    children: list[Child] = []
     try:
-        with dev.EchoUpstream() as upstream, dev.stopping(children):
-            sidecar_port = dev.free_port()
-            children.append(dev.start_sidecar(
-                config, redis_url=redis_url, port=sidecar_port, log=logs / "sidecar.log", env=env
-            ))  # fmt: skip
+        with EchoUpstream() as upstream, stopping(children):
+            sidecar_port = free_port()
+            children.append(
+                start_sidecar(
+                    config,
+                    redis_url=redis_url,
+                    port=sidecar_port,
+                    log=logs / "sidecar.log",
+                    env=env,
+                )
+            )
             companion_port = int(settings.webhook_listen.rpartition(":")[2])
-            if not dev.port_is_free(companion_port):
-                companion_port = dev.free_port()
-            children.append(dev.start_companion(
-                config, redis_url=redis_url, port=companion_port, log=logs / "companion.log",
-                env=env,
-            ))  # fmt: skip
-            children.append(dev.start_envoy(
-                workdir=data_dir, log=logs / "envoy.log", listen=args.port,
-                admin=dev.free_port(), sidecar=sidecar_port, upstream=upstream.port,
-            ))  # fmt: skip
+            if not port_is_free(companion_port):
+                companion_port = free_port()
+            children.append(
+                start_companion(
+                    config,
+                    redis_url=redis_url,
+                    port=companion_port,
+                    log=logs / "companion.log",
+                    env=env,
+                )
+            )
+            children.append(
+                start_envoy(
+                    workdir=data_dir,
+                    log=logs / "envoy.log",
+                    listen=args.port,
+                    admin=free_port(),
+                    sidecar=sidecar_port,
+                    upstream=upstream.port,
+                )
+            )
             key = asyncio.run(_demo_key(redis_url, args.plan))
-            _announce(out, key=key, port=args.port, companion=companion_port, plan=args.plan,
-                      logs=logs, settings_plan=settings.catalog.plans[args.plan])  # fmt: skip
+            _announce(
+                out,
+                key=key,
+                port=args.port,
+                companion=companion_port,
+                plan=args.plan,
+                logs=logs,
+                settings_plan=settings.catalog.plans[args.plan],
+            )
             _wait_for_signal(children)
     finally:
         if valkey is not None:
@@ -78,8 +118,9 @@ async def _demo_key(redis_url: str, plan: str) -> str:
         await store.close()
 
 
-def _announce(out: Any, *, key: str, port: int, companion: int, plan: str, logs: Path,
-              settings_plan: Any) -> None:  # fmt: skip
+def _announce(
+    out: Any, *, key: str, port: int, companion: int, plan: str, logs: Path, settings_plan: Any
+) -> None:
     curl = f"curl -i -H 'x-api-key: {key}' http://127.0.0.1:{port}/hello"
     text = f"""
 Tollway is running: Envoy on 127.0.0.1:{port} asks the sidecar about every request.
@@ -96,12 +137,20 @@ Repeat it quickly and the plan's limit answers 429 with Retry-After and RateLimi
 Without the header it is a 401. Companion: http://127.0.0.1:{companion}/healthz
 Logs: {logs}/. Ctrl-C stops everything.
 """
-    out.emit({"api_key": key, "curl": curl, "customer": DEMO_CUSTOMER, "plan": plan,
-              "envoy": f"http://127.0.0.1:{port}",
-              "companion": f"http://127.0.0.1:{companion}"}, text)  # fmt: skip
+    out.emit(
+        {
+            "api_key": key,
+            "curl": curl,
+            "customer": DEMO_CUSTOMER,
+            "plan": plan,
+            "envoy": f"http://127.0.0.1:{port}",
+            "companion": f"http://127.0.0.1:{companion}",
+        },
+        text,
+    )
 
 
-def _wait_for_signal(children: list[dev.Child]) -> None:
+def _wait_for_signal(children: list[Child]) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

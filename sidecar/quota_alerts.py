@@ -1,0 +1,54 @@
+"""Quota alerts, queued for the companion off the request path.
+
+The decision script reports each quota threshold once per period, and the
+Authorizer hands each crossing to a callback; AlertQueue is that callback in
+the sidecar. It logs the alert and queues it in Redis for the companion, which
+posts it to [stripe] notify_url. Queueing is a task of its own, so no request
+waits on it; a Redis that is away loses the alert (logged), never the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sidecar.authorizer import QuotaAlert
+from sidecar.errors import StoreUnavailable
+
+__all__ = ["AlertQueue"]
+
+# The logger these lines have always come from: alert rules match its name.
+log = logging.getLogger("tollway.authorizer")
+
+
+class AlertQueue:
+    def __init__(self, notify: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        self._notify = notify  # Store.notify: queues a notification for the companion
+        # The loop holds tasks weakly: kept here until they finish, or they may vanish.
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def __call__(self, alert: QuotaAlert) -> None:
+        log.warning(
+            "quota alert: %s reached %d%% of plan %s's quota",
+            alert.customer_id,
+            alert.percent,
+            alert.plan,
+        )
+        task = asyncio.get_running_loop().create_task(self._send(alert))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, alert: QuotaAlert) -> None:
+        payload = {
+            "type": "quota_threshold",
+            "customer_id": alert.customer_id,
+            "plan": alert.plan,
+            "percent": alert.percent,
+            "used": alert.used,
+        }
+        try:
+            await self._notify(payload)
+        except StoreUnavailable:
+            log.error("quota alert for %s not queued: Redis unavailable", alert.customer_id)

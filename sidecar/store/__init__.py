@@ -1,0 +1,44 @@
+"""Tollway's state in Redis, by concern. Each module sits beside the Lua it drives:
+
+    names.py          every key name, the hash tag, the invalidation messages
+    connection.py     Redis URLs, clients, and what a failure becomes (StoreUnavailable)
+    pipelining.py     the request path's one shared, pipelined connection
+    base.py           the client, deadline, clock and script loader every part shares
+    accounts.py       accounts: plan, status, grace
+    api_keys.py       API key records, and turning a presented key into a usable record
+    admission.py      the decision script (admit.lua): its inputs, its answer
+    sync.py           Stripe sync: events applied once, locks, checkout claims
+    usage.py          usage records, reservations, leases, totals
+    billing.py        what to report to Stripe, and what it accepted or refused
+    notifications.py  notifications for the companion to deliver
+    shared/           Lua chunks inlined into several scripts
+
+``Store`` is all of them over one client: one instance per process.
+"""
+
+from __future__ import annotations
+
+from sidecar.store.accounts import Account
+from sidecar.store.admission import AdmissionStore
+from sidecar.store.api_keys import SUBSCRIPTION_ENDED, ApiKeys, KeyRecord
+from sidecar.store.billing import Billing
+from sidecar.store.connection import Client, connect, subscriber
+from sidecar.store.notifications import Notifications
+from sidecar.store.sync import StripeSync, SubscriptionChange
+from sidecar.store.usage import Recorded, UsageStore
+
+__all__ = [
+    "SUBSCRIPTION_ENDED",
+    "Account",
+    "Client",
+    "KeyRecord",
+    "Recorded",
+    "Store",
+    "SubscriptionChange",
+    "connect",
+    "subscriber",
+]
+
+
+class Store(ApiKeys, AdmissionStore, StripeSync, UsageStore, Billing, Notifications):
+    """Tollway's state in Redis. One instance per process, shared by all requests."""

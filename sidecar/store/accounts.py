@@ -1,0 +1,114 @@
+"""Accounts: one hash per customer (plan, status, grace), as the CLI and the
+companion create and change them. Every change tells the sidecars to drop what
+they cached about the account."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from sidecar.decide import STATUSES
+from sidecar.errors import NotFound, TollwayError
+from sidecar.store.base import StoreBase
+from sidecar.store.names import (
+    INVALIDATE_CHANNEL,
+    account_changed,
+    account_key,
+    bucket_key,
+    key_changed,
+    quota_key,
+)
+from sidecar.store.text import text
+
+__all__ = ["Account", "Accounts", "check_status"]
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    customer_id: str
+    plan: str
+    status: str
+    grace_until: int = 0
+    created_at: int = 0
+    subscription_id: str = ""
+    period_end: int = 0
+    error: str = ""
+
+
+def check_status(status: str) -> None:
+    if status not in STATUSES:
+        raise TollwayError(f"status {status!r}: expected one of {', '.join(STATUSES)}")
+
+
+class Accounts(StoreBase):
+    async def create_account(self, customer_id: str, plan: str, status: str = "active") -> Account:
+        check_status(status)
+        now = int(time.time())
+        async with self._guard("account create"):
+            created = await self._redis.hsetnx(account_key(customer_id), "plan", plan)
+            if not created:
+                raise TollwayError(f"account {customer_id} already exists")
+            await self._redis.hset(
+                account_key(customer_id),
+                mapping={"status": status, "grace_until": 0, "created_at": now},
+            )
+        return Account(customer_id, plan, status, 0, now)
+
+    async def get_account(self, customer_id: str) -> Account | None:
+        async with self._guard("account read"):
+            raw = await self._redis.hgetall(account_key(customer_id))
+        if not raw:
+            return None
+        fields = {text(k): text(v) for k, v in raw.items()}
+        return Account(
+            customer_id=customer_id,
+            plan=fields.get("plan", ""),
+            status=fields.get("status", ""),
+            grace_until=int(fields.get("grace_until") or 0),
+            created_at=int(fields.get("created_at") or 0),
+            subscription_id=fields.get("subscription_id", ""),
+            period_end=int(fields.get("period_end") or 0),
+            error=fields.get("error", ""),
+        )
+
+    async def require_account(self, customer_id: str) -> Account:
+        account = await self.get_account(customer_id)
+        if account is None:
+            raise NotFound(f"account {customer_id} does not exist")
+        return account
+
+    async def set_status(self, customer_id: str, status: str, *, grace_until: int = 0) -> Account:
+        check_status(status)
+        await self.require_account(customer_id)
+        async with self._guard("account update"):
+            await self._redis.hset(
+                account_key(customer_id), mapping={"status": status, "grace_until": grace_until}
+            )
+        await self.invalidate(customer=customer_id)
+        return await self.require_account(customer_id)
+
+    async def set_plan(self, customer_id: str, plan: str) -> Account:
+        await self.require_account(customer_id)
+        async with self._guard("account update"):
+            await self._redis.hset(account_key(customer_id), "plan", plan)
+        await self.invalidate(customer=customer_id)
+        return await self.require_account(customer_id)
+
+    async def invalidate(self, *, key_hash: str = "", customer: str = "") -> None:
+        """Tells every sidecar to drop what it cached about a key or an account."""
+        async with self._guard("invalidation"):
+            if key_hash:
+                await self._redis.publish(INVALIDATE_CHANNEL, key_changed(key_hash))
+            if customer:
+                await self._redis.publish(INVALIDATE_CHANNEL, account_changed(customer))
+
+    async def usage(self, customer_id: str) -> tuple[float | None, int, int]:
+        """(tokens as last written or None, quota used, period start) for display."""
+        async with self._guard("usage read"):
+            bucket = await self._redis.hget(bucket_key(customer_id), "tokens")
+            period, used = await self._redis.hmget(quota_key(customer_id), "p", "used")
+        return (
+            float(bucket) if bucket is not None else None,
+            int(used or 0),
+            int(period or 0),
+        )

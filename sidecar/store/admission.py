@@ -1,0 +1,167 @@
+"""The request path's one script: admit.lua, its inputs and its answer.
+
+``Admission`` is the script's ARGV as one typed record: its fields, in order,
+are the script's ARGV (tests/test_store_admission.py holds the header of
+admit.lua to it), so a new input is a new field and a new header line, never
+a count of positions. ``admission()`` builds it from a plan and a request;
+``Store.admit`` runs it; ``parse_outcome`` reads the reply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Final
+
+from sidecar.decide import Outcome, OutcomeCode
+from sidecar.plans import Plan
+from sidecar.store.base import StoreBase
+from sidecar.store.names import (
+    account_key,
+    alerts_key,
+    bucket_key,
+    leases_key,
+    quota_key,
+    request_hash,
+    reservation_key,
+    reservations_key,
+    totals_key,
+    usage_key,
+)
+from sidecar.store.text import text
+
+__all__ = ["ADMIT_KEYS", "Admission", "AdmissionStore", "admission", "parse_outcome"]
+
+# admit.lua's KEYS, in order, by the names its header gives them.
+ADMIT_KEYS: Final = (
+    "account",
+    "bucket",
+    "quota",
+    "usage",
+    "totals",
+    "reservation",
+    "reservations",
+    "alerts",
+    "leases",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """admit.lua's ARGV, in order (see the script's header for each)."""
+
+    now_us: int | None  # None: Redis TIME, the production clock
+    expected_plan: str  # "" asks only which plan to enforce
+    rate: float
+    burst: int
+    quota_limit: int
+    quota_period: str
+    overage: str
+    meter: str
+    concurrency: int
+    lease_ttl: int
+    fallback_plan: str
+    cost: int
+    feature_ok: bool
+    key_expires_us: int
+    reservation: str  # a request hash, or "" to meter now
+    reservation_ttl: int
+    thresholds: tuple[int, ...]
+    lease_id: str
+
+    def argv(self) -> list[str | int]:
+        def arg(value: object) -> str | int:
+            if value is None:
+                return ""
+            if isinstance(value, bool):
+                return 1 if value else 0
+            if isinstance(value, float):
+                return repr(value)  # exact: the script reads it with tonumber
+            if isinstance(value, tuple):
+                return ",".join(map(str, value))
+            assert isinstance(value, int | str)
+            return value
+
+        return [arg(getattr(self, name)) for name in _ARGV]
+
+
+_ARGV: Final = tuple(field.name for field in fields(Admission))
+
+
+def admission(
+    plan: Plan | None,
+    *,
+    cost: int,
+    feature_ok: bool,
+    key_expires_at_us: int,
+    fallback_plan: str | None = None,
+    request_id: str = "",
+    reservation_ttl: int = 300,
+    thresholds: tuple[int, ...] = (),
+    lease_id: str = "",
+) -> Admission:
+    """The script's inputs for one request under plan's limits (None: no plan
+    known yet; the script then only names the plan). With request_id, a metered
+    cost is reserved (settled later) instead of metered now. A plan with a
+    concurrency limit takes the lease lease_id."""
+    quota = plan.quota if plan else None
+    return Admission(
+        now_us=None,
+        expected_plan=plan.name if plan else "",
+        rate=plan.rate.per_second if plan else 1.0,
+        burst=plan.burst if plan else 1,
+        quota_limit=quota.limit if quota else 0,
+        quota_period=quota.period if quota else "month",
+        overage=plan.overage if plan else "block",
+        meter=(plan.meter or "") if plan else "",
+        concurrency=plan.concurrency if plan else 0,
+        lease_ttl=plan.lease_ttl if plan else 60,
+        fallback_plan=fallback_plan or "",
+        cost=cost,
+        feature_ok=feature_ok,
+        key_expires_us=key_expires_at_us,
+        reservation=request_hash(request_id) if request_id else "",
+        reservation_ttl=reservation_ttl,
+        thresholds=thresholds,
+        lease_id=lease_id,
+    )
+
+
+def parse_outcome(raw: list[Any]) -> Outcome:
+    """Reads admit.lua's reply (see the script's header for the contract)."""
+    return Outcome(
+        code=OutcomeCode(int(raw[0])),
+        plan=text(raw[1]),
+        status=text(raw[2]),
+        tokens=int(raw[3]) / 1000,
+        reset_ms=int(raw[4]),
+        retry_ms=int(raw[5]),
+        quota_used=int(raw[6]),
+        period_end=int(raw[7]),
+        now=int(raw[8]),
+        thresholds=tuple(int(p) for p in text(raw[9]).split(",") if p),
+    )
+
+
+def _keys(customer_id: str, reservation: str) -> list[str]:
+    return [
+        account_key(customer_id),
+        bucket_key(customer_id),
+        quota_key(customer_id),
+        usage_key(customer_id),
+        totals_key(customer_id),
+        reservation_key(customer_id, reservation or "-"),
+        reservations_key(customer_id),
+        alerts_key(customer_id),
+        leases_key(customer_id),
+    ]
+
+
+class AdmissionStore(StoreBase):
+    async def admit(self, customer_id: str, request: Admission) -> Outcome:
+        """Runs admit.lua for one request: every limit checked, consumed only if all pass."""
+        if self._clock_us is not None:
+            request = replace(request, now_us=self._clock_us())
+        keys = _keys(customer_id, request.reservation)
+        async with self._guard("decision"):
+            raw = await self._run("admit.lua", keys, request.argv(), fast=True)
+        return parse_outcome(raw)

@@ -1,0 +1,166 @@
+"""API keys: records by key hash (in their own slot), the per-account index,
+and the one way to turn a presented key into a usable record.
+
+A key is stored only as its SHA-256 (sidecar/keys.py); a record is never
+deleted, only revoked or expired, so audits can name it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from sidecar import keys
+from sidecar.errors import NotFound
+from sidecar.store.accounts import Accounts
+from sidecar.store.names import key_index_key, key_record_key
+from sidecar.store.text import text
+
+__all__ = ["SUBSCRIPTION_ENDED", "ApiKeys", "KeyRecord"]
+
+# Why the companion revoked an account's keys: its subscription was deleted.
+SUBSCRIPTION_ENDED: Final = "subscription_ended"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    key_id: str
+    customer_id: str
+    state: str  # active | revoked
+    expires_at_us: int = 0  # 0: never
+    created_at: int = 0
+    environment: str = "live"
+    revoked_reason: str = ""  # "subscription_ended" when the companion revoked it
+
+    @property
+    def revoked(self) -> bool:
+        return self.state == "revoked"
+
+    def usable(self, now_us: int | None = None) -> bool:
+        """Neither revoked nor expired (by the wall clock, or now_us): what any
+        call naming a customer by this key requires, not just Authorize."""
+        now = time.time_ns() // 1000 if now_us is None else now_us
+        return not self.revoked and (self.expires_at_us == 0 or now < self.expires_at_us)
+
+
+def _key_record(raw: Mapping[bytes | str, bytes | str]) -> KeyRecord:
+    fields = {text(k): text(v) for k, v in raw.items()}
+    return KeyRecord(
+        key_id=fields["key_id"],
+        customer_id=fields["customer"],
+        state=fields.get("state", "active"),
+        expires_at_us=int(fields.get("expires_at", "0")),
+        created_at=int(fields.get("created_at", "0")),
+        environment=fields.get("env", "live"),
+        revoked_reason=fields.get("revoked_reason", ""),
+    )
+
+
+class ApiKeys(Accounts):
+    async def lookup_key(self, hashed: str) -> KeyRecord | None:
+        async with self._guard("key lookup"):
+            if self._fast is None:
+                raw = await self._redis.hgetall(key_record_key(hashed))
+            else:
+                flat = await self._fast.execute("HGETALL", key_record_key(hashed))
+                raw = dict(zip(flat[::2], flat[1::2], strict=True))
+        return _key_record(raw) if raw else None
+
+    async def usable_record(self, presented: str) -> KeyRecord | None:
+        """The record of a well-formed, known, unrevoked, unexpired key; else None.
+        The key is taken exactly: a key with anything around it is not the key
+        (an HTTP header's surrounding whitespace is HTTP's, and envoy.extract_key
+        drops it as HTTP says). Raises StoreUnavailable: an outage is never "no
+        such key"."""
+        if not keys.is_well_formed(presented):
+            return None
+        record = await self.lookup_key(keys.key_hash(presented))
+        return record if record is not None and record.usable() else None
+
+    async def issue_key(
+        self, customer_id: str, *, environment: keys.Environment, expires_in: int | None = None
+    ) -> tuple[str, KeyRecord]:
+        """A new key for an existing account: (plaintext to show once, stored record)."""
+        await self.require_account(customer_id)
+        key = keys.generate(environment)
+        hashed = keys.key_hash(key)
+        now_us = await self.now_us()
+        record = KeyRecord(
+            key_id=keys.key_id(hashed),
+            customer_id=customer_id,
+            state="active",
+            expires_at_us=now_us + expires_in * 1_000_000 if expires_in else 0,
+            created_at=now_us // 1_000_000,
+            environment=environment,
+        )
+        await self.add_key(hashed, record)
+        return key, record
+
+    async def add_key(self, hashed: str, record: KeyRecord) -> None:
+        # Two slots, so two writes: the record first, so an index entry never
+        # points at nothing.
+        async with self._guard("key create"):
+            await self._redis.hset(
+                key_record_key(hashed),
+                mapping={
+                    "customer": record.customer_id,
+                    "key_id": record.key_id,
+                    "state": record.state,
+                    "expires_at": record.expires_at_us,
+                    "created_at": record.created_at,
+                    "env": record.environment,
+                },
+            )
+            await self._redis.hset(key_index_key(record.customer_id), record.key_id, hashed)
+        await self.invalidate(key_hash=hashed)  # a sidecar may remember it as unknown
+
+    async def list_keys(self, customer_id: str) -> list[KeyRecord]:
+        async with self._guard("key list"):
+            index = await self._redis.hgetall(key_index_key(customer_id))
+            records = []
+            for hashed in index.values():
+                raw = await self._redis.hgetall(key_record_key(text(hashed)))
+                if raw:
+                    records.append(_key_record(raw))
+        return sorted(records, key=lambda r: (r.created_at, r.key_id))
+
+    async def _key_hash(self, customer_id: str, key_id: str) -> str:
+        async with self._guard("key read"):
+            hashed = await self._redis.hget(key_index_key(customer_id), key_id)
+        if hashed is None:
+            raise NotFound(f"key {key_id} of {customer_id} does not exist")
+        return text(hashed)
+
+    async def revoke_key(self, customer_id: str, key_id: str, *, reason: str = "") -> None:
+        hashed = await self._key_hash(customer_id, key_id)
+        async with self._guard("key revoke"):
+            await self._redis.hset(
+                key_record_key(hashed),
+                mapping={
+                    "state": "revoked",
+                    "revoked_at": int(time.time()),
+                    "revoked_reason": reason,
+                },
+            )
+        await self.invalidate(key_hash=hashed)
+
+    async def expire_key(self, customer_id: str, key_id: str, at_us: int) -> None:
+        """Sets the key's expiry to at_us, unless it already expires sooner."""
+        hashed = await self._key_hash(customer_id, key_id)
+        async with self._guard("key expiry"):
+            current = await self._redis.hget(key_record_key(hashed), "expires_at")
+            current_us = int(current or 0)
+            if current_us == 0 or at_us < current_us:
+                await self._redis.hset(key_record_key(hashed), "expires_at", at_us)
+        await self.invalidate(key_hash=hashed)
+
+    async def revoke_all_keys(self, customer_id: str, *, reason: str = "") -> int:
+        """Marks every active key of the account revoked (records stay, for audit)."""
+        revoked = 0
+        for record in await self.list_keys(customer_id):
+            if not record.revoked:
+                await self.revoke_key(customer_id, record.key_id, reason=reason)
+                revoked += 1
+        return revoked

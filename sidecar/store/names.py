@@ -1,0 +1,209 @@
+"""Every Redis key name Tollway uses, and the messages it publishes about them.
+
+Everything of one account sits under one hash tag, ``{customer}``, so in Redis
+Cluster one script can touch it all atomically:
+
+    tw:{cus_1}:a          account hash: plan, status, grace_until, created_at
+    tw:{cus_1}:rl         token bucket: tokens, ts (microseconds)
+    tw:{cus_1}:q          quota counter for the current period: k (kind), p (start), used
+    tw:{cus_1}:keys       key index: key id -> key hash (for list / revoke)
+    tw:{cus_1}:events     Stripe event ids applied (sorted by when), kept 30 days
+    tw:{cus_1}:lock       the companion's per-account lock around fetch + apply
+    tw:{cus_1}:lock:bill  the reporter's per-account lock around billing
+    tw:{cus_1}:checkouts  checkout session id -> key id whose plaintext was shown
+    tw:{cus_1}:usage      usage stream (fields: shared/usage_stream.lua)
+    tw:{cus_1}:totals     "<meter>|<month>" -> units recorded; "r|<meter>|<month>" -> billed
+    tw:{cus_1}:idem:<sha> idempotency claim -> record id (dedupe window)
+    tw:{cus_1}:rsv:<sha>  a reservation: estimate, meter, state (open|settled|expired)
+    tw:{cus_1}:rsvs       open reservations -> settle-by time
+    tw:{cus_1}:alerts     quota thresholds already notified this period
+    tw:{cus_1}:leases     concurrency leases held: lease id -> expiry
+    tw:{cus_1}:bill       reporter: cursor (last planned entry), pending events (JSON)
+    tw:{cus_1}:bill:failed  events Stripe refused for good, for people to look at
+    tw:k:{<sha256>}       key record: customer, key id, state, expires_at (us)
+
+The key record lives in its own slot (its hash is what a request carries);
+reading it is the one extra round trip before the decision script.
+
+Global keys (single-key commands only, so any slot will do):
+
+    tw:usage:dirty          customers with usage the reporter has not planned yet
+    tw:notifications        notifications for the companion to deliver (capped stream)
+    tw:notifications:cursor the last one delivered
+    tw:invalidate           the pub/sub channel (classic PUBLISH reaches every node)
+
+Customer ids are checked here, once: braces in an id would move the hash tag.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from typing import Final
+
+from sidecar.errors import TollwayError
+
+__all__ = [
+    "CUSTOMER_ID_PATTERN",
+    "DIRTY_KEY",
+    "INVALIDATE_CHANNEL",
+    "NOTIFICATIONS_CURSOR_KEY",
+    "NOTIFICATIONS_KEY",
+    "Invalidation",
+    "account_changed",
+    "account_key",
+    "alerts_key",
+    "bill_failed_key",
+    "bill_key",
+    "bucket_key",
+    "checkouts_key",
+    "customer_of",
+    "events_key",
+    "idempotency_key",
+    "key_changed",
+    "key_index_key",
+    "key_record_key",
+    "leases_key",
+    "lock_key",
+    "parse_invalidation",
+    "quota_key",
+    "request_hash",
+    "reservation_key",
+    "reservations_key",
+    "totals_key",
+    "usage_key",
+    "valid_customer_id",
+]
+
+# Stripe's ids (cus_...) and Tollway's own fit; nothing that could hold a brace.
+CUSTOMER_ID_PATTERN: Final = r"[A-Za-z0-9_-]{1,128}"
+_CUSTOMER_RE: Final = re.compile(CUSTOMER_ID_PATTERN)
+
+
+def valid_customer_id(customer_id: str) -> bool:
+    """Whether an id can name an account (and so sit inside a hash tag)."""
+    return bool(_CUSTOMER_RE.fullmatch(customer_id))
+
+
+@functools.lru_cache(maxsize=4096)  # the request path names ~9 keys of one account each time
+def _tag(customer_id: str) -> str:
+    if not _CUSTOMER_RE.fullmatch(customer_id):
+        raise TollwayError(f"customer id {customer_id!r}: use letters, digits, '_' or '-'")
+    return "{" + customer_id + "}"
+
+
+def account_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:a"
+
+
+def bucket_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:rl"
+
+
+def quota_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:q"
+
+
+def key_index_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:keys"
+
+
+def events_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:events"
+
+
+def lock_key(customer_id: str, purpose: str = "sync") -> str:
+    """The companion's lock: "sync" (Stripe fetch + apply) or another purpose."""
+    return f"tw:{_tag(customer_id)}:lock" + ("" if purpose == "sync" else f":{purpose}")
+
+
+def checkouts_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:checkouts"
+
+
+def usage_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:usage"
+
+
+def totals_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:totals"
+
+
+def idempotency_key(customer_id: str, key: str) -> str:
+    return f"tw:{_tag(customer_id)}:idem:{_digest(key)}"
+
+
+def reservation_key(customer_id: str, request_hash: str) -> str:
+    return f"tw:{_tag(customer_id)}:rsv:{request_hash}"
+
+
+def reservations_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:rsvs"
+
+
+def alerts_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:alerts"
+
+
+def leases_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:leases"
+
+
+def bill_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:bill"
+
+
+def bill_failed_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:bill:failed"
+
+
+def customer_of(name: str) -> str:
+    """The customer id inside an account key's hash tag."""
+    return name[name.index("{") + 1 : name.index("}")]
+
+
+def key_record_key(hashed: str) -> str:
+    return f"tw:k:{{{hashed}}}"
+
+
+DIRTY_KEY: Final = "tw:usage:dirty"
+NOTIFICATIONS_KEY: Final = "tw:notifications"
+NOTIFICATIONS_CURSOR_KEY: Final = NOTIFICATIONS_KEY + ":cursor"
+# Pub/sub channel: a key or an account changed; sidecars drop what they cached
+# about it (see sidecar/cache.py for the staleness bound).
+INVALIDATE_CHANNEL: Final = "tw:invalidate"
+
+
+def _digest(text: str) -> str:
+    """A fixed-length, key-safe name for client-chosen strings."""
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def request_hash(request_id: str) -> str:
+    """The name a request's reservation is kept under."""
+    return _digest(request_id)
+
+
+# -- invalidation messages: "k:<key hash>" or "c:<customer id>" ---------------
+
+
+def key_changed(key_hash: str) -> str:
+    return f"k:{key_hash}"
+
+
+def account_changed(customer_id: str) -> str:
+    return f"c:{customer_id}"
+
+
+Invalidation = tuple[str, str]  # ("key", hash) | ("account", customer id) | ("", message)
+
+
+def parse_invalidation(message: str) -> Invalidation:
+    """What a message on INVALIDATE_CHANNEL names; ("", message) if nothing known."""
+    kind, _, name = message.partition(":")
+    if kind == "k":
+        return "key", name
+    if kind == "c":
+        return "account", name
+    return "", message

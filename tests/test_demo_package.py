@@ -1,0 +1,33 @@
+"""`tollway dev` ships what it reads (sidecar/demo/), and `tollway serve` and
+`tollway webhook` never load the demo or the test harness."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+
+from sidecar.demo import processes
+from tests.harness import REPO_ROOT
+
+
+def test_the_demo_reads_deploys_files_shipped_as_package_data() -> None:
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    package_data = pyproject["tool"]["setuptools"]["package-data"]["sidecar"]
+    for shipped in (processes.ENVOY_YAML, processes.DEMO_CONFIG):
+        # A symlink, so deploy/ stays the one real file; setuptools copies its content.
+        assert shipped.is_symlink(), shipped
+        assert shipped.resolve() == (REPO_ROOT / "deploy" / shipped.name).resolve()
+        assert f"demo/{shipped.name}" in package_data
+
+
+def test_serve_and_webhook_never_import_the_demo_or_the_harness() -> None:
+    code = (
+        "import sys, sidecar.cli, sidecar.server, webhook.app, webhook.config\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('sidecar.demo', 'tests'))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
