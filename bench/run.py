@@ -54,7 +54,7 @@ from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc as pb_grpc
 from sidecar.settings import load_settings
 from sidecar.store import KeyRecord, Store, connect
-from sidecar.store.names import quota_key
+from sidecar.store.names import limits_key
 from tests import harness
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
@@ -334,7 +334,7 @@ class Counters:
         for start in range(0, len(customers), POPULATION_BATCH):
             pipe = self.client.pipeline(transaction=False)
             for customer in customers[start : start + POPULATION_BATCH]:
-                pipe.hget(quota_key(customer), "used")
+                pipe.hget(limits_key(customer), "used")
             used += [int(value or 0) for value in pipe.execute()]
         return used
 

@@ -1,16 +1,21 @@
-"""Envoy ext_proc: the response phase of a request Tollway let through.
+"""Envoy ext_proc: the response phase of a request Tollway let through, for
+clients that must see what their request cost in its own response.
 
 Envoy runs the ext_proc filter with request headers skipped and response
 headers sent, forwarding the ext_authz filter's dynamic metadata (what Check
-decided: customer, plan, reserved cost, lease). On the response headers:
+decided: customer, plan, reserved cost, lease). On the response headers the
+request is settled by the shared rules (settlement.py: the upstream's cost
+header, 5xx refunds with bill_only_success, settle:<request_id> once), then:
 
-- the real cost is the upstream's `x-tollway-cost` header (configurable) when
-  present, else the reserved estimate; with bill_only_success a 5xx costs 0;
-- the reservation is settled at that cost (quota and metered usage move to
-  the real amount) and the concurrency lease is released, in one script;
-- the cost header is removed; the client gets x-tollway-charged and, for a
-  plan with a quota, the quota's final state.
+- the cost header is removed, always;
+- the client gets x-tollway-charged and, for a plan with a quota, the quota's
+  final state, only when this settlement applied a charge: never for a request
+  Check reserved nothing for, or one settled before.
 
+Expected with `[envoy] settlement = "ext_proc"` (or ext_proc = true). Envoy
+running the filter while tollway.toml names another settlement is said once
+per process, at ERROR; the filter then still removes the cost header and
+releases the lease, and states no charge it did not apply.
 Anything unexpected (no metadata, Redis down) leaves the response untouched:
 the reservation then expires at its estimate and the lease at its TTL.
 """
@@ -18,40 +23,25 @@ the reservation then expires at its estimate and the lease at its TTL.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Final
+from typing import Any
 
 import grpc
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
-from google.protobuf.json_format import MessageToDict
 
+from sidecar import settlement
 from sidecar.envoy import METADATA_NAMESPACE
 from sidecar.errors import StoreUnavailable
+from sidecar.metrics import SETTLEMENTS
 from sidecar.settings import Settings
+from sidecar.settlement import real_cost
 from sidecar.store import Store
-from sidecar.store.names import valid_customer_id
 
 __all__ = ["ExtProcService", "real_cost"]
 
 log = logging.getLogger("tollway.extproc")
-
-_MAX_COST: Final = 10**9
-
-
-def real_cost(header: str | None, *, estimate: int, status: int, bill_only_success: bool) -> int:
-    """What a finished request costs. Pure."""
-    if bill_only_success and status >= 500:
-        return 0
-    if header is None:
-        return estimate
-    text = header.strip()
-    if text.isascii() and text.isdigit() and int(text) <= _MAX_COST:
-        return int(text)
-    log.warning("ignoring a malformed cost header %r; charging the estimate", header[:40])
-    return estimate
 
 
 def _headers(message: ext_proc.HttpHeaders) -> dict[str, str]:
@@ -79,6 +69,7 @@ class ExtProcService(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[m
         self._store = store
         self._settings = settings
         self._metered = metered
+        self._mismatch = settlement.Mismatch(log)
 
     async def Process(
         self,
@@ -104,57 +95,50 @@ class ExtProcService(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[m
     async def _settle(self, request: ext_proc.ProcessingRequest) -> ext_proc.HeaderMutation:
         settings = self._settings()
         cost_header = settings.envoy.cost_header
-        headers = _headers(request.response_headers)
         mutation = ext_proc.HeaderMutation(remove_headers=[cost_header])
+        if settings.envoy.settlement != "ext_proc":
+            SETTLEMENTS.labels("ext_proc", "mismatch").inc()
+            self._mismatch.say(
+                "tollway.toml and the Envoy config disagree: Envoy runs Tollway's ext_proc "
+                'filter, but [envoy] settlement = %r in %s. Set settlement = "ext_proc", or '
+                "drop the filter from Envoy; until then ext_proc states no charge it did not "
+                "apply. (Said once per process.)",
+                settings.envoy.settlement,
+                settings.config_path or "tollway.toml",
+            )
         struct = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
-        if struct is None:
+        finished = settlement.finished(settlement.plain(struct)) if struct is not None else None
+        if finished is None:
+            SETTLEMENTS.labels("ext_proc", "skipped").inc()
             return mutation
-        try:
-            meta: dict[str, Any] = MessageToDict(struct)
-        except ValueError:  # e.g. a NaN number: not metadata Check wrote
-            return mutation
-        customer, request_id = str(meta.get("customer", "")), str(meta.get("request_id", ""))
-        lease_id = str(meta.get("lease_id", ""))
-        if not valid_customer_id(customer) or not (request_id or lease_id):
-            return mutation
-        plan = settings.catalog.plans.get(str(meta.get("plan", "")))
+        headers = _headers(request.response_headers)
         status = headers.get(":status", "200")
-        estimate = meta.get("cost", 1)
-        cost = real_cost(
-            headers.get(cost_header),
-            # Metadata is ours (from Check) but arrives through Envoy: read it warily.
-            estimate=int(estimate) if isinstance(estimate, int | float) and estimate >= 0 else 1,
-            status=int(status) if status.isascii() and status.isdigit() else 200,
-            bill_only_success=bool(meta.get("bill_only_success", False)),
-        )
         try:
-            if request_id:
-                recorded = await self._store.record_usage(
-                    customer,
-                    meter=(plan.meter or "") if plan else "",
-                    quantity=cost,
-                    at=int(time.time()),
-                    idempotency=f"settle:{request_id}",
-                    dedupe_window=settings.usage.dedupe_window,
-                    request_id=request_id,
-                    lease_id=lease_id,
-                )
-                if recorded.units:
-                    self._metered(customer)
-                quota_used = recorded.quota_used
-            else:
-                await self._store.release(customer, lease_id)
-                quota_used = -1
+            settled = await settlement.settle(
+                self._store,
+                settings,
+                finished,
+                status=int(status) if status.isascii() and status.isdigit() else 200,
+                cost_header=headers.get(cost_header),
+                metered=self._metered,
+            )
         except StoreUnavailable as exc:
-            log.error("response of %s not settled (expires at its estimate): %s", customer, exc)
+            SETTLEMENTS.labels("ext_proc", "unavailable").inc()
+            log.error(
+                "response of %s not settled (expires at its estimate): %s", finished.customer, exc
+            )
             return mutation
-        mutation.set_headers.append(_set("x-tollway-charged", str(cost)))
-        if plan is not None and plan.quota is not None and quota_used >= 0:
-            left = max(0, plan.quota.limit - quota_used)
+        SETTLEMENTS.labels("ext_proc", settled.result).inc()
+        if settled.charged is None:
+            return mutation
+        mutation.set_headers.append(_set("x-tollway-charged", str(settled.charged)))
+        plan = settings.catalog.plans.get(finished.plan)
+        if plan is not None and plan.quota is not None and settled.quota_used >= 0:
+            left = max(0, plan.quota.limit - settled.quota_used)
             mutation.set_headers.extend(
                 [
                     _set("x-tollway-quota-limit", str(plan.quota.limit)),
-                    _set("x-tollway-quota-used", str(quota_used)),
+                    _set("x-tollway-quota-used", str(settled.quota_used)),
                     _set("x-tollway-quota-remaining", str(left)),
                 ]
             )

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DECISIONS",
     "DECISION_SECONDS",
+    "SETTLEMENTS",
     "STORE_ERRORS",
     "USAGE_EVENTS",
     "Counted",
@@ -42,6 +43,11 @@ STORE_ERRORS = Counter(
 USAGE_EVENTS = Counter(
     "tollway_usage_events_total", "RecordUsage events by result", ["result"]
 )  # accepted | duplicate | rejected
+SETTLEMENTS = Counter(
+    "tollway_settlements_total",
+    "Finished requests seen by a settlement (ext_proc, access_log), by result",
+    ["via", "result"],
+)  # settled | duplicate | released | skipped | unavailable | mismatch | error
 
 
 class Counted(Protocol):

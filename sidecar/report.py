@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from sidecar.periods import month_start
 from sidecar.settings import Settings
 from sidecar.store import Store
-from sidecar.store.usage import month_start
 
 __all__ = ["MeterReport", "UsageReport", "usage_report"]
 

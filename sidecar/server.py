@@ -20,6 +20,7 @@ from dataclasses import replace
 import grpc
 import prometheus_client
 import uvicorn
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_authz_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
@@ -29,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 from redis.exceptions import RedisError
 
 from sidecar import envoy
+from sidecar.accesslog import AccessLogService
 from sidecar.authorizer import Authorizer
 from sidecar.decide import Decision, Reason
 from sidecar.errors import ConfigError, StoreUnavailable
@@ -252,7 +254,7 @@ class CheckService(ext_authz_grpc.AuthorizationServicer):  # type: ignore[misc]
         settings = self._settings()
         names = settings.headers
         key, key_header = envoy.extract_key(http.headers, names)
-        # The request's id names its lease (and, with ext_proc, its reservation):
+        # The request's id names its lease (and, with a settlement, its reservation):
         # Envoy's x-request-id, else one made here and sent upstream, so the
         # backend can release or settle it by that id.
         lease_id, extra = http.headers.get("x-request-id", ""), []
@@ -260,7 +262,7 @@ class CheckService(ext_authz_grpc.AuthorizationServicer):  # type: ignore[misc]
             lease_id = uuid.uuid4().hex
             extra = [("x-request-id", lease_id)]
         bind_request_id(lease_id)
-        request_id = lease_id if settings.envoy.ext_proc else ""
+        request_id = lease_id if settings.envoy.reserves else ""
         try:
             decision = await counted_decision(
                 self._authorizer,
@@ -400,12 +402,16 @@ async def serve(
     ext_proc_grpc.add_ExternalProcessorServicer_to_server(
         ExtProcService(store, lambda: sidecar.settings, metered=sidecar.dirty.add), server
     )
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+        AccessLogService(store, lambda: sidecar.settings, metered=sidecar.dirty.add), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (
         pb.DESCRIPTOR.services_by_name["Tollway"].full_name,
         ext_authz.DESCRIPTOR.services_by_name["Authorization"].full_name,
         ext_proc.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name,
+        als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name,
         health.SERVICE_NAME,
         reflection.SERVICE_NAME,
     )

@@ -15,7 +15,8 @@ an environment mapping (passed in, so tests need no patching).
     [billing]  grace_period = "5d"  fallback_plan = "free"   (optional)
     [usage]    dedupe_window = "24h"  reservation_ttl = "5m"  thresholds = [80, 100]
                wait_for_aof = false  wait_for_replicas = 0
-    [envoy]    ext_proc = false  cost_header = "x-tollway-cost"
+    [envoy]    settlement = "none" | "ext_proc" | "access_log"  cost_header = "x-tollway-cost"
+               ext_proc = true (older spelling of settlement = "ext_proc")
     [stripe]   read by the companion (webhook/config.py)
 """
 
@@ -26,7 +27,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal, cast
 
 from sidecar.durations import parse_duration
 from sidecar.errors import ConfigError
@@ -34,10 +35,12 @@ from sidecar.fields import Table, expect
 from sidecar.plans import Catalog, parse_catalog
 
 __all__ = [
+    "SETTLEMENTS",
     "Billing",
     "EnvoyOptions",
     "HeaderNames",
     "Settings",
+    "Settlement",
     "Usage",
     "load_settings",
     "parse_duration",
@@ -60,14 +63,32 @@ _SECTIONS: Final = frozenset(
 )  # fmt: skip
 
 
+SETTLEMENTS: Final = ("none", "ext_proc", "access_log")
+Settlement = Literal["none", "ext_proc", "access_log"]
+
+
 @dataclass(frozen=True, slots=True)
 class EnvoyOptions:
-    """How Tollway works with Envoy's response path (ext_proc)."""
+    """How Tollway works with Envoy's response path: what settles each request."""
 
-    # Envoy runs Tollway's ext_proc filter: Check reserves each request's cost
-    # and takes its lease under x-request-id; the response settles and releases.
-    ext_proc: bool = False
+    # none: nothing after the response; usage is metered at the estimate on
+    #   admission, leases free at their TTL (or by Release).
+    # ext_proc: Envoy's ext_proc filter brings each response back (deploy/envoy.yaml);
+    # access_log: Envoy's gRPC access log does, batched, off the request path
+    #   (deploy/envoy-accesslog.yaml). Either way Check reserves each request's
+    #   cost under x-request-id, and the settlement moves it to the real cost.
+    settlement: Settlement = "none"
     cost_header: str = "x-tollway-cost"  # the upstream's real cost; removed before the client
+
+    @property
+    def reserves(self) -> bool:
+        """Check reserves the cost under the request id, for a settlement to settle."""
+        return self.settlement != "none"
+
+    @property
+    def ext_proc(self) -> bool:
+        """The older name of `reserves` (read by the HTTP transport)."""
+        return self.reserves
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +194,29 @@ def _parse_usage(usage: Table) -> Usage:
     )
 
 
+def _parse_envoy(envoy: Table) -> EnvoyOptions:
+    """settlement, defaulting from the older ext_proc (true: "ext_proc"); both given
+    must agree, since each names what Envoy runs."""
+    legacy = envoy.boolean("ext_proc", None)
+    chosen = envoy.string(
+        "settlement",
+        None,
+        what='"none", "ext_proc" or "access_log"',
+        valid=SETTLEMENTS.__contains__,
+    )
+    if chosen is None:
+        chosen = "ext_proc" if legacy else "none"
+    elif legacy is not None and legacy is not (chosen == "ext_proc"):
+        raise ConfigError(
+            f"[envoy] ext_proc: {str(legacy).lower()} contradicts settlement = {chosen!r}; "
+            "drop ext_proc (settlement replaces it)"
+        )
+    return EnvoyOptions(
+        settlement=cast(Settlement, chosen),
+        cost_header=_header(envoy, "cost_header", "x-tollway-cost"),
+    )
+
+
 def settings_from_document(
     doc: Mapping[str, Any], environ: Mapping[str, str], *, path: Path | None = None
 ) -> Settings:
@@ -230,10 +274,8 @@ def settings_from_document(
             {"dedupe_window", "reservation_ttl", "thresholds", "wait_for_aof", "wait_for_replicas"}
         )
     )
-    envoy = document.section("envoy").only({"ext_proc", "cost_header"})
-    envoy_options = EnvoyOptions(
-        ext_proc=envoy.boolean("ext_proc", False),
-        cost_header=_header(envoy, "cost_header", "x-tollway-cost"),
+    envoy_options = _parse_envoy(
+        document.section("envoy").only({"settlement", "ext_proc", "cost_header"})
     )
     if not names.api_key and not names.bearer:
         raise ConfigError("[headers]: api_key is empty and bearer is false; no key can be read")

@@ -448,23 +448,40 @@ class HttpSidecar:
         return f"http://127.0.0.1:{self.http_port}"
 
 
+def render_envoy_http(
+    *, listen: int, admin: int, grpc: int, http: int, upstream: int, fail_open: bool = False
+) -> str:
+    """deploy/envoy-http.yaml for a local run: its ports swapped (grpc: the sidecar's
+    gRPC port, for ext_proc; http: its HTTP ext_authz port), its listener on
+    loopback, ext_authz failing open if asked."""
+    text = harness.render_envoy_config(
+        ENVOY_HTTP_TEMPLATE.read_text(), listen=listen, admin=admin, sidecar=grpc, upstream=upstream
+    )
+    for old, new in [
+        ("port_value: 50052 ", f"port_value: {http} "),
+        ("uri: http://127.0.0.1:50052\n", f"uri: http://127.0.0.1:{http}\n"),
+        *([("failure_mode_allow: false", "failure_mode_allow: true")] if fail_open else []),
+    ]:
+        if text.count(old) != 1:
+            raise ValueError(f"envoy-http template: expected one {old.strip()!r}")
+        text = text.replace(old, new)
+    return text
+
+
 def start_envoy_http(
     workdir: Path, *, sidecar: HttpSidecar, upstream: int, fail_open: bool = False
 ) -> tuple[harness.Child, str]:
-    """Envoy running deploy/envoy-http.yaml on free ports (its listener on loopback),
-    ext_authz failing open if asked; returns it and its URL once it is ready."""
+    """Envoy running deploy/envoy-http.yaml on free ports in front of upstream,
+    asking sidecar; returns it and its URL once it is ready."""
     listen, admin = harness.free_port(), harness.free_port()
-    text = harness.render_envoy_config(
-        ENVOY_HTTP_TEMPLATE.read_text(), listen=listen, admin=admin,
-        sidecar=sidecar.grpc_port, upstream=upstream,
-    )  # fmt: skip
-    for old, new in [
-        ("port_value: 50052 ", f"port_value: {sidecar.http_port} "),
-        ("uri: http://127.0.0.1:50052\n", f"uri: http://127.0.0.1:{sidecar.http_port}\n"),
-        *([("failure_mode_allow: false", "failure_mode_allow: true")] if fail_open else []),
-    ]:
-        assert text.count(old) == 1, old
-        text = text.replace(old, new)
+    text = render_envoy_http(
+        listen=listen,
+        admin=admin,
+        grpc=sidecar.grpc_port,
+        http=sidecar.http_port,
+        upstream=upstream,
+        fail_open=fail_open,
+    )
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "envoy-http.yaml"
     config.write_text(text)

@@ -23,7 +23,7 @@ from sidecar.decide import Outcome, OutcomeCode
 from sidecar.plans import Plan, Rate
 from sidecar.store import Store, connect
 from sidecar.store.admission import admission
-from sidecar.store.names import bucket_key
+from sidecar.store.names import limits_key
 from tests.conftest import new_customer
 
 SECOND = 1_000_000
@@ -224,7 +224,7 @@ def test_concurrent_requests_never_overdraw_the_bucket(aio: asyncio.Runner, redi
                 )
             )
             elapsed = time.monotonic() - started
-            tokens = float(await store.redis.hget(bucket_key(customer), "tokens"))
+            tokens = float(await store.redis.hget(limits_key(customer), "tokens"))
             assert tokens >= 0
             return list(outcomes), elapsed
         finally:

@@ -27,6 +27,7 @@ from sidecar import keys
 from sidecar.errors import Busy, ConfigError, StoreUnavailable
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc
+from sidecar.periods import month_start
 from sidecar.settings import settings_from_document
 from sidecar.store import Store, connect, subscriber
 from sidecar.store.admission import admission
@@ -37,20 +38,19 @@ from sidecar.store.names import (
     alerts_key,
     bill_failed_key,
     bill_key,
-    bucket_key,
     checkouts_key,
     events_key,
     idempotency_key,
     key_index_key,
     leases_key,
+    legacy_quota_key,
+    limits_key,
     lock_key,
-    quota_key,
     reservation_key,
     reservations_key,
     totals_key,
     usage_key,
 )
-from sidecar.store.usage import month_start
 from tests import harness
 from tests.clusters import (
     MASTERS,
@@ -190,8 +190,8 @@ def test_an_accounts_keys_share_one_slot_and_accounts_spread_over_the_masters(
         for master, customer in enumerate(customers):
             names = [
                 account_key(customer),
-                bucket_key(customer),
-                quota_key(customer),
+                limits_key(customer),
+                legacy_quota_key(customer),
                 key_index_key(customer),
                 events_key(customer),
                 lock_key(customer),

@@ -1,16 +1,22 @@
 """deploy/envoy.yaml is a config Envoy accepts, and the renderer that `tollway dev`
-and the tests use swaps its four ports and nothing else."""
+and the tests use swaps its four ports and nothing else; deploy/envoy-http.yaml is
+one too, and differs from it only in how ext_authz asks."""
 
 from __future__ import annotations
 
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
+from sidecar.decide import Decision, Reason
+from sidecar.envoy import settlement_fields
 from sidecar.settings import load_settings
 from tests import harness
+from tests.conftest import render_envoy_http
 
 REPO = harness.REPO_ROOT
 TEMPLATE = harness.ENVOY_TEMPLATE.read_text()
@@ -102,3 +108,94 @@ def test_envoy_forwards_the_headers_the_sidecar_reads_the_key_from() -> None:
     assert set(names.api_key) <= allowed
     if names.bearer:
         assert "authorization" in allowed
+
+
+# -- deploy/envoy-http.yaml: the same Envoy, asking over HTTP (ext_authz http_service) --
+
+HTTP_TEMPLATE_PATH = REPO / "deploy" / "envoy-http.yaml"
+HTTP_PORTS = {"listen": 41001, "admin": 41002, "grpc": 41003, "http": 41005, "upstream": 41004}
+
+
+def test_deploy_envoy_http_yaml_validates() -> None:
+    done = validate(Path("deploy/envoy-http.yaml"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "OK" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("fail_open", [False, True])
+def test_rendered_envoy_http_config_validates(tmp_path: Path, fail_open: bool) -> None:
+    rendered = render_envoy_http(**HTTP_PORTS, fail_open=fail_open)
+    assert sorted(port_values(rendered)) == sorted(HTTP_PORTS.values())
+    assert f"uri: http://127.0.0.1:{HTTP_PORTS['http']}\n" in rendered
+    config = tmp_path / "envoy-http.yaml"
+    config.write_text(rendered)
+    done = validate(config)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _filters(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
+    """(the connection manager minus its filters, filters by name, clusters by name)."""
+    doc = yaml.safe_load(path.read_text())
+    [listener] = doc["static_resources"]["listeners"]
+    [manager] = listener["filter_chains"][0]["filters"]
+    config = dict(manager["typed_config"])
+    filters = {f["name"]: f["typed_config"] for f in config.pop("http_filters")}
+    clusters = {c["name"]: c for c in doc["static_resources"]["clusters"]}
+    return config, filters, clusters
+
+
+def test_envoy_http_yaml_differs_from_envoy_yaml_only_in_the_authz_transport() -> None:
+    grpc_manager, grpc_filters, grpc_clusters = _filters(REPO / "deploy" / "envoy.yaml")
+    http_manager, http_filters, http_clusters = _filters(HTTP_TEMPLATE_PATH)
+    assert http_manager == grpc_manager  # routes, path normalization
+    assert list(http_filters) == [
+        "envoy.filters.http.ext_authz",
+        "envoy.filters.http.header_to_metadata",  # the estimate, as the number ext_proc reads
+        "envoy.filters.http.ext_proc",
+        "envoy.filters.http.router",
+    ]
+    assert list(grpc_filters) == [n for n in http_filters if "header_to_metadata" not in n]
+    for name in ("envoy.filters.http.ext_proc", "envoy.filters.http.router"):
+        assert http_filters[name] == grpc_filters[name], name
+    grpc_authz = dict(grpc_filters["envoy.filters.http.ext_authz"])
+    http_authz = dict(http_filters["envoy.filters.http.ext_authz"])
+    service = http_authz.pop("http_service")
+    assert grpc_authz.pop("grpc_service")["timeout"] == service["server_uri"]["timeout"]
+    assert http_authz == grpc_authz  # failure_mode_allow, status_on_error, allowed_headers
+    assert "path_prefix" not in service  # the path is priced as the client sent it
+    assert http_clusters["upstream"] == grpc_clusters["upstream"]
+    assert http_clusters["tollway"] == grpc_clusters["tollway"]  # ext_proc's
+    assert service["server_uri"]["cluster"] == "tollway_http"
+
+
+def test_envoy_http_yaml_passes_what_the_http_answer_carries() -> None:
+    """The names sidecar/http_authz.py answers with, in the lists that let them through."""
+    from sidecar.http_authz import ESTIMATE_HEADER
+
+    _, filters, _ = _filters(HTTP_TEMPLATE_PATH)
+    response = filters["envoy.filters.http.ext_authz"]["http_service"]["authorization_response"]
+
+    def names(field: str) -> set[str]:
+        return {p.get("exact") or p["prefix"] + "*" for p in response[field]["patterns"]}
+
+    headers = load_settings(REPO / "deploy" / "tollway.toml", {}).headers
+    assert names("allowed_upstream_headers") == {
+        headers.customer,
+        headers.plan,
+        "x-request-id",
+        ESTIMATE_HEADER,
+    }
+    limits = {"ratelimit", "ratelimit-policy", "x-ratelimit-*"}
+    assert names("allowed_client_headers_on_success") == limits
+    assert names("allowed_client_headers") == limits | {"retry-after", "content-type"}
+    settled = Decision(True, Reason.OK, "ok", "cus_a", "p", lease_id="l", reserved="r", cost=2)
+    assert names("dynamic_metadata_from_headers") == set(settlement_fields(settled) or {}) - {
+        "cost"  # the number comes through header_to_metadata
+    }
+    [rule] = filters["envoy.filters.http.header_to_metadata"]["request_rules"]
+    assert rule["header"] == ESTIMATE_HEADER and rule["remove"] is True
+    assert rule["on_header_present"] == {
+        "metadata_namespace": "envoy.filters.http.ext_authz",
+        "key": "cost",
+        "type": "NUMBER",
+    }

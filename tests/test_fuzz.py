@@ -51,7 +51,7 @@ from sidecar import keys
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc as pb_grpc
 from sidecar.store import KeyRecord, Store, connect
-from tests.conftest import WEBHOOK_SECRET, Customer, Stack, new_customer
+from tests.conftest import WEBHOOK_SECRET, Customer, HttpSidecar, Stack, new_customer
 from tests.fakestripe import FakeStripe, make_event, sign_payload
 
 MakeCustomer = Callable[..., Customer]
@@ -1527,3 +1527,76 @@ def test_an_expired_or_revoked_key_opens_nothing(
     assert results == {name: (401, [Code.UNAUTHENTICATED] * 3) for name in results}
     usage = stack.stub.GetUsage(pb.GetUsageRequest(customer_id=customer), timeout=5)
     assert {m.meter: m.used for m in usage.meters} == {"api_calls": 1}  # the good key's
+
+
+# == HTTP ext_authz (sidecar/http_authz.py), called directly ================================
+
+
+def http_authz_call(port: int, head: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+    """Raw bytes to the sidecar's HTTP ext_authz port: (status, headers, body) of the
+    one answer, read by its content-length."""
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        with contextlib.suppress(ConnectionError):
+            sock.sendall(head)
+        while b"\r\n\r\n" not in received and (chunk := sock.recv(65536)):
+            received += chunk
+        start, _, body = received.partition(b"\r\n\r\n")
+        status_line, *lines = start.split(b"\r\n")
+        headers = dict(line.split(b": ", 1) for line in lines if b": " in line)
+        length = 0 if head.startswith(b"HEAD ") else int(headers.get(b"content-length", 0))
+        while len(body) < length and (chunk := sock.recv(65536)):
+            body += chunk
+    assert status_line.startswith(b"HTTP/1.1 "), (head[:200], received[:200])  # an answer
+    return int(status_line.split(b" ")[1]), headers, body
+
+
+def http_authz_request(method: str, path: str, key: str | None) -> bytes:
+    line = f"{method} {path} HTTP/1.1\r\nhost: tollway\r\n"
+    return (line + (f"x-api-key: {key}\r\n" if key is not None else "") + "\r\n").encode()
+
+
+def test_http_authz_never_allows_a_random_or_mutated_key(
+    http_sidecar: HttpSidecar, make_customer: MakeCustomer
+) -> None:
+    """Whatever the key, method and path, the answer is a 401 or the server's own 400
+    (a request it cannot parse): never a 200, never a 5xx."""
+    real = make_customer("pro")
+    port = http_sidecar.http_port
+
+    @fuzz(200)
+    @given(
+        key=st.one_of(RANDOM_KEYS, mutants(real.key)),
+        method=st.one_of(HTTP_METHODS, METHODS),
+        path=st.one_of(HTTP_PATHS, PATHS, HOSTILE),
+    )
+    def run(key: str, method: str, path: str) -> None:
+        if key.strip() == real.key:  # the real key padded: whitespace is not part of a value
+            return
+        status, _, body = http_authz_call(port, http_authz_request(method, path, key))
+        assert status in (400, 401), (status, body[:200])
+        if status == 401:
+            assert json.loads(body)["code"] in ("missing_key", "invalid_key")
+
+    run()
+    # The oracle is live: the key every mutant came from is allowed.
+    status, headers, _ = http_authz_call(port, http_authz_request("GET", "/", real.key))
+    assert status == 200 and headers[b"x-tollway-customer"] == real.id.encode()
+
+
+def test_http_authz_with_a_valid_key_answers_no_5xx(
+    http_sidecar: HttpSidecar, make_customer: MakeCustomer
+) -> None:
+    c = make_customer("pro")  # burst 100 at 100/s, every feature in the config
+
+    @fuzz(80)
+    @given(method=st.one_of(HTTP_METHODS, METHODS), path=st.one_of(HTTP_PATHS, PATHS))
+    def run(method: str, path: str) -> None:
+        head = http_authz_request(method, path, c.key)
+        status, headers, body = http_authz_call(http_sidecar.http_port, head)
+        assert status in (200, 400, 429), (status, body[:200])
+        if status == 200:  # allowed as this customer, the key header named for removal
+            assert headers[b"x-tollway-customer"] == c.id.encode()
+            assert headers[b"x-envoy-auth-headers-to-remove"] == b"x-api-key"
+
+    run()

@@ -111,7 +111,7 @@ def test_usage_is_billed_once_per_meter_and_minute(redis_url: str, fake_stripe: 
     assert all(e["identifier"].startswith("tw_") for e in sent)
 
     async def report(store: Store, reporter: Reporter) -> dict[str, tuple[int, int]]:
-        from sidecar.store.usage import month_start
+        from sidecar.periods import month_start
 
         return await store.usage_totals(customer, month_start(int(time.time())))
 

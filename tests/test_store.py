@@ -22,10 +22,17 @@ from redis.crc import key_slot
 from sidecar import keys
 from sidecar.decide import STATUSES, Outcome, OutcomeCode
 from sidecar.errors import NotFound, StoreUnavailable, TollwayError
+from sidecar.periods import period_at
 from sidecar.plans import Plan, Quota, Rate, parse_catalog
 from sidecar.store import KeyRecord, Store, connect
 from sidecar.store.admission import admission
-from sidecar.store.names import account_key, bucket_key, key_index_key, key_record_key, quota_key
+from sidecar.store.names import (
+    account_key,
+    key_index_key,
+    key_record_key,
+    legacy_quota_key,
+    limits_key,
+)
 from tests import harness
 from tests.conftest import new_customer
 
@@ -116,13 +123,14 @@ class State:
 
 async def state(store: Store, customer: str) -> State:
     return State(
-        bucket=await store.redis.hgetall(bucket_key(customer)),
-        quota=await store.redis.hgetall(quota_key(customer)),
+        # The bucket and the period's counter share the limits hash.
+        bucket=await store.redis.hgetall(limits_key(customer)),
+        quota=await store.redis.hgetall(limits_key(customer)),
     )
 
 
 async def quota_used(store: Store, customer: str) -> int:
-    return int(await store.redis.hget(quota_key(customer), "used") or 0)
+    return int(await store.redis.hget(limits_key(customer), "used") or 0)
 
 
 # -- key names ---------------------------------------------------------------
@@ -130,12 +138,12 @@ async def quota_used(store: Store, customer: str) -> int:
 
 def test_key_names_put_an_account_under_one_hash_tag() -> None:
     assert account_key("cus_1") == "tw:{cus_1}:a"
-    assert bucket_key("cus_1") == "tw:{cus_1}:rl"
-    assert quota_key("cus_1") == "tw:{cus_1}:q"
+    assert limits_key("cus_1") == "tw:{cus_1}:rl"
+    assert legacy_quota_key("cus_1") == "tw:{cus_1}:q"
     assert key_index_key("cus_1") == "tw:{cus_1}:keys"
     assert key_record_key("ab12") == "tw:k:{ab12}"
     # In Redis Cluster the decision script's three keys must share one slot.
-    names = [f("cus_1") for f in (account_key, bucket_key, quota_key, key_index_key)]
+    names = [f("cus_1") for f in (account_key, limits_key, legacy_quota_key, key_index_key)]
     assert {key_slot(name.encode()) for name in names} == {key_slot(b"cus_1")}
     hashed = keys.key_hash(keys.generate())
     assert key_slot(key_record_key(hashed).encode()) == key_slot(hashed.encode())
@@ -145,7 +153,7 @@ def test_key_names_put_an_account_under_one_hash_tag() -> None:
 def test_customer_id_that_would_move_the_hash_tag_is_refused(
     aio: asyncio.Runner, tstore: Store, bad: str
 ) -> None:
-    for key_name in (account_key, bucket_key, quota_key, key_index_key):
+    for key_name in (account_key, limits_key, legacy_quota_key, key_index_key):
         with pytest.raises(TollwayError, match="customer id"):
             key_name(bad)
 
@@ -244,19 +252,29 @@ def test_refill_never_exceeds_burst(aio: asyncio.Runner, tstore: Store, clock: C
         assert [o.code for o in outcomes] == [OutcomeCode.OK] * BASIC.burst + [
             OutcomeCode.RATE_LIMITED
         ]
-        stored = await tstore.redis.hget(bucket_key(customer), "tokens")
+        stored = await tstore.redis.hget(limits_key(customer), "tokens")
         assert float(stored) == 0
 
     aio.run(scenario())
 
 
-def test_bucket_state_expires_once_it_would_be_full(aio: asyncio.Runner, tstore: Store) -> None:
+def test_limits_live_a_day_past_the_period_and_an_admission_is_one_write(
+    aio: asyncio.Runner, tstore: Store, clock: Clock
+) -> None:
     async def scenario() -> None:
         customer = await account(tstore)
         assert (await decide(tstore, customer, BASIC)).code is OutcomeCode.OK
-        ttl_ms = await tstore.redis.pttl(bucket_key(customer))
-        # 5 tokens at 10/s refill in 500 ms; the script keeps one second more.
-        assert 500 < ttl_ms <= 1500
+        now = clock.now // SECOND
+        _, end, _ = period_at("month", now)
+        # Relative to the script's clock: a day past the period, for people and the reporter.
+        assert await tstore.redis.ttl(limits_key(customer)) == end + 86400 - now
+        await tstore.redis.config_resetstat()
+        assert (await decide(tstore, customer, BASIC)).code is OutcomeCode.OK
+        stats = await tstore.redis.info("commandstats")
+        writes = {name: stats[name]["calls"] for name in stats if name.startswith("cmdstat_")}
+        writes.pop("cmdstat_config|resetstat", None)
+        # The account, the limits, one write; no expiry moved (it is set once a period).
+        assert writes == {"cmdstat_evalsha": 1, "cmdstat_hmget": 2, "cmdstat_hset": 1}
 
     aio.run(scenario())
 
@@ -338,7 +356,7 @@ def test_first_request_denied_leaves_no_state(
         assert outcome.code is (
             OutcomeCode.INACTIVE if status == "canceled" else OutcomeCode.FEATURE
         )
-        names = (bucket_key(customer), quota_key(customer))
+        names = (limits_key(customer), legacy_quota_key(customer))
         assert await tstore.redis.exists(*names) == 0
 
     aio.run(scenario())
@@ -581,7 +599,7 @@ def test_inactive_is_decided_before_the_plan_and_ignores_the_fallback(
             outcome = await decide(tstore, customer, hint, fallback_plan="free")
             assert outcome.code is OutcomeCode.INACTIVE
             assert (outcome.plan, outcome.status) == ("basic", status)
-        assert await tstore.redis.exists(bucket_key(customer), quota_key(customer)) == 0
+        assert await tstore.redis.exists(limits_key(customer), legacy_quota_key(customer)) == 0
 
     aio.run(scenario())
 
@@ -704,7 +722,7 @@ def test_wrong_plan_hint_returns_the_real_plan_and_writes_nothing(
             outcome = await decide(tstore, customer, hint, cost=3)
             assert outcome.code is OutcomeCode.PLAN_CHANGED
             assert (outcome.plan, outcome.status) == ("pro", "trialing")
-        assert await tstore.redis.exists(bucket_key(customer), quota_key(customer)) == 0
+        assert await tstore.redis.exists(limits_key(customer), legacy_quota_key(customer)) == 0
         # Retrying with the real plan's limits is a normal decision.
         retried = await decide(tstore, customer, pro, cost=3)
         assert retried.code is OutcomeCode.OK
@@ -745,7 +763,7 @@ def test_missing_account_is_no_account(aio: asyncio.Runner, tstore: Store) -> No
         outcome = await decide(tstore, customer, BASIC)
         assert outcome.code is OutcomeCode.NO_ACCOUNT
         assert outcome.plan == ""
-        assert await tstore.redis.exists(bucket_key(customer), quota_key(customer)) == 0
+        assert await tstore.redis.exists(limits_key(customer), legacy_quota_key(customer)) == 0
 
     aio.run(scenario())
 
@@ -759,7 +777,7 @@ def test_decisions_use_redis_time_without_an_injected_clock(
         outcome = await decide(store, customer, BASIC)
         assert outcome.code is OutcomeCode.OK
         assert before - 5 <= outcome.now <= int(time.time()) + 5
-        ts = int(await store.redis.hget(bucket_key(customer), "ts"))
+        ts = int(await store.redis.hget(limits_key(customer), "ts"))
         assert ts // SECOND == outcome.now
         assert abs(ts - await store.now_us()) < 5 * SECOND
 
@@ -865,7 +883,7 @@ def test_plaintext_key_is_stored_nowhere(aio: asyncio.Runner, tstore: Store) -> 
             if f"{{{customer}}}".encode() in name or fields.get(b"customer") == customer.encode():
                 found[name] = fields
         hashes = [keys.key_hash(p) for p in plaintexts]
-        expected = {account_key(customer), bucket_key(customer), quota_key(customer)}
+        expected = {account_key(customer), limits_key(customer)}
         expected |= {key_index_key(customer)} | {key_record_key(h) for h in hashes}
         assert {name.decode() for name in found} == expected
 
@@ -935,3 +953,30 @@ def test_unresponsive_redis_times_out_with_store_unavailable() -> None:
         assert accepted  # the client did reach the server
 
     asyncio.run(scenario())
+
+
+# -- data written by releases before 0.2 ----------------------------------------
+
+
+def test_a_quota_counted_before_the_limits_hash_keeps_counting_and_moves_in(
+    aio: asyncio.Runner, tstore: Store, clock: Clock
+) -> None:
+    """Before 0.2 the period counter had its own key (tw:{c}:q) beside the bucket;
+    an account counted then keeps its count, and the old key goes."""
+    plan = Plan("q", Rate(10, 1), burst=5, quota=Quota(5, "day"))
+
+    async def scenario() -> None:
+        customer = await account(tstore, plan)
+        start, _, _ = period_at("day", clock.now // SECOND)
+        await tstore.redis.hset(limits_key(customer), mapping={"tokens": 5, "ts": clock.now})
+        await tstore.redis.hset(
+            legacy_quota_key(customer), mapping={"k": "day", "p": start, "used": 3}
+        )
+        assert (await tstore.usage(customer))[1] == 3  # shown as counted
+        first = await decide(tstore, customer, plan)
+        assert first.code is OutcomeCode.OK and first.quota_used == 4
+        assert await tstore.redis.exists(legacy_quota_key(customer)) == 0
+        assert (await decide(tstore, customer, plan)).quota_used == 5
+        assert (await decide(tstore, customer, plan)).code is OutcomeCode.QUOTA_EXCEEDED
+
+    aio.run(scenario())

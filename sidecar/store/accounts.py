@@ -14,9 +14,9 @@ from sidecar.store.names import (
     INVALIDATE_CHANNEL,
     account_changed,
     account_key,
-    bucket_key,
     key_changed,
-    quota_key,
+    legacy_quota_key,
+    limits_key,
 )
 from sidecar.store.text import text
 
@@ -105,8 +105,11 @@ class Accounts(StoreBase):
     async def usage(self, customer_id: str) -> tuple[float | None, int, int]:
         """(tokens as last written or None, quota used, period start) for display."""
         async with self._guard("usage read"):
-            bucket = await self._redis.hget(bucket_key(customer_id), "tokens")
-            period, used = await self._redis.hmget(quota_key(customer_id), "p", "used")
+            bucket, kind, period, used = await self._redis.hmget(
+                limits_key(customer_id), "tokens", "k", "p", "used"
+            )
+            if kind is None:  # not yet moved from where releases before 0.2 kept it
+                period, used = await self._redis.hmget(legacy_quota_key(customer_id), "p", "used")
         return (
             float(bucket) if bucket is not None else None,
             int(used or 0),

@@ -9,18 +9,20 @@ a count of positions. ``admission()`` builds it from a plan and a request;
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, fields, replace
 from typing import Any, Final
 
 from sidecar.decide import Outcome, OutcomeCode
+from sidecar.periods import period_at
 from sidecar.plans import Plan
 from sidecar.store.base import StoreBase
 from sidecar.store.names import (
     account_key,
     alerts_key,
-    bucket_key,
     leases_key,
-    quota_key,
+    legacy_quota_key,
+    limits_key,
     request_hash,
     reservation_key,
     reservations_key,
@@ -34,8 +36,8 @@ __all__ = ["ADMIT_KEYS", "Admission", "AdmissionStore", "admission", "parse_outc
 # admit.lua's KEYS, in order, by the names its header gives them.
 ADMIT_KEYS: Final = (
     "account",
-    "bucket",
-    "quota",
+    "limits",
+    "legacy_quota",
     "usage",
     "totals",
     "reservation",
@@ -55,6 +57,9 @@ class Admission:
     burst: int
     quota_limit: int
     quota_period: str
+    period_start: int  # the current period by the caller's clock (the script checks it)
+    period_end: int
+    month_start: int
     overage: str
     meter: str
     concurrency: int
@@ -104,13 +109,18 @@ def admission(
     cost is reserved (settled later) instead of metered now. A plan with a
     concurrency limit takes the lease lease_id."""
     quota = plan.quota if plan else None
+    kind = quota.period if quota else "month"
+    start, end, month = period_at(kind, int(time.time()))
     return Admission(
         now_us=None,
         expected_plan=plan.name if plan else "",
         rate=plan.rate.per_second if plan else 1.0,
         burst=plan.burst if plan else 1,
         quota_limit=quota.limit if quota else 0,
-        quota_period=quota.period if quota else "month",
+        quota_period=kind,
+        period_start=start,
+        period_end=end,
+        month_start=month,
         overage=plan.overage if plan else "block",
         meter=(plan.meter or "") if plan else "",
         concurrency=plan.concurrency if plan else 0,
@@ -145,8 +155,8 @@ def parse_outcome(raw: list[Any]) -> Outcome:
 def _keys(customer_id: str, reservation: str) -> list[str]:
     return [
         account_key(customer_id),
-        bucket_key(customer_id),
-        quota_key(customer_id),
+        limits_key(customer_id),
+        legacy_quota_key(customer_id),
         usage_key(customer_id),
         totals_key(customer_id),
         reservation_key(customer_id, reservation or "-"),
@@ -160,7 +170,11 @@ class AdmissionStore(StoreBase):
     async def admit(self, customer_id: str, request: Admission) -> Outcome:
         """Runs admit.lua for one request: every limit checked, consumed only if all pass."""
         if self._clock_us is not None:
-            request = replace(request, now_us=self._clock_us())
+            now_us = self._clock_us()
+            start, end, month = period_at(request.quota_period, now_us // 1_000_000)
+            request = replace(
+                request, now_us=now_us, period_start=start, period_end=end, month_start=month
+            )
         keys = _keys(customer_id, request.reservation)
         async with self._guard("decision"):
             raw = await self._run("admit.lua", keys, request.argv(), fast=True)

@@ -1,8 +1,10 @@
 -- admit.lua: admit one request for one account, all or nothing.
 --
 -- KEYS[1]  account       tw:{acct}:a       plan, status, grace_until (Unix s)
--- KEYS[2]  bucket        tw:{acct}:rl      tokens (float), ts (us)
--- KEYS[3]  quota         tw:{acct}:q       k (period kind), p (period start, Unix s), used
+-- KEYS[2]  limits        tw:{acct}:rl      tokens (float), ts (us), k (period kind),
+--                                           p (period start, Unix s), used, x (expires at)
+-- KEYS[3]  legacy_quota  tw:{acct}:q       the quota counter of releases before 0.2:
+--                                           read once if KEYS[2] has none, then deleted
 -- KEYS[4]  usage         tw:{acct}:usage   usage stream (metered requests)
 -- KEYS[5]  totals        tw:{acct}:totals  "<meter>|<month start>" -> units
 -- KEYS[6]  reservation   tw:{acct}:rsv:<request hash> (untouched without a reservation)
@@ -16,18 +18,22 @@
 -- ARGV[4]  burst            bucket size (integer >= 1)
 -- ARGV[5]  quota_limit      quota per period (0 = no quota; usage is still counted)
 -- ARGV[6]  quota_period     hour | day | month (calendar, UTC)
--- ARGV[7]  overage          block | bill
--- ARGV[8]  meter            meter for this plan's requests ("" = the plan meters nothing)
--- ARGV[9]  concurrency      leases the plan allows at once (0 = unlimited, no lease)
--- ARGV[10] lease_ttl        lease lifetime in seconds
--- ARGV[11] fallback_plan    plan for a past_due account whose grace is over ("" = deny)
--- ARGV[12] cost             cost of this request (integer >= 1)
--- ARGV[13] feature_ok       1 if the plan includes the feature the request needs, else 0
--- ARGV[14] key_expires_us   key expiry in microseconds since the epoch (0 = never)
--- ARGV[15] reservation      request hash to reserve the cost under ("" = meter now)
--- ARGV[16] reservation_ttl  reservation lifetime in seconds
--- ARGV[17] thresholds       quota percentages that notify, comma separated ("" = none)
--- ARGV[18] lease_id         lease id for this request
+-- ARGV[7]  period_start     the caller's start of the current period (Unix s): used when
+--                           Redis TIME falls inside it, else computed here
+-- ARGV[8]  period_end       its end (Unix s)
+-- ARGV[9]  month_start      the current month's start (Unix s), the totals' period
+-- ARGV[10] overage          block | bill
+-- ARGV[11] meter            meter for this plan's requests ("" = the plan meters nothing)
+-- ARGV[12] concurrency      leases the plan allows at once (0 = unlimited, no lease)
+-- ARGV[13] lease_ttl        lease lifetime in seconds
+-- ARGV[14] fallback_plan    plan for a past_due account whose grace is over ("" = deny)
+-- ARGV[15] cost             cost of this request (integer >= 1)
+-- ARGV[16] feature_ok       1 if the plan includes the feature the request needs, else 0
+-- ARGV[17] key_expires_us   key expiry in microseconds since the epoch (0 = never)
+-- ARGV[18] reservation      request hash to reserve the cost under ("" = meter now)
+-- ARGV[19] reservation_ttl  reservation lifetime in seconds
+-- ARGV[20] thresholds       quota percentages that notify, comma separated ("" = none)
+-- ARGV[21] lease_id         lease id for this request
 --
 -- Returns {code, plan, status, tokens_milli, reset_ms, retry_ms, quota_used,
 --          period_end, now_s, thresholds}; thresholds lists the quota percentages
@@ -47,9 +53,9 @@
 
 -- #include shared/usage_stream.lua
 
-local now_us, expected_plan, rate, burst, quota_limit, quota_period, overage, meter, concurrency,
-  lease_ttl, fallback_plan, cost, feature_ok, key_expires_us, reservation, reservation_ttl,
-  thresholds, lease_id = unpack(ARGV)
+local now_us, expected_plan, rate, burst, quota_limit, quota_period, period_start, period_end,
+  month_start, overage, meter, concurrency, lease_ttl, fallback_plan, cost, feature_ok,
+  key_expires_us, reservation, reservation_ttl, thresholds, lease_id = unpack(ARGV)
 
 if now_us == "" then
   local t = redis.call("TIME")
@@ -91,56 +97,69 @@ if feature_ok ~= "1" then
   return reply(5, plan, status, 0, 0, 0, 0, 0)
 end
 
--- Calendar arithmetic (proleptic Gregorian, UTC), after H. Hinnant's algorithms.
-local function days_from_civil(y, m, d)
-  if m <= 2 then y = y - 1 end
-  local era = math.floor(y / 400)
-  local yoe = y - era * 400
-  local doy = math.floor((153 * ((m + 9) % 12) + 2) / 5) + d - 1
-  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
-  return era * 146097 + doe - 719468
-end
-local function civil_from_days(z)
-  z = z + 719468
-  local era = math.floor(z / 146097)
-  local doe = z - era * 146097
-  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
-    - math.floor(doe / 146096)) / 365)
-  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-  local mp = math.floor((5 * doy + 2) / 153)
-  local m = mp < 10 and mp + 3 or mp - 9
-  local y = yoe + era * 400
-  if m <= 2 then y = y + 1 end
-  return y, m
+local p_start, p_end = tonumber(period_start), tonumber(period_end)
+month_start = tonumber(month_start)
+if not (p_start <= now_s and now_s < p_end and month_start <= p_start) then
+  -- The caller's clock put the request in another period than Redis TIME does
+  -- (a boundary, or skew): Redis's clock decides, so compute the period here.
+  -- Calendar arithmetic (proleptic Gregorian, UTC), after H. Hinnant's algorithms.
+  local function days_from_civil(y, m, d)
+    if m <= 2 then y = y - 1 end
+    local era = math.floor(y / 400)
+    local yoe = y - era * 400
+    local doy = math.floor((153 * ((m + 9) % 12) + 2) / 5) + d - 1
+    local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+    return era * 146097 + doe - 719468
+  end
+  local function civil_from_days(z)
+    z = z + 719468
+    local era = math.floor(z / 146097)
+    local doe = z - era * 146097
+    local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+      - math.floor(doe / 146096)) / 365)
+    local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+    local mp = math.floor((5 * doy + 2) / 153)
+    local m = mp < 10 and mp + 3 or mp - 9
+    local y = yoe + era * 400
+    if m <= 2 then y = y + 1 end
+    return y, m
+  end
+  local y, m = civil_from_days(math.floor(now_s / 86400))
+  month_start = days_from_civil(y, m, 1) * 86400
+  if quota_period == "hour" then
+    p_start = now_s - now_s % 3600
+    p_end = p_start + 3600
+  elseif quota_period == "day" then
+    p_start = now_s - now_s % 86400
+    p_end = p_start + 86400
+  else
+    p_start = month_start
+    if m == 12 then y, m = y + 1, 1 else m = m + 1 end
+    p_end = days_from_civil(y, m, 1) * 86400
+  end
 end
 
-local p_start, p_end
-local y, m = civil_from_days(math.floor(now_s / 86400))
-local month_start = days_from_civil(y, m, 1) * 86400
-if quota_period == "hour" then
-  p_start = now_s - now_s % 3600
-  p_end = p_start + 3600
-elseif quota_period == "day" then
-  p_start = now_s - now_s % 86400
-  p_end = p_start + 86400
-else
-  p_start = month_start
-  if m == 12 then y, m = y + 1, 1 else m = m + 1 end
-  p_end = days_from_civil(y, m, 1) * 86400
-end
-
-local bucket = redis.call("HMGET", KEYS[2], "tokens", "ts")
+-- The bucket and the period's counter share one hash: one read, one write.
+local state = redis.call("HMGET", KEYS[2], "tokens", "ts", "k", "p", "used", "x")
 local tokens = burst
-if bucket[1] then
-  local elapsed = math.max(0, now_us - tonumber(bucket[2]))
-  tokens = math.min(burst, tonumber(bucket[1]) + elapsed * rate / 1000000)
+if state[1] then
+  local elapsed = math.max(0, now_us - tonumber(state[2]))
+  tokens = math.min(burst, tonumber(state[1]) + elapsed * rate / 1000000)
+end
+local legacy = false
+if not state[3] then
+  -- Written by a release that kept the counter in its own key: read it once.
+  local q = redis.call("HMGET", KEYS[3], "k", "p", "used")
+  if q[1] then
+    state[3], state[4], state[5], legacy = q[1], q[2], q[3], true
+  end
 end
 
 -- A counter from another period, or another kind of period (a plan change
 -- from monthly to daily quotas), starts over.
-local q = redis.call("HMGET", KEYS[3], "k", "p", "used")
+local same_period = state[3] == quota_period and tonumber(state[4]) == p_start
 local used = 0
-if q[1] == quota_period and tonumber(q[2]) == p_start then used = tonumber(q[3]) end
+if same_period then used = tonumber(state[5]) end
 
 local function full_in_ms(level)
   return (burst - level) * 1000 / rate
@@ -176,11 +195,24 @@ if concurrency > 0 then
   redis.call("ZADD", KEYS[9], now_s + tonumber(lease_ttl), lease_id)
   redis.call("EXPIRE", KEYS[9], tonumber(lease_ttl) + 60)
 end
-redis.call("HSET", KEYS[2], "tokens", string.format("%.17g", tokens), "ts", now_us)
--- A bucket left alone refills to full; after that its key carries no information.
-redis.call("PEXPIRE", KEYS[2], math.ceil(full_in_ms(0)) + 1000)
-redis.call("HSET", KEYS[3], "k", quota_period, "p", p_start, "used", used)
-redis.call("EXPIRE", KEYS[3], p_end - now_s + 86400)
+-- The hash must outlive the period (a day past it, for the reporter and
+-- people reading it) and the bucket's refill from empty (after which a bucket
+-- carries no information). Its expiry only ever moves later, and is set only
+-- when it must (once a period, as a rule), so a plain admission is one write.
+local expires_at = math.max(p_end + 86400, now_s + math.ceil(burst / rate) + 1)
+local x = tonumber(state[6] or "0") or 0
+local fields = {"tokens", string.format("%.17g", tokens), "ts", now_us, "used", used}
+if not same_period or legacy then
+  table.insert(fields, "k"); table.insert(fields, quota_period)
+  table.insert(fields, "p"); table.insert(fields, p_start)
+end
+if x < expires_at then
+  table.insert(fields, "x"); table.insert(fields, expires_at)
+end
+redis.call("HSET", KEYS[2], unpack(fields))
+-- Relative to the script's clock (TIME in production), as every time here is.
+if x < expires_at then redis.call("EXPIRE", KEYS[2], expires_at - now_s) end
+if legacy then redis.call("DEL", KEYS[3]) end
 
 -- A request id already holding a reservation cannot hold a second one (a client
 -- may choose the id): this request is metered now instead.

@@ -4,8 +4,10 @@ Everything of one account sits under one hash tag, ``{customer}``, so in Redis
 Cluster one script can touch it all atomically:
 
     tw:{cus_1}:a          account hash: plan, status, grace_until, created_at
-    tw:{cus_1}:rl         token bucket: tokens, ts (microseconds)
-    tw:{cus_1}:q          quota counter for the current period: k (kind), p (start), used
+    tw:{cus_1}:rl         limits: the token bucket (tokens, ts in microseconds) and the
+                          current period's counter (k kind, p start, used); x expires at
+    tw:{cus_1}:q          the period counter as releases before 0.2 kept it: read once
+                          by the decision script, then deleted
     tw:{cus_1}:keys       key index: key id -> key hash (for list / revoke)
     tw:{cus_1}:events     Stripe event ids applied (sorted by when), kept 30 days
     tw:{cus_1}:lock       the companion's per-account lock around fetch + apply
@@ -56,7 +58,6 @@ __all__ = [
     "alerts_key",
     "bill_failed_key",
     "bill_key",
-    "bucket_key",
     "checkouts_key",
     "customer_of",
     "events_key",
@@ -65,9 +66,10 @@ __all__ = [
     "key_index_key",
     "key_record_key",
     "leases_key",
+    "legacy_quota_key",
+    "limits_key",
     "lock_key",
     "parse_invalidation",
-    "quota_key",
     "request_hash",
     "reservation_key",
     "reservations_key",
@@ -97,11 +99,11 @@ def account_key(customer_id: str) -> str:
     return f"tw:{_tag(customer_id)}:a"
 
 
-def bucket_key(customer_id: str) -> str:
+def limits_key(customer_id: str) -> str:
     return f"tw:{_tag(customer_id)}:rl"
 
 
-def quota_key(customer_id: str) -> str:
+def legacy_quota_key(customer_id: str) -> str:
     return f"tw:{_tag(customer_id)}:q"
 
 

@@ -6,8 +6,9 @@
 -- KEYS[3]  usage totals        tw:{acct}:totals ("<meter>|<month start>" -> units)
 -- KEYS[4]  reservation         tw:{acct}:rsv:<request hash> (untouched without ARGV[7])
 -- KEYS[5]  reservations        tw:{acct}:rsvs
--- KEYS[6]  quota counter       tw:{acct}:q
+-- KEYS[6]  limits              tw:{acct}:rl  (the period counter: k, p, used)
 -- KEYS[7]  leases              tw:{acct}:leases
+-- KEYS[8]  legacy quota        tw:{acct}:q   (the counter before 0.2, until admit.lua moves it)
 -- ARGV[1]  meter ("" = settle the quota only, record no usage)
 -- ARGV[2]  quantity (> 0)
 -- ARGV[3]  when it was used (Unix s)
@@ -28,6 +29,18 @@
 -- one already settled), usage is recorded and the quota is left alone.
 
 -- #include shared/usage_stream.lua
+
+-- A period counter where a release before 0.2 kept it moves into the limits
+-- hash first (keeping the longer of the two lifetimes), as admit.lua does.
+if redis.call("HEXISTS", KEYS[6], "k") == 0 then
+  local old = redis.call("HMGET", KEYS[8], "k", "p", "used")
+  if old[1] then
+    local ttl = redis.call("PTTL", KEYS[8])
+    redis.call("HSET", KEYS[6], "k", old[1], "p", old[2], "used", old[3])
+    if ttl > redis.call("PTTL", KEYS[6]) then redis.call("PEXPIRE", KEYS[6], ttl) end
+    redis.call("DEL", KEYS[8])
+  end
+end
 
 local function quota_used()
   return tonumber(redis.call("HGET", KEYS[6], "used") or "0")

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 
 from sidecar.errors import StoreUnavailable
+from sidecar.periods import month_start
 from sidecar.store.base import StoreBase
 from sidecar.store.names import (
     idempotency_key,
     leases_key,
-    quota_key,
+    legacy_quota_key,
+    limits_key,
     request_hash,
     reservation_key,
     reservations_key,
@@ -28,7 +29,7 @@ from sidecar.store.names import (
 )
 from sidecar.store.text import text
 
-__all__ = ["Recorded", "UsageStore", "month_start"]
+__all__ = ["Recorded", "UsageStore"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,12 +40,6 @@ class Recorded:
     record_id: str
     units: int  # units recorded now (0 for a duplicate or a pure refund)
     quota_used: int  # the quota counter after any settlement
-
-
-def month_start(at: int) -> int:
-    """Unix seconds of the first instant of at's calendar month (UTC)."""
-    moment = datetime.fromtimestamp(at, UTC)
-    return int(moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp())
 
 
 class UsageStore(StoreBase):
@@ -74,8 +69,9 @@ class UsageStore(StoreBase):
             totals_key(customer_id),
             reservation_key(customer_id, settle or "-"),
             reservations_key(customer_id),
-            quota_key(customer_id),
+            limits_key(customer_id),
             leases_key(customer_id),
+            legacy_quota_key(customer_id),
         ]
         args: list[Any] = [
             meter,

@@ -1,0 +1,230 @@
+"""HTTP through a real Envoy running deploy/envoy-http.yaml (ext_authz in HTTP
+service mode) asking the real sidecar's HTTP port, in front of the echo
+upstream, with keys and accounts in the real Valkey. What a client and the
+upstream see must be what they see with deploy/envoy.yaml (gRPC Check)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from sidecar import keys
+from tests import harness
+from tests.conftest import Customer, HttpSidecar, start_envoy_http
+from tests.test_envoy_e2e import assert_denied, remaining, send_raw, upstream_saw
+
+MakeCustomer = Callable[..., Customer]
+
+
+@pytest.fixture(scope="module")
+def http(envoy_http: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=envoy_http, timeout=5.0) as client:
+        yield client
+
+
+# -- allowed ----------------------------------------------------------------------------
+
+
+def test_a_valid_key_reaches_upstream_with_identity_and_without_the_key(
+    http: httpx.Client, make_customer: MakeCustomer
+) -> None:
+    c = make_customer("basic")
+    seen = upstream_saw(http.get("/v1/search", headers={"x-api-key": c.key}))
+    assert (seen["method"], seen["path"]) == ("GET", "/v1/search")
+    assert seen["headers"]["x-tollway-customer"] == c.id
+    assert seen["headers"]["x-tollway-plan"] == "basic"
+    assert "x-api-key" not in seen["headers"]
+    assert c.key not in str(seen)
+    # what ext_proc settles with stays in Envoy
+    for name in ("customer", "plan", "request_id", "lease_id", "x-tollway-estimate"):
+        assert name not in seen["headers"], name
+
+
+def test_a_bearer_key_is_accepted_and_authorization_not_forwarded(
+    http: httpx.Client, make_customer: MakeCustomer
+) -> None:
+    c = make_customer("basic")
+    seen = upstream_saw(http.get("/v1/search", headers={"Authorization": f"Bearer {c.key}"}))
+    assert seen["headers"]["x-tollway-customer"] == c.id
+    assert "authorization" not in seen["headers"]
+
+
+def test_client_sent_identity_headers_are_overwritten(
+    http: httpx.Client, make_customer: MakeCustomer
+) -> None:
+    c = make_customer("basic")
+    spoofed = {"x-api-key": c.key, "X-Tollway-Customer": "cus_victim", "x-tollway-plan": "pro"}
+    seen = upstream_saw(http.get("/v1/search", headers=spoofed))
+    assert seen["headers"]["x-tollway-customer"] == c.id  # not "cus_victim,<id>"
+    assert seen["headers"]["x-tollway-plan"] == "basic"
+
+
+def test_an_allowed_answer_carries_the_rate_limit_headers(
+    http: httpx.Client, make_customer: MakeCustomer
+) -> None:
+    c = make_customer("tight")  # burst 2, 1/min
+    first, second = (http.get("/v1/search", headers={"x-api-key": c.key}) for _ in range(2))
+    assert [first.status_code, second.status_code] == [200, 200]
+    for ok in (first, second):
+        assert ok.headers["ratelimit-policy"] == '"rate";q=2;w=120'
+        assert ok.headers["x-ratelimit-limit"] == "2"
+        assert "retry-after" not in ok.headers
+    assert [remaining(first), remaining(second)] == [1, 0]
+    assert first.headers["ratelimit"].startswith('"rate";r=1;t=')
+
+
+# -- denied -----------------------------------------------------------------------------
+
+
+def test_an_empty_bucket_is_429_with_json_retry_after_and_ratelimit(
+    http: httpx.Client, make_customer: MakeCustomer
+) -> None:
+    c = make_customer("tight")
+    for _ in range(2):
+        assert http.get("/v1/search", headers={"x-api-key": c.key}).status_code == 200
+    denied = http.get("/v1/search", headers={"x-api-key": c.key})
+    body = assert_denied(denied, 429, "rate_limited")
+    assert "tight" in body["message"]
+    assert 0 < int(denied.headers["retry-after"]) <= 60
+    assert denied.headers["ratelimit-policy"] == '"rate";q=2;w=120'
+    assert denied.headers["ratelimit"].startswith('"rate";r=0;t=')
+    assert denied.headers["x-ratelimit-remaining"] == "0"
+    assert int(denied.headers["x-ratelimit-reset"]) > 0
+
+
+def test_a_missing_key_is_401_with_www_authenticate(http: httpx.Client) -> None:
+    response = http.get("/v1/search")
+    assert_denied(response, 401, "missing_key")
+    assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize("bad", ["nope", keys.generate(), keys.generate()[:-1] + "!"])
+def test_a_bad_key_is_401_invalid_key(http: httpx.Client, bad: str) -> None:
+    assert_denied(http.get("/v1/search", headers={"x-api-key": bad}), 401, "invalid_key")
+
+
+def test_a_feature_not_in_the_plan_is_403(http: httpx.Client, make_customer: MakeCustomer) -> None:
+    c = make_customer("basic")
+    response = http.post("/v1/export/x", headers={"x-api-key": c.key}, content=b"{}")
+    body = assert_denied(response, 403, "feature_not_in_plan")
+    assert "export" in body["message"]
+
+
+# -- routes: priced on the path Envoy normalized, as Check prices them -------------------
+
+
+def test_dot_segments_cannot_reach_a_feature_route_unpaid(
+    envoy_http: str, make_customer: MakeCustomer
+) -> None:
+    c = make_customer("basic")  # no "export" feature
+    status, _, body = send_raw(envoy_http, "POST", "/v1/x/../export/x", c.key)
+    assert status == 403, body
+    assert b"feature_not_in_plan" in body
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/heavy", "/v1/search/../heavy", "//v1/heavy", "/v1//heavy", "/v1/%68eavy",
+             "/v1/heavy?x=1&y=/v1/other"],
+)  # fmt: skip
+def test_path_spellings_of_a_route_pay_its_cost(
+    envoy_http: str, make_customer: MakeCustomer, path: str
+) -> None:
+    c = make_customer("basic")  # burst 5; /v1/heavy costs 4
+    status, headers, body = send_raw(envoy_http, "GET", path, c.key)
+    assert status == 200, body
+    assert headers["x-ratelimit-remaining"] == "1", f"upstream saw {body!r}"
+
+
+# -- the response phase (ext_proc) still settles ------------------------------------------
+
+
+def test_the_response_settles_at_the_routes_cost(
+    http: httpx.Client, make_customer: MakeCustomer
+) -> None:
+    c = make_customer("pro")  # export costs 10; quota 100000/month
+    headers = {"x-api-key": c.key, "x-tollway-estimate": "0"}  # a client's try is ignored
+    response = http.post("/v1/export/x", headers=headers, content=b"{}")
+    assert "x-tollway-estimate" not in upstream_saw(response)["headers"]
+    assert response.headers["x-tollway-charged"] == "10"
+    assert response.headers["x-tollway-quota-used"] == "10"
+    reported = http.post("/v1/export/x?cost=3", headers=headers, content=b"{}")
+    assert reported.headers["x-tollway-charged"] == "3"  # the upstream's word wins
+    assert reported.headers["x-tollway-quota-used"] == "13"
+
+
+def test_concurrency_leases_are_freed_after_each_response(
+    http: httpx.Client, make_customer: MakeCustomer
+) -> None:
+    c = make_customer("duo")  # 2 in flight, leases of 2 s
+    statuses = [http.get("/v1/search", headers={"x-api-key": c.key}).status_code for _ in range(5)]
+    assert statuses == [200] * 5
+
+
+def test_bill_only_success_refunds_a_5xx(http: httpx.Client, make_customer: MakeCustomer) -> None:
+    c = make_customer("duo")  # bill_only_success
+    failed = http.get("/v1/search?status=503", headers={"x-api-key": c.key})
+    assert failed.status_code == 503
+    assert failed.headers["x-tollway-charged"] == "0"
+
+
+# -- Redis unreachable: Envoy's failure_mode_allow decides --------------------------------
+
+
+@pytest.fixture(scope="module")
+def dead_redis_sidecar(
+    tmp_path_factory: pytest.TempPathFactory, config_path: Path
+) -> Iterator[HttpSidecar]:
+    dead_redis = f"redis://127.0.0.1:{harness.free_port()}"  # nothing listens there
+    ports = HttpSidecar(grpc_port=harness.free_port(), http_port=harness.free_port())
+    log = tmp_path_factory.mktemp("dead-redis") / "sidecar.log"
+    child = harness.start_sidecar(config_path, redis_url=dead_redis, port=ports.grpc_port,
+                                  log=log, http_port=ports.http_port)  # fmt: skip
+    try:
+        yield ports
+    finally:
+        child.stop()
+
+
+def through_envoy(
+    tmp_path: Path, sidecar: HttpSidecar, *, fail_open: bool
+) -> list[tuple[httpx.Response, float]]:
+    """Three requests with an unknown (well-formed) key and one without a key,
+    through an Envoy whose ext_authz fails open or closed; (response, seconds)."""
+    with harness.EchoUpstream() as upstream:
+        child, url = start_envoy_http(
+            tmp_path / "envoy", sidecar=sidecar, upstream=upstream.port, fail_open=fail_open
+        )
+        try:
+            answers = []
+            with httpx.Client(base_url=url, timeout=5.0) as client:
+                for headers in [{"x-api-key": keys.generate()}] * 3 + [{}]:
+                    started = time.monotonic()
+                    response = client.get("/v1/search", headers=headers)
+                    answers.append((response, time.monotonic() - started))
+            return answers
+        finally:
+            child.stop()
+
+
+def test_redis_down_fails_closed_with_503(tmp_path: Path, dead_redis_sidecar: HttpSidecar) -> None:
+    *outage, (no_key, _) = through_envoy(tmp_path, dead_redis_sidecar, fail_open=False)
+    for response, seconds in outage:
+        assert response.status_code == 503, response.text
+        assert "headers" not in response.text  # never reached the upstream
+        assert seconds < 0.5
+    assert_denied(no_key, 401, "missing_key")  # what needs no Redis still works
+
+
+def test_redis_down_passes_with_failure_mode_allow(
+    tmp_path: Path, dead_redis_sidecar: HttpSidecar
+) -> None:
+    *outage, (no_key, _) = through_envoy(tmp_path, dead_redis_sidecar, fail_open=True)
+    for response, _ in outage:
+        seen: dict[str, Any] = upstream_saw(response)
+        assert "x-tollway-customer" not in seen["headers"]  # no identity was vouched for
+    assert_denied(no_key, 401, "missing_key")  # a denial is still a denial
