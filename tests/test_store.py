@@ -980,3 +980,37 @@ def test_a_quota_counted_before_the_limits_hash_keeps_counting_and_moves_in(
         assert (await decide(tstore, customer, plan)).code is OutcomeCode.QUOTA_EXCEEDED
 
     aio.run(scenario())
+
+
+def test_a_reservation_settled_against_a_counter_of_before_0_2_moves_it_and_settles_it(
+    aio: asyncio.Runner, tstore: Store, clock: Clock
+) -> None:
+    plan = Plan("q", Rate(10, 1), burst=5, quota=Quota(100, "day"))
+
+    async def scenario() -> None:
+        customer = await account(tstore, plan)
+        reserved = await tstore.admit(
+            customer,
+            admission(plan, cost=4, feature_ok=True, key_expires_at_us=0, request_id="req-1"),
+        )
+        assert reserved.code is OutcomeCode.OK and reserved.quota_used == 4
+        # As a release before 0.2 left it: the counter in its own key.
+        kind, start, used = await tstore.redis.hmget(limits_key(customer), "k", "p", "used")
+        await tstore.redis.hdel(limits_key(customer), "k", "p", "used")
+        await tstore.redis.hset(
+            legacy_quota_key(customer), mapping={"k": kind, "p": start, "used": used}
+        )
+        settled = await tstore.record_usage(
+            customer,
+            meter="",
+            quantity=1,
+            at=clock.now // SECOND,
+            idempotency="settle:req-1",
+            dedupe_window=60,
+            request_id="req-1",
+        )
+        assert settled.quota_used == 1  # the estimate of 4 became the real 1
+        assert await tstore.redis.exists(legacy_quota_key(customer)) == 0
+        assert (await decide(tstore, customer, plan)).quota_used == 2
+
+    aio.run(scenario())

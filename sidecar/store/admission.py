@@ -10,7 +10,7 @@ a count of positions. ``admission()`` builds it from a plan and a request;
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from sidecar.decide import Outcome, OutcomeCode
@@ -74,22 +74,31 @@ class Admission:
     lease_id: str
 
     def argv(self) -> list[str | int]:
-        def arg(value: object) -> str | int:
-            if value is None:
-                return ""
-            if isinstance(value, bool):
-                return 1 if value else 0
-            if isinstance(value, float):
-                return repr(value)  # exact: the script reads it with tonumber
-            if isinstance(value, tuple):
-                return ",".join(map(str, value))
-            assert isinstance(value, int | str)
-            return value
-
-        return [arg(getattr(self, name)) for name in _ARGV]
-
-
-_ARGV: Final = tuple(field.name for field in fields(Admission))
+        """The fields in order, as the script reads them (tests/test_admission.py
+        holds this to the field order; written out, as it runs on every request)."""
+        return [
+            "" if self.now_us is None else self.now_us,
+            self.expected_plan,
+            repr(self.rate),  # exact: the script reads it with tonumber
+            self.burst,
+            self.quota_limit,
+            self.quota_period,
+            self.period_start,
+            self.period_end,
+            self.month_start,
+            self.overage,
+            self.meter,
+            self.concurrency,
+            self.lease_ttl,
+            self.fallback_plan,
+            self.cost,
+            1 if self.feature_ok else 0,
+            self.key_expires_us,
+            self.reservation,
+            self.reservation_ttl,
+            ",".join(map(str, self.thresholds)) if self.thresholds else "",
+            self.lease_id,
+        ]
 
 
 def admission(
