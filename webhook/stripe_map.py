@@ -15,12 +15,12 @@ late or reordered deliveries all converge on Stripe's current state.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 from sidecar.decide import STATUSES
+from sidecar.ids import valid_id
 from sidecar.plans import Catalog
 
 __all__ = [
@@ -53,7 +53,6 @@ NOTIFYING_EVENTS: Final = {
     "customer.subscription.deleted": "subscription_canceled",
 }
 LIVE_STATUSES: Final = frozenset({"active", "trialing", "past_due"})
-_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +85,7 @@ def _id(value: Any) -> str | None:
     """An id, whether Stripe sent it bare or as an expanded object."""
     if isinstance(value, Mapping):
         value = value.get("id")
-    return value if isinstance(value, str) and _ID_RE.fullmatch(value) else None
+    return value if isinstance(value, str) and valid_id(value) else None
 
 
 def subscription_state(sub: Mapping[str, Any], catalog: Catalog) -> SubscriptionState:

@@ -41,13 +41,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import re
 from typing import Final
 
 from sidecar.errors import TollwayError
+from sidecar.ids import valid_id
 
 __all__ = [
-    "CUSTOMER_ID_PATTERN",
     "DIRTY_KEY",
     "INVALIDATE_CHANNEL",
     "NOTIFICATIONS_CURSOR_KEY",
@@ -78,19 +77,14 @@ __all__ = [
     "valid_customer_id",
 ]
 
-# Stripe's ids (cus_...) and Tollway's own fit; nothing that could hold a brace.
-CUSTOMER_ID_PATTERN: Final = r"[A-Za-z0-9_-]{1,128}"
-_CUSTOMER_RE: Final = re.compile(CUSTOMER_ID_PATTERN)
-
-
 def valid_customer_id(customer_id: str) -> bool:
     """Whether an id can name an account (and so sit inside a hash tag)."""
-    return bool(_CUSTOMER_RE.fullmatch(customer_id))
+    return valid_id(customer_id)
 
 
 @functools.lru_cache(maxsize=4096)  # the request path names ~9 keys of one account each time
 def _tag(customer_id: str) -> str:
-    if not _CUSTOMER_RE.fullmatch(customer_id):
+    if not valid_id(customer_id):
         raise TollwayError(f"customer id {customer_id!r}: use letters, digits, '_' or '-'")
     return "{" + customer_id + "}"
 
