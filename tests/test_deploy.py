@@ -199,3 +199,71 @@ def test_envoy_http_yaml_passes_what_the_http_answer_carries() -> None:
         "key": "cost",
         "type": "NUMBER",
     }
+
+
+# -- deploy/envoy-accesslog.yaml: settling through the gRPC access log, not ext_proc --
+
+ACCESSLOG_PATH = REPO / "deploy" / "envoy-accesslog.yaml"
+
+
+def test_deploy_envoy_accesslog_yaml_validates() -> None:
+    done = validate(Path("deploy/envoy-accesslog.yaml"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "OK" in done.stdout + done.stderr
+
+
+def test_rendered_envoy_accesslog_config_validates(tmp_path: Path) -> None:
+    text = ACCESSLOG_PATH.read_text()
+    assert sorted(port_values(text)) == sorted(PORTS.values())
+    rendered = harness.render_envoy_config(text, **NEW)
+    assert sorted(port_values(rendered)) == sorted(NEW.values())
+    config = tmp_path / "envoy-accesslog.yaml"
+    config.write_text(rendered)
+    done = validate(config)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _manager(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], list[Any]]:
+    """(the connection manager minus its filters, filters by name, clusters)."""
+    doc = yaml.safe_load(path.read_text())
+    [listener] = doc["static_resources"]["listeners"]
+    [manager] = listener["filter_chains"][0]["filters"]
+    config = dict(manager["typed_config"])
+    filters = {f["name"]: f.get("typed_config", {}) for f in config.pop("http_filters")}
+    return config, filters, doc["static_resources"]["clusters"]
+
+
+def test_envoy_accesslog_yaml_is_envoy_yaml_with_the_access_log_for_ext_proc() -> None:
+    from sidecar.accesslog import COST_KEY, COST_NAMESPACE
+    from sidecar.envoy import METADATA_NAMESPACE
+
+    grpc_manager, grpc_filters, grpc_clusters = _manager(REPO / "deploy" / "envoy.yaml")
+    manager, filters, clusters = _manager(ACCESSLOG_PATH)
+    [logger] = manager.pop("access_log")
+    assert manager == grpc_manager  # routes, path normalization
+    assert clusters == grpc_clusters
+    assert list(filters) == [
+        "envoy.filters.http.ext_authz",
+        "envoy.filters.http.header_to_metadata",
+        "envoy.filters.http.router",
+    ]
+    for name in ("envoy.filters.http.ext_authz", "envoy.filters.http.router"):
+        assert filters[name] == grpc_filters[name], name
+    # The cost header: out of the client's response, into the metadata the log carries.
+    cost_header = load_settings(REPO / "deploy" / "tollway.toml", {}).envoy.cost_header
+    [rule] = filters["envoy.filters.http.header_to_metadata"]["response_rules"]
+    assert rule == {
+        "header": cost_header,
+        "on_header_present": {"metadata_namespace": COST_NAMESPACE, "key": COST_KEY,
+                              "type": "STRING"},
+        "remove": True,
+    }  # fmt: skip
+    # The log: to the sidecar, V3, only requests Tollway admitted.
+    assert logger["name"] == "envoy.access_loggers.http_grpc"
+    common = logger["typed_config"]["common_config"]
+    assert common["grpc_service"] == {"envoy_grpc": {"cluster_name": "tollway"}}
+    assert common["transport_api_version"] == "V3"
+    assert common["buffer_flush_interval"] == "0.2s"  # the lease release bound's base
+    matcher = logger["filter"]["metadata_filter"]
+    assert matcher["matcher"]["filter"] == METADATA_NAMESPACE
+    assert matcher["match_if_key_not_found"] is False

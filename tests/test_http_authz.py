@@ -10,6 +10,7 @@ import contextlib
 import json
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -24,14 +25,16 @@ from sidecar import keys
 from sidecar.authorizer import Authorizer
 from sidecar.decide import Decision, QuotaState, RateState, Reason
 from sidecar.envoy import check_response
+from sidecar.errors import ConfigError
 from sidecar.http_authz import MAX_HEAD_BYTES, HttpAuthz, View, answer, http_server, listen_socket
 from sidecar.server import Sidecar
-from sidecar.settings import HeaderNames, Settings, load_settings
+from sidecar.settings import HeaderNames, Settings, load_settings, settings_from_document
 from sidecar.store import Store, connect
 from tests import harness
 from tests.conftest import Customer, HttpSidecar
 
 MakeCustomer = Callable[..., Customer]
+Cli = Callable[..., subprocess.CompletedProcess[str]]
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -380,3 +383,41 @@ def test_sigterm_stops_both_ports_cleanly(
         child.stop()
     assert harness.port_is_free(http_port) and harness.port_is_free(grpc_port)
     assert "Traceback" not in log.read_text()
+
+
+# -- [sidecar] http_listen ------------------------------------------------------------
+
+PLANS: dict[str, Any] = {"plans": [{"name": "free", "rate": "1/s"}]}
+
+
+@pytest.mark.parametrize(
+    ("document", "environ", "expected"),
+    [
+        ({}, {}, None),
+        ({"sidecar": {"http_listen": ""}}, {}, None),
+        ({"sidecar": {"http_listen": "127.0.0.1:50052"}}, {}, "127.0.0.1:50052"),
+        ({"sidecar": {"http_listen": "[::1]:50052"}}, {}, "[::1]:50052"),
+        ({}, {"TOLLWAY_HTTP_LISTEN": "0.0.0.0:8181"}, "0.0.0.0:8181"),
+        ({"sidecar": {"http_listen": "127.0.0.1:1"}}, {"TOLLWAY_HTTP_LISTEN": "h:2"}, "h:2"),
+    ],
+)
+def test_http_listen_is_read_from_the_file_or_the_environment(
+    document: dict[str, Any], environ: dict[str, str], expected: str | None
+) -> None:
+    assert settings_from_document({**PLANS, **document}, environ).http_listen == expected
+
+
+@pytest.mark.parametrize("value", ["50052", "localhost", 50052, True])
+def test_a_bad_http_listen_is_one_error_naming_the_field(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"^\[sidecar\] http_listen: expected host:port"):
+        settings_from_document({**PLANS, "sidecar": {"http_listen": value}}, {})
+
+
+def test_a_busy_http_port_stops_serve_with_one_clear_line(cli: Cli) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        taken = f"127.0.0.1:{busy.getsockname()[1]}"
+        done = cli("serve", "--listen", f"127.0.0.1:{harness.free_port()}",
+                   extra_env={"TOLLWAY_HTTP_LISTEN": taken})  # fmt: skip
+    assert done.returncode == 1
+    assert f"[sidecar] http_listen: cannot bind {taken}" in done.stderr
+    assert "Traceback" not in done.stderr
