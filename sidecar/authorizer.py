@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 
 from sidecar import keys
 from sidecar.cache import TtlCache
-from sidecar.decide import Decision, Outcome, OutcomeCode, Reason, decision_from_outcome, refuse
+from sidecar.decision import Decision, Outcome, OutcomeCode, Reason, decision_from_outcome, refuse
 from sidecar.plans import Plan, Route
 from sidecar.settings import Settings
 from sidecar.shortcuts import BucketReading, QuotaDenial, Shortcuts

@@ -24,7 +24,7 @@ from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
 from google.rpc import code_pb2, status_pb2
 
-from sidecar.decide import Decision, QuotaState, Reason
+from sidecar.decision import Decision, QuotaState, Reason
 from sidecar.settings import HeaderNames
 
 __all__ = [

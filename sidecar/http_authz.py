@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Final
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from sidecar.decide import Decision
+from sidecar.decision import Decision
 from sidecar.envoy import (
     denial,
     extract_key,

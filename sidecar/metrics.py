@@ -14,7 +14,7 @@ from sidecar.errors import StoreUnavailable
 
 if TYPE_CHECKING:
     from sidecar.authorizer import Authorizer
-    from sidecar.decide import Decision
+    from sidecar.decision import Decision
 
 __all__ = [
     "DECISIONS",

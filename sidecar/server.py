@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 from sidecar import envoy
 from sidecar.accesslog import AccessLogService
 from sidecar.authorizer import Authorizer
-from sidecar.decide import Decision, Reason
+from sidecar.decision import Decision, Reason
 from sidecar.errors import ConfigError, StoreUnavailable
 from sidecar.extproc import ExtProcService
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb

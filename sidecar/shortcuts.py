@@ -51,7 +51,7 @@ from dataclasses import dataclass, replace
 from typing import Final
 
 from sidecar.cache import TtlCache
-from sidecar.decide import Decision, Outcome, OutcomeCode, bucket_state, rate_limited
+from sidecar.decision import Decision, Outcome, OutcomeCode, bucket_state, rate_limited
 from sidecar.plans import Plan
 
 __all__ = ["HINTS_MAX", "BucketReading", "PlanHints", "QuotaDenial", "Shortcuts", "Turn"]

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from sidecar import keys
 from sidecar.authorizer import Authorizer
-from sidecar.decide import OutcomeCode
+from sidecar.decision import OutcomeCode
 from sidecar.settings import settings_from_document
 from sidecar.store import KeyRecord, Store, connect
 from sidecar.store.admission import admission

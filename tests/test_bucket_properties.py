@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.decide import Outcome, OutcomeCode
+from sidecar.decision import Outcome, OutcomeCode
 from sidecar.plans import Plan, Rate
 from sidecar.store import Store, connect
 from sidecar.store.admission import admission

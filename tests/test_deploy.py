@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.decide import Decision, Reason
+from sidecar.decision import Decision, Reason
 from sidecar.envoy import settlement_fields
 from sidecar.settings import load_settings
 from tests import harness

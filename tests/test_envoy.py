@@ -9,7 +9,7 @@ import pytest
 from envoy.config.core.v3.base_pb2 import HeaderValueOption
 from google.rpc import code_pb2
 
-from sidecar.decide import Decision, QuotaState, RateState, Reason
+from sidecar.decision import Decision, QuotaState, RateState, Reason
 from sidecar.envoy import check_response, extract_key, rate_limit_headers
 from sidecar.settings import HeaderNames
 

@@ -382,7 +382,7 @@ def test_an_unknown_huge_meter_is_invalid_argument(
         assert code is Code.INVALID_ARGUMENT
 
 
-# BUG (regression test): sidecar/decide.py decision_from_outcome (~L207) echoed
+# BUG (regression test): sidecar/decision.py decision_from_outcome (~L207) echoed
 # the whole feature, repr()-escaped, into the answer's message (f"Feature
 # {feature!r} is not in plan ..."). A 300 KB feature of control characters became
 # a 1.2 MB answer, over the server's 1 MiB send limit: the caller got

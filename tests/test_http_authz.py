@@ -23,7 +23,7 @@ from google.protobuf.json_format import MessageToDict
 
 from sidecar import keys
 from sidecar.authorizer import Authorizer
-from sidecar.decide import Decision, QuotaState, RateState, Reason
+from sidecar.decision import Decision, QuotaState, RateState, Reason
 from sidecar.envoy import check_response
 from sidecar.errors import ConfigError
 from sidecar.http_authz import MAX_HEAD_BYTES, HttpAuthz, View, answer, http_server, listen_socket

@@ -30,7 +30,7 @@ def test_buf_lint_passes() -> None:
 
 
 def test_the_reason_enum_covers_every_decision() -> None:
-    from sidecar.decide import Reason
+    from sidecar.decision import Reason
     from sidecar.gen.tollway.v1 import tollway_pb2
 
     names = set(tollway_pb2.Reason.keys())

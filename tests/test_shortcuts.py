@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.cache import MAX_STALENESS
-from sidecar.decide import Decision, Outcome, OutcomeCode, Reason, decision_from_outcome
+from sidecar.decision import Decision, Outcome, OutcomeCode, Reason, decision_from_outcome
 from sidecar.plans import Plan, Quota, Rate
 from sidecar.shortcuts import HINTS_MAX, PlanHints, Shortcuts, Turn
 

@@ -20,7 +20,7 @@ import pytest
 from redis.crc import key_slot
 
 from sidecar import keys
-from sidecar.decide import STATUSES, Outcome, OutcomeCode
+from sidecar.decision import STATUSES, Outcome, OutcomeCode
 from sidecar.errors import NotFound, StoreUnavailable, TollwayError
 from sidecar.periods import period_at
 from sidecar.plans import Plan, Quota, Rate, parse_catalog

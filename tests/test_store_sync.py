@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.decide import OutcomeCode
+from sidecar.decision import OutcomeCode
 from sidecar.errors import StoreUnavailable
 from sidecar.plans import Plan, Quota, Rate
 from sidecar.store import Store, SubscriptionChange

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from sidecar.decide import STATUSES
+from sidecar.decision import STATUSES
 from sidecar.ids import valid_id
 from sidecar.plans import Catalog
 

@@ -29,7 +29,7 @@ from sidecar.cli.admin import (
 )
 from sidecar.cli.common import Output, duration_arg
 from sidecar.cli.processes import cmd_dev, cmd_health, cmd_reconcile, cmd_serve, cmd_webhook
-from sidecar.decide import STATUSES
+from sidecar.decision import STATUSES
 from sidecar.errors import TollwayError
 from sidecar.logs import configure
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from sidecar.decide import STATUSES
+from sidecar.decision import STATUSES
 from sidecar.errors import NotFound, TollwayError
 from sidecar.store.base import StoreBase
 from sidecar.store.names import (

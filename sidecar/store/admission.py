@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from sidecar.decide import Outcome, OutcomeCode
+from sidecar.decision import Outcome, OutcomeCode
 from sidecar.periods import period_at
 from sidecar.plans import Plan
 from sidecar.store.base import StoreBase

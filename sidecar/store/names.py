@@ -77,6 +77,7 @@ __all__ = [
     "valid_customer_id",
 ]
 
+
 def valid_customer_id(customer_id: str) -> bool:
     """Whether an id can name an account (and so sit inside a hash tag)."""
     return valid_id(customer_id)

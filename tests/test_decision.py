@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.decide import (
+from sidecar.decision import (
     Outcome,
     OutcomeCode,
     QuotaState,

@@ -4,7 +4,7 @@ No I/O here. The store runs the atomic script and hands back an Outcome; this
 module turns it (or an early refusal such as a malformed key) into a Decision
 that both the gRPC Authorize answer and the Envoy Check answer are built from.
 
-Subscription status → access (applied atomically in decide.lua):
+Subscription status → access (applied atomically in store/admit.lua):
     active, trialing              allowed
     past_due                      allowed until grace_until, then denied
     anything else                 denied (incomplete, incomplete_expired,
@@ -62,7 +62,7 @@ class Reason(enum.Enum):
 
 
 class OutcomeCode(enum.IntEnum):
-    """decide.lua's first return value."""
+    """admit.lua's first return value."""
 
     OK = 0
     NO_ACCOUNT = 1
@@ -77,7 +77,7 @@ class OutcomeCode(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What decide.lua found, read by store.parse_outcome."""
+    """What admit.lua found, read by store.admission.parse_outcome."""
 
     code: OutcomeCode
     plan: str
