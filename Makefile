@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(BIN)/mypy sidecar webhook bench
 	$(BIN)/buf lint
 
-## bench: load test vs a no-op floor and through Envoy; writes bench/results/latest.md (BENCH_QUICK=1: ~1 min)
+## bench: load test vs no-op floors, through Envoy (gRPC, HTTP, each settlement, as shipped); writes bench/results/latest.md (~12 min; BENCH_QUICK=1: ~2 min)
 bench: $(STAMP) h2load
 	$(BIN)/python -m bench.run
 

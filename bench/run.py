@@ -1,15 +1,17 @@
-"""`make bench`: Tollway's cost, as ratios to a floor measured in the same run.
+"""`make bench`: Tollway's cost, as ratios to floors measured in the same run.
 
-    python -m bench.run                 # full, ~7-9 minutes
-    BENCH_QUICK=1 python -m bench.run   # smoke, ~1 minute
+    python -m bench.run                 # full, ~11-12 minutes
+    BENCH_QUICK=1 python -m bench.run   # smoke, ~1-2 minutes
 
 Everything runs on loopback: an embedded Valkey holding 10,000 issued keys, the
-real sidecar (`python -m sidecar serve`), a no-op gRPC server with the
-sidecar's grpcio setup (the floor, bench/noop_server.py), Envoy in three
-variants and h2load as the load generator. Every phase is bounded by h2load's
-own --duration plus a hard kill; every process is stopped on exit, Ctrl-C and
-SIGTERM included. The table goes to bench/results/latest.md and stdout; logs
-to bench/results/work.tmp/.
+real sidecar (`python -m sidecar serve`, gRPC and HTTP ext_authz ports), a no-op
+server with the sidecar's grpcio and uvicorn setup (the floors,
+bench/noop_server.py), Envoy running each config of bench/envoy_config.py's
+table (PAIRS: each behind the no-op, its floor, and behind the sidecar) and
+h2load as the load generator. Every phase is bounded by h2load's own --duration
+plus a hard kill; every process is stopped on exit, Ctrl-C and SIGTERM
+included. The table goes to bench/results/latest.md and stdout, opening with
+issue #13's targets, met or not; logs to bench/results/work.tmp/.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from types import FrameType
@@ -40,7 +43,16 @@ import grpc
 import redis
 
 from bench import envoy_config, h2load
-from bench.noop_server import ALLOW_AUTHORIZE
+from bench.envoy_config import (
+    CEILING_PAIR,
+    EXT_PROC,
+    FIXED_RATE,
+    HEADLINE_FLOOR,
+    SHIPPED,
+    Planned,
+    Shape,
+)
+from bench.noop_server import ACCESS_LOG_LINE, ALLOW_AUTHORIZE
 from bench.workload import (
     AUTHORIZE_PATH,
     GRPC_HEADERS,
@@ -101,12 +113,35 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def start_noop(port: int) -> harness.Child:
+@dataclass(frozen=True)
+class Authorizer:
+    """A running authorizer (the no-op server or a sidecar): its gRPC and HTTP ports."""
+
+    child: harness.Child
+    grpc: int
+    http: int
+
+
+def start_noop(
+    port: int, *, http_port: int | None = None, settles: bool = False, name: str = "noop"
+) -> harness.Child:
+    """bench/noop_server.py on 127.0.0.1:port (gRPC) and, if given, http_port (HTTP
+    ext_authz); settles: its allows carry what a settlement needs."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     argv = [sys.executable, "-m", "bench.noop_server", "--listen", f"127.0.0.1:{port}"]
-    child = harness.Child("noop", argv, WORK / "noop.log", env)
-    harness.wait_until(lambda: harness.tcp_open(port), "noop server", 30, child)
+    argv += ["--http-listen", f"127.0.0.1:{http_port}"] if http_port is not None else []
+    argv += ["--settles"] if settles else []
+    child = harness.Child(name, argv, WORK / f"{name}.log", env)
+    for each in (port, http_port):
+        if each is not None:
+            harness.wait_until(partial(harness.tcp_open, each), "noop server", 30, child)
     return child
+
+
+def access_log_entries(log: Path) -> int:
+    """The access-log entries a stopped no-op server says it received."""
+    pattern = re.escape(ACCESS_LOG_LINE).replace(r"\{entries\}", r"(\d+)")
+    return sum(int(n) for n in re.findall(pattern, log.read_text(errors="replace")))
 
 
 def start_envoy(name: str, config: str, admin: int) -> harness.Child:
@@ -184,6 +219,11 @@ class CpuUse:
 
     percent: dict[str, float] = field(default_factory=dict)
     others: list[tuple[str, float]] = field(default_factory=list)  # busiest outsiders
+    wall: float = 0.0  # seconds measured
+
+    def seconds(self, name: str) -> float:
+        """CPU seconds name used over the measurement."""
+        return self.get(name) / 100 * self.wall
 
     def get(self, name: str) -> float:
         return self.percent.get(name, 0.0)
@@ -218,6 +258,7 @@ def cpu_meter(pids: dict[str, int]) -> Iterator[CpuUse]:
     used["harness"] = _rusage_seconds(resource.RUSAGE_SELF) - start_self
     used["other"] = max(0.0, busy - sum(used.values()))
     use.percent.update({name: 100 * seconds / wall for name, seconds in used.items()})
+    use.wall = wall
     outsiders: dict[str, float] = {}
     for pid, (name, seconds) in _processes().items():
         if pid not in ours:
@@ -380,6 +421,26 @@ class Measurement:
     def saturated(self) -> bool:
         return self.offered is not None and self.rps < SATURATED * self.offered
 
+    @property
+    def valkey_us(self) -> float:
+        """Valkey's CPU µs per allowed decision (NaN when nothing was counted)."""
+        if not self.allowed:
+            return math.nan
+        return 1e6 * self.cpu.seconds("valkey") / self.allowed
+
+    def per_decision(self) -> dict[str, float]:
+        """Redis commands per allowed decision, by command, busiest first; the
+        sidecars' health pings left out (empty when nothing was counted)."""
+        if not self.allowed:
+            return {}
+        calls = {name: n / self.allowed for name, n in self.commands.items() if name != "ping"}
+        return dict(sorted(calls.items(), key=lambda kv: -kv[1]))
+
+    @property
+    def commands_per_decision(self) -> float:
+        """Redis commands per allowed decision, pings left out (NaN: nothing counted)."""
+        return sum(self.per_decision().values()) if self.allowed else math.nan
+
 
 @dataclass
 class Target:
@@ -442,6 +503,7 @@ class Bench:
         self.pids = pids
         self.measurements: list[Measurement] = []
         self.children: dict[str, harness.Child] = {}  # by role, as pids; checked around every load
+        self.entries: dict[str, int] = {}  # access-log entries a no-op row's server received
         self._runs = 0
 
     @contextmanager
@@ -510,12 +572,22 @@ class Bench:
         )
         return Measurement(target.name, load, offered, result, cpu, allowed, commands)
 
-    def curve(self, target: Target, peak_of: float | None = None) -> float:
-        """Saturation, then fixed loads at SHARES of peak_of (default: this peak)."""
+    def curve(
+        self,
+        target: Target,
+        peak_of: float | None = None,
+        *,
+        shares: bool = True,
+        rates: Sequence[float] = (),
+    ) -> float:
+        """Saturation, then fixed loads at SHARES of peak_of (default: this peak)
+        and at rates (req/s)."""
         peak = self.measure(target, "peak", None).rps
         base = peak if peak_of is None else peak_of
-        for share in SHARES:
+        for share in SHARES if shares else ():
             self.measure(target, f"{share:.0%}", share * base)
+        for rate in rates:
+            self.measure(target, rate_load(rate), rate)
         return peak
 
     def find(self, target: str, load: str) -> Measurement | None:
@@ -618,26 +690,67 @@ def _ms(value: float) -> str:
     return "—" if math.isnan(value) else f"{value:.2f}"
 
 
-LABELS: Final = {
-    "floor": "floor: no-op gRPC Authorize",
-    "sidecar": "sidecar Authorize (gRPC)",
-    "envoy-ceiling": "Envoy, Tollway filters off (ceiling)",
-    "envoy-noop": "Envoy + no-op authorizer, all Tollway filters",
-    "envoy-sidecar": "Envoy + sidecar, all Tollway filters",
-    "envoy-noop-authz": "Envoy + no-op authorizer, ext_authz only",
-    "envoy-sidecar-authz": "Envoy + sidecar, ext_authz only",
+@dataclass(frozen=True)
+class Row:
+    """One row of the report: what it says, and the row it is divided by."""
+
+    label: str
+    floor: str  # the row it is divided by: the no-op with the same filters (itself: a floor)
+    pairs: tuple[str, ...] = ()  # the envoy_config.PAIRS it stands for (Envoy rows)
+    authorizer: str = ""  # "noop" or "sidecar" (Envoy pair rows)
+    shape: Shape | None = None  # what its Envoy runs (Envoy pair rows)
+
+
+GRPC_ROWS: Final = {
+    "floor": Row("floor: no-op gRPC Authorize", "floor"),
+    "sidecar": Row("sidecar Authorize (gRPC)", "floor"),
 }
-# The row each row is divided by: the no-op authorizer behind the same Envoy
-# filters (the ceiling: the Envoy + no-op row it was run against).
-BASELINE: Final = {
-    "floor": "floor",
-    "sidecar": "floor",
-    "envoy-ceiling": "envoy-noop",
-    "envoy-noop": "envoy-noop",
-    "envoy-sidecar": "envoy-noop",
-    "envoy-noop-authz": "envoy-noop-authz",
-    "envoy-sidecar-authz": "envoy-noop-authz",
-}
+CEILING: Final = "envoy-ceiling"
+
+
+def pair_row(pair: str, authorizer: str) -> str:
+    """The target name of one Envoy row of a pair."""
+    return f"envoy-{authorizer}-{pair}"
+
+
+def _short(filter_name: str) -> str:
+    return filter_name.rsplit(".", 1)[-1]
+
+
+def envoy_rows(planned: Sequence[Planned]) -> dict[str, Row]:
+    """The Envoy rows of the run, by target name: each pair's no-op row (its own
+    floor) and sidecar row, and the ceiling beside the pair it runs with."""
+    rows: dict[str, Row] = {}
+    for p in planned:
+        where = p.config.file
+        if p.cut:
+            where += " without " + ", ".join(_short(name) for name in p.cut)
+        if p.is_(SHIPPED):
+            where += ", **as shipped**"
+        floor = pair_row(p.name, "noop")
+        names = (p.name, *p.also)
+        rows[floor] = Row(
+            f"Envoy + no-op: {p.shape.describe()} ({where})", floor, names, "noop", p.shape
+        )
+        if p.name == CEILING_PAIR:
+            rows[CEILING] = Row(f"Envoy, Tollway filters off (ceiling; {p.config.file})", floor)
+        rows[pair_row(p.name, "sidecar")] = Row(
+            f"Envoy + sidecar: {p.shape.describe()} ({where})", floor, names, "sidecar", p.shape
+        )
+    return rows
+
+
+def find_row(rows: dict[str, Row], pair: str, authorizer: str) -> str | None:
+    """The target name of the row of pair (or of the pair it joined) behind authorizer."""
+    for name, row in rows.items():
+        if pair in row.pairs and row.authorizer == authorizer:
+            return name
+    return None
+
+
+def rate_load(rate: float) -> str:
+    """The load label of a fixed offered rate."""
+    return f"{rate:,.0f}/s"
 
 
 def _outcome(m: Measurement) -> str:
@@ -673,14 +786,167 @@ def _refused(m: Measurement) -> str:
     return f"{refused / total:.1%}" if refused else "—"
 
 
+# Issue #13's targets, read off the table by the summary.
+SHIPPED_VS_GRPC_NOOP: Final = 1.5  # the shipped config ≥ this x Envoy + no-op gRPC Check only
+AUTHORIZE_VS_FLOOR: Final = 0.6  # sidecar Authorize ≥ this x its floor
+VALKEY_US: Final = 40.0  # Valkey CPU µs per plain allowed decision, at most
+COMMANDS: Final = 5.0  # Redis commands per plain allowed decision, at most
+P99_ADDED_MS: Final = 2.0  # p99 added through Envoy at FIXED_RATE offered, at most
+
+
+def _verdict(ok: bool | None) -> str:
+    return "—" if ok is None else ("met" if ok else "**not met**")
+
+
+def _dagger(*ms: Measurement | None) -> str:
+    return " †" if any(m is not None and m.noisy for m in ms) else ""
+
+
+def _targets(bench: Bench, rows: dict[str, Row], floor: Measurement | None) -> list[str]:
+    """The summary: each of issue #13's targets, the figure measured, met or not."""
+    find = bench.find
+    lines = [
+        "## Issue #13's targets",
+        "",
+        "Each read off the tables below (†: noisy, as there). Ratios are to floors "
+        "measured in this run.",
+        "",
+        "| target | measured | |",
+        "|---|---|---|",
+    ]
+    shipped, head = find_row(rows, SHIPPED, "sidecar"), find_row(rows, HEADLINE_FLOOR, "noop")
+    top = find(shipped, "peak") if shipped else None
+    base = find(head, "peak") if head else None
+    what = rows[shipped].label if shipped else "deploy/envoy.yaml as shipped: not run"
+    if top and base and base.rps:
+        ratio = top.rps / base.rps
+        figure = f"{top.rps:,.0f} ÷ {base.rps:,.0f} req/s = **{ratio:.2f}x**{_dagger(top, base)}"
+        ok: bool | None = ratio >= SHIPPED_VS_GRPC_NOOP
+    else:
+        figure, ok = "—", None
+    lines.append(
+        f"| {what}: ≥ {SHIPPED_VS_GRPC_NOOP:g}x Envoy + no-op grpc.aio ext_authz "
+        f"(ext_authz only) | {figure} | {_verdict(ok)} |"
+    )
+    authorize = find("sidecar", "peak")
+    if authorize and floor and floor.rps:
+        ratio = authorize.rps / floor.rps
+        figure = f"{authorize.rps:,.0f} ÷ {floor.rps:,.0f} req/s = **{ratio:.2f}**"
+        figure += _dagger(authorize, floor)
+        ok = ratio >= AUTHORIZE_VS_FLOOR
+    else:
+        figure, ok = "—", None
+    lines.append(
+        f"| sidecar Authorize (gRPC): ≥ {AUTHORIZE_VS_FLOOR:g}x its floor (no-op grpc.aio "
+        f"Authorize) | {figure} | {_verdict(ok)} |"
+    )
+    plain = [("sidecar Authorize (gRPC)", find("sidecar", "peak"))]
+    http = find_row(rows, "http-authz", "sidecar")
+    if http:
+        plain.append(("Envoy + sidecar, HTTP ext_authz only", find(http, "peak")))
+    for label, m in plain:
+        us = m.valkey_us if m else math.nan
+        ok = None if math.isnan(us) else us <= VALKEY_US
+        lines.append(
+            f"| Valkey CPU per plain allowed decision ≤ {VALKEY_US:g} µs, {label} at saturation "
+            f"| **{_num(us, 1)} µs**{_dagger(m)} | {_verdict(ok)} |"
+        )
+    for label, m in plain:
+        calls = m.commands_per_decision if m else math.nan
+        each = ", ".join(f"{name} {n:.2f}" for name, n in m.per_decision().items()) if m else ""
+        lines.append(
+            f"| Redis commands per plain allowed decision ≤ {COMMANDS:g}, {label} "
+            f"(health pings left out) | **{_num(calls, 2)}**{_dagger(m)}"
+            f"{f' ({each})' if each else ''} "
+            f"| {_verdict(None if math.isnan(calls) else round(calls, 2) <= COMMANDS)} |"
+        )
+    load = rate_load(FIXED_RATE)
+    noop = find_row(rows, SHIPPED, "noop")
+    at, under = (find(shipped, load) if shipped else None), (find(noop, load) if noop else None)
+    if at and under and not math.isnan(at.result.p(99)) and not math.isnan(under.result.p(99)):
+        added = at.result.p(99) - under.result.p(99)
+        figure = (
+            f"p99 {_ms(at.result.p(99))} against {_ms(under.result.p(99))} ms: "
+            f"**{added:+.2f} ms**; p50 {_ms(at.result.p(50))} against "
+            f"{_ms(under.result.p(50))} ms{_dagger(at, under)}"
+        )
+        if at.saturated or under.saturated:
+            figure += (
+                " (*overloaded*: "
+                + ", ".join(f"{m.rps:,.0f} req/s achieved" for m in (at, under) if m.saturated)
+                + ")"
+            )
+        ok = None if under.saturated else (added <= P99_ADDED_MS and not at.saturated)
+    else:
+        figure, ok = "—", None
+    lines.append(
+        f"| p99 added at {FIXED_RATE:,.0f} req/s offered through Envoy ≤ {P99_ADDED_MS:g} ms: "
+        f"the shipped config behind the sidecar against it behind the no-op | {figure} "
+        f"| {_verdict(ok)} |"
+    )
+    return lines
+
+
+def _num(value: float, digits: int) -> str:
+    return "—" if math.isnan(value) else f"{value:,.{digits}f}"
+
+
+def _comparisons(bench: Bench, rows: dict[str, Row]) -> list[str]:
+    """What settlement and the transport cost: each pair against the ext_authz-only
+    pair of the same transport, and HTTP against gRPC, both with ext_authz only."""
+
+    def peaks(row: str) -> tuple[Measurement | None, Measurement | None]:
+        sidecar = row.replace("envoy-noop-", "envoy-sidecar-", 1)
+        return bench.find(sidecar, "peak"), bench.find(row, "peak")
+
+    def against(a: str, b: str) -> str | None:
+        (sa, na), (sb, nb) = peaks(a), peaks(b)
+        if not (sa and na and sb and nb):
+            return None
+        return (
+            f"sidecar {sa.rps:,.0f} req/s against {sb.rps:,.0f} ({_ratio(sa.rps, sb.rps)}), "
+            f"no-op {na.rps:,.0f} against {nb.rps:,.0f} ({_ratio(na.rps, nb.rps)})"
+        )
+
+    floors = {name: row for name, row in rows.items() if row.authorizer == "noop" and row.shape}
+    alone = {
+        row.shape.transport: name
+        for name, row in floors.items()
+        if row.shape is not None and row.shape.settlement == "none"
+    }
+    lines = []
+    for name, row in floors.items():
+        assert row.shape is not None
+        plain = alone.get(row.shape.transport)
+        if row.shape.settlement != "none" and plain:
+            text = against(name, plain)
+            if text:
+                lines.append(f"- {row.shape.describe()} against ext_authz only: {text}.")
+    if "http" in alone and "grpc" in alone:
+        text = against(alone["http"], alone["grpc"])
+        if text:
+            lines.append(f"- HTTP ext_authz against gRPC Check, both ext_authz only: {text}.")
+    if lines:
+        lines = ["", "What settlement and the transport cost (peaks, same run):", "", *lines]
+    return lines
+
+
 def report(
     bench: Bench,
+    rows: dict[str, Row],
     facts: dict[str, str],
     mode: Mode,
     hostile: dict[str, Any],
     rss: dict[str, dict[str, int]],
 ) -> str:
     find = bench.find
+    # Noise only ever slows a run down, so the better of the floor's two peaks
+    # (start and end of the run) is its best estimate.
+    floor = max(
+        (m for m in (find("floor", "peak"), find("floor", END_PEAK)) if m is not None),
+        key=lambda m: m.rps,
+        default=None,
+    )
     lines = [
         "# Tollway benchmark",
         "",
@@ -692,52 +958,47 @@ def report(
         "|---|---|",
         *(f"| {name} | {value} |" for name, value in facts.items()),
         "",
+        *_targets(bench, rows, floor),
+        "",
         "## Throughput at saturation",
         "",
         "gRPC rows: ratio to the floor (the better of its two peaks). Envoy rows: ratio to "
-        "Envoy + no-op authorizer with the same Tollway filters (the *floor* column names it) "
-        "and to the ceiling. †: processes outside the bench used over "
-        f"{NOISY:.0f} % of a core during that measurement (see the CPU table): noisy.",
+        "Envoy + no-op authorizer with the same filters (the *floor* column names it) "
+        "and to the ceiling. Valkey µs/decision: Valkey's CPU (/proc) over the allowed "
+        "decisions (quota units), settlement included where the row settles. †: processes "
+        f"outside the bench used over {NOISY:.0f} % of a core during that measurement (see the "
+        "CPU table): noisy.",
         "",
-        "| measurement | req/s | vs floor | floor | vs ceiling | Redis cmds/req | outcome |",
-        "|---|---:|---:|---|---:|---:|---|",
+        "| measurement | req/s | vs floor | floor | vs ceiling | Redis cmds/req "
+        "| Valkey µs/decision | outcome |",
+        "|---|---:|---:|---|---:|---:|---:|---|",
     ]
-    # Noise only ever slows a run down, so the better of the floor's two peaks
-    # (start and end of the run) is its best estimate.
-    floor = max(
-        (m for m in (find("floor", "peak"), find("floor", END_PEAK)) if m is not None),
-        key=lambda m: m.rps,
-        default=None,
-    )
-    ceiling = find("envoy-ceiling", "peak")
+    ceiling = find(CEILING, "peak")
 
     def peak(target: str) -> Measurement | None:
         return floor if target == "floor" else find(target, "peak")
 
-    for target in LABELS:
+    for target, row in rows.items():
         m = peak(target)
         if m is None:
             continue
-        base = peak(BASELINE[target])
+        base = peak(row.floor)
         per_request = sum(m.commands.values()) / m.result.requests if m.result.requests else 0.0
+        envoy = target.startswith("envoy")
         lines.append(
-            f"| {LABELS[target]}{' †' if m.noisy else ''} | {m.rps:,.0f} "
+            f"| {row.label}{' †' if m.noisy else ''} | {m.rps:,.0f} "
             f"| {_ratio(m.rps, base.rps if base else None)} "
-            f"| {'itself' if BASELINE[target] == target else LABELS[BASELINE[target]]} "
-            f"| {_ratio(m.rps, ceiling.rps) if target.startswith('envoy') and ceiling else '—'} "
-            f"| {per_request:.2f} | {_outcome(m)} |"
+            f"| {'itself' if row.floor == target else rows[row.floor].label} "
+            f"| {_ratio(m.rps, ceiling.rps) if envoy and ceiling else '—'} "
+            f"| {per_request:.2f} | {_num(m.valkey_us, 1)} | {_outcome(m)} |"
         )
-    sidecar_all, sidecar_authz = peak("envoy-sidecar"), peak("envoy-sidecar-authz")
-    noop_all, noop_authz = peak("envoy-noop"), peak("envoy-noop-authz")
-    if sidecar_all and sidecar_authz and noop_all and noop_authz:
+    lines += _comparisons(bench, rows)
+    for target, entries in bench.entries.items():
         lines += [
             "",
-            "What ext_proc costs (the same Envoy without deploy/envoy.yaml's other Tollway "
-            f"filters): Envoy + sidecar serves {sidecar_authz.rps:,.0f} req/s with ext_authz "
-            f"only and {sidecar_all.rps:,.0f} with every filter "
-            f"({_ratio(sidecar_all.rps, sidecar_authz.rps)} of it); Envoy + no-op authorizer "
-            f"{noop_authz.rps:,.0f} and {noop_all.rps:,.0f} "
-            f"({_ratio(noop_all.rps, noop_authz.rps)}).",
+            f"The no-op's access-log service received {entries:,} entries from "
+            f"{rows[target].label} (warm-ups included): its floor sends what the sidecar's "
+            "row settles.",
         ]
     first, end = find("floor", "peak"), find("floor", END_PEAK)
     if first is not None and end is not None and first.rps:
@@ -752,25 +1013,24 @@ def report(
         "## Latency at fixed offered loads",
         "",
         "Offered loads are shares of the floor's peak (gRPC rows: the no-op Authorize peak; "
-        "Envoy rows: the peak of Envoy + no-op with the same filters, as in the table above). "
+        "Envoy rows: the peak of Envoy + no-op with the same filters, as in the table above), "
+        f"and {FIXED_RATE:,.0f} req/s for the shipped config and its floor. "
         "Latencies in ms; ratios p50 / p99 / p999 against that floor at the same offered load, "
         "and for Envoy rows against the ceiling when it ran at the same offered load (it ran at "
-        "shares of the all-filters floor). *overloaded*: achieved under "
-        f"{SATURATED:.0%} of offered, so the latency is queueing. †: noisy, as above.",
+        f"shares of its own pair's floor). *overloaded*: achieved under {SATURATED:.0%} of "
+        "offered, so the latency is queueing. †: noisy, as above.",
         "",
         "| measurement | load | offered req/s | achieved req/s | p50 | p99 | p999 "
         "| vs floor | vs ceiling | not allowed |",
         "|---|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
-    for target in LABELS:
-        for share in SHARES:
-            load = f"{share:.0%}"
-            m = find(target, load)
-            if m is None:
+    for target, row in rows.items():
+        for m in bench.measurements:
+            if m.target != target or m.offered is None:
                 continue
             r = m.result
-            base = find(BASELINE[target], load)
-            top = find("envoy-ceiling", load) if target.startswith("envoy") else None
+            base = find(row.floor, m.load)
+            top = find(CEILING, m.load) if target.startswith("envoy") else None
 
             def ratios(other: Measurement | None, m: Measurement = m, r: h2load.Result = r) -> str:
                 if other is None or other is m or other.offered != m.offered:
@@ -778,9 +1038,9 @@ def report(
                 return " / ".join(_ratio(r.p(q), other.result.p(q)) for q in (50, 99, 99.9))
 
             note = " *overloaded*" if m.saturated else ""
-            load = f"{load} †" if m.noisy else load
+            load = f"{m.load} †" if m.noisy else m.load
             lines.append(
-                f"| {LABELS[target]} | {load} | {m.offered or 0:,.0f} | {m.rps:,.0f}{note} "
+                f"| {row.label} | {load} | {m.offered:,.0f} | {m.rps:,.0f}{note} "
                 f"| {_ms(r.p(50))} | {_ms(r.p(99))} | {_ms(r.p(99.9))} "
                 f"| {ratios(base)} | {ratios(top)} | {_refused(m)} |"
             )
@@ -824,13 +1084,13 @@ def report(
         "| measurement | h2load | no-op server | sidecar | Envoy | Valkey | harness | other |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    rows = [(LABELS[t], m.cpu) for t in LABELS if (m := find(t, "peak")) is not None]
+    used = [(row.label, m.cpu) for t, row in rows.items() if (m := find(t, "peak")) is not None]
     end = find("floor", END_PEAK)
     if end is not None:
-        rows.append(("floor again, at the end", end.cpu))
+        used.append(("floor again, at the end", end.cpu))
     if hostile.get("cpu"):
-        rows.append(("hostile attack", hostile["cpu"]))
-    for label, c in rows:
+        used.append(("hostile attack", hostile["cpu"]))
+    for label, c in used:
         cells = " | ".join(
             f"{c.get(name):.0f}" for name in ("h2load", "noop", "sidecar", "envoy", "valkey")
         )
@@ -900,39 +1160,115 @@ def hostile_attack(bench: Bench, port: int, population: Population, mode: Mode) 
     }
 
 
-def sidecar_config(filters: Sequence[str]) -> Path:
-    """bench/tollway-bench.toml with `[envoy] ext_proc` set to whether Envoy runs
-    ext_proc (as deploy/tollway.toml pairs with deploy/envoy.yaml)."""
-    ext_proc = envoy_config.EXT_PROC in filters
-    path = WORK / f"{CONFIG.stem}-ext-proc-{str(ext_proc).lower()}.toml"
-    path.write_text(CONFIG.read_text() + f"\n[envoy]\next_proc = {str(ext_proc).lower()}\n")
+def sidecar_config(settlement: str) -> Path:
+    """bench/tollway-bench.toml with `[envoy] settlement` set to what the Envoy config
+    it answers settles with (as deploy/tollway.toml pairs with deploy/envoy.yaml)."""
+    path = WORK / f"{CONFIG.stem}-settlement-{settlement}.toml"
+    path.write_text(CONFIG.read_text() + f'\n[envoy]\nsettlement = "{settlement}"\n')
     return path
 
 
-@dataclass(frozen=True)
-class EnvoyVariant:
-    name: str  # the target's name in the report (LABELS, BASELINE)
-    authorizer: str  # "noop" or "sidecar"
-    authz: bool = True  # False: every Tollway filter disabled on the route (the ceiling)
-    without: tuple[str, ...] = ()  # Tollway filters of deploy/envoy.yaml cut out of the chain
+def start_sidecar(settlement: str, redis_url: str, name: str = "sidecar") -> Authorizer:
+    """A sidecar settling with settlement, with its gRPC port and HTTP ext_authz port."""
+    grpc_port, http_port = harness.free_port(), harness.free_port()
+    child = harness.start_sidecar(
+        sidecar_config(settlement),
+        redis_url=redis_url,
+        port=grpc_port,
+        log=WORK / f"{name}.log",
+        http_port=http_port,
+    )
+    return Authorizer(child, grpc_port, http_port)
 
 
-def envoy_variants(filters: Sequence[str]) -> list[EnvoyVariant]:
-    """The Envoy rows: deploy/envoy.yaml's filters behind the no-op server, off, and
-    behind the sidecar; then, when it runs more than ext_authz (ext_proc), the same
-    pair with ext_authz only, so what the others cost shows."""
-    variants = [
-        EnvoyVariant("envoy-noop", "noop"),
-        EnvoyVariant("envoy-ceiling", "sidecar", authz=False),  # the sidecar must see nothing
-        EnvoyVariant("envoy-sidecar", "sidecar"),
-    ]
-    others = tuple(name for name in filters if name != envoy_config.EXT_AUTHZ)
-    if others:
-        variants += [
-            EnvoyVariant("envoy-noop-authz", "noop", without=others),
-            EnvoyVariant("envoy-sidecar-authz", "sidecar", without=others),
-        ]
-    return variants
+def start_noop_authorizer(*, settles: bool, name: str = "noop") -> Authorizer:
+    grpc_port, http_port = harness.free_port(), harness.free_port()
+    child = start_noop(grpc_port, http_port=http_port, settles=settles, name=name)
+    return Authorizer(child, grpc_port, http_port)
+
+
+@dataclass
+class EnvoyRun:
+    """What every Envoy row needs: the keys, and the authorizers started for the run."""
+
+    bench: Bench
+    population: Population
+    order: list[int]  # the key of each request through Envoy (Zipf ranks)
+    bad_key: str
+    redis_url: str
+    noop: Authorizer  # answers with no settlement fields
+    sidecar: Authorizer  # settles with `settlement`
+    settlement: str
+
+    def row(
+        self,
+        name: str,
+        p: Planned,
+        authorizer: Authorizer,
+        *,
+        real: bool,
+        peak_of: float | None,
+        authz: bool = True,
+    ) -> float:
+        """One Envoy row: p's config asking authorizer (real: the sidecar), checked,
+        then loaded; returns its peak."""
+        listen, admin = harness.free_port(), harness.free_port()
+        config = envoy_config.render(
+            p.config.text,
+            listen=listen,
+            admin=admin,
+            grpc=authorizer.grpc,
+            http=authorizer.http,
+            authz=authz,
+            authz_only=p.pair.authz_only,
+        )
+        envoy = start_envoy(name, config, admin)
+        try:
+            with self.bench.playing("envoy", envoy):
+                check_envoy(
+                    listen,
+                    self.population.api_keys[0],
+                    self.bad_key,
+                    authz=authz,
+                    authz_denies=real and authz,
+                    ext_proc=EXT_PROC in p.shape.filters,
+                )
+                uris = WORK / f"uris-{name}.txt"
+                base = f"http://127.0.0.1:{listen}"
+                keys_ = self.population.api_keys
+                uris.write_text("\n".join(envoy_uris(base, keys_, self.order)) + "\n")
+                counted = self.population.customers if real and authz else ()
+                return self.bench.curve(
+                    envoy_target(name, uris, counted),
+                    peak_of,
+                    shares=p.shares,
+                    rates=p.rates if authz else (),
+                )
+        finally:
+            envoy.stop()
+
+    def pair(self, p: Planned) -> None:
+        """p's rows: behind a no-op answering as p's settlement needs (its floor), the
+        ceiling when p is its pair, and behind a sidecar settling as p's config does."""
+        bench = self.bench
+        own_noop: Authorizer | None = None
+        with ExitStack() as stack:
+            noop, sidecar = self.noop, self.sidecar
+            if p.shape.settlement != "none":
+                noop = own_noop = start_noop_authorizer(settles=True, name=f"noop-{p.name}")
+                stack.callback(own_noop.child.stop)
+                stack.enter_context(bench.playing("noop", own_noop.child))
+            if p.shape.settlement != self.settlement:
+                sidecar = start_sidecar(p.shape.settlement, self.redis_url, f"sidecar-{p.name}")
+                stack.callback(sidecar.child.stop)
+                stack.enter_context(bench.playing("sidecar", sidecar.child))
+            floor = pair_row(p.name, "noop")
+            peak = self.row(floor, p, noop, real=False, peak_of=None)
+            if p.name == CEILING_PAIR:  # the sidecar asked, and must see nothing
+                self.row(CEILING, p, sidecar, real=False, peak_of=peak, authz=False)
+            self.row(pair_row(p.name, "sidecar"), p, sidecar, real=True, peak_of=peak)
+        if own_noop is not None and p.shape.settlement == "access_log":
+            bench.entries[floor] = access_log_entries(own_noop.child.log)
 
 
 def prepare(work: Path, budget: int) -> None:
@@ -963,6 +1299,16 @@ def start_valkey(stack: ExitStack, work: Path) -> Valkey:
     return Valkey(server.connection_url, client, int(info["process_id"]), version)
 
 
+def config_facts(configs: dict[str, envoy_config.Config], missing: Sequence[str]) -> str:
+    """What each Envoy config of the run is and runs."""
+    parts = []
+    for role, c in configs.items():
+        filters = ", ".join(_short(name) for name in c.shape.filters)
+        parts.append(f"{role}: {c.file} ({c.shape.describe()}; filters {filters})")
+    parts += [f"{name}: missing, its rows skipped" for name in missing]
+    return "; ".join(parts)
+
+
 def main() -> int:
     mode = QUICK if os.environ.get("BENCH_QUICK", "") not in ("", "0") else FULL
     if shutil.which("h2load") is None:
@@ -978,28 +1324,23 @@ def main() -> int:
         facts = machine_facts(valkey.version)
         pids = {"valkey": valkey.pid}
 
-        template = harness.ENVOY_TEMPLATE.read_text()
-        filters = envoy_config.tollway_filters(template)
-        facts["Tollway filters in deploy/envoy.yaml"] = ", ".join(
-            name.rsplit(".", 1)[1] for name in filters
-        )
+        configs, missing = envoy_config.load_configs()
+        planned = envoy_config.plan(configs)
+        rows = {**GRPC_ROWS, **envoy_rows(planned)}
+        facts["Envoy configs"] = config_facts(configs, missing)
+        # The sidecar of the gRPC rows settles as the shipped config needs.
+        settlement = configs[SHIPPED].shape.settlement if SHIPPED in configs else "none"
         t0 = time.monotonic()
         population = create_population(client, valkey.url, mode.keys)
         say(f"{mode.keys:,} accounts and keys issued in {time.monotonic() - t0:.1f} s")
 
-        noop_port, sidecar_port = harness.free_port(), harness.free_port()
-        noop = start_noop(noop_port)
-        stack.callback(noop.stop)
-        sidecar = harness.start_sidecar(
-            sidecar_config(filters),
-            redis_url=valkey.url,
-            port=sidecar_port,
-            log=WORK / "sidecar.log",
-        )
-        stack.callback(sidecar.stop)
-        pids |= {"noop": pid_of(noop), "sidecar": pid_of(sidecar)}
-        check_authorize(noop_port, population.api_keys[0], pb.REASON_OK)
-        check_authorize(sidecar_port, population.api_keys[0], pb.REASON_OK)
+        noop = start_noop_authorizer(settles=False)
+        stack.callback(noop.child.stop)
+        sidecar = start_sidecar(settlement, valkey.url)
+        stack.callback(sidecar.child.stop)
+        pids |= {"noop": pid_of(noop.child), "sidecar": pid_of(sidecar.child)}
+        check_authorize(noop.grpc, population.api_keys[0], pb.REASON_OK)
+        check_authorize(sidecar.grpc, population.api_keys[0], pb.REASON_OK)
         rss = {"before load": rss_kib(pids["sidecar"])}
 
         zipf = ZipfSampler(len(population.api_keys), ZIPF_S, seed=5)
@@ -1012,64 +1353,24 @@ def main() -> int:
         order = zipf.sample(URIS_PER_FILE)  # the key of each request through Envoy
 
         bench = Bench(mode, Counters(client), pids)
-        bench.children |= {"noop": noop, "sidecar": sidecar}
-        floor_peak = bench.curve(grpc_target("floor", noop_port, bodies))
+        bench.children |= {"noop": noop.child, "sidecar": sidecar.child}
+        floor_peak = bench.curve(grpc_target("floor", noop.grpc, bodies))
         grpc_customers = [population.customers[rank] for rank in ranks]
-        bench.curve(grpc_target("sidecar", sidecar_port, bodies, grpc_customers), floor_peak)
+        bench.curve(grpc_target("sidecar", sidecar.grpc, bodies, grpc_customers), floor_peak)
 
-        bad_key = keys.generate("test")
-        peaks: dict[str, float] = {}  # each Envoy + no-op row's peak: its rows' offered loads
-        for variant in envoy_variants(filters):
-            name = variant.name
-            kept = [f for f in filters if f not in variant.without]
-            with ExitStack() as envoy_stack:
-                authorizer = noop_port if variant.authorizer == "noop" else sidecar_port
-                if variant.authorizer == "sidecar" and variant.without:
-                    # A sidecar of its own, configured for the filters this Envoy runs.
-                    authorizer = harness.free_port()
-                    own = harness.start_sidecar(
-                        sidecar_config(kept),
-                        redis_url=valkey.url,
-                        port=authorizer,
-                        log=WORK / f"sidecar-{name}.log",
-                    )
-                    envoy_stack.callback(own.stop)
-                    envoy_stack.enter_context(bench.playing("sidecar", own))
-                listen, admin = harness.free_port(), harness.free_port()
-                config = envoy_config.render(
-                    template,
-                    listen=listen,
-                    admin=admin,
-                    authorizer=authorizer,
-                    authz=variant.authz,
-                    without=variant.without,
-                )
-                envoy = start_envoy(name, config, admin)
-                envoy_stack.callback(envoy.stop)
-                envoy_stack.enter_context(bench.playing("envoy", envoy))
-                real_sidecar = variant.authorizer == "sidecar" and variant.authz
-                check_envoy(
-                    listen,
-                    population.api_keys[0],
-                    bad_key,
-                    authz=variant.authz,
-                    authz_denies=real_sidecar,
-                    ext_proc=envoy_config.EXT_PROC in kept,
-                )
-                uris = WORK / f"uris-{name}.txt"
-                base = f"http://127.0.0.1:{listen}"
-                uris.write_text("\n".join(envoy_uris(base, population.api_keys, order)) + "\n")
-                counted = population.customers if real_sidecar else ()
-                peak = bench.curve(envoy_target(name, uris, counted), peaks.get(BASELINE[name]))
-                peaks.setdefault(name, peak)
+        envoy = EnvoyRun(
+            bench, population, order, keys.generate("test"), valkey.url, noop, sidecar, settlement
+        )
+        for p in planned:
+            envoy.pair(p)
 
-        hostile = hostile_attack(bench, sidecar_port, population, mode)
+        hostile = hostile_attack(bench, sidecar.grpc, population, mode)
         rss["after load"] = rss_kib(pids["sidecar"])
 
         # The floor once more: how far did the machine drift during the run?
-        bench.measure(grpc_target("floor", noop_port, bodies), END_PEAK, None)
+        bench.measure(grpc_target("floor", noop.grpc, bodies), END_PEAK, None)
 
-    text = report(bench, facts, mode, hostile, rss)
+    text = report(bench, rows, facts, mode, hostile, rss)
     text += f"\nWhole run: {time.monotonic() - started:.0f} s.\n"
     (RESULTS / "latest.md").write_text(text)
     print(text)

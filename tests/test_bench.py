@@ -12,10 +12,12 @@ import math
 import re
 import subprocess
 import sys
+import time
+import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import redis
@@ -225,31 +227,74 @@ def test_h2load_command_line() -> None:
 
 # -- Envoy configs -----------------------------------------------------------------
 
-TEMPLATE = harness.ENVOY_TEMPLATE.read_text()
-PORTS = {"listen": 21000, "admin": 21001, "authorizer": 21002}
-TOLLWAY = envoy_config.tollway_filters(TEMPLATE)
-OTHERS = tuple(name for name in TOLLWAY if name != envoy_config.EXT_AUTHZ)  # ext_proc
+CONFIGS, MISSING = envoy_config.load_configs()
+PLANNED = envoy_config.plan(CONFIGS)
+PORTS = {"listen": 21000, "admin": 21001, "grpc": 21002, "http": 21003}
+HTTP_FILTER = r"- name: (envoy\.filters\.http\.\w+)"
 
 
-@pytest.mark.parametrize("authz", [True, False])
-@pytest.mark.parametrize("without", [(), OTHERS], ids=["all filters", "ext_authz only"])
+def test_the_variant_table_names_files_that_exist() -> None:
+    """Every Envoy config the bench runs is named once, in envoy_config.CONFIGS."""
+    assert MISSING == []
+    assert envoy_config.CONFIGS[envoy_config.SHIPPED] == "envoy.yaml"  # as shipped, always
+    for role, name in envoy_config.CONFIGS.items():
+        assert (envoy_config.DEPLOY / name).is_file(), role
+    for pair in envoy_config.PAIRS:
+        assert pair.config in envoy_config.CONFIGS, pair
+    pairs = {pair.name for pair in envoy_config.PAIRS}
+    assert {envoy_config.CEILING_PAIR, envoy_config.HEADLINE_FLOOR, "http-authz"} <= pairs
+    # No other module of the bench opens a deploy/ Envoy file by its name.
+    for path in (REPO / "bench").glob("*.py"):
+        if path.name != "envoy_config.py":
+            code = path.read_text()
+            assert "ENVOY_TEMPLATE" not in code, path
+            assert not re.search(r"""["'/]envoy[\w-]*\.yaml["']""", code), path
+
+
+def test_shapes_are_read_from_the_files() -> None:
+    shapes = {role: config.shape for role, config in CONFIGS.items()}
+    assert shapes["http"].transport == "http"
+    assert shapes["grpc"].transport == "grpc"
+    assert shapes["accesslog"].settlement == "access_log"
+    assert shapes["accesslog"].describe().endswith("+ access log")
+    assert envoy_config.EXT_AUTHZ in shapes[envoy_config.SHIPPED].filters
+    both = CONFIGS["accesslog"].text.replace(
+        "  - name: envoy.filters.http.router\n",
+        f"  - name: {envoy_config.EXT_PROC}\n                  - name: envoy.filters.http.router\n",
+    )
+    with pytest.raises(ValueError, match="pick one"):
+        envoy_config.shape(both)
+
+
+def _rows(planned: list[envoy_config.Planned]) -> list[Any]:
+    """(name, pair, authz) of every Envoy row the run has, with the row's name as id."""
+    rows = [(run.pair_row(p.name, "noop"), p, True) for p in planned]
+    rows += [(run.CEILING, p, False) for p in planned if p.name == envoy_config.CEILING_PAIR]
+    return [pytest.param(*row, id=row[0]) for row in rows]
+
+
+@pytest.mark.parametrize(("name", "p", "authz"), _rows(PLANNED))
 def test_bench_envoy_configs_validate(
-    tmp_path: Path, authz: bool, without: tuple[str, ...]
+    tmp_path: Path, name: str, p: envoy_config.Planned, authz: bool
 ) -> None:
-    text = envoy_config.render(TEMPLATE, **PORTS, authz=authz, without=without)
+    text = envoy_config.render(p.config.text, **PORTS, authz=authz, authz_only=p.pair.authz_only)
     assert "direct_response" in text
     assert "cluster: upstream }" not in text  # the upstream is never reached
-    for port in PORTS.values():
-        assert f"port_value: {port}" in text
-    http_filter = r"- name: (envoy\.filters\.http\.\w+)"
-    filters = re.findall(http_filter, text)
-    kept = [f for f in re.findall(http_filter, TEMPLATE) if f not in without]
-    assert filters == ["envoy.filters.http.header_mutation", *kept]
+    for port in ("listen", "admin", "grpc"):
+        assert f"port_value: {PORTS[port]}" in text
+    if p.shape.transport == "http":
+        assert f"uri: http://127.0.0.1:{PORTS['http']}\n" in text
+        assert f"port_value: {PORTS['http']}" in text
+    filters = re.findall(HTTP_FILTER, text)
+    assert filters[0] == "envoy.filters.http.header_mutation"
+    assert filters[1:] == [*p.shape.filters, "envoy.filters.http.router"]
     assert "%QUERY_PARAM(k)%" in text
-    assert TOLLWAY[0] == "envoy.filters.http.ext_authz"
-    assert text.count("disabled: true") == (0 if authz else len(TOLLWAY) - len(without))
-    if without:  # the filter's own comments go with it
-        assert "The response path" not in text and "ExternalProcessor" not in text
+    if p.pair.authz_only:
+        assert p.shape.filters == (envoy_config.EXT_AUTHZ,)
+        assert envoy_config.ACCESS_LOG not in text and "access_log:" not in text
+        assert "The response path" not in text  # a cut filter's comments go with it
+    disabled = len(envoy_config.tollway_filters(text))
+    assert text.count("disabled: true") == (0 if authz else disabled)
     config = tmp_path / "envoy.yaml"
     config.write_text(text)
     argv = [harness.envoy_binary(), "--mode", "validate", "-c", str(config)]
@@ -258,49 +303,62 @@ def test_bench_envoy_configs_validate(
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_bench_envoy_config_leaves_out_only_filters_it_has_and_never_ext_authz() -> None:
-    for without in ([envoy_config.EXT_AUTHZ], ["envoy.filters.http.lua"]):
-        with pytest.raises(ValueError, match="cannot leave out"):
-            envoy_config.render(TEMPLATE, **PORTS, authz=True, without=without)
+def test_pairs_that_come_out_the_same_run_once() -> None:
+    names = [p.name for p in PLANNED]
+    assert len(names) == len(set(names))
+    shipped = [p for p in PLANNED if p.is_(envoy_config.SHIPPED)]
+    assert len(shipped) == 1 and envoy_config.FIXED_RATE in shipped[0].rates
+    # Shipped as another file: its own pair, at the fixed rate only.
+    other = dataclasses.replace(
+        CONFIGS[envoy_config.SHIPPED], text=CONFIGS["http"].text + "\n# shipped\n"
+    )
+    alone = envoy_config.plan({**CONFIGS, envoy_config.SHIPPED: other})
+    [own] = [p for p in alone if p.name == envoy_config.SHIPPED]
+    assert own.rates == (envoy_config.FIXED_RATE,) and not own.shares and own.also == ()
+    # A missing file skips its pairs, no more.
+    without_http = {role: c for role, c in CONFIGS.items() if role != "http"}
+    assert "http-authz" not in [p.name for p in envoy_config.plan(without_http)]
 
 
-def test_envoy_variants_pair_each_row_with_a_no_op_row_of_the_same_filters() -> None:
-    variants = run.envoy_variants(TOLLWAY)
-    by_name = {v.name: v for v in variants}
-    assert len(by_name) == len(variants)
-    for variant in variants:
-        assert variant.name in run.LABELS
-        base = by_name[run.BASELINE[variant.name]]
-        assert base.authorizer == "noop" and base.authz
-        assert base.without == variant.without
-    if OTHERS:  # deploy/envoy.yaml runs ext_proc: the ext_authz-only pair is in the run
-        assert by_name["envoy-sidecar-authz"].without == OTHERS
-        assert run.BASELINE["envoy-sidecar-authz"] == "envoy-noop-authz"
-    # With ext_authz alone in deploy/envoy.yaml the pair would repeat the main rows.
-    assert [v.name for v in run.envoy_variants([envoy_config.EXT_AUTHZ])] == [
-        "envoy-noop",
-        "envoy-ceiling",
-        "envoy-sidecar",
-    ]
+def test_envoy_rows_pair_each_row_with_a_no_op_row_of_the_same_config() -> None:
+    rows = run.envoy_rows(PLANNED)
+    by_pair = {p.name: p for p in PLANNED}
+    for name, row in rows.items():
+        floor = rows[row.floor]
+        assert floor.authorizer == "noop" and rows[floor.floor] is floor  # a floor is its own
+        if name != run.CEILING:
+            assert row.pairs == floor.pairs and row.shape == floor.shape
+            assert row.authorizer in name
+    assert rows[run.CEILING].floor == run.pair_row(envoy_config.CEILING_PAIR, "noop")
+    head = run.find_row(rows, envoy_config.HEADLINE_FLOOR, "noop")
+    assert head is not None and rows[head].shape == envoy_config.Shape(
+        "grpc", (envoy_config.EXT_AUTHZ,), "none"
+    )
+    shipped = run.find_row(rows, envoy_config.SHIPPED, "sidecar")
+    assert shipped is not None and "**as shipped**" in rows[shipped].label
+    assert run.find_row(rows, "http-authz", "sidecar") == "envoy-sidecar-http-authz"
+    assert by_pair["http-authz"].shape.describe() == "HTTP ext_authz only"
 
 
-@pytest.mark.parametrize("filters", [list(TOLLWAY), [envoy_config.EXT_AUTHZ]])
-def test_sidecar_config_runs_ext_proc_exactly_when_envoy_does(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, filters: list[str]
+@pytest.mark.parametrize("settlement", ["none", "ext_proc", "access_log"])
+def test_sidecar_config_settles_as_the_envoy_config_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settlement: str
 ) -> None:
     monkeypatch.setattr(run, "WORK", tmp_path)
-    settings = load_settings(run.sidecar_config(filters), {})
-    assert settings.envoy.ext_proc is (envoy_config.EXT_PROC in filters)
+    settings = load_settings(run.sidecar_config(settlement), {})
+    assert settings.envoy.settlement == settlement
     assert settings.catalog.plans.keys() == load_settings(run.CONFIG, {}).catalog.plans.keys()
 
 
 def test_bench_envoy_config_fails_loudly_when_the_template_changes() -> None:
+    template = CONFIGS["grpc"].text
     with pytest.raises(ValueError, match="route"):
         envoy_config.render(
-            TEMPLATE.replace("route: { cluster: upstream }", "route: { cluster: api }"),
+            template.replace("route: { cluster: upstream }", "route: { cluster: api }"),
             **PORTS,
-            authz=True,
         )
+    with pytest.raises(ValueError, match="HTTP port"):
+        envoy_config.render(CONFIGS["http"].text, listen=1, admin=2, grpc=3)
 
 
 # -- the floor and the bench config ------------------------------------------------
@@ -312,6 +370,8 @@ def test_noop_server_options_match_the_sidecar() -> None:
     sidecar_options = set(re.findall(r'"(grpc\.[a-z0-9_.]+)"', server_py))
     assert sidecar_options == {name for name, _ in noop_server.SERVER_OPTIONS}
     assert "grpc.aio.server(" in server_py
+    # ...and serves HTTP as the sidecar does: its own uvicorn setup, in the same loop.
+    assert "http_server(" in server_py and "listen_socket(" in server_py
 
 
 def test_noop_ext_proc_passes_every_phase() -> None:
@@ -321,12 +381,33 @@ def test_noop_ext_proc_passes_every_phase() -> None:
     assert list(mutation.remove_headers) == ["x-tollway-cost"]
 
 
-def test_noop_answers_are_allows() -> None:
+def test_noop_answers_are_the_sidecars_allows() -> None:
     authorize = pb.AuthorizeResponse.FromString(noop_server.ALLOW_AUTHORIZE.SerializeToString())
     assert authorize.allowed and authorize.reason == pb.REASON_OK
-    check = noop_server.ALLOW_CHECK
-    assert check.status.code == 0 and check.HasField("ok_response")
-    assert list(check.ok_response.headers_to_remove) == ["x-api-key"]
+    plain, settling = noop_server.answers(settles=False), noop_server.answers(settles=True)
+    for answers in (plain, settling):
+        assert answers.check.status.code == 0 and answers.check.HasField("ok_response")
+        assert list(answers.check.ok_response.headers_to_remove) == ["x-api-key"]
+        assert (answers.http_status, answers.http_body) == (200, b"")
+        headers = dict(answers.http_headers)
+        assert headers[b"x-envoy-auth-headers-to-remove"] == b"x-api-key"
+        assert headers[b"x-tollway-customer"] == b"cus_00000000000000"
+        assert headers[b"content-length"] == b"0" and b"ratelimit" in headers
+    # What a settlement needs: Check's metadata (the access log logs only requests
+    # carrying `customer`), the HTTP answer's headers for dynamic_metadata_from_headers.
+    assert not plain.check.HasField("dynamic_metadata")
+    assert settling.check.dynamic_metadata["customer"] == "cus_00000000000000"
+    assert settling.check.dynamic_metadata["request_id"]
+    assert b"customer" not in dict(plain.http_headers)
+    settled = dict(settling.http_headers)
+    assert settled[b"request_id"] and settled[b"x-tollway-estimate"] == b"1"
+
+
+def test_access_log_entries_are_read_from_the_noop_log(tmp_path: Path) -> None:
+    log = tmp_path / "noop.log"
+    line = noop_server.ACCESS_LOG_LINE
+    log.write_text(f"started\n{line.format(entries=3)}\n{line.format(entries=40)}\n")
+    assert run.access_log_entries(log) == 43
 
 
 def test_bench_config_has_a_generous_plan_and_a_hostile_one() -> None:
@@ -335,6 +416,108 @@ def test_bench_config_has_a_generous_plan_and_a_hostile_one() -> None:
     assert bench.rate.per_second >= 10_000 and bench.overage == "bill"
     assert hostile.rate.per_second * 10 < 2_000  # ten times it stays a modest load
     assert catalog.route_for("GET", "/v1/search") is not None
+
+
+def _http_access_log() -> str:
+    """An HTTP ext_authz + access-log config, as the lead means to ship deploy/envoy.yaml:
+    deploy/envoy-http.yaml with ext_proc replaced by deploy/envoy-accesslog.yaml's logger."""
+    access_log = envoy_config._ACCESS_LOG_BLOCK.search(CONFIGS["accesslog"].text)
+    assert access_log is not None
+    text = envoy_config._filter_item(envoy_config.EXT_PROC).sub("", CONFIGS["http"].text)
+    text = text.replace("stat_prefix: api\n", "stat_prefix: api\n" + access_log[0], 1)
+    assert envoy_config.shape(text).describe() == "HTTP ext_authz + access log"
+    return text
+
+
+def _planned(pair: str, *, shipped: str | None = None) -> envoy_config.Planned:
+    configs = dict(CONFIGS)
+    if shipped is not None:
+        old = configs[envoy_config.SHIPPED]
+        configs[envoy_config.SHIPPED] = envoy_config.Config(
+            old.role, old.path, shipped, envoy_config.shape(shipped)
+        )
+    [p] = [p for p in envoy_config.plan(configs) if p.name == pair]
+    return p
+
+
+def test_a_shipped_http_access_log_config_runs_as_a_pair_of_its_own(tmp_path: Path) -> None:
+    p = _planned(envoy_config.SHIPPED, shipped=_http_access_log())
+    assert p.shape.settlement == "access_log" and p.shape.transport == "http"
+    assert p.rates == (envoy_config.FIXED_RATE,)
+    text = envoy_config.render(p.config.text, **PORTS)
+    config = tmp_path / "envoy.yaml"
+    config.write_text(text)
+    argv = [harness.envoy_binary(), "--mode", "validate", "-c", str(config)]
+    done = subprocess.run([*argv, "--use-dynamic-base-id"], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _through_envoy(
+    p: envoy_config.Planned, authorizer: run.Authorizer, *, linger: float = 0.0
+) -> tuple[int, dict[str, str], bytes]:
+    """One GET through p's bench Envoy config (as the bench renders it) asking
+    authorizer; Envoy stops linger seconds after the answer."""
+    listen, admin = harness.free_port(), harness.free_port()
+    config = envoy_config.render(
+        p.config.text,
+        listen=listen,
+        admin=admin,
+        grpc=authorizer.grpc,
+        http=authorizer.http,
+        authz_only=p.pair.authz_only,
+    )
+    envoy = run.start_envoy(p.name, config, admin)
+    try:
+        url = f"http://127.0.0.1:{listen}/v1/search?k={keys.generate('test')}"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            answer = response.status, dict(response.headers), response.read()
+        time.sleep(linger)
+        return answer
+    finally:
+        envoy.stop()
+
+
+Start = Callable[..., run.Authorizer]
+
+
+@pytest.fixture
+def noop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Start]:
+    """Starts bench no-op servers (gRPC and HTTP), their logs in tmp_path; stops them."""
+    monkeypatch.setattr(run, "WORK", tmp_path)
+    started: list[harness.Child] = []
+
+    def start(*, settles: bool = False) -> run.Authorizer:
+        authorizer = run.start_noop_authorizer(settles=settles, name=f"noop-{len(started)}")
+        started.append(authorizer.child)
+        return authorizer
+
+    with harness.stopping(started):
+        yield start
+
+
+@pytest.mark.servers
+def test_noop_http_authorizer_answers_200_through_the_real_envoy_config(
+    noop: Start,
+) -> None:
+    status, headers, body = _through_envoy(_planned("http-authz"), noop())
+    assert (status, body) == (200, b"ok")
+    assert headers["ratelimit"].startswith('"rate";r=')  # the no-op's answer reached the client
+
+
+@pytest.mark.servers
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_noop_access_log_floor_receives_envoys_entries(noop: Start, transport: str) -> None:
+    """Envoy logs only what the authorizer's answer admitted (its metadata names a
+    customer): the settling no-op's answer must, so its floor gets every entry."""
+    if transport == "grpc":
+        p = _planned("accesslog")
+    else:
+        p = _planned(envoy_config.SHIPPED, shipped=_http_access_log())
+    settling = noop(settles=True)
+    status, _, body = _through_envoy(p, settling, linger=0.6)  # past buffer_flush_interval
+    assert (status, body) == (200, b"ok")
+    settling.child.stop()  # Envoy is stopped: its stream has ended
+    assert run.access_log_entries(settling.child.log) == 1
 
 
 # -- the report --------------------------------------------------------------------
@@ -353,45 +536,75 @@ def _result(rps: float, latency_ms: float, requests: int = 1000) -> h2load.Resul
     return h2load.Result([fake], [round(latency_ms * 1000)] * 10, 1.0)
 
 
-def test_report_renders_every_section() -> None:
+def test_valkey_cpu_per_decision_is_read_from_its_cpu_seconds() -> None:
+    cpu = run.CpuUse({"valkey": 25.0}, wall=2.0)  # 0.5 s of Valkey CPU
+    m = run.Measurement("sidecar", "peak", None, _result(5000, 1), cpu, allowed=10_000)
+    m.commands = {"evalsha": 10_000, "hget": 40_000, "ping": 8}
+    assert m.valkey_us == pytest.approx(50.0)
+    assert m.commands_per_decision == pytest.approx(5.0)  # the sidecar's health pings left out
+    assert m.per_decision() == {"hget": 4.0, "evalsha": 1.0}
+    floor = run.Measurement("floor", "peak", None, _result(5000, 1), cpu)
+    assert math.isnan(floor.valkey_us) and math.isnan(floor.commands_per_decision)
+
+
+def _fake_run() -> tuple[run.Bench, dict[str, run.Row]]:
+    """Every row of today's plan, measured with made-up figures."""
+    rows = {**run.GRPC_ROWS, **run.envoy_rows(PLANNED)}
     bench = run.Bench(run.QUICK, cast(run.Counters, None), {})
-    targets = {
-        "floor": 4000,
-        "sidecar": 1500,
-        "envoy-noop": 3500,
-        "envoy-ceiling": 50000,
-        "envoy-sidecar": 1400,
-        "envoy-noop-authz": 6000,
-        "envoy-sidecar-authz": 3000,
-    }
-    for target, peak in targets.items():
-        bench.measurements.append(run.Measurement(target, "peak", None, _result(peak, 10)))
-        base = targets[run.BASELINE[target]]
-        for share in run.SHARES:
+    peaks = {"floor": 4000.0, "sidecar": 1500.0, run.CEILING: 50000.0}
+    peaks[run.pair_row(envoy_config.CEILING_PAIR, "noop")] = 3500.0
+    for target, row in rows.items():
+        peaks.setdefault(target, 3000.0 if row.authorizer == "noop" else 1400.0)
+    by_pair = {p.name: p for p in PLANNED}
+    for target, row in rows.items():
+        peak = peaks[target]
+        cpu = run.CpuUse({"valkey": 1.5, "sidecar": 90.0}, wall=2.0)
+        counted = target == "sidecar" or row.authorizer == "sidecar"
+        m = run.Measurement(target, "peak", None, _result(peak, 10), cpu, 1000 if counted else None)
+        if counted:
+            m.commands = {"evalsha": 1000, "hget": 4000}
+        bench.measurements.append(m)
+        p = by_pair.get(row.pairs[0]) if row.pairs else None
+        base = peaks[row.floor]
+        for share in run.SHARES if p is None or p.shares else ():
             offered = share * base
             achieved = min(offered, peak)
             bench.measurements.append(
                 run.Measurement(target, f"{share:.0%}", offered, _result(achieved, share * 4))
             )
+        for rate in p.rates if p is not None else ():
+            latency = 1.5 if row.authorizer == "noop" else 3.0
+            bench.measurements.append(
+                run.Measurement(target, run.rate_load(rate), rate, _result(rate, latency))
+            )
     bench.measurements.append(run.Measurement("floor", run.END_PEAK, None, _result(4080, 10)))
-    hostile = {
-        "rate": 50.0,
-        "burst": 50,
-        "offered": 500.0,
-        "rps": 499.0,
-        "allowed_rps": 50.0,
-        "cmds_rps": 3000.0,
-        "ratio": 6.0,
-        "normal_ratio": 10.0,
-        "breakdown": "evalsha 1.00",
-        "cpu": run.CpuUse({"sidecar": 40.0, "other": 30.0}, [("pytest", 25.0)]),
-    }
-    rss = {
-        "before load": {"VmRSS": 50_000, "VmHWM": 50_000},
-        "after load": {"VmRSS": 52_000, "VmHWM": 60_000},
-    }
-    text = run.report(bench, {"nproc": "2"}, run.QUICK, hostile, rss)
+    return bench, rows
+
+
+HOSTILE = {
+    "rate": 50.0,
+    "burst": 50,
+    "offered": 500.0,
+    "rps": 499.0,
+    "allowed_rps": 50.0,
+    "cmds_rps": 3000.0,
+    "ratio": 6.0,
+    "normal_ratio": 10.0,
+    "breakdown": "evalsha 1.00",
+    "cpu": run.CpuUse({"sidecar": 40.0, "other": 30.0}, [("pytest", 25.0)]),
+}
+RSS = {
+    "before load": {"VmRSS": 50_000, "VmHWM": 50_000},
+    "after load": {"VmRSS": 52_000, "VmHWM": 60_000},
+}
+
+
+def test_report_renders_every_section() -> None:
+    bench, rows = _fake_run()
+    bench.entries[run.pair_row("accesslog", "noop")] = 1234
+    text = run.report(bench, rows, {"nproc": "2"}, run.QUICK, HOSTILE, RSS)
     for heading in (
+        "Issue #13's targets",
         "Throughput at saturation",
         "Latency at fixed offered loads",
         "Hostile client",
@@ -405,19 +618,44 @@ def test_report_renders_every_section() -> None:
     assert "4,000 req/s at the start of the run and 4,080 at the end (+2.0%)" in text
     assert "| floor again, at the end |" in text
     assert "| hostile attack | 0 | 0 | 40 | 0 | 0 | 0 | 30 (pytest 25) |" in text
-    # Each Envoy row names the no-op row it is divided by: the same filters.
-    assert (
-        "| Envoy + sidecar, ext_authz only | 3,000 | 0.50 "
-        "| Envoy + no-op authorizer, ext_authz only | 0.06 |"
-    ) in text
-    assert (
-        "| Envoy + sidecar, all Tollway filters | 1,400 | 0.40 "
-        "| Envoy + no-op authorizer, all Tollway filters | 0.03 |"
-    ) in text
-    assert "3,000 req/s with ext_authz only and 1,400 with every filter (0.47 of it)" in text
-    # The ceiling ran at other offered loads than the ext_authz-only rows: no ratio to it.
-    [row] = [line for line in text.splitlines() if "Envoy + sidecar, ext_authz only | 25%" in line]
+    assert "received 1,234 entries from Envoy + no-op: gRPC Check + access log" in text
+    assert "- gRPC Check + ext_proc against ext_authz only: sidecar 1,400 req/s" in text
+    assert "- HTTP ext_authz against gRPC Check, both ext_authz only:" in text
+
+
+def test_report_names_each_rows_floor() -> None:
+    bench, rows = _fake_run()
+    text = run.report(bench, rows, {}, run.QUICK, HOSTILE, RSS)
+    table = text.split("## Throughput at saturation")[1].split("## Latency")[0]
+    for target, row in rows.items():
+        [line] = [line for line in table.splitlines() if line.startswith(f"| {row.label} |")]
+        floor = "itself" if row.floor == target else rows[row.floor].label
+        assert f"| {floor} |" in line, target
+    # Each Envoy row is divided by the no-op behind the same config.
+    http = rows["envoy-sidecar-http-authz"]
+    assert rows[http.floor].label.startswith("Envoy + no-op: HTTP ext_authz only")
+    [line] = [line for line in table.splitlines() if line.startswith(f"| {http.label} |")]
+    assert "| 1,400 | 0.47 |" in line and "| 5.00 | 30.0 |" in line
+    # The ceiling ran at its pair's loads only: the other pairs have no ratio to it.
+    latency = text.split("## Latency")[1]
+    [row] = [line for line in latency.splitlines() if line.startswith(f"| {http.label} | 25%")]
     assert row.endswith("| 1.00 / 1.00 / 1.00 | — | — |")
+
+
+def test_report_summary_says_each_target_met_or_not() -> None:
+    bench, rows = _fake_run()
+    text = run.report(bench, rows, {}, run.QUICK, HOSTILE, RSS)
+    summary = text.split("## Issue #13's targets")[1].split("## Throughput")[0]
+    shipped = run.find_row(rows, envoy_config.SHIPPED, "sidecar")
+    assert shipped is not None
+    assert f"| {rows[shipped].label}: ≥ 1.5x Envoy + no-op grpc.aio ext_authz" in summary
+    assert "| 1,400 ÷ 3,000 req/s = **0.47x** | **not met** |" in summary
+    assert "| 1,500 ÷ 4,080 req/s = **0.37** | **not met** |" in summary
+    assert summary.count("| **30.0 µs** | met |") == 2  # Authorize and HTTP rows
+    assert summary.count("| **5.00** (hget 4.00, evalsha 1.00) | met |") == 2
+    assert "p99 3.00 against 1.50 ms: **+1.50 ms**; p50 3.00 against 1.50 ms | met |" in summary
+    latency = text.split("## Latency")[1]
+    assert f"| {rows[shipped].label} | 1,000/s | 1,000 | 1,000 |" in latency
 
 
 # -- the population ----------------------------------------------------------------
