@@ -96,8 +96,12 @@ class ExtProcService(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[m
         settings = self._settings()
         cost_header = settings.envoy.cost_header
         mutation = ext_proc.HeaderMutation(remove_headers=[cost_header])
-        if settings.envoy.settlement != "ext_proc":
-            SETTLEMENTS.labels("ext_proc", "mismatch").inc()
+        mismatched = settings.envoy.settlement != "ext_proc"
+
+        def count(result: str) -> None:  # one result per response; a mismatch is that
+            SETTLEMENTS.labels("ext_proc", "mismatch" if mismatched else result).inc()
+
+        if mismatched:
             self._mismatch.say(
                 "tollway.toml and the Envoy config disagree: Envoy runs Tollway's ext_proc "
                 'filter, but [envoy] settlement = %r in %s. Set settlement = "ext_proc", or '
@@ -109,7 +113,7 @@ class ExtProcService(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[m
         struct = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
         finished = settlement.finished(settlement.plain(struct)) if struct is not None else None
         if finished is None:
-            SETTLEMENTS.labels("ext_proc", "skipped").inc()
+            count("skipped")
             return mutation
         headers = _headers(request.response_headers)
         status = headers.get(":status", "200")
@@ -123,12 +127,12 @@ class ExtProcService(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[m
                 metered=self._metered,
             )
         except StoreUnavailable as exc:
-            SETTLEMENTS.labels("ext_proc", "unavailable").inc()
+            count("unavailable")
             log.error(
                 "response of %s not settled (expires at its estimate): %s", finished.customer, exc
             )
             return mutation
-        SETTLEMENTS.labels("ext_proc", settled.result).inc()
+        count(settled.result)
         if settled.charged is None:
             return mutation
         mutation.set_headers.append(_set("x-tollway-charged", str(settled.charged)))
