@@ -1066,7 +1066,7 @@ def slow_requests(envoy: str, key: str, request_ids: list[str]) -> list[int]:
     return sorted(statuses)
 
 
-# BUG (regression test): sidecar/server.py CheckService.Check (~L268-276) names
+# BUG (regression test): sidecar/grpc_api.py CheckService.Check (~L268-276) names
 # each request's concurrency lease (and, with ext_proc, its reservation) by the
 # client's own x-request-id, which deploy/envoy.yaml passes through unchanged (the
 # upstream sees the value the client sent). At 071b06b, requests sharing one
@@ -1488,9 +1488,9 @@ def add_key(redis_url: str, customer: str, *, expires_at_us: int = 0, revoke: bo
 # - webhook/app.py Companion.portal: POST /portal opened a Billing Portal
 #   session, where the holder of a rotated-out (say, leaked) key can change the
 #   payment method or cancel the subscription;
-# - sidecar/server.py TollwayService._customer: GetUsage showed the customer's
+# - sidecar/grpc_api.py TollwayService._customer: GetUsage showed the customer's
 #   usage and plan, and RecordUsage billed the customer;
-# - sidecar/server.py TollwayService.Release checked only that the key existed:
+# - sidecar/grpc_api.py TollwayService.Release checked only that the key existed:
 #   revoked and expired keys released the customer's leases.
 # Fixed in a4dd35e.
 def test_an_expired_or_revoked_key_opens_nothing(
