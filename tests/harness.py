@@ -34,6 +34,7 @@ from sidecar.demo.upstream import EchoUpstream
 from sidecar.errors import TollwayError
 
 __all__ = [
+    "ENVOY_GRPC_TEMPLATE",
     "ENVOY_TEMPLATE",
     "REPO_ROOT",
     "Child",
@@ -56,8 +57,11 @@ __all__ = [
 ]
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
-# The real file, the one operators deploy (sidecar/demo/envoy.yaml links to it).
+# The real file, the one operators deploy (sidecar/demo/envoy.yaml links to it):
+# HTTP ext_authz + access-log settlement.
 ENVOY_TEMPLATE: Final = REPO_ROOT / "deploy" / "envoy.yaml"
+# The gRPC variant: gRPC Check + ext_proc.
+ENVOY_GRPC_TEMPLATE: Final = REPO_ROOT / "deploy" / "envoy-grpc.yaml"
 
 
 # -- a local Redis Cluster (tests, bench/scaling.py) -----------------------------

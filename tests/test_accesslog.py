@@ -1,8 +1,9 @@
-"""Settlement through Envoy's gRPC access log (deploy/envoy-accesslog.yaml with
-`[envoy] settlement = "access_log"`), through a real Envoy, sidecar and Valkey:
-real costs, 5xx refunds, leases released within the flush interval, replayed
-entries, the cost header kept from the client, Redis down while settling; and
-what happens when tollway.toml and the Envoy config disagree."""
+"""Settlement through Envoy's gRPC access log (`[envoy] settlement = "access_log"`),
+through a real Envoy, sidecar and Valkey, asking each way a shipped config asks:
+deploy/envoy.yaml (the default, HTTP ext_authz) and deploy/envoy-accesslog.yaml
+(gRPC Check). Real costs, 5xx refunds, leases released within the flush
+interval, replayed entries, the cost header kept from the client, Redis down
+while settling; and what happens when tollway.toml and the Envoy config disagree."""
 
 from __future__ import annotations
 
@@ -40,18 +41,23 @@ from tests.conftest import TEST_CONFIG, Customer
 from tests.tcpproxy import TcpProxy
 
 MakeCustomer = Callable[..., Customer]
-TEMPLATE = harness.REPO_ROOT / "deploy" / "envoy-accesslog.yaml"
+# The configs that settle through the access log: the default (HTTP ext_authz)
+# and the gRPC Check one. tests/test_deploy.py holds their loggers to one another.
+TEMPLATES = {
+    "envoy.yaml": harness.ENVOY_TEMPLATE,
+    "envoy-accesslog.yaml": harness.REPO_ROOT / "deploy" / "envoy-accesslog.yaml",
+}
 
 
 def _flush_interval() -> float:
-    doc = yaml.safe_load(TEMPLATE.read_text())
+    doc = yaml.safe_load(harness.ENVOY_TEMPLATE.read_text())
     [listener] = doc["static_resources"]["listeners"]
     [manager] = listener["filter_chains"][0]["filters"]
     [logger] = manager["typed_config"]["access_log"]
     return float(logger["typed_config"]["common_config"]["buffer_flush_interval"].rstrip("s"))
 
 
-FLUSH = _flush_interval()  # 0.2 s in deploy/envoy-accesslog.yaml
+FLUSH = _flush_interval()  # 0.2 s in deploy/envoy.yaml (and deploy/envoy-accesslog.yaml)
 # The release bound: the flush interval, plus the entry's trip to the sidecar and
 # one Redis script. Measured here (2 cores): 0.08-0.22 s after the client had
 # its response, so the margin is headroom for a loaded CI machine.
@@ -73,7 +79,7 @@ class Stack:
     """A sidecar (its Redis through a proxy) and an Envoy in front of the echo upstream."""
 
     url: str  # Envoy's listener
-    sidecar: str  # host:port of the sidecar's gRPC
+    sidecar: str  # host:port of the sidecar's gRPC (the access log's, and the API's)
     metrics: str
     log: Path
     channel: grpc.Channel
@@ -100,14 +106,17 @@ def _stack(
     config = workdir / "tollway.toml"
     config.write_text(_config(settlement, metrics=metrics))
     port, listen, admin = harness.free_port(), harness.free_port(), harness.free_port()
+    # A config whose ext_authz asks over HTTP (deploy/envoy.yaml) gets the sidecar's HTTP port.
+    http = {"http": harness.free_port()} if "http_service:" in template else {}
     log = workdir / "sidecar.log"
     children: list[harness.Child] = []
     with harness.stopping(children):
-        children.append(harness.start_sidecar(config, redis_url=redis_url, port=port, log=log))
+        children.append(harness.start_sidecar(config, redis_url=redis_url, port=port, log=log,
+                                              http_port=http.get("http")))  # fmt: skip
         envoy_config = workdir / "envoy.yaml"
         envoy_config.write_text(
             harness.render_envoy_config(
-                template, listen=listen, admin=admin, sidecar=port, upstream=upstream
+                template, listen=listen, admin=admin, sidecar=port, upstream=upstream, **http
             )
         )
         children.append(harness.run_envoy(envoy_config, admin=admin, log=workdir / "envoy.log"))
@@ -129,18 +138,23 @@ def proxy(redis_url: str) -> Iterator[TcpProxy]:
         yield running
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=sorted(TEMPLATES))
 def logged(
-    tmp_path_factory: pytest.TempPathFactory, redis_url: str, proxy: TcpProxy, upstream: int
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_url: str,
+    proxy: TcpProxy,
+    upstream: int,
 ) -> Iterator[Stack]:
-    """settlement = "access_log", Envoy running deploy/envoy-accesslog.yaml."""
+    """settlement = "access_log", Envoy running deploy/envoy.yaml (HTTP ext_authz)
+    or deploy/envoy-accesslog.yaml (gRPC Check)."""
     parts = urllib.parse.urlsplit(redis_url)
     proxied = urllib.parse.urlunsplit(parts._replace(netloc=f"127.0.0.1:{proxy.port}"))
     yield from _stack(
         tmp_path_factory.mktemp("accesslog"),
         redis_url=proxied,
         settlement="access_log",
-        template=TEMPLATE.read_text(),
+        template=TEMPLATES[request.param].read_text(),
         upstream=upstream,
     )
 
@@ -149,12 +163,13 @@ def logged(
 def mismatched(
     tmp_path_factory: pytest.TempPathFactory, redis_url: str, upstream: int
 ) -> Iterator[Stack]:
-    """settlement = "none" in tollway.toml, while Envoy runs deploy/envoy.yaml (ext_proc)."""
+    """settlement = "none" in tollway.toml, while Envoy runs deploy/envoy-grpc.yaml
+    (ext_proc)."""
     yield from _stack(
         tmp_path_factory.mktemp("mismatch"),
         redis_url=redis_url,
         settlement="none",
-        template=harness.ENVOY_TEMPLATE.read_text(),
+        template=harness.ENVOY_GRPC_TEMPLATE.read_text(),
         upstream=upstream,
     )
 
@@ -432,7 +447,7 @@ class Collector(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
 def test_envoy_logs_a_header_removed_by_the_route_as_missing_so_the_cost_moves_to_metadata(
     tmp_path: Path, upstream: int
 ) -> None:
-    """Why deploy/envoy-accesslog.yaml uses header_to_metadata: on Envoy 1.40,
+    """Why deploy/envoy.yaml (and envoy-accesslog.yaml) uses header_to_metadata: on Envoy 1.40,
     additional_response_headers_to_log does not see a header the route's
     response_headers_to_remove took away (it logs what the client got), while
     header_to_metadata both removes the header and keeps its value for the log."""

@@ -38,6 +38,10 @@ def test_compose_runs_envoy_sidecar_and_app_in_one_namespace() -> None:
     assert "--appendonly" in services["valkey"]["command"]
     mounts = " ".join(services["envoy"]["volumes"])
     assert "./envoy.yaml:/etc/envoy/envoy.yaml" in mounts  # deploy/envoy.yaml, unchanged
+    # ...which asks the sidecar over HTTP on 50052 and logs to its gRPC port, 50051.
+    assert services["sidecar"]["command"][1:] == ["--listen", "127.0.0.1:50051"]
+    assert services["sidecar"]["environment"]["TOLLWAY_HTTP_LISTEN"] == "127.0.0.1:50052"
+    assert "./tollway.toml:/etc/tollway/tollway.toml:ro" in services["sidecar"]["volumes"]
     for name in ("sidecar", "companion"):
         env = services[name]["environment"]
         assert env["TOLLWAY_REDIS_URL"].startswith("redis://valkey:")
@@ -57,6 +61,9 @@ def test_the_api_pod_puts_tollway_beside_envoy_and_the_app() -> None:
     assert set(parts) == {"app", "envoy", "tollway"}
     tollway = parts["tollway"]
     assert tollway["args"][0] == "serve" and "127.0.0.1:50051" in tollway["args"]
+    # deploy/envoy.yaml (mounted unchanged) asks over HTTP on 50052: every worker serves it.
+    env = {e["name"]: e.get("value") for e in tollway["env"]}
+    assert env["TOLLWAY_HTTP_LISTEN"] == "127.0.0.1:50052"
     # It listens on loopback, and kubelet dials the pod IP: probes run inside.
     assert tollway["readinessProbe"]["exec"]["command"] == ["tollway", "health"]
     assert tollway["livenessProbe"]["exec"]["command"] == ["tollway", "health", "--live"]

@@ -1,5 +1,8 @@
-"""HTTP through a real Envoy (deploy/envoy.yaml) asking the real sidecar, in front
-of the echo upstream, with keys and accounts in the real Valkey."""
+"""HTTP through a real Envoy asking the real sidecar, in front of the echo
+upstream, with keys and accounts in the real Valkey: every decision through
+each shipped way of asking, deploy/envoy.yaml (the default: HTTP ext_authz,
+fixture `envoy`) and deploy/envoy-grpc.yaml (gRPC Check, `envoy_grpc`). What
+only HTTP ext_authz has is in tests/test_envoy_http_e2e.py."""
 
 from __future__ import annotations
 
@@ -24,9 +27,18 @@ MakeCustomer = Callable[..., Customer]
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 
+@pytest.fixture(
+    scope="module", params=["envoy", "envoy_grpc"], ids=["envoy.yaml", "envoy-grpc.yaml"]
+)
+def through(request: pytest.FixtureRequest) -> str:
+    """The URL of a real Envoy running a shipped config: the fixture of that name."""
+    url: str = request.getfixturevalue(request.param)
+    return url
+
+
 @pytest.fixture(scope="module")
-def http(envoy: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=envoy, timeout=5.0) as client:
+def http(through: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=through, timeout=5.0) as client:
         yield client
 
 
@@ -278,22 +290,22 @@ def test_query_string_does_not_break_route_matching(
 
 
 # Tollway prices the path Envoy hands it; the upstream must not resolve a
-# different one (deploy/envoy.yaml normalizes paths).
+# different one (each shipped config normalizes paths).
 def test_dot_segments_cannot_reach_a_feature_route_unpaid(
-    envoy: str, make_customer: MakeCustomer
+    through: str, make_customer: MakeCustomer
 ) -> None:
     c = make_customer("basic")  # basic has no "export" feature
-    status, _, body = send_raw(envoy, "POST", "/v1/x/../export/x", c.key)
+    status, _, body = send_raw(through, "POST", "/v1/x/../export/x", c.key)
     assert status == 403, body
     assert b"feature_not_in_plan" in body
 
 
 @pytest.mark.parametrize("path", ["/v1/search/../heavy", "//v1/heavy", "/v1//heavy", "/v1/%68eavy"])
 def test_path_spellings_of_a_route_pay_its_cost(
-    envoy: str, make_customer: MakeCustomer, path: str
+    through: str, make_customer: MakeCustomer, path: str
 ) -> None:
     c = make_customer("basic")  # burst 5; /v1/heavy costs 4
-    status, headers, body = send_raw(envoy, "GET", path, c.key)
+    status, headers, body = send_raw(through, "GET", path, c.key)
     assert status == 200, body
     assert headers["x-ratelimit-remaining"] == "1", f"upstream saw {body!r}"
 
@@ -336,7 +348,7 @@ def test_billed_overage_keeps_serving(http: httpx.Client, make_customer: MakeCus
     assert statuses == [200] * 5
 
 
-# -- Redis down ----------------------------------------------------------------
+# -- Redis down (gRPC Check: UNAVAILABLE; tests/test_envoy_http_e2e.py has HTTP's 503) --
 
 
 def test_redis_down_fails_closed_with_503(tmp_path: Path, config_path: Path) -> None:
@@ -353,6 +365,7 @@ def test_redis_down_fails_closed_with_503(tmp_path: Path, config_path: Path) -> 
             envoy = harness.start_envoy(
                 workdir=tmp_path / "envoy",
                 log=tmp_path / "envoy.log",
+                template=harness.ENVOY_GRPC_TEMPLATE,
                 listen=listen,
                 admin=harness.free_port(),
                 sidecar=sidecar_port,

@@ -1,7 +1,9 @@
-"""HTTP through a real Envoy running deploy/envoy-http.yaml (ext_authz in HTTP
-service mode) asking the real sidecar's HTTP port, in front of the echo
-upstream, with keys and accounts in the real Valkey. What a client and the
-upstream see must be what they see with deploy/envoy.yaml (gRPC Check)."""
+"""HTTP through a real Envoy running deploy/envoy.yaml, the default (ext_authz in
+HTTP service mode, settlement through the gRPC access log), asking the real
+sidecar's HTTP port, in front of the echo upstream, with keys and accounts in
+the real Valkey. What a client and the upstream see must be what they see with
+deploy/envoy-grpc.yaml (gRPC Check); tests/test_envoy_e2e.py runs every
+decision through both, tests/test_accesslog.py the settlement's edge cases."""
 
 from __future__ import annotations
 
@@ -10,21 +12,50 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 
 from sidecar import keys
+from sidecar.gen.tollway.v1 import tollway_pb2 as pb
+from sidecar.gen.tollway.v1 import tollway_pb2_grpc
 from tests import harness
-from tests.conftest import Customer, HttpSidecar, start_envoy_http
+from tests.conftest import Customer, HttpSidecar, start_envoy_default
+from tests.test_accesslog import RELEASE_WITHIN, SETTLED_WITHIN
 from tests.test_envoy_e2e import assert_denied, remaining, send_raw, upstream_saw
 
 MakeCustomer = Callable[..., Customer]
+Stub = tollway_pb2_grpc.TollwayStub
 
 
 @pytest.fixture(scope="module")
-def http(envoy_http: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=envoy_http, timeout=5.0) as client:
+def http(envoy: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=envoy, timeout=5.0) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def stub(http_sidecar: HttpSidecar) -> Iterator[Stub]:
+    """The gRPC API of the sidecar behind `envoy`."""
+    with grpc.insecure_channel(f"127.0.0.1:{http_sidecar.grpc_port}") as channel:
+        yield tollway_pb2_grpc.TollwayStub(channel)  # type: ignore[no-untyped-call]
+
+
+def usage(stub: Stub, customer: Customer) -> tuple[int, int]:
+    """(quota used, api_calls metered): a reservation is on the quota from the
+    decision on, on the meter only once the access log has settled it."""
+    answer = stub.GetUsage(pb.GetUsageRequest(customer_id=customer.id), timeout=5)
+    return int(answer.quota.used), {m.meter: m.used for m in answer.meters}.get("api_calls", 0)
+
+
+def eventually(check: Callable[[], object], within: float = SETTLED_WITHIN) -> float:
+    """Seconds until check() is truthy (polled every 20 ms); fails past within."""
+    began = time.monotonic()
+    while not check():
+        if time.monotonic() - began > within:
+            raise AssertionError(f"not within {within} s")
+        time.sleep(0.02)
+    return time.monotonic() - began
 
 
 # -- allowed ----------------------------------------------------------------------------
@@ -40,7 +71,7 @@ def test_a_valid_key_reaches_upstream_with_identity_and_without_the_key(
     assert seen["headers"]["x-tollway-plan"] == "basic"
     assert "x-api-key" not in seen["headers"]
     assert c.key not in str(seen)
-    # what ext_proc settles with stays in Envoy
+    # what the access log settles with stays in Envoy
     for name in ("customer", "plan", "request_id", "lease_id", "x-tollway-estimate"):
         assert name not in seen["headers"], name
 
@@ -119,10 +150,10 @@ def test_a_feature_not_in_the_plan_is_403(http: httpx.Client, make_customer: Mak
 
 
 def test_dot_segments_cannot_reach_a_feature_route_unpaid(
-    envoy_http: str, make_customer: MakeCustomer
+    envoy: str, make_customer: MakeCustomer
 ) -> None:
     c = make_customer("basic")  # no "export" feature
-    status, _, body = send_raw(envoy_http, "POST", "/v1/x/../export/x", c.key)
+    status, _, body = send_raw(envoy, "POST", "/v1/x/../export/x", c.key)
     assert status == 403, body
     assert b"feature_not_in_plan" in body
 
@@ -132,44 +163,56 @@ def test_dot_segments_cannot_reach_a_feature_route_unpaid(
              "/v1/heavy?x=1&y=/v1/other"],
 )  # fmt: skip
 def test_path_spellings_of_a_route_pay_its_cost(
-    envoy_http: str, make_customer: MakeCustomer, path: str
+    envoy: str, make_customer: MakeCustomer, path: str
 ) -> None:
     c = make_customer("basic")  # burst 5; /v1/heavy costs 4
-    status, headers, body = send_raw(envoy_http, "GET", path, c.key)
+    status, headers, body = send_raw(envoy, "GET", path, c.key)
     assert status == 200, body
     assert headers["x-ratelimit-remaining"] == "1", f"upstream saw {body!r}"
 
 
-# -- the response phase (ext_proc) still settles ------------------------------------------
+# -- after the response, the access log settles ------------------------------------------
 
 
 def test_the_response_settles_at_the_routes_cost(
-    http: httpx.Client, make_customer: MakeCustomer
+    http: httpx.Client, stub: Stub, make_customer: MakeCustomer
 ) -> None:
-    c = make_customer("pro")  # export costs 10; quota 100000/month
+    c = make_customer("metered")  # quota 10/day, metered; /v1/heavy costs 4
     headers = {"x-api-key": c.key, "x-tollway-estimate": "0"}  # a client's try is ignored
-    response = http.post("/v1/export/x", headers=headers, content=b"{}")
+    response = http.get("/v1/heavy", headers=headers)
     assert "x-tollway-estimate" not in upstream_saw(response)["headers"]
-    assert response.headers["x-tollway-charged"] == "10"
-    assert response.headers["x-tollway-quota-used"] == "10"
-    reported = http.post("/v1/export/x?cost=3", headers=headers, content=b"{}")
-    assert reported.headers["x-tollway-charged"] == "3"  # the upstream's word wins
-    assert reported.headers["x-tollway-quota-used"] == "13"
+    assert "x-tollway-charged" not in response.headers  # settled after the response
+    eventually(lambda: usage(stub, c) == (4, 4))  # the route's cost, not the client's 0
+    reported = http.get("/v1/heavy?cost=3", headers=headers)
+    assert reported.status_code == 200 and "x-tollway-cost" not in reported.headers
+    eventually(lambda: usage(stub, c) == (7, 7))  # the upstream's word wins
 
 
 def test_concurrency_leases_are_freed_after_each_response(
     http: httpx.Client, make_customer: MakeCustomer
 ) -> None:
     c = make_customer("duo")  # 2 in flight, leases of 2 s
-    statuses = [http.get("/v1/search", headers={"x-api-key": c.key}).status_code for _ in range(5)]
-    assert statuses == [200] * 5
+    began = time.monotonic()
+    for _ in range(5):
+        # Two finished requests hold both leases until the access log's flush:
+        # each next one is admitted within that bound, never after lease_ttl.
+        eventually(
+            lambda: http.get("/v1/search", headers={"x-api-key": c.key}).status_code == 200,
+            RELEASE_WITHIN,
+        )
+    assert time.monotonic() - began < 2.0  # no request waited for a lease to expire
 
 
-def test_bill_only_success_refunds_a_5xx(http: httpx.Client, make_customer: MakeCustomer) -> None:
+def test_bill_only_success_refunds_a_5xx(
+    http: httpx.Client, stub: Stub, make_customer: MakeCustomer
+) -> None:
     c = make_customer("duo")  # bill_only_success
     failed = http.get("/v1/search?status=503", headers={"x-api-key": c.key})
     assert failed.status_code == 503
-    assert failed.headers["x-tollway-charged"] == "0"
+    assert "x-tollway-charged" not in failed.headers
+    eventually(lambda: usage(stub, c) == (0, 0))  # the reservation of 1, refunded
+    assert http.get("/v1/search", headers={"x-api-key": c.key}).status_code == 200
+    eventually(lambda: usage(stub, c) == (1, 1))
 
 
 # -- Redis unreachable: Envoy's failure_mode_allow decides --------------------------------
@@ -177,13 +220,14 @@ def test_bill_only_success_refunds_a_5xx(http: httpx.Client, make_customer: Make
 
 @pytest.fixture(scope="module")
 def dead_redis_sidecar(
-    tmp_path_factory: pytest.TempPathFactory, config_path: Path
+    tmp_path_factory: pytest.TempPathFactory, access_log_config_path: Path
 ) -> Iterator[HttpSidecar]:
     dead_redis = f"redis://127.0.0.1:{harness.free_port()}"  # nothing listens there
     ports = HttpSidecar(grpc_port=harness.free_port(), http_port=harness.free_port())
     log = tmp_path_factory.mktemp("dead-redis") / "sidecar.log"
-    child = harness.start_sidecar(config_path, redis_url=dead_redis, port=ports.grpc_port,
-                                  log=log, http_port=ports.http_port)  # fmt: skip
+    child = harness.start_sidecar(access_log_config_path, redis_url=dead_redis,
+                                  port=ports.grpc_port, log=log,
+                                  http_port=ports.http_port)  # fmt: skip
     try:
         yield ports
     finally:
@@ -196,7 +240,7 @@ def through_envoy(
     """Three requests with an unknown (well-formed) key and one without a key,
     through an Envoy whose ext_authz fails open or closed; (response, seconds)."""
     with harness.EchoUpstream() as upstream:
-        child, url = start_envoy_http(
+        child, url = start_envoy_default(
             tmp_path / "envoy", sidecar=sidecar, upstream=upstream.port, fail_open=fail_open
         )
         try:

@@ -821,7 +821,7 @@ def test_check_with_a_valid_key_answers_only_200_403_or_429(
 
 
 def test_duplicate_key_headers_x_api_key_wins_every_time(
-    check_stub: ext_authz_grpc.AuthorizationStub, envoy: str, make_customer: MakeCustomer
+    check_stub: ext_authz_grpc.AuthorizationStub, envoy_grpc: str, make_customer: MakeCustomer
 ) -> None:
     """Documented rule: [headers] api_key names are tried in order, then Bearer.
     So with both present, x-api-key decides, even when it is wrong and the
@@ -846,21 +846,21 @@ def test_duplicate_key_headers_x_api_key_wins_every_time(
     # into one "k1,k2" value, which is no key at all.
     for _ in range(3):
         ok = raw_request(
-            envoy,
+            envoy_grpc,
             "GET",
             "/",
             [("x-api-key", a.key.encode()), ("authorization", f"Bearer {b.key}".encode())],
         )
         assert ok[0] == 200 and json.loads(ok[2])["headers"]["x-tollway-customer"] == a.id
         wrong = raw_request(
-            envoy,
+            envoy_grpc,
             "GET",
             "/",
             [("x-api-key", garbage.encode()), ("authorization", f"Bearer {b.key}".encode())],
         )
         assert wrong[0] == 401 and json.loads(wrong[2])["code"] == "invalid_key"
         twice = raw_request(
-            envoy, "GET", "/", [("x-api-key", a.key.encode()), ("x-api-key", a.key.encode())]
+            envoy_grpc, "GET", "/", [("x-api-key", a.key.encode()), ("x-api-key", a.key.encode())]
         )
         assert twice[0] == 401 and json.loads(twice[2])["code"] == "invalid_key"
 
@@ -946,12 +946,12 @@ HTTP_HEADERS = st.builds(
 ENVOY_OWN = frozenset({400, 404, 405, 413, 414, 431, 301, 302, 307, 308})
 
 
-def test_envoy_never_lets_a_keyless_request_through(envoy: str) -> None:
+def test_envoy_never_lets_a_keyless_request_through(envoy_grpc: str) -> None:
     @fuzz(120)
     @given(method=HTTP_METHODS, path=HTTP_PATHS, headers=HTTP_HEADERS)
     def run(method: str, path: str, headers: list[tuple[str, bytes]]) -> None:
         try:
-            status, _, body = raw_request(envoy, method, path, headers)
+            status, _, body = raw_request(envoy_grpc, method, path, headers)
         except (ConnectionError, OSError):
             return  # Envoy closed a connection it refused to parse: nothing got through
         assert status < 500, (status, body[:200])
@@ -964,7 +964,9 @@ def test_envoy_never_lets_a_keyless_request_through(envoy: str) -> None:
     run()
 
 
-def test_envoy_with_a_valid_key_answers_no_5xx(envoy: str, make_customer: MakeCustomer) -> None:
+def test_envoy_with_a_valid_key_answers_no_5xx(
+    envoy_grpc: str, make_customer: MakeCustomer
+) -> None:
     c = make_customer("pro")  # burst 100 at 100/s
     extra = st.builds(
         lambda headers, rids: headers + rids,
@@ -987,7 +989,7 @@ def test_envoy_with_a_valid_key_answers_no_5xx(envoy: str, make_customer: MakeCu
     def run(method: str, path: str, headers: list[tuple[str, bytes]]) -> None:
         try:
             status, _, body = raw_request(
-                envoy, method, path, [*headers, ("x-api-key", c.key.encode())]
+                envoy_grpc, method, path, [*headers, ("x-api-key", c.key.encode())]
             )
         except (ConnectionError, OSError):
             return
@@ -1020,7 +1022,7 @@ def concurrently(calls: list[Callable[[], Any]]) -> list[Any]:
 
 
 def test_envoy_refuses_malformed_http_and_lets_nothing_through(
-    envoy: str, make_customer: MakeCustomer
+    envoy_grpc: str, make_customer: MakeCustomer
 ) -> None:
     key = make_customer("pro").key.encode()
     odd_methods = ["FOO", "get", "M-SEARCH", "PROPFIND", "0", "'x"]
@@ -1040,7 +1042,7 @@ def test_envoy_refuses_malformed_http_and_lets_nothing_through(
         cases.append(("GET", "/", extra, False))
         cases.append(("GET", "/", [("x-api-key", key), *extra], True))
     answers = concurrently(
-        [lambda m=m, p=p, h=h: raw_request(envoy, m, p, h) for m, p, h, _ in cases]
+        [lambda m=m, p=p, h=h: raw_request(envoy_grpc, m, p, h) for m, p, h, _ in cases]
     )
     for (method, path, headers, keyed), answer in zip(cases, answers, strict=True):
         if isinstance(answer, Exception):
@@ -1076,11 +1078,11 @@ def slow_requests(envoy: str, key: str, request_ids: list[str]) -> list[int]:
 # preserve_external_request_id stays false), or make the lease id unique per
 # Check (x-request-id plus a suffix when that id is already held).
 def test_a_client_chosen_request_id_cannot_lift_the_concurrency_limit(
-    envoy: str, make_customer: MakeCustomer
+    envoy_grpc: str, make_customer: MakeCustomer
 ) -> None:
-    fair = slow_requests(envoy, make_customer("duo").key, [f"r{i}" for i in range(6)])
+    fair = slow_requests(envoy_grpc, make_customer("duo").key, [f"r{i}" for i in range(6)])
     assert fair == [200, 200, 429, 429, 429, 429]  # the oracle: duo allows 2 at once
-    same = slow_requests(envoy, make_customer("duo").key, ["same-id"] * 6)
+    same = slow_requests(envoy_grpc, make_customer("duo").key, ["same-id"] * 6)
     assert same.count(200) <= 2, same
 
 
@@ -1091,12 +1093,12 @@ def test_a_client_chosen_request_id_cannot_lift_the_concurrency_limit(
 # one more unit was billed when the last expired: five requests on plan
 # "metered" put 5 on the quota but 1 on the api_calls meter Stripe bills.
 def test_a_client_chosen_request_id_cannot_dodge_metering(
-    envoy: str, tollway_stub: pb_grpc.TollwayStub, make_customer: MakeCustomer
+    envoy_grpc: str, tollway_stub: pb_grpc.TollwayStub, make_customer: MakeCustomer
 ) -> None:
     c = make_customer("metered")
     for _ in range(5):
         headers = {"x-api-key": c.key, "x-request-id": "repeat-me"}
-        assert httpx.get(f"{envoy}/hello", headers=headers, timeout=10).status_code == 200
+        assert httpx.get(f"{envoy_grpc}/hello", headers=headers, timeout=10).status_code == 200
     usage = tollway_stub.GetUsage(pb.GetUsageRequest(customer_id=c.id), timeout=5)
     assert usage.quota.used == 5
     assert {m.meter: m.used for m in usage.meters} == {"api_calls": 5}
@@ -1112,13 +1114,13 @@ def test_a_client_chosen_request_id_cannot_dodge_metering(
 # concurrency_limited. Fixed in a4dd35e (the lease is released before the
 # duplicate check).
 def test_a_client_reusing_its_request_id_one_at_a_time_is_not_throttled(
-    envoy: str, tollway_stub: pb_grpc.TollwayStub, make_customer: MakeCustomer
+    envoy_grpc: str, tollway_stub: pb_grpc.TollwayStub, make_customer: MakeCustomer
 ) -> None:
     c = make_customer("duo")  # at most 2 in flight, metered
     statuses = []
     for _ in range(4):
         headers = {"x-api-key": c.key, "x-request-id": "retry-me"}
-        statuses.append(httpx.get(f"{envoy}/hello", headers=headers, timeout=10).status_code)
+        statuses.append(httpx.get(f"{envoy_grpc}/hello", headers=headers, timeout=10).status_code)
     assert statuses == [200, 200, 200, 200]
     usage = tollway_stub.GetUsage(pb.GetUsageRequest(customer_id=c.id), timeout=5)
     assert usage.quota.used == 4 and {m.meter: m.used for m in usage.meters} == {"api_calls": 4}

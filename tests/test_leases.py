@@ -1,6 +1,8 @@
-"""Concurrency limits and post-response accounting through a real Envoy with
-ext_authz and ext_proc: leases taken in the decision, released on the response,
-real costs from the upstream, 5xx refunds."""
+"""Concurrency limits and post-response accounting through a real Envoy running
+deploy/envoy-grpc.yaml (gRPC Check + ext_proc): leases taken in the decision,
+released on the response, real costs from the upstream, 5xx refunds, and the
+charge stated to the client. The default's settlement (deploy/envoy.yaml, the
+access log, after the response) is tests/test_accesslog.py's."""
 
 from __future__ import annotations
 
@@ -29,13 +31,13 @@ def usage(stub: Stub, customer: Customer) -> tuple[int, int]:
 
 
 def test_a_third_concurrent_request_is_refused_until_one_finishes(
-    envoy: str, make_customer: Callable[..., Customer]
+    envoy_grpc: str, make_customer: Callable[..., Customer]
 ) -> None:
     customer = make_customer("duo")  # concurrency 2
     headers = {"x-api-key": customer.key}
 
     async def three_at_once() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=envoy, timeout=10) as client:
+        async with httpx.AsyncClient(base_url=envoy_grpc, timeout=10) as client:
             slow = [client.get("/v1/slow?sleep=1", headers=headers) for _ in range(2)]
             tasks = [asyncio.create_task(c) for c in slow]
             await asyncio.sleep(0.3)  # both are in flight upstream now
@@ -49,7 +51,7 @@ def test_a_third_concurrent_request_is_refused_until_one_finishes(
     assert "at most 2 at once" in third.json()["message"]
     assert int(third.headers["retry-after"]) >= 1
     # Both finished: their leases were released by the response, not the TTL.
-    assert httpx.get(f"{envoy}/v1/fast", headers=headers, timeout=10).status_code == 200
+    assert httpx.get(f"{envoy_grpc}/v1/fast", headers=headers, timeout=10).status_code == 200
 
 
 def test_a_lease_whose_response_never_comes_expires_at_its_ttl(
@@ -108,11 +110,11 @@ def test_release_and_settle_free_a_lease_early(
 
 
 def test_the_upstream_reports_the_real_cost(
-    envoy: str, tollway_stub: Stub, make_customer: Callable[..., Customer]
+    envoy_grpc: str, tollway_stub: Stub, make_customer: Callable[..., Customer]
 ) -> None:
     customer = make_customer("duo")
     response = httpx.get(
-        f"{envoy}/v1/generate?cost=7", headers={"x-api-key": customer.key}, timeout=10
+        f"{envoy_grpc}/v1/generate?cost=7", headers={"x-api-key": customer.key}, timeout=10
     )
     assert response.status_code == 200
     assert "x-tollway-cost" not in response.headers  # removed before the client
@@ -123,13 +125,15 @@ def test_the_upstream_reports_the_real_cost(
 
 
 def test_a_5xx_costs_nothing_with_bill_only_success(
-    envoy: str, tollway_stub: Stub, make_customer: Callable[..., Customer]
+    envoy_grpc: str, tollway_stub: Stub, make_customer: Callable[..., Customer]
 ) -> None:
     customer = make_customer("duo")  # bill_only_success = true
-    failed = httpx.get(f"{envoy}/v1/x?status=503", headers={"x-api-key": customer.key}, timeout=10)
+    failed = httpx.get(
+        f"{envoy_grpc}/v1/x?status=503", headers={"x-api-key": customer.key}, timeout=10
+    )
     assert failed.status_code == 503 and failed.headers["x-tollway-charged"] == "0"
     assert usage(tollway_stub, customer) == (0, 0)
-    ok = httpx.get(f"{envoy}/v1/x", headers={"x-api-key": customer.key}, timeout=10)
+    ok = httpx.get(f"{envoy_grpc}/v1/x", headers={"x-api-key": customer.key}, timeout=10)
     assert ok.status_code == 200
     assert usage(tollway_stub, customer) == (1, 1)
 

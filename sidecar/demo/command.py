@@ -52,7 +52,9 @@ def run_dev(args: Any, out: Any) -> None:
     children: list[Child] = []
     try:
         with EchoUpstream() as upstream, stopping(children):
-            sidecar_port = free_port()
+            # deploy/envoy.yaml asks over HTTP (ext_authz) and settles over
+            # gRPC (the access log): the sidecar listens on both.
+            sidecar_port, http_port = free_port(), free_port()
             children.append(
                 start_sidecar(
                     config,
@@ -60,6 +62,7 @@ def run_dev(args: Any, out: Any) -> None:
                     port=sidecar_port,
                     log=logs / "sidecar.log",
                     env=env,
+                    http_port=http_port,
                 )
             )
             companion_port = int(settings.webhook_listen.rpartition(":")[2])
@@ -81,6 +84,7 @@ def run_dev(args: Any, out: Any) -> None:
                     listen=args.port,
                     admin=free_port(),
                     sidecar=sidecar_port,
+                    http=http_port,
                     upstream=upstream.port,
                 )
             )

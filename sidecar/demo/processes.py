@@ -1,7 +1,7 @@
 """Starting the local pipe's processes: embedded Valkey, the sidecar, the
 companion and a real Envoy running deploy/envoy.yaml (shipped here as
-envoy.yaml). `tollway dev` starts its processes through this module, and the
-test and bench harness (tests/harness.py) reuses it.
+envoy.yaml), or another deploy/ config. `tollway dev` starts its processes
+through this module, and the test and bench harness (tests/harness.py) reuses it.
 
 Everything binds to 127.0.0.1. Only Envoy's listener has a fixed port (the one
 the demo's curl uses); the rest take free ports, so a second checkout's demo
@@ -46,8 +46,15 @@ __all__ = [
 # in a wheel, copies of them.
 ENVOY_YAML: Final = Path(__file__).with_name("envoy.yaml")
 DEMO_CONFIG: Final = Path(__file__).with_name("tollway.toml")
-# The ports written in deploy/envoy.yaml, by role.
-_TEMPLATE_PORTS: Final = {"listen": 10000, "admin": 9901, "sidecar": 50051, "upstream": 8080}
+# The ports written in deploy/'s Envoy configs, by role: "sidecar" is Tollway's
+# gRPC port, "http" its HTTP ext_authz port (in a config whose ext_authz asks
+# over HTTP, as deploy/envoy.yaml's does).
+_TEMPLATE_PORTS: Final = {
+    "listen": 10000, "admin": 9901, "sidecar": 50051, "http": 50052, "upstream": 8080
+}  # fmt: skip
+# Where a port is written besides its cluster's `port_value`: the HTTP
+# authorizer's server_uri names it once more.
+_ALSO_WRITTEN: Final = {"http": "uri: http://127.0.0.1:"}
 
 
 def free_port() -> int:
@@ -72,9 +79,10 @@ def tcp_open(port: int) -> bool:
 
 
 def render_envoy_config(template: str, **ports: int) -> str:
-    """deploy/envoy.yaml for a local run: its ports swapped (listen, admin,
-    sidecar, upstream) and its listener, which serves the world in a pod,
-    bound to loopback."""
+    """A deploy/ Envoy config for a local run: the ports given swapped (listen,
+    admin, sidecar, http, upstream; each written exactly once, the HTTP
+    authorizer's in its server_uri too) and its listener, which serves the
+    world in a pod, bound to loopback."""
     template, count = re.subn(r"address: 0\.0\.0\.0\b", "address: 127.0.0.1", template)
     if count != 1:
         raise ValueError("envoy template: expected one listener on 'address: 0.0.0.0'")
@@ -83,6 +91,11 @@ def render_envoy_config(template: str, **ports: int) -> str:
         template, count = re.subn(rf"port_value: {old}\b", f"port_value: {new}", template)
         if count != 1:
             raise ValueError(f"envoy template: expected one 'port_value: {old}' ({role})")
+        also = _ALSO_WRITTEN.get(role)
+        if also is not None:
+            template, count = re.subn(rf"{re.escape(also)}{old}\b", f"{also}{new}", template)
+            if count != 1:
+                raise ValueError(f"envoy template: expected one '{also}{old}' ({role})")
     return template
 
 
@@ -201,14 +214,17 @@ def run_envoy(
     return child
 
 
-def start_envoy(*, workdir: Path, log: Path, **ports: int) -> Child:
-    """Runs deploy/envoy.yaml with the given ports; returns once its listener accepts."""
-    if not ENVOY_YAML.is_file():
-        raise TollwayError(f"{ENVOY_YAML} is missing: this install does not carry the demo")
-    config = workdir / "envoy.yaml"
+def start_envoy(
+    *, workdir: Path, log: Path, template: Path = ENVOY_YAML, name: str = "envoy", **ports: int
+) -> Child:
+    """Runs deploy/envoy.yaml (or another deploy/ config: template) with the given
+    ports; returns once Envoy says ready."""
+    if not template.is_file():
+        raise TollwayError(f"{template} is missing: this install does not carry the demo")
+    config = workdir / template.name
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(render_envoy_config(ENVOY_YAML.read_text(), **ports))
-    return run_envoy(config, admin=ports["admin"], log=log)
+    config.write_text(render_envoy_config(template.read_text(), **ports))
+    return run_envoy(config, admin=ports["admin"], log=log, name=name)
 
 
 def start_valkey(data_dir: Path, *, persist: bool = True) -> Any:
