@@ -90,8 +90,8 @@ class Pair:
     rates: tuple[float, ...] = ()  # latency at these offered req/s too
 
 
-# The Envoy rows, in the order they run. Two pairs that come out the same (today
-# the shipped file is the "grpc" one) run once, under the first one's name.
+# The Envoy rows, in the order they run. Two pairs that come out the same (say,
+# a shipped file that is also one of the variants) run once, under the first one's name.
 PAIRS: Final = (
     Pair("grpc", "grpc"),  # settlement by ext_proc: every filter of the gRPC file
     Pair("grpc-authz", "grpc", authz_only=True),  # gRPC Check alone: the headline's floor

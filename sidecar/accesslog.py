@@ -1,7 +1,7 @@
 """Envoy's gRPC access-log service: settling requests after their response, off
 the request path (envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs).
 
-Envoy's http_grpc access logger (deploy/envoy-accesslog.yaml) streams the
+Envoy's http_grpc access logger (deploy/envoy.yaml, deploy/envoy-accesslog.yaml) streams the
 entries of finished requests in batches, every buffer_flush_interval (or when
 its buffer fills), on one long-lived stream per Envoy worker. From each entry
 it takes the response code, ext_authz's dynamic metadata (what Check decided)
@@ -55,7 +55,7 @@ __all__ = ["CONCURRENCY", "COST_KEY", "COST_NAMESPACE", "AccessLogService", "ent
 
 log = logging.getLogger("tollway.accesslog")
 
-# Where deploy/envoy-accesslog.yaml's header_to_metadata filter puts the cost header.
+# Where the shipped configs' header_to_metadata filter puts the cost header.
 COST_NAMESPACE: Final = "tollway"
 COST_KEY: Final = "real_cost"
 CONCURRENCY: Final = 64

@@ -3,7 +3,7 @@ uvicorn (httptools), served beside the gRPC port in the same event loop.
 
 Why it exists: through one Envoy on 2 cores, a no-op raw ASGI app on uvicorn
 answered ~3x the req/s of a no-op grpc.aio Check. With real decisions (ext_authz
-only, h2load), deploy/envoy-http.yaml served ~1.9x the req/s of deploy/envoy.yaml,
+only, h2load), the HTTP mode served ~1.9x the req/s of gRPC Check (deploy/envoy-grpc.yaml),
 the sidecar spending ~430 us of CPU per request against ~1,060 us for Check.
 
 Envoy sends the client's method and path (path_prefix must stay empty: the path
@@ -18,7 +18,7 @@ The answer:
             Tollway made one, and what ext_proc settles with: customer, plan,
             request_id, lease_id and bill_only_success (only when true) under
             those very names, for dynamic_metadata_from_headers, plus the
-            reserved cost as x-tollway-estimate, which deploy/envoy-http.yaml's
+            reserved cost as x-tollway-estimate, which deploy/envoy.yaml's
             header_to_metadata filter turns into the number `cost` (metadata
             made from headers is always a string).
   denied    envoy.denial(): the status, headers and JSON body Check's
@@ -301,7 +301,7 @@ def http_server(app: HttpAuthz, *, drain_seconds: int) -> uvicorn.Server:
         proxy_headers=False,
         server_header=False,
         date_header=False,
-        # Longer than Envoy's idle_timeout for this cluster (deploy/envoy-http.yaml):
+        # Longer than Envoy's idle_timeout for this cluster (deploy/envoy.yaml):
         # Envoy closes an idle connection first, never sends on one closing here.
         timeout_keep_alive=75,
         timeout_graceful_shutdown=drain_seconds,

@@ -73,9 +73,9 @@ class EnvoyOptions:
 
     # none: nothing after the response; usage is metered at the estimate on
     #   admission, leases free at their TTL (or by Release).
-    # ext_proc: Envoy's ext_proc filter brings each response back (deploy/envoy.yaml);
+    # ext_proc: Envoy's ext_proc filter brings each response back (deploy/envoy-grpc.yaml);
     # access_log: Envoy's gRPC access log does, batched, off the request path
-    #   (deploy/envoy-accesslog.yaml). Either way Check reserves each request's
+    #   (deploy/envoy.yaml, deploy/envoy-accesslog.yaml). Either way Check reserves each request's
     #   cost under x-request-id, and the settlement moves it to the real cost.
     settlement: Settlement = "none"
     cost_header: str = "x-tollway-cost"  # the upstream's real cost; removed before the client

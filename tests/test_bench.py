@@ -419,8 +419,8 @@ def test_bench_config_has_a_generous_plan_and_a_hostile_one() -> None:
 
 
 def _http_access_log() -> str:
-    """An HTTP ext_authz + access-log config, as the lead means to ship deploy/envoy.yaml:
-    deploy/envoy-http.yaml with ext_proc replaced by deploy/envoy-accesslog.yaml's logger."""
+    """An HTTP ext_authz + access-log config built from parts, as deploy/envoy.yaml ships it:
+    the HTTP config with deploy/envoy-accesslog.yaml's logger (a second one is harmless)."""
     access_log = envoy_config._ACCESS_LOG_BLOCK.search(CONFIGS["accesslog"].text)
     assert access_log is not None
     text = envoy_config._filter_item(envoy_config.EXT_PROC).sub("", CONFIGS["http"].text)

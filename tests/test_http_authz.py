@@ -114,7 +114,7 @@ def test_a_bearer_key_names_authorization_for_removal(
 def test_without_x_request_id_one_is_made_sent_upstream_and_names_the_reservation(
     aio: asyncio.Runner, app: HttpAuthz, make_customer: MakeCustomer
 ) -> None:
-    c = make_customer("basic")  # the test config has [envoy] ext_proc = true
+    c = make_customer("basic")  # the test config settles (access_log): Check reserves
     _, headers, _ = call(aio, app, headers=key_header(c))
     made = headers["x-request-id"]
     assert len(made) == 32
