@@ -75,8 +75,11 @@ class Sidecar:
             up = await self._redis_answers()
             if up != serving:
                 serving = up
-                log.warning("Redis %s: health %s", "is back" if up else "unreachable",
-                            "SERVING" if up else "NOT_SERVING")  # fmt: skip
+                log.warning(
+                    "Redis %s: health %s",
+                    "is back" if up else "unreachable",
+                    "SERVING" if up else "NOT_SERVING",
+                )
                 await set_health(
                     health_pb2.HealthCheckResponse.SERVING
                     if up

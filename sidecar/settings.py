@@ -58,9 +58,20 @@ _REDIS_URL_RE: Final = re.compile(
     r"(redis|rediss|unix|redis\+cluster|rediss\+cluster|redis\+sentinel)://"
 )
 _SECTIONS: Final = frozenset(
-    {"sidecar", "webhook", "redis", "headers", "billing", "usage", "stripe", "plans", "routes",
-     "meters", "envoy"}
-)  # fmt: skip
+    {
+        "sidecar",
+        "webhook",
+        "redis",
+        "headers",
+        "billing",
+        "usage",
+        "stripe",
+        "plans",
+        "routes",
+        "meters",
+        "envoy",
+    }
+)
 
 
 SETTLEMENTS: Final = ("none", "ext_proc", "access_log")

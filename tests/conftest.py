@@ -472,8 +472,12 @@ def render_envoy(
     on loopback, ext_authz failing open if asked."""
     text = harness.render_envoy_config(
         harness.ENVOY_TEMPLATE.read_text(),
-        listen=listen, admin=admin, sidecar=grpc, http=http, upstream=upstream,
-    )  # fmt: skip
+        listen=listen,
+        admin=admin,
+        sidecar=grpc,
+        http=http,
+        upstream=upstream,
+    )
     if fail_open:
         if text.count("failure_mode_allow: false") != 1:
             raise ValueError("envoy template: expected one 'failure_mode_allow: false'")
@@ -510,9 +514,13 @@ def http_sidecar(
     settling through the access log (as deploy/envoy.yaml does)."""
     ports = HttpSidecar(grpc_port=harness.free_port(), http_port=harness.free_port())
     log = tmp_path_factory.mktemp("logs") / "sidecar-http.log"
-    child = harness.start_sidecar(access_log_config_path, redis_url=redis_url,
-                                  port=ports.grpc_port, log=log,
-                                  http_port=ports.http_port)  # fmt: skip
+    child = harness.start_sidecar(
+        access_log_config_path,
+        redis_url=redis_url,
+        port=ports.grpc_port,
+        log=log,
+        http_port=ports.http_port,
+    )
     try:
         yield ports
     finally:

@@ -124,8 +124,9 @@ class ValkeyCluster:
 
     def start_node(self, index: int) -> None:
         port = self.ports[index]
-        child = Child(f"valkey-{port}", self._argvs[index], self.workdir / f"{port}.log",
-                      os.environ)  # fmt: skip
+        child = Child(
+            f"valkey-{port}", self._argvs[index], self.workdir / f"{port}.log", os.environ
+        )
         if index < len(self.children):
             self.children[index] = child
         else:
@@ -153,8 +154,9 @@ class ValkeyCluster:
         while True:
             for child in self.children:
                 if child.process.poll() is not None:
-                    raise TollwayError(f"{child.name} exited with "
-                                       f"{child.process.returncode}; see {child.log}")  # fmt: skip
+                    raise TollwayError(
+                        f"{child.name} exited with {child.process.returncode}; see {child.log}"
+                    )
             with contextlib.suppress(OSError, RedisError):
                 if check():
                     return
@@ -191,15 +193,34 @@ def start_valkey_cluster(
         data = workdir / str(port)
         data.mkdir(exist_ok=True)
         argvs.append(
-            [valkey_binary(), "--port", str(port), "--bind", "127.0.0.1",
-             "--cluster-enabled", "yes", "--cluster-port", str(free_port()),
-             "--cluster-config-file", str(data / "nodes.conf"), "--dir", str(data),
-             "--cluster-node-timeout", str(node_timeout_ms), "--save", "",
-             "--appendonly", "no" if appendfsync is None else "yes",
-             "--appendfsync", appendfsync or "everysec",
-             # A replica syncs at once, not after the default 5 s wait for others.
-             "--repl-diskless-sync-delay", "0", *options]
-        )  # fmt: skip
+            [
+                valkey_binary(),
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                str(free_port()),
+                "--cluster-config-file",
+                str(data / "nodes.conf"),
+                "--dir",
+                str(data),
+                "--cluster-node-timeout",
+                str(node_timeout_ms),
+                "--save",
+                "",
+                "--appendonly",
+                "no" if appendfsync is None else "yes",
+                "--appendfsync",
+                appendfsync or "everysec",
+                # A replica syncs at once, not after the default 5 s wait for others.
+                "--repl-diskless-sync-delay",
+                "0",
+                *options,
+            ]
+        )
     cluster = ValkeyCluster(workdir, argvs, ports, masters)
     clients: list[Any] = []  # sync redis-py: execute_command is untyped
     try:
@@ -236,8 +257,11 @@ def start_valkey_cluster(
         def replicated() -> bool:
             for shard in range(masters):
                 info = clients[shard].info("replication")
-                online = [v for k, v in info.items()
-                          if k.startswith("slave") and v.get("state") == "online"]  # fmt: skip
+                online = [
+                    v
+                    for k, v in info.items()
+                    if k.startswith("slave") and v.get("state") == "online"
+                ]
                 if info.get("connected_slaves") != replicas or len(online) != replicas:
                     return False
                 # "online" comes before a replica acknowledges anything (for about

@@ -111,8 +111,11 @@ def _stack(
     log = workdir / "sidecar.log"
     children: list[harness.Child] = []
     with harness.stopping(children):
-        children.append(harness.start_sidecar(config, redis_url=redis_url, port=port, log=log,
-                                              http_port=http.get("http")))  # fmt: skip
+        children.append(
+            harness.start_sidecar(
+                config, redis_url=redis_url, port=port, log=log, http_port=http.get("http")
+            )
+        )
         envoy_config = workdir / "envoy.yaml"
         envoy_config.write_text(
             harness.render_envoy_config(
@@ -121,8 +124,13 @@ def _stack(
         )
         children.append(harness.run_envoy(envoy_config, admin=admin, log=workdir / "envoy.log"))
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield Stack(f"http://127.0.0.1:{listen}", f"127.0.0.1:{port}",
-                        f"http://{metrics}/metrics", log, channel)  # fmt: skip
+            yield Stack(
+                f"http://127.0.0.1:{listen}",
+                f"127.0.0.1:{port}",
+                f"http://{metrics}/metrics",
+                log,
+                channel,
+            )
 
 
 @pytest.fixture(scope="module")
@@ -255,8 +263,10 @@ def test_a_lease_is_released_within_the_flush_interval(
             time.sleep(0.01)
         admitted = time.monotonic() - answered
     assert status == 200
-    print(f"lease released {min(delays):.3f}-{max(delays):.3f} s after the response; "
-          f"a third request admitted {admitted:.3f} s after two finished")  # fmt: skip
+    print(
+        f"lease released {min(delays):.3f}-{max(delays):.3f} s after the response; "
+        f"a third request admitted {admitted:.3f} s after two finished"
+    )
     assert max(delays) < RELEASE_WITHIN, delays
     assert admitted < RELEASE_WITHIN
 
@@ -517,8 +527,17 @@ def test_access_log_entries_settle_nothing_while_settlement_is_not_access_log(
 
 def _metadata(**fields: Any) -> Struct:
     struct = Struct()
-    struct.update({"customer": "cus_1", "plan": "duo", "request_id": "r1", "lease_id": "r1",
-                   "cost": 1, "bill_only_success": True, **fields})  # fmt: skip
+    struct.update(
+        {
+            "customer": "cus_1",
+            "plan": "duo",
+            "request_id": "r1",
+            "lease_id": "r1",
+            "cost": 1,
+            "bill_only_success": True,
+            **fields,
+        }
+    )
     return struct
 
 

@@ -33,8 +33,14 @@ GRPC_ROLES = ("listen", "admin", "sidecar", "upstream")  # the gRPC configs have
 
 
 def validate(config: Path, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    argv = [harness.envoy_binary(), "--mode", "validate", "-c", str(config),
-            "--use-dynamic-base-id"]  # fmt: skip
+    argv = [
+        harness.envoy_binary(),
+        "--mode",
+        "validate",
+        "-c",
+        str(config),
+        "--use-dynamic-base-id",
+    ]
     return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
@@ -75,9 +81,13 @@ def test_each_rendered_config_validates(tmp_path: Path, name: str) -> None:
 @pytest.mark.parametrize("fail_open", [False, True])
 def test_the_default_rendered_for_the_tests_validates(tmp_path: Path, fail_open: bool) -> None:
     rendered = render_envoy(
-        listen=NEW["listen"], admin=NEW["admin"], grpc=NEW["sidecar"], http=NEW["http"],
-        upstream=NEW["upstream"], fail_open=fail_open,
-    )  # fmt: skip
+        listen=NEW["listen"],
+        admin=NEW["admin"],
+        grpc=NEW["sidecar"],
+        http=NEW["http"],
+        upstream=NEW["upstream"],
+        fail_open=fail_open,
+    )
     assert sorted(port_values(rendered)) == sorted(NEW.values())
     assert rendered.count(f"failure_mode_allow: {str(fail_open).lower()}") == 1
     config = tmp_path / "envoy.yaml"
@@ -213,10 +223,13 @@ def test_the_default_asks_over_http_and_settles_through_the_access_log() -> None
     [rule] = filters[TO_METADATA]["response_rules"]
     assert rule == {
         "header": settings.envoy.cost_header,
-        "on_header_present": {"metadata_namespace": COST_NAMESPACE, "key": COST_KEY,
-                              "type": "STRING"},
+        "on_header_present": {
+            "metadata_namespace": COST_NAMESPACE,
+            "key": COST_KEY,
+            "type": "STRING",
+        },
         "remove": True,
-    }  # fmt: skip
+    }
     # The log: to the sidecar, V3, only requests Tollway admitted.
     [logger] = manager["access_log"]
     assert logger["name"] == "envoy.access_loggers.http_grpc"

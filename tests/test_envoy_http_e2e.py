@@ -159,9 +159,16 @@ def test_dot_segments_cannot_reach_a_feature_route_unpaid(
 
 
 @pytest.mark.parametrize(
-    "path", ["/v1/heavy", "/v1/search/../heavy", "//v1/heavy", "/v1//heavy", "/v1/%68eavy",
-             "/v1/heavy?x=1&y=/v1/other"],
-)  # fmt: skip
+    "path",
+    [
+        "/v1/heavy",
+        "/v1/search/../heavy",
+        "//v1/heavy",
+        "/v1//heavy",
+        "/v1/%68eavy",
+        "/v1/heavy?x=1&y=/v1/other",
+    ],
+)
 def test_path_spellings_of_a_route_pay_its_cost(
     envoy: str, make_customer: MakeCustomer, path: str
 ) -> None:
@@ -225,9 +232,13 @@ def dead_redis_sidecar(
     dead_redis = f"redis://127.0.0.1:{harness.free_port()}"  # nothing listens there
     ports = HttpSidecar(grpc_port=harness.free_port(), http_port=harness.free_port())
     log = tmp_path_factory.mktemp("dead-redis") / "sidecar.log"
-    child = harness.start_sidecar(access_log_config_path, redis_url=dead_redis,
-                                  port=ports.grpc_port, log=log,
-                                  http_port=ports.http_port)  # fmt: skip
+    child = harness.start_sidecar(
+        access_log_config_path,
+        redis_url=dead_redis,
+        port=ports.grpc_port,
+        log=log,
+        http_port=ports.http_port,
+    )
     try:
         yield ports
     finally:

@@ -1524,8 +1524,10 @@ def test_an_expired_or_revoked_key_opens_nothing(
     assert usage_calls(good) == [Code.OK] * 3
     assert stack.authorize(expired).reason == pb.REASON_KEY_EXPIRED
     assert stack.authorize(revoked).reason == pb.REASON_KEY_REVOKED
-    results = {name: (portal(key), usage_calls(key)) for name, key in
-               (("expired", expired), ("revoked", revoked))}  # fmt: skip
+    results = {
+        name: (portal(key), usage_calls(key))
+        for name, key in (("expired", expired), ("revoked", revoked))
+    }
     assert results == {name: (401, [Code.UNAUTHENTICATED] * 3) for name in results}
     usage = stack.stub.GetUsage(pb.GetUsageRequest(customer_id=customer), timeout=5)
     assert {m.meter: m.used for m in usage.meters} == {"api_calls": 1}  # the good key's

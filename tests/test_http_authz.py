@@ -58,8 +58,14 @@ def call(
     query: bytes = b"",
 ) -> tuple[int, dict[str, str], bytes]:
     """One request as uvicorn hands it to the app: (status, headers, body)."""
-    scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(),
-             "query_string": query, "headers": list(headers)}  # fmt: skip
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query,
+        "headers": list(headers),
+    }
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -229,8 +235,12 @@ def test_http_answers_a_decision_as_check_does(decision: Decision, settings: Set
     view = View.of(settings)
     status, pairs, body = answer(decision, key_header="x-api-key", view=view, made_request_id="m")
     headers = {name.decode(): value.decode() for name, value in pairs}
-    check = check_response(decision, key_header="x-api-key", names=settings.headers,
-                           upstream_headers=[("x-request-id", "m")])  # fmt: skip
+    check = check_response(
+        decision,
+        key_header="x-api-key",
+        names=settings.headers,
+        upstream_headers=[("x-request-id", "m")],
+    )
     if not decision.allowed:
         denied = check.denied_response
         assert status == denied.status.code
@@ -373,8 +383,9 @@ def test_sigterm_stops_both_ports_cleanly(
 ) -> None:
     grpc_port, http_port = harness.free_port(), harness.free_port()
     log = tmp_path / "sidecar.log"
-    child = harness.start_sidecar(config_path, redis_url=redis_url, port=grpc_port, log=log,
-                                  http_port=http_port)  # fmt: skip
+    child = harness.start_sidecar(
+        config_path, redis_url=redis_url, port=grpc_port, log=log, http_port=http_port
+    )
     try:
         assert httpx.get(f"http://127.0.0.1:{http_port}/", timeout=5).status_code == 401
         child.process.send_signal(signal.SIGTERM)
@@ -416,8 +427,12 @@ def test_a_bad_http_listen_is_one_error_naming_the_field(value: object) -> None:
 def test_a_busy_http_port_stops_serve_with_one_clear_line(cli: Cli) -> None:
     with socket.create_server(("127.0.0.1", 0)) as busy:
         taken = f"127.0.0.1:{busy.getsockname()[1]}"
-        done = cli("serve", "--listen", f"127.0.0.1:{harness.free_port()}",
-                   extra_env={"TOLLWAY_HTTP_LISTEN": taken})  # fmt: skip
+        done = cli(
+            "serve",
+            "--listen",
+            f"127.0.0.1:{harness.free_port()}",
+            extra_env={"TOLLWAY_HTTP_LISTEN": taken},
+        )
     assert done.returncode == 1
     assert f"[sidecar] http_listen: cannot bind {taken}" in done.stderr
     assert "Traceback" not in done.stderr

@@ -50,8 +50,12 @@ DEMO_CONFIG: Final = Path(__file__).with_name("tollway.toml")
 # gRPC port, "http" its HTTP ext_authz port (in a config whose ext_authz asks
 # over HTTP, as deploy/envoy.yaml's does).
 _TEMPLATE_PORTS: Final = {
-    "listen": 10000, "admin": 9901, "sidecar": 50051, "http": 50052, "upstream": 8080
-}  # fmt: skip
+    "listen": 10000,
+    "admin": 9901,
+    "sidecar": 50051,
+    "http": 50052,
+    "upstream": 8080,
+}
 # Where a port is written besides its cluster's `port_value`: the HTTP
 # authorizer's server_uri names it once more.
 _ALSO_WRITTEN: Final = {"http": "uri: http://127.0.0.1:"}
@@ -108,9 +112,12 @@ class Child:
         log.parent.mkdir(parents=True, exist_ok=True)
         self._log_file: IO[bytes] = log.open("ab")
         self.process = subprocess.Popen(
-            argv, stdout=self._log_file, stderr=subprocess.STDOUT, env=dict(env),
+            argv,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=dict(env),
             stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        )
 
     def stop(self, timeout: float = 10) -> None:
         if self.process.poll() is None:
@@ -151,21 +158,43 @@ def stopping(children: list[Child]) -> Iterator[list[Child]]:
 
 
 def _start_tollway(
-    role: str, command: str, config: Path, *, redis_url: str, port: int, log: Path,
-    env: Mapping[str, str] | None, args: Sequence[str] = (),
-) -> Child:  # fmt: skip
+    role: str,
+    command: str,
+    config: Path,
+    *,
+    redis_url: str,
+    port: int,
+    log: Path,
+    env: Mapping[str, str] | None,
+    args: Sequence[str] = (),
+) -> Child:
     environ = {**(env or os.environ), "TOLLWAY_REDIS_URL": redis_url}
-    argv = [sys.executable, "-m", "sidecar", command, "--config", str(config),
-            "--listen", f"127.0.0.1:{port}", *args]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "sidecar",
+        command,
+        "--config",
+        str(config),
+        "--listen",
+        f"127.0.0.1:{port}",
+        *args,
+    ]
     child = Child(role, argv, log, environ)
     wait_until(lambda: tcp_open(port), role, 30, child)
     return child
 
 
 def start_sidecar(
-    config: Path, *, redis_url: str, port: int, log: Path, env: Mapping[str, str] | None = None,
-    args: Sequence[str] = (), http_port: int | None = None,
-) -> Child:  # fmt: skip
+    config: Path,
+    *,
+    redis_url: str,
+    port: int,
+    log: Path,
+    env: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
+    http_port: int | None = None,
+) -> Child:
     """`tollway serve` on 127.0.0.1:port (args: more of its options, e.g. --workers),
     and HTTP ext_authz on 127.0.0.1:http_port if given (TOLLWAY_HTTP_LISTEN);
     returns once it accepts connections."""
@@ -201,8 +230,16 @@ def run_envoy(
 ) -> Child:
     """Envoy with a config file whose admin listens on 127.0.0.1:admin (args: more
     of its options); returns once the admin says ready."""
-    argv = [envoy_binary(), "-c", str(config), "--use-dynamic-base-id", "-l", "warning",
-            "--disable-hot-restart", *args]  # fmt: skip
+    argv = [
+        envoy_binary(),
+        "-c",
+        str(config),
+        "--use-dynamic-base-id",
+        "-l",
+        "warning",
+        "--disable-hot-restart",
+        *args,
+    ]
     child = Child(name, argv, log, os.environ)
 
     def ready() -> bool:
