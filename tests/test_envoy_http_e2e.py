@@ -76,25 +76,6 @@ def test_a_valid_key_reaches_upstream_with_identity_and_without_the_key(
         assert name not in seen["headers"], name
 
 
-def test_a_bearer_key_is_accepted_and_authorization_not_forwarded(
-    http: httpx.Client, make_customer: MakeCustomer
-) -> None:
-    c = make_customer("basic")
-    seen = upstream_saw(http.get("/v1/search", headers={"Authorization": f"Bearer {c.key}"}))
-    assert seen["headers"]["x-tollway-customer"] == c.id
-    assert "authorization" not in seen["headers"]
-
-
-def test_client_sent_identity_headers_are_overwritten(
-    http: httpx.Client, make_customer: MakeCustomer
-) -> None:
-    c = make_customer("basic")
-    spoofed = {"x-api-key": c.key, "X-Tollway-Customer": "cus_victim", "x-tollway-plan": "pro"}
-    seen = upstream_saw(http.get("/v1/search", headers=spoofed))
-    assert seen["headers"]["x-tollway-customer"] == c.id  # not "cus_victim,<id>"
-    assert seen["headers"]["x-tollway-plan"] == "basic"
-
-
 def test_an_allowed_answer_carries_the_rate_limit_headers(
     http: httpx.Client, make_customer: MakeCustomer
 ) -> None:
@@ -126,24 +107,6 @@ def test_an_empty_bucket_is_429_with_json_retry_after_and_ratelimit(
     assert denied.headers["ratelimit"].startswith('"rate";r=0;t=')
     assert denied.headers["x-ratelimit-remaining"] == "0"
     assert int(denied.headers["x-ratelimit-reset"]) > 0
-
-
-def test_a_missing_key_is_401_with_www_authenticate(http: httpx.Client) -> None:
-    response = http.get("/v1/search")
-    assert_denied(response, 401, "missing_key")
-    assert response.headers["www-authenticate"].startswith("Bearer")
-
-
-@pytest.mark.parametrize("bad", ["nope", keys.generate(), keys.generate()[:-1] + "!"])
-def test_a_bad_key_is_401_invalid_key(http: httpx.Client, bad: str) -> None:
-    assert_denied(http.get("/v1/search", headers={"x-api-key": bad}), 401, "invalid_key")
-
-
-def test_a_feature_not_in_the_plan_is_403(http: httpx.Client, make_customer: MakeCustomer) -> None:
-    c = make_customer("basic")
-    response = http.post("/v1/export/x", headers={"x-api-key": c.key}, content=b"{}")
-    body = assert_denied(response, 403, "feature_not_in_plan")
-    assert "export" in body["message"]
 
 
 # -- routes: priced on the path Envoy normalized, as Check prices them -------------------
