@@ -11,10 +11,12 @@ works on fresh customer ids.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -512,19 +514,32 @@ def http_sidecar(
 ) -> Iterator[HttpSidecar]:
     """A running `tollway serve` answering HTTP ext_authz too, on the test Redis,
     settling through the access log (as deploy/envoy.yaml does)."""
-    ports = HttpSidecar(grpc_port=harness.free_port(), http_port=harness.free_port())
     log = tmp_path_factory.mktemp("logs") / "sidecar-http.log"
+    with running_http_sidecar(access_log_config_path, redis_url=redis_url, log=log) as ports:
+        yield ports
+
+
+@contextlib.contextmanager
+def running_http_sidecar(config: Path, *, redis_url: str, log: Path) -> Iterator[HttpSidecar]:
+    """`tollway serve` on free gRPC and HTTP ports, stopped on exit."""
+    ports = HttpSidecar(grpc_port=harness.free_port(), http_port=harness.free_port())
     child = harness.start_sidecar(
-        access_log_config_path,
-        redis_url=redis_url,
-        port=ports.grpc_port,
-        log=log,
-        http_port=ports.http_port,
+        config, redis_url=redis_url, port=ports.grpc_port, log=log, http_port=ports.http_port
     )
     try:
         yield ports
     finally:
         child.stop()
+
+
+def eventually(check: Callable[[], object], *, within: float, every: float = 0.02) -> float:
+    """Seconds until check() is truthy, polled every `every` s; fails past within."""
+    began = time.monotonic()
+    while not check():
+        if time.monotonic() - began > within:
+            raise AssertionError(f"not within {within} s")
+        time.sleep(every)
+    return time.monotonic() - began
 
 
 @pytest.fixture(scope="session")

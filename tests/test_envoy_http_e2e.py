@@ -20,7 +20,8 @@ from sidecar import keys
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc
 from tests import harness
-from tests.conftest import Customer, HttpSidecar, start_envoy_default
+from tests.conftest import Customer, HttpSidecar, running_http_sidecar, start_envoy_default
+from tests.conftest import eventually as settled_within
 from tests.test_accesslog import RELEASE_WITHIN, SETTLED_WITHIN
 from tests.test_envoy_e2e import assert_denied, remaining, send_raw, upstream_saw
 
@@ -49,13 +50,7 @@ def usage(stub: Stub, customer: Customer) -> tuple[int, int]:
 
 
 def eventually(check: Callable[[], object], within: float = SETTLED_WITHIN) -> float:
-    """Seconds until check() is truthy (polled every 20 ms); fails past within."""
-    began = time.monotonic()
-    while not check():
-        if time.monotonic() - began > within:
-            raise AssertionError(f"not within {within} s")
-        time.sleep(0.02)
-    return time.monotonic() - began
+    return settled_within(check, within=within)
 
 
 # -- allowed ----------------------------------------------------------------------------
@@ -193,19 +188,9 @@ def dead_redis_sidecar(
     tmp_path_factory: pytest.TempPathFactory, access_log_config_path: Path
 ) -> Iterator[HttpSidecar]:
     dead_redis = f"redis://127.0.0.1:{harness.free_port()}"  # nothing listens there
-    ports = HttpSidecar(grpc_port=harness.free_port(), http_port=harness.free_port())
     log = tmp_path_factory.mktemp("dead-redis") / "sidecar.log"
-    child = harness.start_sidecar(
-        access_log_config_path,
-        redis_url=dead_redis,
-        port=ports.grpc_port,
-        log=log,
-        http_port=ports.http_port,
-    )
-    try:
+    with running_http_sidecar(access_log_config_path, redis_url=dead_redis, log=log) as ports:
         yield ports
-    finally:
-        child.stop()
 
 
 def through_envoy(
