@@ -300,7 +300,17 @@ def test_dot_segments_cannot_reach_a_feature_route_unpaid(
     assert b"feature_not_in_plan" in body
 
 
-@pytest.mark.parametrize("path", ["/v1/search/../heavy", "//v1/heavy", "/v1//heavy", "/v1/%68eavy"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/heavy",
+        "/v1/search/../heavy",
+        "//v1/heavy",
+        "/v1//heavy",
+        "/v1/%68eavy",
+        "/v1/heavy?x=1&y=/v1/other",
+    ],
+)
 def test_path_spellings_of_a_route_pay_its_cost(
     through: str, make_customer: MakeCustomer, path: str
 ) -> None:

@@ -23,7 +23,7 @@ from tests import harness
 from tests.conftest import Customer, HttpSidecar, running_http_sidecar, start_envoy_default
 from tests.conftest import eventually as settled_within
 from tests.test_accesslog import RELEASE_WITHIN, SETTLED_WITHIN
-from tests.test_envoy_e2e import assert_denied, remaining, send_raw, upstream_saw
+from tests.test_envoy_e2e import assert_denied, remaining, upstream_saw
 
 MakeCustomer = Callable[..., Customer]
 Stub = tollway_pb2_grpc.TollwayStub
@@ -102,38 +102,6 @@ def test_an_empty_bucket_is_429_with_json_retry_after_and_ratelimit(
     assert denied.headers["ratelimit"].startswith('"rate";r=0;t=')
     assert denied.headers["x-ratelimit-remaining"] == "0"
     assert int(denied.headers["x-ratelimit-reset"]) > 0
-
-
-# -- routes: priced on the path Envoy normalized, as Check prices them -------------------
-
-
-def test_dot_segments_cannot_reach_a_feature_route_unpaid(
-    envoy: str, make_customer: MakeCustomer
-) -> None:
-    c = make_customer("basic")  # no "export" feature
-    status, _, body = send_raw(envoy, "POST", "/v1/x/../export/x", c.key)
-    assert status == 403, body
-    assert b"feature_not_in_plan" in body
-
-
-@pytest.mark.parametrize(
-    "path",
-    [
-        "/v1/heavy",
-        "/v1/search/../heavy",
-        "//v1/heavy",
-        "/v1//heavy",
-        "/v1/%68eavy",
-        "/v1/heavy?x=1&y=/v1/other",
-    ],
-)
-def test_path_spellings_of_a_route_pay_its_cost(
-    envoy: str, make_customer: MakeCustomer, path: str
-) -> None:
-    c = make_customer("basic")  # burst 5; /v1/heavy costs 4
-    status, headers, body = send_raw(envoy, "GET", path, c.key)
-    assert status == 200, body
-    assert headers["x-ratelimit-remaining"] == "1", f"upstream saw {body!r}"
 
 
 # -- after the response, the access log settles ------------------------------------------
