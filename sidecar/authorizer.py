@@ -13,8 +13,9 @@ change an outcome beyond the one-second staleness Tollway promises
 
 What an admission reports beyond its answer goes to callbacks, which must
 not block (whatever they set off runs off the request path): each customer
-whose usage was just recorded (metered), and each quota threshold crossed for
-the first time this period (on_quota_alert).
+whose usage was just recorded (metered), each quota threshold crossed for
+the first time this period, and each low-balance mark a prepaid balance
+reached (on_alert).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from sidecar.store import SUBSCRIPTION_ENDED, KeyRecord, Store
 from sidecar.store.admission import admission
 from sidecar.store.names import parse_invalidation
 
-__all__ = ["Authorizer", "QuotaAlert"]
+__all__ = ["Alert", "Authorizer", "BalanceAlert", "QuotaAlert"]
 
 log = logging.getLogger("tollway.authorizer")
 
@@ -52,6 +53,20 @@ class QuotaAlert:
 
 
 @dataclass(frozen=True, slots=True)
+class BalanceAlert:
+    """An account's prepaid balance reached one of [credits] low_balance, first
+    since a grant lifted it above that mark."""
+
+    customer_id: str
+    plan: str
+    mark: int
+    balance: int
+
+
+Alert = QuotaAlert | BalanceAlert
+
+
+@dataclass(frozen=True, slots=True)
 class _Answer:
     """The script's outcome, the plan whose limits decided it, and the lease taken."""
 
@@ -60,7 +75,7 @@ class _Answer:
     lease: str
 
 
-def _no_alerts(alert: QuotaAlert) -> None:
+def _no_alerts(alert: Alert) -> None:
     pass
 
 
@@ -71,13 +86,13 @@ class Authorizer:
         settings: Callable[[], Settings],
         *,
         metered: Callable[[str], None] = lambda customer: None,
-        on_quota_alert: Callable[[QuotaAlert], None] = _no_alerts,
+        on_alert: Callable[[Alert], None] = _no_alerts,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._settings = settings  # a getter: SIGHUP swaps plans under us
         self._metered = metered  # told of each customer whose usage was just recorded
-        self._on_quota_alert = on_quota_alert  # called on the request path: it must not block
+        self._on_alert = on_alert  # called on the request path: it must not block
         self.shortcuts = Shortcuts(clock=clock)
         self.key_cache: TtlCache[str, tuple[KeyRecord | None]] = TtlCache(clock=clock)
         self._lookups: dict[str, asyncio.Future[KeyRecord | None]] = {}
@@ -129,7 +144,12 @@ class Authorizer:
                 return answer  # the account is on a plan this sidecar does not know
             outcome, plan = answer.outcome, answer.plan
             decision = decision_from_outcome(
-                outcome, plan=plan, customer_id=customer, cost=cost, feature=feature
+                outcome,
+                plan=plan,
+                customer_id=customer,
+                cost=cost,
+                feature=feature,
+                top_up_url=settings.credits.top_up_url,
             )
             if plan is not None:
                 self.shortcuts.learn(turn, plan, outcome, decision)
@@ -192,7 +212,7 @@ class Authorizer:
         stale guess is retried with the plan the script names (a plan that is
         not configured is refused)."""
         customer = record.customer_id
-        lease = ""
+        lease, parent = "", ""
         for _ in range(3):
             if plan is not None and plan.concurrency and not lease:
                 lease = lease_id or request_id or uuid.uuid4().hex
@@ -206,10 +226,17 @@ class Authorizer:
                 reservation_ttl=settings.usage.reservation_ttl,
                 thresholds=settings.usage.thresholds,
                 lease_id=lease,
+                credits_parent=parent,
+                low_balance=settings.credits.low_balance,
             )
             outcome = await self._store.admit(customer, request)
             if outcome.code is not OutcomeCode.PLAN_CHANGED:
                 return _Answer(outcome, plan, lease)
+            # The plan's balance is short and it falls back to another plan meanwhile:
+            # that plan's limits, asked as this plan's fallback (no hint learned: the
+            # account is still on its own plan, and a top-up restores it at once).
+            fallback = plan is not None and outcome.plan == plan.credits_fallback
+            parent = plan.name if plan is not None and fallback else ""
             plan = settings.catalog.plans.get(outcome.plan)
             if plan is None:
                 log.warning(
@@ -221,8 +248,9 @@ class Authorizer:
                     customer_id=customer,
                     plan=outcome.plan,
                 )
-            # Learned now, not with the answer: requests arriving meanwhile guess it.
-            self.shortcuts.hints.learn(customer, plan.name)
+            if not parent:
+                # Learned now, not with the answer: requests arriving meanwhile guess it.
+                self.shortcuts.hints.learn(customer, plan.name)
         raise RuntimeError(f"plan of {customer} kept changing during the decision")
 
     def _admitted(
@@ -241,7 +269,10 @@ class Authorizer:
             self._metered(customer)  # usage to bill, or a reservation to watch
         used = answer.outcome.quota_used
         for percent in answer.outcome.thresholds:  # the script reports each once per period
-            self._on_quota_alert(QuotaAlert(customer, plan.name, percent, used))
+            self._on_alert(QuotaAlert(customer, plan.name, percent, used))
+        balance = answer.outcome.credits
+        for mark in answer.outcome.low_balance:  # and each mark once per fall past it
+            self._on_alert(BalanceAlert(customer, plan.name, mark, balance or 0))
         only_success = plan.bill_only_success
         if route is not None and route.bill_only_success is not None:
             only_success = route.bill_only_success

@@ -59,6 +59,7 @@ class Reason(enum.Enum):
     RATE_LIMITED = "rate_limited"
     QUOTA_EXCEEDED = "quota_exceeded"
     CONCURRENCY_LIMITED = "concurrency_limited"
+    CREDITS_EXHAUSTED = "credits_exhausted"
 
 
 class OutcomeCode(enum.IntEnum):
@@ -73,6 +74,7 @@ class OutcomeCode(enum.IntEnum):
     RATE_LIMITED = 6
     QUOTA_EXCEEDED = 7
     CONCURRENCY = 8
+    CREDITS = 9
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +91,8 @@ class Outcome:
     period_end: int
     now: int  # the script's clock, Unix seconds
     thresholds: tuple[int, ...] = ()  # quota percentages first crossed by this request
+    credits: int | None = None  # the prepaid balance after it (None: the plan has none)
+    low_balance: tuple[int, ...] = ()  # low-balance marks this request reached
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +128,7 @@ class Decision:
     cost: int = 0  # units taken (an estimate when reserved)
     reserved: str = ""  # the request id the cost is reserved under, to settle later
     bill_only_success: bool = False  # a 5xx answer refunds the cost (settled by ext_proc)
+    credits: int | None = None  # the prepaid balance left (None: the plan burns none)
 
     @property
     def deciding_limit(self) -> RateState | QuotaState | None:
@@ -213,9 +218,16 @@ def _limits(plan: Plan, outcome: Outcome) -> tuple[RateState, QuotaState]:
 
 
 def decision_from_outcome(
-    outcome: Outcome, *, plan: Plan | None, customer_id: str, cost: int, feature: str | None
+    outcome: Outcome,
+    *,
+    plan: Plan | None,
+    customer_id: str,
+    cost: int,
+    feature: str | None,
+    top_up_url: str = "",
 ) -> Decision:
-    """Reads an outcome of a script run with plan's limits (None: no plan known yet)."""
+    """Reads an outcome of a script run with plan's limits (None: no plan known yet);
+    a denial for want of credits points to top_up_url when there is one."""
     code = outcome.code
     if code is OutcomeCode.NO_ACCOUNT:
         return refuse(Reason.INVALID_KEY, "API key belongs to no account", customer_id=customer_id)
@@ -236,7 +248,9 @@ def decision_from_outcome(
     who = {"customer_id": customer_id, "plan": plan.name}
     if code is OutcomeCode.OK:
         rate, quota = _limits(plan, outcome)
-        return Decision(True, Reason.OK, "OK", customer_id, plan.name, rate, quota)
+        return Decision(
+            True, Reason.OK, "OK", customer_id, plan.name, rate, quota, credits=outcome.credits
+        )
     if code is OutcomeCode.FEATURE:
         return refuse(
             Reason.FEATURE_NOT_IN_PLAN,
@@ -244,6 +258,19 @@ def decision_from_outcome(
             **who,
         )
     rate, quota = _limits(plan, outcome)
+    if code is OutcomeCode.CREDITS:
+        where = f" at {top_up_url}" if top_up_url else ""
+        return Decision(
+            False,
+            Reason.CREDITS_EXHAUSTED,
+            f"Prepaid credits exhausted: this request costs {cost} and the balance is "
+            f"{outcome.credits or 0}; top up{where} to continue",
+            customer_id,
+            plan.name,
+            rate,
+            quota,
+            credits=outcome.credits,
+        )
     if code is OutcomeCode.RATE_LIMITED:
         return rate_limited(
             plan,

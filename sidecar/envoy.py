@@ -51,6 +51,7 @@ HTTP_STATUS: Final[Mapping[Reason, tuple[int, int]]] = {
     Reason.RATE_LIMITED: (429, code_pb2.RESOURCE_EXHAUSTED),
     Reason.QUOTA_EXCEEDED: (429, code_pb2.RESOURCE_EXHAUSTED),
     Reason.CONCURRENCY_LIMITED: (429, code_pb2.RESOURCE_EXHAUSTED),
+    Reason.CREDITS_EXHAUSTED: (402, code_pb2.RESOURCE_EXHAUSTED),
 }
 # ext_authz's dynamic metadata lands under its filter name, which the ext_proc
 # filter forwards to Tollway's ExternalProcessor (metadata_options).

@@ -70,6 +70,8 @@ def authorize_response(decision: Decision) -> pb.AuthorizeResponse:
                 period_end=decision.quota.period_end,
             )
         )
+    if decision.credits is not None:
+        response.credits.CopyFrom(pb.CreditState(balance=decision.credits))
     return response
 
 
@@ -221,6 +223,7 @@ class TollwayService(pb_grpc.TollwayServicer):
                 used=report.quota_used,
                 remaining=max(0, report.quota_limit - report.quota_used),
             ),
+            credits=None if report.credits is None else pb.CreditState(balance=report.credits),
         )
 
 

@@ -15,6 +15,15 @@ names where it is (``plans[1] 'pro': rate``) so a bad file is one clear line.
     concurrency = 10                   # optional: requests in flight at once
     lease_ttl = "60s"                  # a lease whose release never comes frees itself
     bill_only_success = true           # 5xx answers cost nothing (needs ext_proc)
+    credits = true                     # each allowed request's cost burns prepaid credits
+    credits_exhausted = "block"        # at zero: 402 credits_exhausted; or "bill" (meter it),
+                                       # or a plan name (that plan's limits until a top-up)
+
+    [[credit_packs]]
+    name = "10k"
+    credits = 10000
+    stripe_price = "price_456"         # a one-time price; bought through Checkout
+    expires_in = "365d"                # optional: a pack's credits lapse after this
 
     [[meters]]
     name = "api_calls"                 # what RecordUsage and plans refer to
@@ -37,7 +46,7 @@ from typing import Any, Final, Literal
 from sidecar.errors import ConfigError
 from sidecar.fields import Table
 
-__all__ = ["Catalog", "Meter", "Plan", "Quota", "Rate", "Route", "parse_catalog"]
+__all__ = ["Catalog", "CreditPack", "Meter", "Plan", "Quota", "Rate", "Route", "parse_catalog"]
 
 Overage = Literal["block", "bill"]
 Period = Literal["hour", "day", "month"]
@@ -67,8 +76,11 @@ _PLAN_FIELDS: Final = frozenset(
         "concurrency",
         "lease_ttl",
         "bill_only_success",
+        "credits",
+        "credits_exhausted",
     }
 )
+_PACK_FIELDS: Final = frozenset({"name", "credits", "stripe_price", "expires_in", "description"})
 _EVENT_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 _ROUTE_FIELDS: Final = frozenset({"method", "path", "cost", "feature", "bill_only_success"})
 
@@ -111,6 +123,25 @@ class Plan:
     concurrency: int = 0  # requests in flight at once; 0: unlimited
     lease_ttl: int = 60  # seconds a lease lives without a release
     bill_only_success: bool = False  # refund requests answered with 5xx
+    credits: bool = False  # each allowed request's cost burns the prepaid balance
+    # What a request the balance cannot cover gets: "block" (402), "bill" (admitted,
+    # its cost metered to the plan's meter), or "plan:<name>" (that plan's limits).
+    credits_exhausted: str = "block"
+
+    @property
+    def credits_fallback(self) -> str:
+        """The plan enforced while the balance is short, or ""."""
+        mode = self.credits_exhausted
+        return mode[5:] if mode.startswith("plan:") else ""
+
+
+@dataclass(frozen=True, slots=True)
+class CreditPack:
+    name: str
+    credits: int
+    stripe_price: str | None = None  # a one-time price: the pack is sold through Checkout
+    expires_in: int = 0  # seconds a pack's credits last (0: they never lapse)
+    description: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +171,7 @@ class Catalog:
     plans: Mapping[str, Plan]
     routes: Sequence[Route] = ()
     meters: Mapping[str, Meter] = field(default_factory=dict)
+    credit_packs: Mapping[str, CreditPack] = field(default_factory=dict)
 
     def route_for(self, method: str, path: str) -> Route | None:
         """The first route matching method and path (the query string is ignored)."""
@@ -209,6 +241,24 @@ def _parse_plan(raw: Any, index: int) -> Plan:
     if lease_ttl <= 0:
         raise ConfigError(f"{where}: lease_ttl: must be longer than 0s")
     only_success = entry.boolean("bill_only_success", False)
+    credits = entry.boolean("credits", False)
+    exhausted = entry.string(
+        "credits_exhausted",
+        "block",
+        what='"block", "bill" or a plan name',
+        valid=_NAME_RE.fullmatch,
+    )
+    if "credits_exhausted" in entry.data and not credits:
+        raise ConfigError(f"{where}: credits_exhausted: only for a plan with credits = true")
+    if exhausted not in ("block", "bill"):
+        exhausted = f"plan:{exhausted}"
+    if credits and meter is not None and exhausted != "bill":
+        raise ConfigError(
+            f"{where}: meter: a credits plan meters only what its credits do not cover; "
+            'set credits_exhausted = "bill" (or remove the meter)'
+        )
+    if exhausted == "bill" and meter is None:
+        raise ConfigError(f'{where}: credits_exhausted: "bill" needs a meter to bill to')
     price = entry.string("stripe_price", None, what="a string")
     lookup = entry.string("stripe_lookup_key", None, what="a string")
     if price is not None and not price.startswith("price_"):
@@ -226,7 +276,31 @@ def _parse_plan(raw: Any, index: int) -> Plan:
         concurrency=concurrency,
         lease_ttl=lease_ttl,
         bill_only_success=only_success,
+        credits=credits,
+        credits_exhausted=exhausted,
     )
+
+
+def _parse_pack(raw: Any, index: int) -> CreditPack:
+    entry = Table.entry(raw, f"credit_packs[{index}]")
+    name = entry.string(
+        "name", what="lower-case letters, digits, '-' or '_'", valid=_NAME_RE.fullmatch
+    )
+    entry = entry.named(name).only(_PACK_FIELDS)
+    if "credits" not in entry.data:
+        raise ConfigError(f"{entry.where}: credits: required, e.g. credits = 10000")
+    credits = entry.integer("credits", 0, what="a positive integer", valid=_positive)
+    price = entry.string(
+        "stripe_price",
+        None,
+        what="a Stripe price id 'price_…'",
+        valid=lambda p: p.startswith("price_"),
+    )
+    expires_in = entry.duration("expires_in", 0)
+    if expires_in < 0:
+        raise ConfigError(f"{entry.where}: expires_in: must not be negative")
+    description = entry.string("description", "", what="a string")
+    return CreditPack(name, credits, price, expires_in, description)
 
 
 def _parse_meter(raw: Any, index: int) -> Meter:
@@ -297,4 +371,27 @@ def parse_catalog(data: Mapping[str, Any]) -> Catalog:
     all_features = frozenset().union(*(p.features for p in plans.values()))
     raw_routes = document.array("routes", object, (), what="a list of [[routes]] tables")
     routes = tuple(_parse_route(raw, i, all_features) for i, raw in enumerate(raw_routes))
-    return Catalog(plans=plans, routes=routes, meters=meters)
+    raw_packs = document.array("credit_packs", object, (), what="a list of [[credit_packs]] tables")
+    packs: dict[str, CreditPack] = {}
+    for index, raw in enumerate(raw_packs):
+        pack = _parse_pack(raw, index)
+        if pack.name in packs:
+            raise ConfigError(f"credit_packs[{index}] '{pack.name}': name: duplicate pack name")
+        if pack.stripe_price is not None and pack.stripe_price in seen:
+            raise ConfigError(
+                f"credit_packs[{index}] '{pack.name}': stripe_price: "
+                f"{pack.stripe_price!r} is already used by plan '{seen[pack.stripe_price]}'"
+            )
+        packs[pack.name] = pack
+    for plan in plans.values():
+        fallback = plan.credits_fallback
+        if fallback and (fallback not in plans or fallback == plan.name):
+            raise ConfigError(
+                f"plans '{plan.name}': credits_exhausted: {fallback!r} is not another plan"
+            )
+        if fallback and plans[fallback].credits:
+            raise ConfigError(
+                f"plans '{plan.name}': credits_exhausted: plan {fallback!r} burns credits too; "
+                "a fallback must work with an empty balance"
+            )
+    return Catalog(plans=plans, routes=routes, meters=meters, credit_packs=packs)

@@ -29,6 +29,7 @@ class UsageReport:
     quota_limit: int
     quota_used: int
     refused: int  # events Stripe refused for good (see `tollway usage show`)
+    credits: int | None = None  # the prepaid balance (None: never granted any)
 
 
 async def usage_report(store: Store, settings: Settings, customer_id: str) -> UsageReport:
@@ -49,4 +50,11 @@ async def usage_report(store: Store, settings: Settings, customer_id: str) -> Us
         quota_limit=plan.quota.limit if plan and plan.quota else 0,
         quota_used=quota_used,
         refused=len(await store.refused_events(customer_id)),
+        credits=await _balance(store, customer_id, plan is not None and plan.credits),
     )
+
+
+async def _balance(store: Store, customer_id: str, on_plan: bool) -> int | None:
+    if not on_plan and not await store.has_credits(customer_id):
+        return None
+    return (await store.credit_balance(customer_id)).balance

@@ -57,7 +57,7 @@ class Sidecar:
             store,
             lambda: self.settings,
             metered=self.dirty.add,
-            on_quota_alert=AlertQueue(store.notify),  # queued off the request path
+            on_alert=AlertQueue(store.notify),  # queued off the request path
         )
 
     async def watch_redis(

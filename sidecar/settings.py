@@ -15,6 +15,8 @@ an environment mapping (passed in, so tests need no patching).
     [billing]  grace_period = "5d"  fallback_plan = "free"   (optional)
     [usage]    dedupe_window = "24h"  reservation_ttl = "5m"  thresholds = [80, 100]
                wait_for_aof = false  wait_for_replicas = 0
+    [credits]  low_balance = [100, 0]  top_up_url = "https://…/pricing"   (plans with credits)
+               auto_top_up_below = 100  auto_top_up_pack = "10k"   (optional; both or neither)
     [envoy]    settlement = "none" | "ext_proc" | "access_log"  cost_header = "x-tollway-cost"
                ext_proc = true (older spelling of settlement = "ext_proc")
     [stripe]   read by the companion (webhook/config.py)
@@ -37,6 +39,7 @@ from sidecar.plans import Catalog, parse_catalog
 __all__ = [
     "SETTLEMENTS",
     "Billing",
+    "Credits",
     "EnvoyOptions",
     "HeaderNames",
     "Settings",
@@ -69,6 +72,8 @@ _SECTIONS: Final = frozenset(
         "plans",
         "routes",
         "meters",
+        "credit_packs",
+        "credits",
         "envoy",
     }
 )
@@ -122,6 +127,18 @@ class Billing:
 
 
 @dataclass(frozen=True, slots=True)
+class Credits:
+    """Prepaid balances, for plans with credits = true."""
+
+    low_balance: tuple[int, ...] = ()  # balances that notify when reached, once per fall
+    top_up_url: str = ""  # where a denial for want of credits sends the customer
+    # Auto top-up: below this balance, buy auto_top_up_pack off-session (0: off);
+    # a customer may turn it off for their account.
+    auto_top_up_below: int = 0
+    auto_top_up_pack: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class HeaderNames:
     """Which request headers carry the key, and which carry identity upstream."""
 
@@ -155,6 +172,7 @@ class Settings:
     headers: HeaderNames = HeaderNames()
     billing: Billing = Billing()
     usage: Usage = Usage()
+    credits: Credits = Credits()
     envoy: EnvoyOptions = EnvoyOptions()
     config_path: Path | None = None
 
@@ -202,6 +220,30 @@ def _parse_usage(usage: Table) -> Usage:
         thresholds=tuple(sorted(thresholds)),
         wait_for_aof=usage.boolean("wait_for_aof", False),
         wait_for_replicas=replicas,
+    )
+
+
+def _parse_credits(credits: Table, catalog: Catalog) -> Credits:
+    low = credits.array(
+        "low_balance", int, (), what="balances like [100, 0]", valid=lambda n: n >= 0, echo=False
+    )
+    url = credits.string(
+        "top_up_url",
+        "",
+        what="an http(s) URL",
+        valid=lambda u: u.startswith(("https://", "http://")),
+    )
+    below = credits.integer("auto_top_up_below", 0, what="a balance >= 0", valid=lambda n: n >= 0)
+    pack = credits.string("auto_top_up_pack", None, what="a credit pack's name")
+    if pack is not None and pack not in catalog.credit_packs:
+        raise ConfigError(f"[credits] auto_top_up_pack: {pack!r} is not in [[credit_packs]]")
+    if (pack is None) != (below == 0):
+        raise ConfigError("[credits] auto_top_up_below and auto_top_up_pack: set both (or neither)")
+    return Credits(
+        low_balance=tuple(sorted(set(low), reverse=True)),
+        top_up_url=url,
+        auto_top_up_below=below,
+        auto_top_up_pack=pack,
     )
 
 
@@ -277,13 +319,19 @@ def settings_from_document(
     )
     billing = document.section("billing").only({"grace_period", "fallback_plan"})
     grace = billing.duration("grace_period", 5 * 86400)
-    fallback = billing.data.get("fallback_plan")
+    fallback = billing.string("fallback_plan", None, what="a plan name")
     if fallback is not None and fallback not in catalog.plans:
         raise ConfigError(f"[billing] fallback_plan: {fallback!r} is not a plan in this file")
     usage = _parse_usage(
         document.section("usage").only(
             {"dedupe_window", "reservation_ttl", "thresholds", "wait_for_aof", "wait_for_replicas"}
         )
+    )
+    credits = _parse_credits(
+        document.section("credits").only(
+            {"low_balance", "top_up_url", "auto_top_up_below", "auto_top_up_pack"}
+        ),
+        catalog,
     )
     envoy_options = _parse_envoy(
         document.section("envoy").only({"settlement", "ext_proc", "cost_header"})
@@ -315,6 +363,7 @@ def settings_from_document(
         headers=names,
         billing=Billing(grace_seconds=grace, fallback_plan=fallback),
         usage=usage,
+        credits=credits,
         envoy=envoy_options,
         config_path=path,
     )

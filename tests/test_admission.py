@@ -7,6 +7,7 @@ import re
 from dataclasses import fields
 from importlib import resources
 
+from sidecar.decision import OutcomeCode
 from sidecar.plans import Plan, Quota, Rate
 from sidecar.store.admission import ADMIT_KEYS, Admission, admission
 from sidecar.store.base import lua_source
@@ -42,7 +43,7 @@ def test_the_header_reads_keys_then_argv_then_return_codes_in_order() -> None:
     first_argv = SCRIPT.index("-- ARGV[1]")
     assert SCRIPT.rindex("-- KEYS[") < first_argv < SCRIPT.index("-- Returns")
     codes = [int(code) for code in re.findall(r"^--\s+(?:code)?\s+(\d) \w", SCRIPT, re.M)]
-    assert codes == list(range(9))
+    assert codes == [code.value for code in OutcomeCode]
 
 
 def test_a_plan_and_a_request_become_one_argv_slot_per_field() -> None:

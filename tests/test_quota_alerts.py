@@ -46,4 +46,4 @@ def test_an_alert_redis_cannot_take_is_logged_as_lost(caplog: pytest.LogCaptureF
 
     with caplog.at_level(logging.WARNING, logger="tollway.authorizer"):
         asyncio.run(run())
-    assert caplog.messages[-1] == "quota alert for cus_1 not queued: Redis unavailable"
+    assert caplog.messages[-1] == "alert for cus_1 not queued: Redis unavailable"

@@ -2,8 +2,8 @@
 keys and plans. Every command takes --json; errors are one line and exit 1.
 
 This module holds the parser and main(); the commands live in processes.py
-(serve, webhook, reconcile, dev, health) and admin.py (usage, report, plans,
-accounts, keys)."""
+(serve, webhook, reconcile, dev, health), admin.py (usage, report, plans,
+accounts, keys) and credits.py (credits)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from sidecar.cli.admin import (
     cmd_usage_show,
 )
 from sidecar.cli.common import Output, duration_arg
+from sidecar.cli.credits import cmd_credits_grant, cmd_credits_show
 from sidecar.cli.processes import cmd_dev, cmd_health, cmd_reconcile, cmd_serve, cmd_webhook
 from sidecar.decision import STATUSES
 from sidecar.errors import TollwayError
@@ -165,6 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--customer", required=True)
     p.add_argument("key_id")
     p.add_argument("--overlap", type=duration_arg, default=86400, help="default 24h")
+
+    credits = add(sub, "credits", lambda a, o: None, "prepaid credits")
+    cr = credits.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = add(cr, "grant", cmd_credits_grant, "grant credits by hand (support, promotions)")
+    p.add_argument("--customer", required=True)
+    p.add_argument("--credits", type=int, required=True, help="how many")
+    p.add_argument("--expires-in", type=duration_arg, help="e.g. 30d; default: never")
+    p.add_argument("--reason", default="manual", help="kept on the ledger for people")
+    p.add_argument("--grant-id", help="an id of your own: the same grant applied twice counts once")
+    p = add(cr, "show", cmd_credits_show, "the balance, live grants and recent ledger entries")
+    p.add_argument("--customer", required=True)
+    p.add_argument("--recent", type=int, default=20, help="ledger entries to show (20)")
     return parser
 
 

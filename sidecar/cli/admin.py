@@ -32,6 +32,8 @@ def cmd_usage_show(args: argparse.Namespace, out: Output) -> None:
         if report.quota_limit:
             left = max(0, report.quota_limit - report.quota_used)
             lines.append(f"  quota: {report.quota_used} of {report.quota_limit} used, {left} left")
+        if report.credits is not None:
+            lines.append(f"  credits: balance {report.credits} (tollway credits show)")
         if report.refused:
             lines.append(f"  {report.refused} events refused by Stripe (see the logs)")
         out.emit(asdict(report), "\n".join(lines))

@@ -9,6 +9,7 @@
     admission.py      the decision script (admit.lua): its inputs, its answer
     sync.py           Stripe sync: events applied once, locks, checkout claims
     usage.py          usage records, reservations, leases, totals
+    credits.py        prepaid credits: grants, the balance, its ledger
     billing.py        what to report to Stripe, and what it accepted or refused
     notifications.py  notifications for the companion to deliver
     shared/           Lua chunks inlined into several scripts
@@ -23,6 +24,7 @@ from sidecar.store.admission import AdmissionStore
 from sidecar.store.api_keys import SUBSCRIPTION_ENDED, ApiKeys, KeyRecord
 from sidecar.store.billing import Billing
 from sidecar.store.connection import Client, connect, subscriber
+from sidecar.store.credits import Balance, CreditStore, GrantResult
 from sidecar.store.notifications import Notifications
 from sidecar.store.sync import StripeSync, SubscriptionChange
 from sidecar.store.usage import Recorded, UsageStore
@@ -30,7 +32,9 @@ from sidecar.store.usage import Recorded, UsageStore
 __all__ = [
     "SUBSCRIPTION_ENDED",
     "Account",
+    "Balance",
     "Client",
+    "GrantResult",
     "KeyRecord",
     "Recorded",
     "Store",
@@ -40,5 +44,5 @@ __all__ = [
 ]
 
 
-class Store(ApiKeys, AdmissionStore, StripeSync, UsageStore, Billing, Notifications):
+class Store(ApiKeys, AdmissionStore, StripeSync, UsageStore, CreditStore, Billing, Notifications):
     """Tollway's state in Redis. One instance per process, shared by all requests."""

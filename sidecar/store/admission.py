@@ -20,6 +20,8 @@ from sidecar.store.base import StoreBase
 from sidecar.store.names import (
     account_key,
     alerts_key,
+    credit_ledger_key,
+    credits_key,
     leases_key,
     legacy_quota_key,
     limits_key,
@@ -44,6 +46,8 @@ ADMIT_KEYS: Final = (
     "reservations",
     "alerts",
     "leases",
+    "credits",
+    "ledger",
 )
 
 
@@ -72,6 +76,10 @@ class Admission:
     reservation_ttl: int
     thresholds: tuple[int, ...]
     lease_id: str
+    credits: str  # "" (no credits), or what an uncovered request gets: block | bill | plan
+    credits_fallback: str  # the plan enforced while the balance is short (mode plan)
+    credits_parent: str  # the plan whose credits fallback expected_plan is, or ""
+    low_balance: tuple[int, ...]  # balances that notify when reached
 
     def argv(self) -> list[str | int]:
         """The fields in order, as the script reads them (tests/test_admission.py
@@ -98,6 +106,10 @@ class Admission:
             self.reservation_ttl,
             ",".join(map(str, self.thresholds)) if self.thresholds else "",
             self.lease_id,
+            self.credits,
+            self.credits_fallback,
+            self.credits_parent,
+            ",".join(map(str, self.low_balance)) if self.low_balance else "",
         ]
 
 
@@ -112,11 +124,14 @@ def admission(
     reservation_ttl: int = 300,
     thresholds: tuple[int, ...] = (),
     lease_id: str = "",
+    credits_parent: str = "",
+    low_balance: tuple[int, ...] = (),
 ) -> Admission:
     """The script's inputs for one request under plan's limits (None: no plan
     known yet; the script then only names the plan). With request_id, a metered
     cost is reserved (settled later) instead of metered now. A plan with a
-    concurrency limit takes the lease lease_id."""
+    concurrency limit takes the lease lease_id. credits_parent: plan is that
+    plan's credits fallback, enforced only while its balance is short."""
     quota = plan.quota if plan else None
     kind = quota.period if quota else "month"
     start, end, month = period_at(kind, int(time.time()))
@@ -142,7 +157,17 @@ def admission(
         reservation_ttl=reservation_ttl,
         thresholds=thresholds,
         lease_id=lease_id,
+        credits=_credit_mode(plan),
+        credits_fallback=plan.credits_fallback if plan else "",
+        credits_parent=credits_parent,
+        low_balance=low_balance if plan and plan.credits else (),
     )
+
+
+def _credit_mode(plan: Plan | None) -> str:
+    if plan is None or not plan.credits:
+        return ""
+    return "plan" if plan.credits_fallback else plan.credits_exhausted
 
 
 def parse_outcome(raw: list[Any]) -> Outcome:
@@ -158,6 +183,8 @@ def parse_outcome(raw: list[Any]) -> Outcome:
         period_end=int(raw[7]),
         now=int(raw[8]),
         thresholds=tuple(int(p) for p in text(raw[9]).split(",") if p),
+        credits=None if raw[10] in (b"", "") else int(raw[10]),
+        low_balance=tuple(int(n) for n in text(raw[11]).split(",") if n),
     )
 
 
@@ -172,6 +199,8 @@ def _keys(customer_id: str, reservation: str) -> list[str]:
         reservations_key(customer_id),
         alerts_key(customer_id),
         leases_key(customer_id),
+        credits_key(customer_id),
+        credit_ledger_key(customer_id),
     ]
 
 

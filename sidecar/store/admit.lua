@@ -11,6 +11,8 @@
 -- KEYS[7]  reservations  tw:{acct}:rsvs    request hash -> settle-by time
 -- KEYS[8]  alerts        tw:{acct}:alerts  "<kind>:<period start>:<percent>" sent
 -- KEYS[9]  leases        tw:{acct}:leases  lease id -> expiry (Unix s)
+-- KEYS[10] credits       tw:{acct}:cr      prepaid balance (shared/credits.lua)
+-- KEYS[11] ledger        tw:{acct}:crl     its ledger stream
 --
 -- ARGV[1]  now_us           now in microseconds, or "" to use Redis TIME (production)
 -- ARGV[2]  expected_plan    plan the caller believes the account has (its limits follow)
@@ -34,10 +36,19 @@
 -- ARGV[19] reservation_ttl  reservation lifetime in seconds
 -- ARGV[20] thresholds       quota percentages that notify, comma separated ("" = none)
 -- ARGV[21] lease_id         lease id for this request
+-- ARGV[22] credits          "" (the plan burns no credits), or what a request the
+--                           balance cannot cover gets: block | bill (metered to
+--                           ARGV[11]) | plan (code 2 naming ARGV[23])
+-- ARGV[23] credits_fallback the plan enforced while the balance is short (mode plan)
+-- ARGV[24] credits_parent   set when ARGV[2] is that fallback of this plan: enforce
+--                           ARGV[2] only while this plan's balance is still short
+-- ARGV[25] low_balance      balances that notify when reached, comma separated
 --
 -- Returns {code, plan, status, tokens_milli, reset_ms, retry_ms, quota_used,
---          period_end, now_s, thresholds}; thresholds lists the quota percentages
---          this request crossed for the first time this period ("80,100" or "").
+--          period_end, now_s, thresholds, balance, low}; thresholds lists the quota
+--          percentages this request crossed for the first time this period ("80,100"
+--          or ""); balance is the credit balance after it ("" for a plan without
+--          credits); low the low_balance marks it reached ("" for none).
 --   code 0 ok
 --        1 no account
 --        2 plan differs from ARGV[2] (plan = the one to enforce, the fallback
@@ -48,14 +59,18 @@
 --        6 rate limited
 --        7 quota exceeded
 --        8 concurrency limited
+--        9 credits exhausted (the balance cannot cover the cost)
 --   retry_ms is -1 when waiting can never help (cost above burst or quota).
--- Only code 0 writes anything: a denied request consumes nothing.
+-- Only code 0 consumes anything: a denied request consumes nothing (a grant
+-- found past its expiry lapses, on the ledger, whatever the outcome).
 
 -- #include shared/usage_stream.lua
+-- #include shared/credits.lua
 
 local now_us, expected_plan, rate, burst, quota_limit, quota_period, period_start, period_end,
   month_start, overage, meter, concurrency, lease_ttl, fallback_plan, cost, feature_ok,
-  key_expires_us, reservation, reservation_ttl, thresholds, lease_id = unpack(ARGV)
+  key_expires_us, reservation, reservation_ttl, thresholds, lease_id, credits,
+  credits_fallback, credits_parent, low_balance = unpack(ARGV)
 
 if now_us == "" then
   local t = redis.call("TIME")
@@ -67,9 +82,17 @@ local now_s = math.floor(now_us / 1000000)
 rate, burst, quota_limit = tonumber(rate), tonumber(burst), tonumber(quota_limit)
 concurrency, cost, key_expires_us = tonumber(concurrency), tonumber(cost), tonumber(key_expires_us)
 
+local balance, low = "", ""
 local function reply(code, plan, status, tokens, reset_ms, retry_ms, used, period_end, crossed)
   return {code, plan or "", status or "", math.floor(tokens * 1000), math.floor(reset_ms),
-          math.floor(retry_ms), used, period_end, now_s, crossed or ""}
+          math.floor(retry_ms), used, period_end, now_s, crossed or "", balance, low}
+end
+
+-- The account's balance, with lapsed grants swept (written whatever the outcome).
+local function load_credits()
+  local c = credits_load(KEYS[10])
+  credits_sweep(c, KEYS[11], now_s)
+  return c, credits_balance(c)
 end
 
 if key_expires_us > 0 and now_us >= key_expires_us then
@@ -90,6 +113,16 @@ if not entitled then
   return reply(4, plan, status, 0, 0, 0, 0, 0)
 end
 -- "" is never a plan: the caller is asking which plan to enforce.
+if expected_plan ~= "" and plan ~= expected_plan and credits_parent == plan then
+  -- The caller enforces this plan's credits fallback: only while the balance is short.
+  local c, b = load_credits()
+  credits_save(c)
+  if b >= cost then
+    balance = b
+    return reply(2, plan, status, 0, 0, 0, 0, 0)
+  end
+  plan = expected_plan
+end
 if expected_plan == "" or plan ~= expected_plan then
   return reply(2, plan, status, 0, 0, 0, 0, 0)
 end
@@ -189,6 +222,27 @@ if tokens < cost then
   return reply(6, plan, status, tokens, full_in_ms(tokens), retry, used, p_end)
 end
 
+-- Prepaid credits: the balance must cover the cost, else the plan decides.
+local taken = nil
+if credits ~= "" then
+  local c, b = load_credits()
+  balance = b
+  if b < cost and credits ~= "bill" then
+    credits_save(c)
+    if credits == "plan" then
+      return reply(2, credits_fallback, status, 0, 0, 0, 0, 0)
+    end
+    return reply(9, plan, status, tokens, full_in_ms(tokens), -1, used, p_end)
+  end
+  if b >= cost then
+    taken = credits_burn(c, KEYS[11], now_s, cost)
+    balance = credits_balance(c)
+    low = credits_low(c, b, balance, low_balance)
+    meter = ""  -- paid in advance: nothing to bill
+  end
+  credits_save(c)
+end
+
 tokens = tokens - cost
 used = used + cost
 if concurrency > 0 then
@@ -223,6 +277,7 @@ if reservation ~= "" and redis.call("EXISTS", KEYS[6]) == 0 then
   local settle_by = now_s + tonumber(reservation_ttl)
   redis.call("HSET", KEYS[6], "q", cost, "m", meter, "t", now_s, "ms", month_start,
     "kind", quota_period, "p", p_start, "state", "open")
+  if taken then redis.call("HSET", KEYS[6], "cr", taken) end
   redis.call("EXPIRE", KEYS[6], tonumber(reservation_ttl) + 7 * 86400)
   redis.call("ZADD", KEYS[7], settle_by, reservation)
 elseif meter ~= "" then

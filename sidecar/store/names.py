@@ -20,6 +20,10 @@ Cluster one script can touch it all atomically:
     tw:{cus_1}:rsvs       open reservations -> settle-by time
     tw:{cus_1}:alerts     quota thresholds already notified this period
     tw:{cus_1}:leases     concurrency leases held: lease id -> expiry
+    tw:{cus_1}:cr         prepaid balance: live grants, debt, open burn batch
+                          (the layout: store/shared/credits.lua)
+    tw:{cus_1}:crl        the balance's ledger: every grant, burn batch and expiry
+    tw:{cus_1}:crg        grant ids applied -> their ledger entry (each grant once)
     tw:{cus_1}:bill       reporter: cursor (last planned entry), pending events (JSON)
     tw:{cus_1}:bill:failed  events Stripe refused for good, for people to look at
     tw:k:{<sha256>}       key record: customer, key id, state, expires_at (us)
@@ -58,6 +62,9 @@ __all__ = [
     "bill_failed_key",
     "bill_key",
     "checkouts_key",
+    "credit_grants_key",
+    "credit_ledger_key",
+    "credits_key",
     "customer_of",
     "events_key",
     "idempotency_key",
@@ -145,6 +152,18 @@ def alerts_key(customer_id: str) -> str:
 
 def leases_key(customer_id: str) -> str:
     return f"tw:{_tag(customer_id)}:leases"
+
+
+def credits_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:cr"
+
+
+def credit_ledger_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:crl"
+
+
+def credit_grants_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:crg"
 
 
 def bill_key(customer_id: str) -> str:

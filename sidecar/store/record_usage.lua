@@ -9,6 +9,8 @@
 -- KEYS[6]  limits              tw:{acct}:rl  (the period counter: k, p, used)
 -- KEYS[7]  leases              tw:{acct}:leases
 -- KEYS[8]  legacy quota        tw:{acct}:q   (the counter before 0.2, until admit.lua moves it)
+-- KEYS[9]  credits             tw:{acct}:cr  (shared/credits.lua)
+-- KEYS[10] credit ledger       tw:{acct}:crl
 -- ARGV[1]  meter ("" = settle the quota only, record no usage)
 -- ARGV[2]  quantity (> 0)
 -- ARGV[3]  when it was used (Unix s)
@@ -27,8 +29,12 @@
 -- quota moves by the difference. One already billed at its estimate (expired)
 -- records only the excess over the estimate. Without a reservation (or with
 -- one already settled), usage is recorded and the quota is left alone.
+-- A reservation paid from prepaid credits settles in credits, not in usage:
+-- the difference is burned (above the balance: a debt) or given back to the
+-- grants it came from.
 
 -- #include shared/usage_stream.lua
+-- #include shared/credits.lua
 
 -- A period counter where a release before 0.2 kept it moves into the limits
 -- hash first (keeping the longer of the two lifetimes), as admit.lua does.
@@ -59,13 +65,27 @@ end
 local quantity = tonumber(ARGV[2])
 local to_record = quantity
 if ARGV[7] ~= "" then
-  local r = redis.call("HMGET", KEYS[4], "q", "kind", "p", "state")
+  local r = redis.call("HMGET", KEYS[4], "q", "kind", "p", "state", "cr")
   if r[1] and (r[4] == "open" or r[4] == "expired") then
     local estimate = tonumber(r[1])
     local delta = quantity - estimate
     if r[4] == "expired" then
       delta = math.max(0, delta)
       to_record = delta
+    end
+    if r[5] then
+      to_record = 0  -- paid from credits: nothing to bill
+      if delta ~= 0 then
+        local now = tonumber(redis.call("TIME")[1])
+        local c = credits_load(KEYS[9])
+        credits_sweep(c, KEYS[10], now)
+        if delta > 0 then
+          credits_burn(c, KEYS[10], now, delta)
+        else
+          credits_refund(c, KEYS[10], now, -delta, r[5])
+        end
+        credits_save(c)
+      end
     end
     local q = redis.call("HMGET", KEYS[6], "k", "p", "used")
     if q[1] == r[2] and q[2] == r[3] then

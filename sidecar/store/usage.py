@@ -17,6 +17,8 @@ from sidecar.errors import StoreUnavailable
 from sidecar.periods import month_start
 from sidecar.store.base import StoreBase
 from sidecar.store.names import (
+    credit_ledger_key,
+    credits_key,
     idempotency_key,
     leases_key,
     legacy_quota_key,
@@ -72,6 +74,8 @@ class UsageStore(StoreBase):
             limits_key(customer_id),
             leases_key(customer_id),
             legacy_quota_key(customer_id),
+            credits_key(customer_id),
+            credit_ledger_key(customer_id),
         ]
         args: list[Any] = [
             meter,

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tollway/v1/tollway.proto\x12\ntollway.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x85\x01\n\x10\x41uthorizeRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x0c\n\x04\x63ost\x18\x04 \x01(\r\x12\x14\n\x07\x66\x65\x61ture\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\n\n\x08_feature\"b\n\x0eRateLimitState\x12\r\n\x05limit\x18\x01 \x01(\x04\x12\x11\n\tremaining\x18\x02 \x01(\x04\x12\x15\n\rreset_seconds\x18\x03 \x01(\r\x12\x17\n\x0frate_per_second\x18\x04 \x01(\x01\"P\n\nQuotaState\x12\r\n\x05limit\x18\x01 \x01(\x04\x12\x0c\n\x04used\x18\x02 \x01(\x04\x12\x11\n\tremaining\x18\x03 \x01(\x04\x12\x12\n\nperiod_end\x18\x04 \x01(\x03\"\x82\x02\n\x11\x41uthorizeResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\"\n\x06reason\x18\x02 \x01(\x0e\x32\x12.tollway.v1.Reason\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12\x0c\n\x04plan\x18\x04 \x01(\t\x12.\n\nrate_limit\x18\x05 \x01(\x0b\x32\x1a.tollway.v1.RateLimitState\x12%\n\x05quota\x18\x06 \x01(\x0b\x32\x16.tollway.v1.QuotaState\x12\x1b\n\x13retry_after_seconds\x18\x07 \x01(\r\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x10\n\x08lease_id\x18\t \x01(\t\"3\n\x0eReleaseRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\xc7\x01\n\x12RecordUsageRequest\x12\x11\n\x07\x61pi_key\x18\x01 \x01(\tH\x00\x12\x15\n\x0b\x63ustomer_id\x18\x02 \x01(\tH\x00\x12\r\n\x05meter\x18\x03 \x01(\t\x12\x10\n\x08quantity\x18\x04 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12-\n\ttimestamp\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\n\n\x08\x63ustomer\"P\n\x13RecordUsageResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x11\n\trecord_id\x18\x03 \x01(\t\"I\n\x17RecordUsageBatchRequest\x12.\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1e.tollway.v1.RecordUsageRequest\"e\n\x11RecordUsageResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x31\n\x08response\x18\x03 \x01(\x0b\x32\x1f.tollway.v1.RecordUsageResponse\"J\n\x18RecordUsageBatchResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.tollway.v1.RecordUsageResult\"G\n\x0fGetUsageRequest\x12\x11\n\x07\x61pi_key\x18\x01 \x01(\tH\x00\x12\x15\n\x0b\x63ustomer_id\x18\x02 \x01(\tH\x00\x42\n\n\x08\x63ustomer\"L\n\nMeterUsage\x12\r\n\x05meter\x18\x01 \x01(\t\x12\x0c\n\x04used\x18\x02 \x01(\x03\x12\x10\n\x08reported\x18\x03 \x01(\x03\x12\x0f\n\x07pending\x18\x04 \x01(\x03\"\x9a\x01\n\x10GetUsageResponse\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x0c\n\x04plan\x18\x02 \x01(\t\x12\x14\n\x0cperiod_start\x18\x03 \x01(\x03\x12&\n\x06meters\x18\x04 \x03(\x0b\x32\x16.tollway.v1.MeterUsage\x12%\n\x05quota\x18\x05 \x01(\x0b\x32\x16.tollway.v1.QuotaState*\xa5\x02\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\r\n\tREASON_OK\x10\x01\x12\x16\n\x12REASON_MISSING_KEY\x10\x02\x12\x16\n\x12REASON_INVALID_KEY\x10\x03\x12\x16\n\x12REASON_KEY_REVOKED\x10\x04\x12\x16\n\x12REASON_KEY_EXPIRED\x10\x05\x12 \n\x1cREASON_SUBSCRIPTION_INACTIVE\x10\x06\x12\x1e\n\x1aREASON_FEATURE_NOT_IN_PLAN\x10\x07\x12\x17\n\x13REASON_RATE_LIMITED\x10\x08\x12\x19\n\x15REASON_QUOTA_EXCEEDED\x10\t\x12\x1e\n\x1aREASON_CONCURRENCY_LIMITED\x10\n2\x8d\x03\n\x07Tollway\x12H\n\tAuthorize\x12\x1c.tollway.v1.AuthorizeRequest\x1a\x1d.tollway.v1.AuthorizeResponse\x12N\n\x0bRecordUsage\x12\x1e.tollway.v1.RecordUsageRequest\x1a\x1f.tollway.v1.RecordUsageResponse\x12]\n\x10RecordUsageBatch\x12#.tollway.v1.RecordUsageBatchRequest\x1a$.tollway.v1.RecordUsageBatchResponse\x12\x45\n\x08GetUsage\x12\x1b.tollway.v1.GetUsageRequest\x1a\x1c.tollway.v1.GetUsageResponse\x12\x42\n\x07Release\x12\x1a.tollway.v1.ReleaseRequest\x1a\x1b.tollway.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tollway/v1/tollway.proto\x12\ntollway.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x85\x01\n\x10\x41uthorizeRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x0c\n\x04\x63ost\x18\x04 \x01(\r\x12\x14\n\x07\x66\x65\x61ture\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\n\n\x08_feature\"b\n\x0eRateLimitState\x12\r\n\x05limit\x18\x01 \x01(\x04\x12\x11\n\tremaining\x18\x02 \x01(\x04\x12\x15\n\rreset_seconds\x18\x03 \x01(\r\x12\x17\n\x0frate_per_second\x18\x04 \x01(\x01\"P\n\nQuotaState\x12\r\n\x05limit\x18\x01 \x01(\x04\x12\x0c\n\x04used\x18\x02 \x01(\x04\x12\x11\n\tremaining\x18\x03 \x01(\x04\x12\x12\n\nperiod_end\x18\x04 \x01(\x03\"\xac\x02\n\x11\x41uthorizeResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\"\n\x06reason\x18\x02 \x01(\x0e\x32\x12.tollway.v1.Reason\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12\x0c\n\x04plan\x18\x04 \x01(\t\x12.\n\nrate_limit\x18\x05 \x01(\x0b\x32\x1a.tollway.v1.RateLimitState\x12%\n\x05quota\x18\x06 \x01(\x0b\x32\x16.tollway.v1.QuotaState\x12\x1b\n\x13retry_after_seconds\x18\x07 \x01(\r\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x10\n\x08lease_id\x18\t \x01(\t\x12(\n\x07\x63redits\x18\n \x01(\x0b\x32\x17.tollway.v1.CreditState\"\x1e\n\x0b\x43reditState\x12\x0f\n\x07\x62\x61lance\x18\x01 \x01(\x03\"3\n\x0eReleaseRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\xc7\x01\n\x12RecordUsageRequest\x12\x11\n\x07\x61pi_key\x18\x01 \x01(\tH\x00\x12\x15\n\x0b\x63ustomer_id\x18\x02 \x01(\tH\x00\x12\r\n\x05meter\x18\x03 \x01(\t\x12\x10\n\x08quantity\x18\x04 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12-\n\ttimestamp\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\n\n\x08\x63ustomer\"P\n\x13RecordUsageResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x11\n\trecord_id\x18\x03 \x01(\t\"I\n\x17RecordUsageBatchRequest\x12.\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1e.tollway.v1.RecordUsageRequest\"e\n\x11RecordUsageResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x31\n\x08response\x18\x03 \x01(\x0b\x32\x1f.tollway.v1.RecordUsageResponse\"J\n\x18RecordUsageBatchResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.tollway.v1.RecordUsageResult\"G\n\x0fGetUsageRequest\x12\x11\n\x07\x61pi_key\x18\x01 \x01(\tH\x00\x12\x15\n\x0b\x63ustomer_id\x18\x02 \x01(\tH\x00\x42\n\n\x08\x63ustomer\"L\n\nMeterUsage\x12\r\n\x05meter\x18\x01 \x01(\t\x12\x0c\n\x04used\x18\x02 \x01(\x03\x12\x10\n\x08reported\x18\x03 \x01(\x03\x12\x0f\n\x07pending\x18\x04 \x01(\x03\"\xc4\x01\n\x10GetUsageResponse\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x0c\n\x04plan\x18\x02 \x01(\t\x12\x14\n\x0cperiod_start\x18\x03 \x01(\x03\x12&\n\x06meters\x18\x04 \x03(\x0b\x32\x16.tollway.v1.MeterUsage\x12%\n\x05quota\x18\x05 \x01(\x0b\x32\x16.tollway.v1.QuotaState\x12(\n\x07\x63redits\x18\x06 \x01(\x0b\x32\x17.tollway.v1.CreditState*\xc3\x02\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\r\n\tREASON_OK\x10\x01\x12\x16\n\x12REASON_MISSING_KEY\x10\x02\x12\x16\n\x12REASON_INVALID_KEY\x10\x03\x12\x16\n\x12REASON_KEY_REVOKED\x10\x04\x12\x16\n\x12REASON_KEY_EXPIRED\x10\x05\x12 \n\x1cREASON_SUBSCRIPTION_INACTIVE\x10\x06\x12\x1e\n\x1aREASON_FEATURE_NOT_IN_PLAN\x10\x07\x12\x17\n\x13REASON_RATE_LIMITED\x10\x08\x12\x19\n\x15REASON_QUOTA_EXCEEDED\x10\t\x12\x1e\n\x1aREASON_CONCURRENCY_LIMITED\x10\n\x12\x1c\n\x18REASON_CREDITS_EXHAUSTED\x10\x0b\x32\x8d\x03\n\x07Tollway\x12H\n\tAuthorize\x12\x1c.tollway.v1.AuthorizeRequest\x1a\x1d.tollway.v1.AuthorizeResponse\x12N\n\x0bRecordUsage\x12\x1e.tollway.v1.RecordUsageRequest\x1a\x1f.tollway.v1.RecordUsageResponse\x12]\n\x10RecordUsageBatch\x12#.tollway.v1.RecordUsageBatchRequest\x1a$.tollway.v1.RecordUsageBatchResponse\x12\x45\n\x08GetUsage\x12\x1b.tollway.v1.GetUsageRequest\x1a\x1c.tollway.v1.GetUsageResponse\x12\x42\n\x07Release\x12\x1a.tollway.v1.ReleaseRequest\x1a\x1b.tollway.v1.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tollway.v1.tollway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REASON']._serialized_start=1589
-  _globals['_REASON']._serialized_end=1882
+  _globals['_REASON']._serialized_start=1705
+  _globals['_REASON']._serialized_end=2028
   _globals['_AUTHORIZEREQUEST']._serialized_start=74
   _globals['_AUTHORIZEREQUEST']._serialized_end=207
   _globals['_RATELIMITSTATE']._serialized_start=209
@@ -41,27 +41,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QUOTASTATE']._serialized_start=309
   _globals['_QUOTASTATE']._serialized_end=389
   _globals['_AUTHORIZERESPONSE']._serialized_start=392
-  _globals['_AUTHORIZERESPONSE']._serialized_end=650
-  _globals['_RELEASEREQUEST']._serialized_start=652
-  _globals['_RELEASEREQUEST']._serialized_end=703
-  _globals['_RELEASERESPONSE']._serialized_start=705
-  _globals['_RELEASERESPONSE']._serialized_end=740
-  _globals['_RECORDUSAGEREQUEST']._serialized_start=743
-  _globals['_RECORDUSAGEREQUEST']._serialized_end=942
-  _globals['_RECORDUSAGERESPONSE']._serialized_start=944
-  _globals['_RECORDUSAGERESPONSE']._serialized_end=1024
-  _globals['_RECORDUSAGEBATCHREQUEST']._serialized_start=1026
-  _globals['_RECORDUSAGEBATCHREQUEST']._serialized_end=1099
-  _globals['_RECORDUSAGERESULT']._serialized_start=1101
-  _globals['_RECORDUSAGERESULT']._serialized_end=1202
-  _globals['_RECORDUSAGEBATCHRESPONSE']._serialized_start=1204
-  _globals['_RECORDUSAGEBATCHRESPONSE']._serialized_end=1278
-  _globals['_GETUSAGEREQUEST']._serialized_start=1280
-  _globals['_GETUSAGEREQUEST']._serialized_end=1351
-  _globals['_METERUSAGE']._serialized_start=1353
-  _globals['_METERUSAGE']._serialized_end=1429
-  _globals['_GETUSAGERESPONSE']._serialized_start=1432
-  _globals['_GETUSAGERESPONSE']._serialized_end=1586
-  _globals['_TOLLWAY']._serialized_start=1885
-  _globals['_TOLLWAY']._serialized_end=2282
+  _globals['_AUTHORIZERESPONSE']._serialized_end=692
+  _globals['_CREDITSTATE']._serialized_start=694
+  _globals['_CREDITSTATE']._serialized_end=724
+  _globals['_RELEASEREQUEST']._serialized_start=726
+  _globals['_RELEASEREQUEST']._serialized_end=777
+  _globals['_RELEASERESPONSE']._serialized_start=779
+  _globals['_RELEASERESPONSE']._serialized_end=814
+  _globals['_RECORDUSAGEREQUEST']._serialized_start=817
+  _globals['_RECORDUSAGEREQUEST']._serialized_end=1016
+  _globals['_RECORDUSAGERESPONSE']._serialized_start=1018
+  _globals['_RECORDUSAGERESPONSE']._serialized_end=1098
+  _globals['_RECORDUSAGEBATCHREQUEST']._serialized_start=1100
+  _globals['_RECORDUSAGEBATCHREQUEST']._serialized_end=1173
+  _globals['_RECORDUSAGERESULT']._serialized_start=1175
+  _globals['_RECORDUSAGERESULT']._serialized_end=1276
+  _globals['_RECORDUSAGEBATCHRESPONSE']._serialized_start=1278
+  _globals['_RECORDUSAGEBATCHRESPONSE']._serialized_end=1352
+  _globals['_GETUSAGEREQUEST']._serialized_start=1354
+  _globals['_GETUSAGEREQUEST']._serialized_end=1425
+  _globals['_METERUSAGE']._serialized_start=1427
+  _globals['_METERUSAGE']._serialized_end=1503
+  _globals['_GETUSAGERESPONSE']._serialized_start=1506
+  _globals['_GETUSAGERESPONSE']._serialized_end=1702
+  _globals['_TOLLWAY']._serialized_start=2031
+  _globals['_TOLLWAY']._serialized_end=2428
 # @@protoc_insertion_point(module_scope)

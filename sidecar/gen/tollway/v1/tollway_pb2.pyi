@@ -23,6 +23,7 @@ class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REASON_RATE_LIMITED: _ClassVar[Reason]
     REASON_QUOTA_EXCEEDED: _ClassVar[Reason]
     REASON_CONCURRENCY_LIMITED: _ClassVar[Reason]
+    REASON_CREDITS_EXHAUSTED: _ClassVar[Reason]
 REASON_UNSPECIFIED: Reason
 REASON_OK: Reason
 REASON_MISSING_KEY: Reason
@@ -34,6 +35,7 @@ REASON_FEATURE_NOT_IN_PLAN: Reason
 REASON_RATE_LIMITED: Reason
 REASON_QUOTA_EXCEEDED: Reason
 REASON_CONCURRENCY_LIMITED: Reason
+REASON_CREDITS_EXHAUSTED: Reason
 
 class AuthorizeRequest(_message.Message):
     __slots__ = ("api_key", "method", "path", "cost", "feature", "request_id")
@@ -76,7 +78,7 @@ class QuotaState(_message.Message):
     def __init__(self, limit: _Optional[int] = ..., used: _Optional[int] = ..., remaining: _Optional[int] = ..., period_end: _Optional[int] = ...) -> None: ...
 
 class AuthorizeResponse(_message.Message):
-    __slots__ = ("allowed", "reason", "customer_id", "plan", "rate_limit", "quota", "retry_after_seconds", "message", "lease_id")
+    __slots__ = ("allowed", "reason", "customer_id", "plan", "rate_limit", "quota", "retry_after_seconds", "message", "lease_id", "credits")
     ALLOWED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +88,7 @@ class AuthorizeResponse(_message.Message):
     RETRY_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_FIELD_NUMBER: _ClassVar[int]
     allowed: bool
     reason: Reason
     customer_id: str
@@ -95,7 +98,14 @@ class AuthorizeResponse(_message.Message):
     retry_after_seconds: int
     message: str
     lease_id: str
-    def __init__(self, allowed: _Optional[bool] = ..., reason: _Optional[_Union[Reason, str]] = ..., customer_id: _Optional[str] = ..., plan: _Optional[str] = ..., rate_limit: _Optional[_Union[RateLimitState, _Mapping]] = ..., quota: _Optional[_Union[QuotaState, _Mapping]] = ..., retry_after_seconds: _Optional[int] = ..., message: _Optional[str] = ..., lease_id: _Optional[str] = ...) -> None: ...
+    credits: CreditState
+    def __init__(self, allowed: _Optional[bool] = ..., reason: _Optional[_Union[Reason, str]] = ..., customer_id: _Optional[str] = ..., plan: _Optional[str] = ..., rate_limit: _Optional[_Union[RateLimitState, _Mapping]] = ..., quota: _Optional[_Union[QuotaState, _Mapping]] = ..., retry_after_seconds: _Optional[int] = ..., message: _Optional[str] = ..., lease_id: _Optional[str] = ..., credits: _Optional[_Union[CreditState, _Mapping]] = ...) -> None: ...
+
+class CreditState(_message.Message):
+    __slots__ = ("balance",)
+    BALANCE_FIELD_NUMBER: _ClassVar[int]
+    balance: int
+    def __init__(self, balance: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("api_key", "lease_id")
@@ -182,15 +192,17 @@ class MeterUsage(_message.Message):
     def __init__(self, meter: _Optional[str] = ..., used: _Optional[int] = ..., reported: _Optional[int] = ..., pending: _Optional[int] = ...) -> None: ...
 
 class GetUsageResponse(_message.Message):
-    __slots__ = ("customer_id", "plan", "period_start", "meters", "quota")
+    __slots__ = ("customer_id", "plan", "period_start", "meters", "quota", "credits")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     PERIOD_START_FIELD_NUMBER: _ClassVar[int]
     METERS_FIELD_NUMBER: _ClassVar[int]
     QUOTA_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     plan: str
     period_start: int
     meters: _containers.RepeatedCompositeFieldContainer[MeterUsage]
     quota: QuotaState
-    def __init__(self, customer_id: _Optional[str] = ..., plan: _Optional[str] = ..., period_start: _Optional[int] = ..., meters: _Optional[_Iterable[_Union[MeterUsage, _Mapping]]] = ..., quota: _Optional[_Union[QuotaState, _Mapping]] = ...) -> None: ...
+    credits: CreditState
+    def __init__(self, customer_id: _Optional[str] = ..., plan: _Optional[str] = ..., period_start: _Optional[int] = ..., meters: _Optional[_Iterable[_Union[MeterUsage, _Mapping]]] = ..., quota: _Optional[_Union[QuotaState, _Mapping]] = ..., credits: _Optional[_Union[CreditState, _Mapping]] = ...) -> None: ...

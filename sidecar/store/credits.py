@@ -1,0 +1,136 @@
+"""Prepaid credits: grants (grant_credits.lua), the balance as of now
+(read_credits.lua) and its ledger.
+
+The balance's layout, its burn order and the ledger's entries are written
+once, in shared/credits.lua; the decision script (admit.lua) burns, and the
+usage script (record_usage.lua) settles a reservation paid from credits.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from sidecar.errors import TollwayError
+from sidecar.store.base import StoreBase
+from sidecar.store.names import credit_grants_key, credit_ledger_key, credits_key
+from sidecar.store.text import text
+
+__all__ = ["Balance", "CreditStore", "Grant", "GrantResult", "LedgerEntry"]
+
+Kind = Literal["grant", "burn", "expire"]
+Result = Literal["granted", "duplicate", "expired"]
+# Grant ids sit in hash fields and in a reservation's list of what it burned.
+_GRANT_ID_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
+_KINDS: Final[dict[str, Kind]] = {"grant": "grant", "burn": "burn", "expire": "expire"}
+_RESULTS: Final[dict[str, Result]] = {
+    "granted": "granted",
+    "duplicate": "duplicate",
+    "expired": "expired",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A live grant: what is left of it, and when that lapses (0: never)."""
+
+    grant_id: str
+    remaining: int
+    expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    balance: int  # what the next requests can burn (negative: a debt to pay first)
+    debt: int  # settled above what the grants held; paid first by the next grant
+    open_burn: int  # burned in the batch not yet on the ledger
+    grants: tuple[Grant, ...]  # soonest-expiring first: the order they burn in
+
+
+@dataclass(frozen=True, slots=True)
+class GrantResult:
+    result: Result
+    balance: int
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    entry_id: str  # the stream id: "<ms>-<seq>"
+    kind: Kind
+    credits: int  # a burn's is signed: refunds subtract
+    fields: dict[str, str]  # grant, expires, reason, at; a burn's from and to
+
+    @property
+    def signed(self) -> int:
+        """What the entry did to the balance."""
+        return self.credits if self.kind == "grant" else -self.credits
+
+
+class CreditStore(StoreBase):
+    def _now_arg(self) -> str | int:
+        return "" if self._clock_us is None else self._clock_us() // 1_000_000
+
+    async def grant_credits(
+        self,
+        customer_id: str,
+        *,
+        grant_id: str,
+        credits: int,
+        expires_at: int = 0,
+        reason: str = "",
+    ) -> GrantResult:
+        """Adds credits to the balance, at most once per grant_id (a retry, a
+        duplicate delivery or a second companion changes nothing)."""
+        if credits <= 0:
+            raise TollwayError("a grant adds at least one credit")
+        if not _GRANT_ID_RE.fullmatch(grant_id):
+            raise TollwayError("grant id: 1 to 200 letters, digits, '_', '.', ':' or '-'")
+        async with self._guard("credit grant"):
+            raw = await self._run(
+                "grant_credits.lua",
+                keys=[
+                    credits_key(customer_id),
+                    credit_ledger_key(customer_id),
+                    credit_grants_key(customer_id),
+                ],
+                args=[grant_id, credits, max(0, expires_at), reason[:200], self._now_arg()],
+            )
+        return GrantResult(_RESULTS[text(raw[0])], int(raw[1]))
+
+    async def credit_balance(self, customer_id: str) -> Balance:
+        """The balance as of now (lapsed grants swept, a finished batch closed)."""
+        async with self._guard("credit read"):
+            raw = await self._run(
+                "read_credits.lua",
+                keys=[credits_key(customer_id), credit_ledger_key(customer_id)],
+                args=[self._now_arg()],
+            )
+        flat = raw[3]
+        grants = tuple(
+            Grant(text(flat[i]), int(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)
+        )
+        return Balance(int(raw[0]), int(raw[1]), int(raw[2]), grants)
+
+    async def has_credits(self, customer_id: str) -> bool:
+        """Whether the account was ever granted credits."""
+        async with self._guard("credit read"):
+            return bool(await self._redis.exists(credit_grants_key(customer_id)))
+
+    async def credit_ledger(
+        self, customer_id: str, *, count: int = 100, newest_first: bool = True
+    ) -> list[LedgerEntry]:
+        """The ledger's entries (count of them; 0: all), newest first by default."""
+        key = credit_ledger_key(customer_id)
+        async with self._guard("credit ledger"):
+            raw: Any
+            if newest_first:
+                raw = await self._redis.xrevrange(key, "+", "-", count=count or None)
+            else:
+                raw = await self._redis.xrange(key, "-", "+", count=count or None)
+        entries = []
+        for entry_id, fields in raw or []:
+            body = {text(k): text(v) for k, v in fields.items()}
+            kind = _KINDS[body.pop("kind")]
+            entries.append(LedgerEntry(text(entry_id), kind, int(body.pop("credits")), body))
+        return entries

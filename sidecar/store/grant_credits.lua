@@ -1,0 +1,45 @@
+-- grant_credits.lua: add a grant to an account's prepaid balance, at most once
+-- per grant id (a Checkout Session, a payment, an operator's grant).
+--
+-- KEYS[1]  credits   tw:{acct}:cr   the balance (shared/credits.lua)
+-- KEYS[2]  ledger    tw:{acct}:crl
+-- KEYS[3]  granted   tw:{acct}:crg  grant id -> its ledger entry, kept for good
+-- ARGV[1]  grant id
+-- ARGV[2]  credits (> 0)
+-- ARGV[3]  expires at (Unix s; 0 = never)
+-- ARGV[4]  reason (free text for people, e.g. "pack 10k" or "promotion")
+-- ARGV[5]  now (Unix s), or "" to use Redis TIME (production)
+--
+-- Returns {"granted" | "duplicate" | "expired", balance after}. A grant whose
+-- expiry has already passed is refused (nothing changes): it would lapse at once.
+-- What comes in pays a debt first; low-balance marks the balance is now above
+-- are cleared, so the next fall past them notifies again.
+
+-- #include shared/credits.lua
+
+local now = tonumber(ARGV[5] ~= "" and ARGV[5] or redis.call("TIME")[1])
+local id, units, expires = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local c = credits_load(KEYS[1])
+credits_sweep(c, KEYS[2], now)
+if redis.call("HEXISTS", KEYS[3], id) == 1 then
+  credits_save(c)
+  return {"duplicate", credits_balance(c)}
+end
+if expires > 0 and expires <= now then
+  credits_save(c)
+  return {"expired", credits_balance(c)}
+end
+local entry = redis.call("XADD", KEYS[2], "*", "kind", "grant", "credits", units, "grant", id,
+  "expires", expires, "reason", ARGV[4], "at", now)
+redis.call("HSET", KEYS[3], id, entry)
+local left = credits_pay_debt(c, units)
+if left > 0 then credits_add(c, id, expires, left) end
+local balance = credits_balance(c)
+for t in pairs(c.low) do
+  if balance > t then
+    c.low[t] = nil
+    c.del["lo:" .. t], c.set["lo:" .. t] = true, nil
+  end
+end
+credits_save(c)
+return {"granted", balance}
