@@ -37,7 +37,7 @@ from sidecar.store import SUBSCRIPTION_ENDED, KeyRecord, Store
 from sidecar.store.admission import admission
 from sidecar.store.names import parse_invalidation
 
-__all__ = ["Alert", "Authorizer", "BalanceAlert", "QuotaAlert"]
+__all__ = ["Alert", "Authorizer", "BalanceAlert", "QuotaAlert", "TopUpDue"]
 
 log = logging.getLogger("tollway.authorizer")
 
@@ -63,7 +63,18 @@ class BalanceAlert:
     balance: int
 
 
-Alert = QuotaAlert | BalanceAlert
+@dataclass(frozen=True, slots=True)
+class TopUpDue:
+    """A burn took the balance to the auto top-up mark: buy a pack, once for
+    this fall (crossing identifies it, so retries charge once)."""
+
+    customer_id: str
+    plan: str
+    crossing: str
+    balance: int
+
+
+Alert = QuotaAlert | BalanceAlert | TopUpDue
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +239,7 @@ class Authorizer:
                 lease_id=lease,
                 credits_parent=parent,
                 low_balance=settings.credits.low_balance,
+                top_up_at=settings.credits.auto_top_up_at,
             )
             outcome = await self._store.admit(customer, request)
             if outcome.code is not OutcomeCode.PLAN_CHANGED:
@@ -273,6 +285,8 @@ class Authorizer:
         balance = answer.outcome.credits
         for mark in answer.outcome.low_balance:  # and each mark once per fall past it
             self._on_alert(BalanceAlert(customer, plan.name, mark, balance or 0))
+        if answer.outcome.top_up:
+            self._on_alert(TopUpDue(customer, plan.name, answer.outcome.top_up, balance or 0))
         only_success = plan.bill_only_success
         if route is not None and route.bill_only_success is not None:
             only_success = route.bill_only_success

@@ -93,6 +93,7 @@ class Outcome:
     thresholds: tuple[int, ...] = ()  # quota percentages first crossed by this request
     credits: int | None = None  # the prepaid balance after it (None: the plan has none)
     low_balance: tuple[int, ...] = ()  # low-balance marks this request reached
+    top_up: str = ""  # the id of the fall past the auto top-up mark it made, if it did
 
 
 @dataclass(frozen=True, slots=True)

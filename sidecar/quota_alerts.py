@@ -16,7 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sidecar.authorizer import Alert, QuotaAlert
+from sidecar.authorizer import Alert, BalanceAlert, QuotaAlert
 from sidecar.errors import StoreUnavailable
 
 __all__ = ["AlertQueue"]
@@ -39,13 +39,15 @@ class AlertQueue:
                 alert.percent,
                 alert.plan,
             )
-        else:
+        elif isinstance(alert, BalanceAlert):
             log.warning(
                 "low balance: %s has %d credits left (mark %d)",
                 alert.customer_id,
                 alert.balance,
                 alert.mark,
             )
+        else:
+            log.info("auto top-up due for %s at balance %d", alert.customer_id, alert.balance)
         task = asyncio.get_running_loop().create_task(self._send(alert))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
@@ -60,12 +62,20 @@ class AlertQueue:
                 "percent": alert.percent,
                 "used": alert.used,
             }
-        else:
+        elif isinstance(alert, BalanceAlert):
             payload = {
                 "type": "low_balance",
                 "customer_id": alert.customer_id,
                 "plan": alert.plan,
                 "mark": alert.mark,
+                "balance": alert.balance,
+            }
+        else:  # the companion buys the pack: webhook/top_up.py
+            payload = {
+                "type": "auto_top_up_due",
+                "customer_id": alert.customer_id,
+                "plan": alert.plan,
+                "crossing": alert.crossing,
                 "balance": alert.balance,
             }
         try:

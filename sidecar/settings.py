@@ -16,7 +16,7 @@ an environment mapping (passed in, so tests need no patching).
     [usage]    dedupe_window = "24h"  reservation_ttl = "5m"  thresholds = [80, 100]
                wait_for_aof = false  wait_for_replicas = 0
     [credits]  low_balance = [100, 0]  top_up_url = "https://…/pricing"   (plans with credits)
-               auto_top_up_below = 100  auto_top_up_pack = "10k"   (optional; both or neither)
+               auto_top_up_at = 100  auto_top_up_pack = "10k"   (optional; both or neither)
     [envoy]    settlement = "none" | "ext_proc" | "access_log"  cost_header = "x-tollway-cost"
                ext_proc = true (older spelling of settlement = "ext_proc")
     [stripe]   read by the companion (webhook/config.py)
@@ -132,9 +132,10 @@ class Credits:
 
     low_balance: tuple[int, ...] = ()  # balances that notify when reached, once per fall
     top_up_url: str = ""  # where a denial for want of credits sends the customer
-    # Auto top-up: below this balance, buy auto_top_up_pack off-session (0: off);
-    # a customer may turn it off for their account.
-    auto_top_up_below: int = 0
+    # Auto top-up: when a burn takes the balance to auto_top_up_at or below, buy
+    # auto_top_up_pack off-session, once per fall (None: off). Each account may
+    # set its own mark or turn it off (Store.set_auto_top_up).
+    auto_top_up_at: int | None = None
     auto_top_up_pack: str | None = None
 
 
@@ -233,16 +234,16 @@ def _parse_credits(credits: Table, catalog: Catalog) -> Credits:
         what="an http(s) URL",
         valid=lambda u: u.startswith(("https://", "http://")),
     )
-    below = credits.integer("auto_top_up_below", 0, what="a balance >= 0", valid=lambda n: n >= 0)
+    at = credits.integer("auto_top_up_at", -1, what="a balance >= 0", valid=lambda n: n >= 0)
     pack = credits.string("auto_top_up_pack", None, what="a credit pack's name")
     if pack is not None and pack not in catalog.credit_packs:
         raise ConfigError(f"[credits] auto_top_up_pack: {pack!r} is not in [[credit_packs]]")
-    if (pack is None) != (below == 0):
-        raise ConfigError("[credits] auto_top_up_below and auto_top_up_pack: set both (or neither)")
+    if (pack is None) != (at < 0):
+        raise ConfigError("[credits] auto_top_up_at and auto_top_up_pack: set both (or neither)")
     return Credits(
         low_balance=tuple(sorted(set(low), reverse=True)),
         top_up_url=url,
-        auto_top_up_below=below,
+        auto_top_up_at=None if at < 0 else at,
         auto_top_up_pack=pack,
     )
 
@@ -329,7 +330,7 @@ def settings_from_document(
     )
     credits = _parse_credits(
         document.section("credits").only(
-            {"low_balance", "top_up_url", "auto_top_up_below", "auto_top_up_pack"}
+            {"low_balance", "top_up_url", "auto_top_up_at", "auto_top_up_pack"}
         ),
         catalog,
     )

@@ -94,6 +94,44 @@ meter = "api_calls"
 bill_only_success = true
 features = ["search"]
 
+[[plans]]
+name = "prepaid"
+rate = "100/s"
+burst = 100
+quota = "100000/month"
+credits = true
+features = ["search"]
+
+[[plans]]
+name = "prepaid_bill"
+rate = "100/s"
+burst = 100
+credits = true
+credits_exhausted = "bill"
+meter = "api_calls"
+
+[[plans]]
+name = "prepaid_fallback"
+rate = "100/s"
+burst = 100
+credits = true
+credits_exhausted = "tight"
+
+[credits]
+low_balance = [5, 0]
+top_up_url = "https://api.example.com/pricing"
+
+[[credit_packs]]
+name = "starter"
+credits = 10
+stripe_price = "price_pack_starter"
+
+[[credit_packs]]
+name = "monthly"
+credits = 1000
+stripe_price = "price_pack_monthly"
+expires_in = "30d"
+
 [[meters]]
 name = "api_calls"
 

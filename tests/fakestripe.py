@@ -8,6 +8,14 @@ It speaks Stripe's form encoding, answers errors in Stripe's error envelope, rep
 idempotent POSTs, and can inject faults (5xx, 429, dropped connections, delays, and
 "applied but the answer was lost").
 
+One-time payments work too: ``add_price(..., recurring=False)`` makes a one_time price,
+Checkout Sessions take ``mode=payment``, and PaymentIntents can be created (``confirm=true``
+charges a card ``pm_...`` at once), retrieved, confirmed and listed. As on Stripe, a
+PaymentIntent never picks the customer's invoice_settings.default_payment_method by itself:
+pass it as ``payment_method``. Test control: ``attach_payment_method`` saves a card as the
+customer's default, ``decline_payment_methods_of`` makes that customer's cards decline (402
+card_error), ``payment_intents()`` shows what was charged.
+
     with FakeStripe() as fake:
         fake.add_price("price_basic", lookup_key="basic_monthly")
         client = stripe.StripeClient("sk_test_x", base_addresses={"api": fake.url}, ...)
@@ -76,6 +84,22 @@ _SUBSCRIPTION_STATUSES = frozenset(
     }
 )
 _METER_EVENT_PAST = 35 * 24 * 3600
+# The messages Stripe's card errors carry, by decline_code (card_declined) or by code.
+_DECLINE_MESSAGES = {
+    "insufficient_funds": "Your card has insufficient funds.",
+    "expired_card": "Your card has expired.",
+    "incorrect_cvc": "Your card's security code is incorrect.",
+    "authentication_required": "Your card was declined. This transaction requires authentication.",
+    "processing_error": "An error occurred while processing your card. Try again in a little bit.",
+}
+_ADVICE_CODES = {"insufficient_funds": "try_again_later", "generic_decline": "do_not_try_again"}
+_MISSING_PAYMENT_METHOD_MESSAGE = (
+    "You cannot confirm this PaymentIntent because it's missing a payment method. You can "
+    "either update the PaymentIntent with a payment method and then confirm it again, or "
+    "confirm it again directly with a payment method."
+)
+_MIN_AMOUNT = {"usd": 50, "eur": 50, "gbp": 30, "cad": 50, "aud": 50, "jpy": 50}
+_MAX_AMOUNT = 99_999_999
 _METER_EVENT_FUTURE = 5 * 60
 
 
@@ -202,6 +226,7 @@ class StripeError(Exception):
         code: str | None = None,
         param: str | None = None,
         saved: bool = True,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -210,6 +235,7 @@ class StripeError(Exception):
         self.code = code
         self.param = param
         self.saved = saved
+        self.extra = copy.deepcopy(dict(extra or {}))  # decline_code, charge, payment_intent...
 
     def body(self) -> JSON:
         error: JSON = {"type": self.type, "message": self.message}
@@ -218,7 +244,8 @@ class StripeError(Exception):
             error["doc_url"] = "https://stripe.com/docs/error-codes/" + self.code.replace("_", "-")
         if self.param is not None:
             error["param"] = self.param
-        return {"error": error}
+        error.update(copy.deepcopy(self.extra))
+        return {"error": dict(sorted(error.items()))}
 
 
 def _missing(kind: str, ident: str, *, param: str | None = "id", status: int = 404) -> StripeError:
@@ -284,6 +311,7 @@ class _Session:
     public: JSON
     line_items: list[JSON]
     subscription_data: JSON = field(default_factory=dict)
+    payment_intent_data: JSON = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------
@@ -385,6 +413,10 @@ class FakeStripe:
         self._sessions: dict[str, _Session] = {}
         self._subscriptions: dict[str, JSON] = {}
         self._portal_sessions: dict[str, JSON] = {}
+        self._payment_methods: dict[str, JSON] = {}
+        self._payment_intents: dict[str, JSON] = {}
+        self._charges: dict[str, JSON] = {}
+        self._declines: dict[str, tuple[str, str | None]] = {}  # customer -> (code, decline_code)
         self._meter_identifiers: set[str] = set()
         self._idempotency: dict[tuple[str, str], _Saved] = {}
         self._faults: list[_Fault] = []
@@ -392,6 +424,20 @@ class FakeStripe:
             ("POST", re.compile(r"/v1/customers"), self._create_customer),
             ("GET", re.compile(r"/v1/customers"), self._list_customers),
             ("GET", re.compile(r"/v1/customers/([^/]+)"), self._get_customer),
+            (
+                "GET",
+                re.compile(r"/v1/customers/([^/]+)/payment_methods"),
+                self._list_customer_payment_methods,
+            ),
+            ("GET", re.compile(r"/v1/payment_methods/([^/]+)"), self._get_payment_method),
+            ("POST", re.compile(r"/v1/payment_intents"), self._create_payment_intent),
+            ("GET", re.compile(r"/v1/payment_intents"), self._list_payment_intents),
+            ("GET", re.compile(r"/v1/payment_intents/([^/]+)"), self._get_payment_intent),
+            (
+                "POST",
+                re.compile(r"/v1/payment_intents/([^/]+)/confirm"),
+                self._confirm_payment_intent,
+            ),
             ("GET", re.compile(r"/v1/prices"), self._list_prices),
             ("GET", re.compile(r"/v1/prices/([^/]+)"), self._get_price),
             ("POST", re.compile(r"/v1/checkout/sessions"), self._create_session),
@@ -489,8 +535,10 @@ class FakeStripe:
         lookup_key: str | None = None,
         product: str | None = None,
         unit_amount: int = 1000,
+        recurring: bool = True,
     ) -> JSON:
-        """A monthly recurring, licensed, per-unit USD price (and its product)."""
+        """A per-unit USD price (and its product): monthly recurring and licensed, or with
+        ``recurring=False`` a one-time price (``type="one_time"``, ``recurring: null``)."""
         with self._lock:
             now = self._now()
             product_id = product or _new_id("prod_", 14)
@@ -531,11 +579,13 @@ class FakeStripe:
                     "meter": None,
                     "trial_period_days": None,
                     "usage_type": "licensed",
-                },
+                }
+                if recurring
+                else None,
                 "tax_behavior": "unspecified",
                 "tiers_mode": None,
                 "transform_quantity": None,
-                "type": "recurring",
+                "type": "recurring" if recurring else "one_time",
                 "unit_amount": unit_amount,
                 "unit_amount_decimal": str(unit_amount),
             }
@@ -557,6 +607,8 @@ class FakeStripe:
         with self._lock:
             if price not in self._prices:
                 raise KeyError(f"no such price: {price!r}; add_price() it first")
+            if self._prices[price]["type"] != "recurring":
+                raise ValueError(f"price {price!r} is one_time; a subscription needs recurring")
             if customer not in self._customers:
                 self._new_customer(customer_id=customer)
             sub = self._new_subscription(customer, [(price, 1)], status, dict(metadata or {}))
@@ -575,14 +627,25 @@ class FakeStripe:
             if price is not None:
                 if price not in self._prices:
                     raise KeyError(f"no such price: {price!r}")
+                if self._prices[price]["type"] != "recurring":
+                    raise ValueError(f"price {price!r} is one_time; a subscription needs recurring")
                 item = sub["items"]["data"][0]
                 item["price"] = copy.deepcopy(self._prices[price])
                 item["plan"] = self._plan(price)
             return copy.deepcopy(sub)
 
     def complete_checkout(self, session_id: str, *, status: str = "active") -> JSON:
-        """What paying does: customer (if the session had only an email), subscription from
-        the line items with subscription_data[metadata], session complete and paid."""
+        """What paying does; returns the completed session, as a checkout.session.completed
+        event carries it.
+
+        mode=subscription: a customer (if the session had only an email), a subscription
+        (`status`) from the recurring line items with subscription_data[metadata].
+        mode=payment: a customer if one is needed (customer_creation=always,
+        payment_intent_data[setup_future_usage], or invoice_creation[enabled]), then a
+        succeeded PaymentIntent for amount_total with payment_intent_data[metadata] and a new
+        card ``pm_...``; with setup_future_usage=off_session that card is attached to the
+        customer and made its invoice_settings.default_payment_method (on_session: attached
+        only). Either way the session ends complete and paid."""
         with self._lock:
             session = self._sessions.get(session_id)
             if session is None:
@@ -590,11 +653,18 @@ class FakeStripe:
             public = session.public
             if public["status"] != "open":
                 raise ValueError(f"checkout session {session_id} is {public['status']}")
+            if public["mode"] == "payment":
+                self._complete_payment_checkout(session)
+                return copy.deepcopy(public)
             customer_id = public["customer"]
             if customer_id is None:
                 customer_id = self._new_customer(email=public["customer_email"])["id"]
             email = self._customers[customer_id]["email"]
-            items = [(li["price"]["id"], li["quantity"]) for li in session.line_items]
+            items = [
+                (li["price"]["id"], li["quantity"])
+                for li in session.line_items
+                if li["price"]["type"] == "recurring"
+            ]
             metadata = dict(session.subscription_data.get("metadata") or {})
             sub = self._new_subscription(customer_id, items, status, metadata)
             public.update(
@@ -603,16 +673,109 @@ class FakeStripe:
                 customer=customer_id,
                 subscription=sub["id"],
                 url=None,
-                customer_details={
-                    "address": None,
-                    "email": email,
-                    "name": None,
-                    "phone": None,
-                    "tax_exempt": "none",
-                    "tax_ids": [],
-                },
+                customer_details=self._customer_details(email),
             )
             return copy.deepcopy(public)
+
+    def _complete_payment_checkout(self, session: _Session) -> None:
+        public = session.public
+        data = session.payment_intent_data
+        future = data.get("setup_future_usage")
+        customer_id = public["customer"]
+        invoice_enabled = bool((public["invoice_creation"] or {}).get("enabled"))
+        needs_customer = public["customer_creation"] == "always" or future or invoice_enabled
+        if customer_id is None and needs_customer:
+            customer_id = self._new_customer(email=public["customer_email"])["id"]
+        email = self._customers[customer_id]["email"] if customer_id else None
+        email = email or public["customer_email"]
+        pm = self._new_payment_method(None, email=email)
+        intent = self._new_payment_intent(
+            amount=public["amount_total"],
+            currency=public["currency"],
+            customer=customer_id,
+            payment_method=pm["id"],
+            metadata=dict(data.get("metadata") or {}),
+            description=data.get("description"),
+            receipt_email=data.get("receipt_email"),
+            setup_future_usage=future,
+            automatic_payment_methods=None,
+            payment_method_types=list(public["payment_method_types"]),
+        )
+        self._succeed(intent, pm)
+        if customer_id is not None and future is not None:
+            pm["customer"] = customer_id
+            if future == "off_session":
+                settings = self._customers[customer_id]["invoice_settings"]
+                settings["default_payment_method"] = pm["id"]
+        public.update(
+            status="complete",
+            payment_status="paid",
+            customer=customer_id,
+            payment_intent=intent["id"],
+            url=None,
+            customer_details=self._customer_details(email),
+        )
+
+    @staticmethod
+    def _customer_details(email: str | None) -> JSON:
+        return {
+            "address": None,
+            "email": email,
+            "name": None,
+            "phone": None,
+            "tax_exempt": "none",
+            "tax_ids": [],
+        }
+
+    def attach_payment_method(self, customer_id: str, *, default: bool = True) -> str:
+        """A new card ``pm_...`` attached to the customer (registered on the fly if unknown)
+        and, unless ``default=False``, made its invoice_settings.default_payment_method."""
+        with self._lock:
+            if customer_id not in self._customers:
+                self._new_customer(customer_id=customer_id)
+            customer = self._customers[customer_id]
+            pm = self._new_payment_method(customer_id, email=customer["email"])
+            if default:
+                customer["invoice_settings"]["default_payment_method"] = pm["id"]
+            return str(pm["id"])
+
+    def decline_payment_methods_of(
+        self,
+        customer_id: str,
+        *,
+        code: str = "card_declined",
+        decline_code: str | None = "insufficient_funds",
+    ) -> None:
+        """From now on every PaymentIntent confirm for this customer (its `customer`, or a
+        payment method attached to it) fails as a declined card does: HTTP 402 card_error
+        with `code`, `decline_code`, the failed `charge` and the `payment_intent` (left in
+        requires_payment_method with last_payment_error). Checkout completion is unaffected
+        (the customer types in a new card there)."""
+        with self._lock:
+            self._declines[customer_id] = (code, decline_code)
+
+    def accept_payment_methods_of(self, customer_id: str) -> None:
+        """Undoes decline_payment_methods_of: the customer's cards work again."""
+        with self._lock:
+            self._declines.pop(customer_id, None)
+
+    def payment_intents(self, customer_id: str | None = None) -> list[JSON]:
+        """Every PaymentIntent created (by the API or by complete_checkout), oldest first,
+        optionally only those for one customer."""
+        with self._lock:
+            return [
+                copy.deepcopy(pi)
+                for pi in self._payment_intents.values()
+                if customer_id is None or pi["customer"] == customer_id
+            ]
+
+    def payment_intent(self, intent_id: str) -> JSON:
+        with self._lock:
+            return copy.deepcopy(self._payment_intents[intent_id])
+
+    def payment_method(self, pm_id: str) -> JSON:
+        with self._lock:
+            return copy.deepcopy(self._payment_methods[pm_id])
 
     def subscription(self, sub_id: str) -> JSON:
         with self._lock:
@@ -875,6 +1038,9 @@ class FakeStripe:
             self._subscriptions,
             self._prices,
             self._products,
+            self._payment_intents,
+            self._payment_methods,
+            self._charges,
         ]
         for store in stores:
             if ident in store:
@@ -948,6 +1114,223 @@ class FakeStripe:
         }
         self._customers[customer["id"]] = customer
         return customer
+
+    def _new_payment_method(self, customer: str | None, *, email: str | None = None) -> JSON:
+        now = self._now()
+        pm: JSON = {
+            "id": _new_id("pm_"),
+            "object": "payment_method",
+            "allow_redisplay": "unspecified",
+            "billing_details": {
+                "address": {
+                    "city": None,
+                    "country": None,
+                    "line1": None,
+                    "line2": None,
+                    "postal_code": None,
+                    "state": None,
+                },
+                "email": email,
+                "name": None,
+                "phone": None,
+                "tax_id": None,
+            },
+            "card": {
+                "brand": "visa",
+                "checks": {
+                    "address_line1_check": None,
+                    "address_postal_code_check": None,
+                    "cvc_check": "pass",
+                },
+                "country": "US",
+                "display_brand": "visa",
+                "exp_month": 12,
+                "exp_year": datetime.fromtimestamp(now, UTC).year + 3,
+                "fingerprint": _new_id("", 16),
+                "funding": "credit",
+                "generated_from": None,
+                "last4": "4242",
+                "networks": {"available": ["visa"], "preferred": None},
+                "regulated_status": "unregulated",
+                "three_d_secure_usage": {"supported": True},
+                "wallet": None,
+            },
+            "created": now,
+            "customer": customer,
+            "customer_account": None,
+            "livemode": False,
+            "metadata": {},
+            "type": "card",
+        }
+        self._payment_methods[pm["id"]] = pm
+        return pm
+
+    def _new_payment_intent(
+        self,
+        *,
+        amount: int,
+        currency: str,
+        customer: str | None,
+        payment_method: str | None,
+        metadata: dict[str, str],
+        description: str | None,
+        receipt_email: str | None,
+        setup_future_usage: str | None,
+        automatic_payment_methods: JSON | None,
+        payment_method_types: list[str],
+    ) -> JSON:
+        intent_id = _new_id("pi_")
+        intent: JSON = {
+            "id": intent_id,
+            "object": "payment_intent",
+            "amount": amount,
+            "amount_capturable": 0,
+            "amount_details": {"tip": {}},
+            "amount_received": 0,
+            "application": None,
+            "application_fee_amount": None,
+            "automatic_payment_methods": automatic_payment_methods,
+            "canceled_at": None,
+            "cancellation_reason": None,
+            "capture_method": "automatic_async",
+            "client_secret": f"{intent_id}_secret_{_new_id('', 25)}",
+            "confirmation_method": "automatic",
+            "created": self._now(),
+            "currency": currency,
+            "customer": customer,
+            "customer_account": None,
+            "description": description,
+            "excluded_payment_method_types": None,
+            "last_payment_error": None,
+            "latest_charge": None,
+            "livemode": False,
+            "metadata": metadata,
+            "next_action": None,
+            "on_behalf_of": None,
+            "payment_method": payment_method,
+            "payment_method_configuration_details": None,
+            "payment_method_options": {
+                "card": {
+                    "installments": None,
+                    "mandate_options": None,
+                    "network": None,
+                    "request_three_d_secure": "automatic",
+                }
+            },
+            "payment_method_types": payment_method_types,
+            "processing": None,
+            "receipt_email": receipt_email,
+            "review": None,
+            "setup_future_usage": setup_future_usage,
+            "shipping": None,
+            "source": None,
+            "statement_descriptor": None,
+            "statement_descriptor_suffix": None,
+            "status": "requires_confirmation" if payment_method else "requires_payment_method",
+            "transfer_data": None,
+            "transfer_group": None,
+        }
+        self._payment_intents[intent_id] = intent
+        return intent
+
+    def _new_charge(self, intent: JSON, pm: JSON, failure: JSON | None) -> JSON:
+        paid = failure is None
+        failed: JSON = failure or {}
+        charge: JSON = {
+            "id": _new_id("ch_"),
+            "object": "charge",
+            "amount": intent["amount"],
+            "amount_captured": intent["amount"] if paid else 0,
+            "amount_refunded": 0,
+            "balance_transaction": _new_id("txn_") if paid else None,
+            "billing_details": copy.deepcopy(pm["billing_details"]),
+            "captured": paid,
+            "created": self._now(),
+            "currency": intent["currency"],
+            "customer": intent["customer"],
+            "description": intent["description"],
+            "disputed": False,
+            "failure_code": failed.get("code"),
+            "failure_message": failed.get("message"),
+            "livemode": False,
+            "metadata": copy.deepcopy(intent["metadata"]),
+            "outcome": {
+                "network_status": "approved_by_network" if paid else "declined_by_network",
+                "reason": failed.get("decline_code"),
+                "risk_level": "normal",
+                "seller_message": "Payment complete."
+                if paid
+                else "The bank did not return any further details with this decline.",
+                "type": "authorized" if paid else "issuer_declined",
+            },
+            "paid": paid,
+            "payment_intent": intent["id"],
+            "payment_method": pm["id"],
+            "receipt_email": intent["receipt_email"],
+            "refunded": False,
+            "status": "succeeded" if paid else "failed",
+        }
+        self._charges[charge["id"]] = charge
+        return charge
+
+    def _succeed(self, intent: JSON, pm: JSON) -> None:
+        charge = self._new_charge(intent, pm, None)
+        intent.update(
+            status="succeeded",
+            amount_received=intent["amount"],
+            latest_charge=charge["id"],
+            last_payment_error=None,
+            payment_method=pm["id"],
+        )
+
+    def _confirm(self, intent: JSON) -> None:
+        """Confirms `intent` with its payment method: succeeded, or a Stripe card error."""
+        if intent["payment_method"] is None:
+            raise StripeError(
+                400,
+                _MISSING_PAYMENT_METHOD_MESSAGE,
+                code="payment_intent_unexpected_state",
+                param="payment_method",
+                extra={"payment_intent": intent},
+            )
+        pm = self._payment_methods[intent["payment_method"]]
+        decline = self._declines.get(intent["customer"] or "") or self._declines.get(
+            pm["customer"] or ""
+        )
+        if decline is None:
+            self._succeed(intent, pm)
+            if intent["setup_future_usage"] and intent["customer"] and pm["customer"] is None:
+                pm["customer"] = intent["customer"]
+            return
+        code, decline_code = decline
+        message = _DECLINE_MESSAGES.get(decline_code or code) or _DECLINE_MESSAGES.get(code)
+        failure: JSON = {"code": code, "message": message or "Your card was declined."}
+        if decline_code is not None:
+            failure["decline_code"] = decline_code
+            if decline_code in _ADVICE_CODES:
+                failure["advice_code"] = _ADVICE_CODES[decline_code]
+        charge = self._new_charge(intent, pm, failure)
+        last_error: JSON = {
+            **failure,
+            "charge": charge["id"],
+            "doc_url": "https://stripe.com/docs/error-codes/" + code.replace("_", "-"),
+            "payment_method": copy.deepcopy(pm),
+            "type": "card_error",
+        }
+        intent.update(
+            status="requires_payment_method",
+            latest_charge=charge["id"],
+            last_payment_error=last_error,
+            payment_method=None,
+        )
+        extra = {k: v for k, v in last_error.items() if k not in {"code", "message", "type"}}
+        raise StripeError(
+            402,
+            failure["message"],
+            type="card_error",
+            code=code,
+            extra={**extra, "payment_intent": intent},
+        )
 
     def _plan(self, price_id: str) -> JSON:
         price = self._prices[price_id]
@@ -1149,6 +1532,9 @@ class FakeStripe:
                 "cancel_url",
                 "metadata",
                 "subscription_data",
+                "payment_intent_data",
+                "customer_creation",
+                "invoice_creation",
                 "client_reference_id",
                 "allow_promotion_codes",
                 "billing_address_collection",
@@ -1163,9 +1549,35 @@ class FakeStripe:
         mode = self._str(params, "mode")
         if mode is None:
             raise _param_missing("mode")
-        if mode != "subscription":
+        if mode not in ("subscription", "payment"):
             raise StripeError(
-                400, "FakeStripe only supports mode=subscription.", param="mode", saved=False
+                400,
+                "FakeStripe only supports mode=subscription and mode=payment.",
+                param="mode",
+                saved=False,
+            )
+        only_in = {
+            "subscription_data": "subscription",
+            "payment_method_collection": "subscription",
+            "payment_intent_data": "payment",
+            "customer_creation": "payment",
+            "invoice_creation": "payment",
+        }
+        for name, wanted_mode in only_in.items():
+            if name in params and mode != wanted_mode:
+                raise StripeError(
+                    400,
+                    f"You can only pass `{name}` in `{wanted_mode}` mode.",
+                    param=name,
+                    saved=False,
+                )
+        creation = self._str(params, "customer_creation")
+        if creation is not None and creation not in ("always", "if_required"):
+            raise StripeError(
+                400,
+                f"Invalid customer_creation: must be one of always or if_required ({creation}).",
+                param="customer_creation",
+                saved=False,
             )
         customer = self._str(params, "customer")
         email = self._str(params, "customer_email")
@@ -1174,6 +1586,13 @@ class FakeStripe:
                 400,
                 "You may only specify one of these parameters: customer, customer_email.",
                 param="customer_email",
+                saved=False,
+            )
+        if customer is not None and creation is not None:
+            raise StripeError(
+                400,
+                "You may only specify one of these parameters: customer, customer_creation.",
+                param="customer_creation",
                 saved=False,
             )
         if customer is not None and customer not in self._customers:
@@ -1199,6 +1618,14 @@ class FakeStripe:
                     "active prices.",
                     param=f"{where}[price]",
                 )
+            if mode == "payment" and price["type"] == "recurring":
+                raise StripeError(
+                    400,
+                    "You specified `payment` mode but passed a recurring price. Either switch "
+                    "to `subscription` mode or use only one-time prices.",
+                    param=f"{where}[price]",
+                    saved=False,
+                )
             quantity = self._int(raw.get("quantity", "1"), f"{where}[quantity]")
             if quantity < 1:
                 raise StripeError(400, "Quantity must be at least 1.", param=f"{where}[quantity]")
@@ -1219,6 +1646,18 @@ class FakeStripe:
                     "quantity": quantity,
                 }
             )
+        if mode == "subscription" and all(li["price"]["type"] != "recurring" for li in line_items):
+            raise StripeError(
+                400,
+                "You must provide at least one recurring price in `subscription` mode when "
+                "using prices.",
+                param="line_items",
+                saved=False,
+            )
+        payment_intent_data = self._payment_intent_data(params.get("payment_intent_data"))
+        invoice_creation: JSON | None = None
+        if mode == "payment":
+            invoice_creation = self._invoice_creation(params.get("invoice_creation"))
         subscription_data = params.get("subscription_data") or {}
         if not isinstance(subscription_data, dict):
             raise StripeError(400, "Invalid object: subscription_data", param="subscription_data")
@@ -1252,13 +1691,17 @@ class FakeStripe:
             "currency": "usd",
             "custom_fields": [],
             "customer": customer,
-            "customer_creation": "always" if customer is None else None,
+            "customer_creation": None
+            if customer is not None
+            else (creation or "if_required")
+            if mode == "payment"
+            else "always",
             "customer_details": None,
             "customer_email": email,
             "discounts": [],
             "expires_at": now + 24 * 3600,
             "invoice": None,
-            "invoice_creation": None,
+            "invoice_creation": invoice_creation,
             "livemode": False,
             "locale": None,
             "metadata": self._metadata(params.get("metadata")),
@@ -1281,8 +1724,75 @@ class FakeStripe:
             "ui_mode": "hosted_page",
             "url": f"https://checkout.stripe.test/c/pay/{session_id}",
         }
-        self._sessions[session_id] = _Session(public, line_items, subscription_data)
+        self._sessions[session_id] = _Session(
+            public, line_items, subscription_data, payment_intent_data
+        )
         return 200, self._render(public, params)
+
+    def _payment_intent_data(self, raw: Any) -> JSON:
+        if raw is None or raw == "":
+            return {}
+        name = "payment_intent_data"
+        if not isinstance(raw, dict):
+            raise StripeError(400, f"Invalid object: {name}", param=name, saved=False)
+        known = {
+            "setup_future_usage",
+            "metadata",
+            "description",
+            "receipt_email",
+            "statement_descriptor",
+            "statement_descriptor_suffix",
+            "capture_method",
+        }
+        for key in raw:
+            if key not in known:
+                raise StripeError(
+                    400,
+                    f"Received unknown parameter: {name}[{key}]",
+                    code="parameter_unknown",
+                    param=f"{name}[{key}]",
+                    saved=False,
+                )
+        data: JSON = {"metadata": self._metadata(raw.get("metadata"), f"{name}[metadata]")}
+        future = self._str(raw, "setup_future_usage")
+        if future is not None and future not in ("off_session", "on_session"):
+            raise StripeError(
+                400,
+                f"Invalid {name}[setup_future_usage]: must be one of off_session or on_session",
+                param=f"{name}[setup_future_usage]",
+                saved=False,
+            )
+        data["setup_future_usage"] = future
+        for key in ("description", "receipt_email"):
+            data[key] = self._str(raw, key)
+        return data
+
+    def _invoice_creation(self, raw: Any) -> JSON:
+        """Accepted and echoed; no invoice is ever made."""
+        name = "invoice_creation"
+        if raw is not None and raw != "" and not isinstance(raw, dict):
+            raise StripeError(400, f"Invalid object: {name}", param=name, saved=False)
+        raw = raw or {}
+        enabled = False
+        if "enabled" in raw:
+            enabled = self._bool(raw["enabled"], f"{name}[enabled]")
+        elif raw:
+            raise _param_missing(f"{name}[enabled]")
+        given = raw.get("invoice_data") if isinstance(raw.get("invoice_data"), dict) else {}
+        return {
+            "enabled": enabled,
+            "invoice_data": {
+                "account_tax_ids": None,
+                "custom_fields": None,
+                "description": given.get("description") or None,
+                "footer": given.get("footer") or None,
+                "issuer": None,
+                "metadata": self._metadata(
+                    given.get("metadata"), f"{name}[invoice_data][metadata]"
+                ),
+                "rendering_options": None,
+            },
+        }
 
     def _get_session(self, params: dict[str, Any], ids: tuple[str, ...]) -> tuple[int, JSON]:
         self._allow(params, [])
@@ -1423,6 +1933,14 @@ class FakeStripe:
                     raise _missing(
                         "price", change["price"], param=f"items[{index}][price]", status=400
                     )
+                if self._prices[change["price"]]["type"] != "recurring":
+                    raise StripeError(
+                        400,
+                        f"The price specified ({change['price']}) is set to `type=one_time` "
+                        "but this field only accepts prices with `type=recurring`.",
+                        param=f"items[{index}][price]",
+                        saved=False,
+                    )
                 item["price"] = copy.deepcopy(self._prices[change["price"]])
                 item["plan"] = self._plan(change["price"])
             if "quantity" in change:
@@ -1442,6 +1960,254 @@ class FakeStripe:
         sub.update(status="canceled", canceled_at=now, ended_at=now)
         sub["cancellation_details"]["reason"] = "cancellation_requested"
         return 200, self._render(sub, params)
+
+    def _get_payment_method(self, params: dict[str, Any], ids: tuple[str, ...]) -> tuple[int, JSON]:
+        self._allow(params, [])
+        pm = self._payment_methods.get(ids[0])
+        if pm is None:
+            raise _missing("PaymentMethod", ids[0])
+        return 200, self._render(pm, params)
+
+    def _list_customer_payment_methods(
+        self, params: dict[str, Any], ids: tuple[str, ...]
+    ) -> tuple[int, JSON]:
+        self._allow(params, ["type", "allow_redisplay", "limit", "starting_after", "ending_before"])
+        if ids[0] not in self._customers:
+            raise _missing("customer", ids[0])
+        kind = self._str(params, "type")
+        items = [
+            pm
+            for pm in reversed(self._payment_methods.values())
+            if pm["customer"] == ids[0] and (kind is None or pm["type"] == kind)
+        ]
+        url = f"/v1/customers/{ids[0]}/payment_methods"
+        return 200, self._page(items, params, url, "PaymentMethod")
+
+    def _create_payment_intent(
+        self, params: dict[str, Any], _: tuple[str, ...]
+    ) -> tuple[int, JSON]:
+        self._allow(
+            params,
+            [
+                "amount",
+                "currency",
+                "customer",
+                "payment_method",
+                "off_session",
+                "confirm",
+                "metadata",
+                "description",
+                "payment_method_types",
+                "automatic_payment_methods",
+                "error_on_requires_action",
+                "receipt_email",
+                "setup_future_usage",
+                "return_url",
+            ],
+        )
+        if params.get("amount") in (None, ""):
+            raise _param_missing("amount")
+        amount = self._int(params["amount"], "amount")
+        currency = self._str(params, "currency")
+        if currency is None:
+            raise _param_missing("currency")
+        currency = currency.lower()
+        if not re.fullmatch(r"[a-z]{3}", currency):
+            raise StripeError(400, f"Invalid currency: {currency}.", param="currency", saved=False)
+        least = _MIN_AMOUNT.get(currency, 1)
+        if amount < least:
+            raise StripeError(
+                400,
+                f"Amount must be at least {least / 100:.2f} {currency}",
+                code="amount_too_small",
+                param="amount",
+                saved=False,
+            )
+        if amount > _MAX_AMOUNT:
+            raise StripeError(
+                400,
+                f"Amount must be no more than {_MAX_AMOUNT / 100:,.2f} {currency}",
+                code="amount_too_large",
+                param="amount",
+                saved=False,
+            )
+        confirm = self._bool(params["confirm"], "confirm") if "confirm" in params else False
+        for name in ("off_session", "error_on_requires_action", "return_url"):
+            if name in params and not confirm:
+                raise StripeError(
+                    400,
+                    f"You can only pass `{name}` when `confirm=true`.",
+                    param=name,
+                    saved=False,
+                )
+        if "off_session" in params and params["off_session"] not in ("one_off", "recurring"):
+            self._bool(params["off_session"], "off_session")
+        if "error_on_requires_action" in params:
+            self._bool(params["error_on_requires_action"], "error_on_requires_action")
+        customer = self._str(params, "customer")
+        if customer is not None and customer not in self._customers:
+            raise _missing("customer", customer, param="customer", status=400)
+        pm_id = self._str(params, "payment_method")
+        if pm_id is not None:
+            pm = self._payment_methods.get(pm_id)
+            if pm is None:
+                raise _missing("PaymentMethod", pm_id, param="payment_method", status=400)
+            if pm["customer"] is not None and customer is None:
+                raise StripeError(
+                    400,
+                    "The provided PaymentMethod belongs to a Customer. Please include the "
+                    "Customer in the `customer` parameter on the PaymentIntent.",
+                    param="payment_method",
+                    saved=False,
+                )
+            if pm["customer"] is not None and pm["customer"] != customer:
+                raise StripeError(
+                    400,
+                    f"The provided PaymentMethod ({pm_id}) is attached to another Customer "
+                    f"({pm['customer']}).",
+                    param="payment_method",
+                    saved=False,
+                )
+        future = self._str(params, "setup_future_usage")
+        if future is not None and future not in ("off_session", "on_session"):
+            raise StripeError(
+                400,
+                "Invalid setup_future_usage: must be one of off_session or on_session",
+                param="setup_future_usage",
+                saved=False,
+            )
+        types = params.get("payment_method_types")
+        if isinstance(types, str):
+            types = [types]
+        if types is not None and (
+            not isinstance(types, list) or not all(isinstance(t, str) for t in types)
+        ):
+            raise StripeError(
+                400, "Invalid array: payment_method_types", param="payment_method_types"
+            )
+        automatic_raw = params.get("automatic_payment_methods")
+        if automatic_raw is not None and types is not None:
+            raise StripeError(
+                400,
+                "You may only specify one of these parameters: automatic_payment_methods, "
+                "payment_method_types.",
+                param="automatic_payment_methods",
+                saved=False,
+            )
+        automatic: JSON | None = None
+        if types is None:
+            automatic = {"allow_redirects": "always", "enabled": True}
+            if isinstance(automatic_raw, dict):
+                if "enabled" not in automatic_raw:
+                    raise _param_missing("automatic_payment_methods[enabled]")
+                enabled = self._bool(automatic_raw["enabled"], "automatic_payment_methods[enabled]")
+                redirects = automatic_raw.get("allow_redirects", "always")
+                if redirects not in ("always", "never"):
+                    raise StripeError(
+                        400,
+                        "Invalid automatic_payment_methods[allow_redirects]: must be one of "
+                        "always or never",
+                        param="automatic_payment_methods[allow_redirects]",
+                        saved=False,
+                    )
+                automatic = {"allow_redirects": redirects, "enabled": True} if enabled else None
+            elif automatic_raw is not None:
+                raise StripeError(
+                    400,
+                    "Invalid object: automatic_payment_methods",
+                    param="automatic_payment_methods",
+                    saved=False,
+                )
+        intent = self._new_payment_intent(
+            amount=amount,
+            currency=currency,
+            customer=customer,
+            payment_method=pm_id,
+            metadata=self._metadata(params.get("metadata")),
+            description=self._str(params, "description"),
+            receipt_email=self._str(params, "receipt_email"),
+            setup_future_usage=future,
+            automatic_payment_methods=automatic,
+            payment_method_types=list(types) if types else ["card"],
+        )
+        if confirm:
+            self._confirm(intent)
+        return 200, self._render(intent, params)
+
+    def _confirm_payment_intent(
+        self, params: dict[str, Any], ids: tuple[str, ...]
+    ) -> tuple[int, JSON]:
+        self._allow(
+            params,
+            [
+                "payment_method",
+                "off_session",
+                "error_on_requires_action",
+                "receipt_email",
+                "return_url",
+                "setup_future_usage",
+            ],
+        )
+        intent = self._payment_intents.get(ids[0])
+        if intent is None:
+            raise _missing("payment_intent", ids[0])
+        if intent["status"] not in ("requires_payment_method", "requires_confirmation"):
+            raise StripeError(
+                400,
+                f"This PaymentIntent's payment_method could not be updated because it has a "
+                f"status of {intent['status']}. You may only update the payment_method of a "
+                "PaymentIntent with one of the following statuses: requires_payment_method, "
+                "requires_confirmation, requires_action.",
+                code="payment_intent_unexpected_state",
+                extra={"payment_intent": intent},
+                saved=False,
+            )
+        if "off_session" in params and params["off_session"] not in ("one_off", "recurring"):
+            self._bool(params["off_session"], "off_session")
+        pm_id = self._str(params, "payment_method")
+        if pm_id is not None:
+            pm = self._payment_methods.get(pm_id)
+            if pm is None:
+                raise _missing("PaymentMethod", pm_id, param="payment_method", status=400)
+            if pm["customer"] is not None and pm["customer"] != intent["customer"]:
+                raise StripeError(
+                    400,
+                    f"The provided PaymentMethod ({pm_id}) is attached to another Customer.",
+                    param="payment_method",
+                    saved=False,
+                )
+            intent["payment_method"] = pm_id
+        if "receipt_email" in params:
+            intent["receipt_email"] = self._str(params, "receipt_email")
+        if "setup_future_usage" in params:
+            future = self._str(params, "setup_future_usage")
+            if future is not None and future not in ("off_session", "on_session"):
+                raise StripeError(
+                    400,
+                    "Invalid setup_future_usage: must be one of off_session or on_session",
+                    param="setup_future_usage",
+                    saved=False,
+                )
+            intent["setup_future_usage"] = future
+        self._confirm(intent)
+        return 200, self._render(intent, params)
+
+    def _get_payment_intent(self, params: dict[str, Any], ids: tuple[str, ...]) -> tuple[int, JSON]:
+        self._allow(params, ["client_secret"])
+        intent = self._payment_intents.get(ids[0])
+        if intent is None:
+            raise _missing("payment_intent", ids[0])
+        return 200, self._render(intent, params)
+
+    def _list_payment_intents(self, params: dict[str, Any], _: tuple[str, ...]) -> tuple[int, JSON]:
+        self._allow(params, ["customer", "limit", "starting_after", "ending_before"])
+        customer = self._str(params, "customer")
+        items = [
+            pi
+            for pi in reversed(self._payment_intents.values())
+            if customer is None or pi["customer"] == customer
+        ]
+        return 200, self._page(items, params, "/v1/payment_intents", "payment_intent")
 
     def _create_meter_event(self, params: dict[str, Any], _: tuple[str, ...]) -> tuple[int, JSON]:
         self._allow(params, ["event_name", "payload", "identifier", "timestamp"])

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 import stripe
+from stripe.params import PaymentIntentCreateParams
 from stripe.params.billing import MeterEventCreateParams
 
 from tests.fakestripe import API_VERSION, FakeStripe, make_event, parse_form, sign_payload
@@ -294,3 +295,301 @@ def test_faults(fake: FakeStripe, make_client: MakeClient) -> None:
     assert [e["identifier"] for e in fake.meter_events] == [event.identifier]
     attempts = fake.calls("POST", "/v1/billing/meter_events")
     assert [(a.status, a.replayed) for a in attempts] == [(None, False), (200, True)]
+
+
+# -- one-time payments ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_time(fake: FakeStripe) -> str:
+    price = fake.add_price(
+        "price_credits", product="prod_credits", unit_amount=2500, recurring=False
+    )
+    assert (price["type"], price["recurring"]) == ("one_time", None)
+    return "price_credits"
+
+
+def test_payment_checkout_lifecycle(
+    fake: FakeStripe, client: stripe.StripeClient, one_time: str
+) -> None:
+    session = client.v1.checkout.sessions.create(
+        {
+            "mode": "payment",
+            "line_items": [{"price": one_time, "quantity": 2}],
+            "customer_email": "pay@example.com",
+            "customer_creation": "always",
+            "success_url": "https://app.test/ok",
+            "metadata": {"tollway_pack": "credits"},
+            "payment_intent_data": {
+                "setup_future_usage": "off_session",
+                "metadata": {"tollway_pack": "credits"},
+            },
+            "invoice_creation": {"enabled": True},
+        }
+    )
+    assert (session.mode, session.status, session.payment_status) == ("payment", "open", "unpaid")
+    assert (session.amount_total, session.currency) == (5000, "usd")
+    assert session.payment_intent is None and session.subscription is None
+    assert session.customer is None and session.customer_creation == "always"
+    listed = client.v1.checkout.sessions.line_items.list(session.id)
+    assert [(li.price.id, li.quantity) for li in listed.data if li.price] == [(one_time, 2)]
+    assert listed.data[0].price and listed.data[0].price.recurring is None
+
+    completed = fake.complete_checkout(session.id)
+    done = client.v1.checkout.sessions.retrieve(session.id, {"expand": ["payment_intent"]})
+    assert (done.status, done.payment_status, done.url) == ("complete", "paid", None)
+    assert done.subscription is None and isinstance(done.customer, str)
+    assert completed["payment_intent"] == fake.checkout_session(session.id)["payment_intent"]
+    intent = done.payment_intent
+    assert isinstance(intent, stripe.PaymentIntent)
+    assert (intent.status, intent.amount, intent.customer) == ("succeeded", 5000, done.customer)
+    assert as_dict(intent.metadata) == {"tollway_pack": "credits"}
+    assert intent.payment_method and intent.payment_method.startswith("pm_")  # type: ignore[union-attr]
+    assert isinstance(intent.latest_charge, str) and intent.latest_charge.startswith("ch_")
+    customer = client.v1.customers.retrieve(done.customer)
+    assert customer.email == "pay@example.com"
+    assert customer.invoice_settings is not None
+    assert customer.invoice_settings.default_payment_method == intent.payment_method
+    assert fake.payment_method(str(intent.payment_method))["customer"] == done.customer
+    assert [pi["id"] for pi in fake.payment_intents(done.customer)] == [intent.id]
+
+    event = make_event("checkout.session.completed", completed)
+    payload = json.dumps(event).encode()
+    parsed = stripe.Webhook.construct_event(payload, sign_payload(payload, "whsec_x"), "whsec_x")
+    assert parsed.data.object.mode == "payment"
+    assert parsed.data.object.payment_intent == intent.id
+
+
+def test_payment_checkout_without_saving_needs_no_customer(
+    fake: FakeStripe, client: stripe.StripeClient, one_time: str
+) -> None:
+    session = client.v1.checkout.sessions.create(
+        {
+            "mode": "payment",
+            "line_items": [{"price": one_time}],
+            "customer_email": "guest@example.com",
+        }
+    )
+    assert session.customer_creation == "if_required"
+    completed = fake.complete_checkout(session.id)
+    assert completed["customer"] is None and completed["payment_status"] == "paid"
+    assert completed["customer_details"]["email"] == "guest@example.com"
+    intent = fake.payment_intent(completed["payment_intent"])
+    assert (intent["customer"], intent["setup_future_usage"]) == (None, None)
+    assert fake.payment_method(intent["payment_method"])["customer"] is None
+
+
+def test_checkout_mode_must_match_the_prices(client: stripe.StripeClient, one_time: str) -> None:
+    with pytest.raises(stripe.InvalidRequestError) as raised:
+        client.v1.checkout.sessions.create(
+            {"mode": "payment", "line_items": [{"price": "price_pro", "quantity": 1}]}
+        )
+    assert raised.value.param == "line_items[0][price]"
+    assert raised.value.user_message and "recurring price" in raised.value.user_message
+    with pytest.raises(stripe.InvalidRequestError) as raised:
+        client.v1.checkout.sessions.create(
+            {"mode": "subscription", "line_items": [{"price": one_time, "quantity": 1}]}
+        )
+    assert raised.value.user_message and "at least one recurring price" in raised.value.user_message
+    with pytest.raises(stripe.InvalidRequestError) as raised:
+        client.v1.checkout.sessions.create(
+            {
+                "mode": "subscription",
+                "line_items": [{"price": "price_pro"}],
+                "payment_intent_data": {"metadata": {"a": "b"}},
+            }
+        )
+    assert raised.value.param == "payment_intent_data"
+    with pytest.raises(stripe.InvalidRequestError) as raised:
+        client.v1.checkout.sessions.create(
+            {
+                "mode": "payment",
+                "line_items": [{"price": one_time}],
+                "payment_intent_data": {"setup_future_usage": "sometimes"},
+            }
+        )
+    assert raised.value.param == "payment_intent_data[setup_future_usage]"
+
+
+def test_off_session_payment_intent_with_the_saved_card(
+    fake: FakeStripe, client: stripe.StripeClient
+) -> None:
+    customer = fake.create_customer("saved@example.com")
+    assert fake.customer(customer)["invoice_settings"]["default_payment_method"] is None
+    pm = fake.attach_payment_method(customer)
+    settings = client.v1.customers.retrieve(customer).invoice_settings
+    assert settings is not None and settings.default_payment_method == pm
+    intent = client.v1.payment_intents.create(
+        {
+            "amount": 1200,
+            "currency": "usd",
+            "customer": customer,
+            "payment_method": str(settings.default_payment_method),
+            "off_session": True,
+            "confirm": True,
+            "metadata": {"tollway_invoice": "inv-1"},
+            "description": "Tollway overage",
+            "automatic_payment_methods": {"enabled": True, "allow_redirects": "never"},
+            "expand": ["latest_charge"],
+        }
+    )
+    assert (intent.status, intent.amount_received, intent.payment_method) == ("succeeded", 1200, pm)
+    assert isinstance(intent.latest_charge, stripe.Charge) and intent.latest_charge.paid
+    assert client.v1.payment_intents.retrieve(intent.id).metadata["tollway_invoice"] == "inv-1"
+    listing = client.v1.payment_intents.list({"customer": customer})
+    assert [pi.id for pi in listing.data] == [intent.id]
+    assert client.v1.payment_intents.list({"customer": "cus_nobody"}).data == []
+    methods = client.v1.customers.payment_methods.list(customer)
+    assert [m.id for m in methods.data] == [pm]
+
+
+def test_payment_intent_idempotency(fake: FakeStripe, client: stripe.StripeClient) -> None:
+    customer = fake.create_customer("idem@example.com")
+    pm = fake.attach_payment_method(customer)
+    params: PaymentIntentCreateParams = {
+        "amount": 700,
+        "currency": "usd",
+        "customer": customer,
+        "payment_method": pm,
+        "off_session": True,
+        "confirm": True,
+    }
+    options: stripe.RequestOptions = {"idempotency_key": "charge-inv-7"}
+    first = client.v1.payment_intents.create(params, options)
+    again = client.v1.payment_intents.create(params, options)
+    assert first.id == again.id and again.status == "succeeded"
+    assert len(fake.payment_intents(customer)) == 1
+    assert [r.replayed for r in fake.calls("POST", "/v1/payment_intents")] == [False, True]
+    with pytest.raises(stripe.IdempotencyError):
+        client.v1.payment_intents.create({**params, "amount": 800}, options)
+    assert len(fake.payment_intents(customer)) == 1
+
+
+def test_declined_card_is_a_card_error(fake: FakeStripe, client: stripe.StripeClient) -> None:
+    customer = fake.create_customer("broke@example.com")
+    pm = fake.attach_payment_method(customer)
+    fake.decline_payment_methods_of(customer)
+    params: PaymentIntentCreateParams = {
+        "amount": 900,
+        "currency": "usd",
+        "customer": customer,
+        "payment_method": pm,
+        "off_session": True,
+        "confirm": True,
+    }
+    options: stripe.RequestOptions = {"idempotency_key": "declined-1"}
+    with pytest.raises(stripe.CardError) as raised:
+        client.v1.payment_intents.create(params, options)
+    error = raised.value
+    assert (error.http_status, error.code) == (402, "card_declined")
+    assert error.user_message == "Your card has insufficient funds."
+    assert error.error is not None and error.error.type == "card_error"
+    assert error.error.decline_code == "insufficient_funds"
+    failed = error.error.payment_intent
+    assert failed is not None and failed.status == "requires_payment_method"
+    assert (
+        failed.last_payment_error and failed.last_payment_error.decline_code == "insufficient_funds"
+    )
+    assert isinstance(error.error.charge, str) and error.error.charge == failed.latest_charge
+    assert error.error.payment_method is not None and error.error.payment_method.id == pm
+
+    # The attempt is remembered: a retry with the key replays the decline, makes nothing new.
+    with pytest.raises(stripe.CardError):
+        client.v1.payment_intents.create(params, options)
+    recorded = fake.payment_intents(customer)
+    assert [pi["id"] for pi in recorded] == [failed.id]
+    assert recorded[0]["status"] == "requires_payment_method"
+    assert recorded[0]["payment_method"] is None
+
+    event = make_event("payment_intent.payment_failed", recorded[0])
+    payload = json.dumps(event).encode()
+    parsed = stripe.Webhook.construct_event(payload, sign_payload(payload, "whsec_x"), "whsec_x")
+    assert parsed.type == "payment_intent.payment_failed"
+    assert parsed.data.object.last_payment_error.decline_code == "insufficient_funds"
+
+    fake.accept_payment_methods_of(customer)
+    paid = client.v1.payment_intents.create(params)
+    assert paid.status == "succeeded"
+    event = make_event("payment_intent.succeeded", fake.payment_intent(paid.id))
+    assert event["data"]["object"]["status"] == "succeeded"
+
+
+def test_other_decline_codes(fake: FakeStripe, client: stripe.StripeClient) -> None:
+    customer = fake.create_customer()
+    pm = fake.attach_payment_method(customer)
+    fake.decline_payment_methods_of(customer, code="expired_card", decline_code=None)
+    with pytest.raises(stripe.CardError) as raised:
+        client.v1.payment_intents.create(
+            {
+                "amount": 900,
+                "currency": "usd",
+                "customer": customer,
+                "payment_method": pm,
+                "off_session": True,
+                "confirm": True,
+            }
+        )
+    assert raised.value.code == "expired_card"
+    assert raised.value.error and raised.value.error.decline_code is None
+    assert raised.value.user_message == "Your card has expired."
+
+
+def test_payment_intent_without_a_payment_method(
+    fake: FakeStripe, client: stripe.StripeClient
+) -> None:
+    customer = fake.create_customer("nocard@example.com")
+    with pytest.raises(stripe.InvalidRequestError) as raised:
+        client.v1.payment_intents.create(
+            {
+                "amount": 900,
+                "currency": "usd",
+                "customer": customer,
+                "off_session": True,
+                "confirm": True,
+            }
+        )
+    error = raised.value
+    assert (error.http_status, error.param) == (400, "payment_method")
+    assert error.code == "payment_intent_unexpected_state"
+    assert error.user_message and "missing a payment method" in error.user_message
+    assert error.error and error.error.payment_intent
+    assert error.error.payment_intent.status == "requires_payment_method"
+
+    # Unconfirmed, it waits; confirming later with a card pays it.
+    pending = client.v1.payment_intents.create(
+        {"amount": 900, "currency": "usd", "customer": customer}
+    )
+    assert pending.status == "requires_payment_method"
+    pm = fake.attach_payment_method(customer)
+    paid = client.v1.payment_intents.confirm(
+        pending.id, {"payment_method": pm, "off_session": True}
+    )
+    assert paid.status == "succeeded"
+
+
+def test_payment_intent_parameters_are_checked(
+    fake: FakeStripe, client: stripe.StripeClient
+) -> None:
+    customer = fake.create_customer()
+    pm = fake.attach_payment_method(customer)
+    cases: list[tuple[dict[str, object], str | None]] = [
+        ({"currency": "usd"}, "amount"),
+        ({"amount": 900}, "currency"),
+        ({"amount": 10, "currency": "usd"}, "amount"),
+        ({"amount": 900, "currency": "usd", "off_session": True}, "off_session"),
+        ({"amount": 900, "currency": "usd", "customer": "cus_nope"}, "customer"),
+        ({"amount": 900, "currency": "usd", "payment_method": "pm_nope"}, "payment_method"),
+        ({"amount": 900, "currency": "usd", "payment_method": pm}, "payment_method"),
+        ({"amount": 900, "currency": "usd", "capture": "now"}, "capture"),
+    ]
+    for params, param in cases:
+        with pytest.raises(stripe.InvalidRequestError) as raised:
+            client.v1.payment_intents.create(params)  # type: ignore[arg-type]
+        assert raised.value.param == param, params
+    assert fake.payment_intents() == []
+
+
+def test_one_time_prices_are_not_for_subscriptions(fake: FakeStripe, one_time: str) -> None:
+    with pytest.raises(ValueError):
+        fake.create_subscription("cus_once01", one_time)
+    assert fake.add_price("price_legacy")["type"] == "recurring"

@@ -80,6 +80,7 @@ class Admission:
     credits_fallback: str  # the plan enforced while the balance is short (mode plan)
     credits_parent: str  # the plan whose credits fallback expected_plan is, or ""
     low_balance: tuple[int, ...]  # balances that notify when reached
+    top_up_at: int | None  # the auto top-up mark for accounts without their own
 
     def argv(self) -> list[str | int]:
         """The fields in order, as the script reads them (tests/test_admission.py
@@ -110,6 +111,7 @@ class Admission:
             self.credits_fallback,
             self.credits_parent,
             ",".join(map(str, self.low_balance)) if self.low_balance else "",
+            "" if self.top_up_at is None else self.top_up_at,
         ]
 
 
@@ -126,6 +128,7 @@ def admission(
     lease_id: str = "",
     credits_parent: str = "",
     low_balance: tuple[int, ...] = (),
+    top_up_at: int | None = None,
 ) -> Admission:
     """The script's inputs for one request under plan's limits (None: no plan
     known yet; the script then only names the plan). With request_id, a metered
@@ -161,6 +164,7 @@ def admission(
         credits_fallback=plan.credits_fallback if plan else "",
         credits_parent=credits_parent,
         low_balance=low_balance if plan and plan.credits else (),
+        top_up_at=top_up_at,
     )
 
 
@@ -185,6 +189,7 @@ def parse_outcome(raw: list[Any]) -> Outcome:
         thresholds=tuple(int(p) for p in text(raw[9]).split(",") if p),
         credits=None if raw[10] in (b"", "") else int(raw[10]),
         low_balance=tuple(int(n) for n in text(raw[11]).split(",") if n),
+        top_up=text(raw[12]),
     )
 
 

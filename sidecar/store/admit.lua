@@ -43,12 +43,14 @@
 -- ARGV[24] credits_parent   set when ARGV[2] is that fallback of this plan: enforce
 --                           ARGV[2] only while this plan's balance is still short
 -- ARGV[25] low_balance      balances that notify when reached, comma separated
+-- ARGV[26] top_up_at        the auto top-up mark for accounts without their own ("" = off)
 --
 -- Returns {code, plan, status, tokens_milli, reset_ms, retry_ms, quota_used,
---          period_end, now_s, thresholds, balance, low}; thresholds lists the quota
---          percentages this request crossed for the first time this period ("80,100"
---          or ""); balance is the credit balance after it ("" for a plan without
---          credits); low the low_balance marks it reached ("" for none).
+--          period_end, now_s, thresholds, balance, low, top_up}; thresholds lists the
+--          quota percentages this request crossed for the first time this period
+--          ("80,100" or ""); balance is the credit balance after it ("" for a plan
+--          without credits); low the low_balance marks it reached ("" for none);
+--          top_up the id of the fall past the top-up mark it made ("" for none).
 --   code 0 ok
 --        1 no account
 --        2 plan differs from ARGV[2] (plan = the one to enforce, the fallback
@@ -70,7 +72,7 @@
 local now_us, expected_plan, rate, burst, quota_limit, quota_period, period_start, period_end,
   month_start, overage, meter, concurrency, lease_ttl, fallback_plan, cost, feature_ok,
   key_expires_us, reservation, reservation_ttl, thresholds, lease_id, credits,
-  credits_fallback, credits_parent, low_balance = unpack(ARGV)
+  credits_fallback, credits_parent, low_balance, top_up_at = unpack(ARGV)
 
 if now_us == "" then
   local t = redis.call("TIME")
@@ -82,10 +84,10 @@ local now_s = math.floor(now_us / 1000000)
 rate, burst, quota_limit = tonumber(rate), tonumber(burst), tonumber(quota_limit)
 concurrency, cost, key_expires_us = tonumber(concurrency), tonumber(cost), tonumber(key_expires_us)
 
-local balance, low = "", ""
+local balance, low, top_up = "", "", ""
 local function reply(code, plan, status, tokens, reset_ms, retry_ms, used, period_end, crossed)
   return {code, plan or "", status or "", math.floor(tokens * 1000), math.floor(reset_ms),
-          math.floor(retry_ms), used, period_end, now_s, crossed or "", balance, low}
+          math.floor(retry_ms), used, period_end, now_s, crossed or "", balance, low, top_up}
 end
 
 -- The account's balance, with lapsed grants swept (written whatever the outcome).
@@ -238,6 +240,7 @@ if credits ~= "" then
     taken = credits_burn(c, KEYS[11], now_s, cost)
     balance = credits_balance(c)
     low = credits_low(c, b, balance, low_balance)
+    top_up = credits_top_up(c, b, balance, top_up_at, now_us)
     meter = ""  -- paid in advance: nothing to bill
   end
   credits_save(c)

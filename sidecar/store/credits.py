@@ -112,6 +112,25 @@ class CreditStore(StoreBase):
         )
         return Balance(int(raw[0]), int(raw[1]), int(raw[2]), grants)
 
+    async def set_auto_top_up(self, customer_id: str, setting: int | Literal["off"] | None) -> None:
+        """The account's own auto top-up: a mark (a balance), "off", or None to
+        follow [credits] auto_top_up_at. Read by the next decision."""
+        key = credits_key(customer_id)
+        async with self._guard("auto top-up setting"):
+            if setting is None:
+                await self._redis.hdel(key, "ta")
+            else:
+                await self._redis.hset(key, "ta", str(setting))
+
+    async def auto_top_up(self, customer_id: str) -> int | Literal["off"] | None:
+        """The account's own auto top-up setting (None: the default applies)."""
+        async with self._guard("auto top-up setting"):
+            raw = await self._redis.hget(credits_key(customer_id), "ta")
+        if raw is None:
+            return None
+        value = text(raw)
+        return "off" if value == "off" else int(value)
+
     async def has_credits(self, customer_id: str) -> bool:
         """Whether the account was ever granted credits."""
         async with self._guard("credit read"):

@@ -13,7 +13,8 @@
 -- Returns {"granted" | "duplicate" | "expired", balance after}. A grant whose
 -- expiry has already passed is refused (nothing changes): it would lapse at once.
 -- What comes in pays a debt first; low-balance marks the balance is now above
--- are cleared, so the next fall past them notifies again.
+-- are cleared, so the next fall past them notifies again, and so is a top-up
+-- due (this grant may be it).
 
 -- #include shared/credits.lua
 
@@ -35,6 +36,10 @@ redis.call("HSET", KEYS[3], id, entry)
 local left = credits_pay_debt(c, units)
 if left > 0 then credits_add(c, id, expires, left) end
 local balance = credits_balance(c)
+if c.top_up_due then
+  c.top_up_due = nil
+  c.del["tu"], c.set["tu"] = true, nil
+end
 for t in pairs(c.low) do
   if balance > t then
     c.low[t] = nil

@@ -10,6 +10,9 @@
 --                 (refunds subtract)
 --   lo:<n>        the balance fell to n or below and that was notified; cleared
 --                 when a grant lifts it above n again
+--   ta            the account's own auto top-up mark (a balance), or "off"
+--   tu            the fall past the top-up mark that is due a top-up (its id);
+--                 cleared by the next grant
 -- The ledger stream, tw:{acct}:crl, one entry per change:
 --   kind grant   credits, grant, expires, reason, at
 --   kind burn    credits (signed: refunds subtract), from, to (the batch's window)
@@ -36,6 +39,10 @@ local function credits_load(key)
       c.bq = tonumber(v)
     elseif string.sub(f, 1, 3) == "lo:" then
       c.low[tonumber(string.sub(f, 4))] = true
+    elseif f == "ta" then
+      c.top_up_at = tonumber(v) or "off"
+    elseif f == "tu" then
+      c.top_up_due = v
     end
   end
   table.sort(c.grants, function(a, b)
@@ -193,6 +200,19 @@ local function credits_low(c, before, after, thresholds)
     end
   end
   return table.concat(crossed, ",")
+end
+
+-- The fall past the auto top-up mark (the account's own, else default_at; ""
+-- is none) that this burn made: its id ("" if none). One per fall: the next
+-- needs a grant first.
+local function credits_top_up(c, before, after, default_at, now_us)
+  local at = c.top_up_at
+  if at == nil then at = tonumber(default_at) end
+  if at == nil or at == "off" or c.top_up_due then return "" end
+  if not (after <= at and before > at) then return "" end
+  c.top_up_due = string.format("%.0f", now_us)
+  c.set["tu"] = c.top_up_due
+  return c.top_up_due
 end
 
 local function credits_save(c)
