@@ -28,9 +28,11 @@ from sidecar.decision import Decision, QuotaState, Reason
 from sidecar.settings import HeaderNames
 
 __all__ = [
+    "CREDITS_HEADER",
     "HTTP_STATUS",
     "METADATA_NAMESPACE",
     "check_response",
+    "client_headers",
     "denial",
     "extract_key",
     "identity_headers",
@@ -56,6 +58,8 @@ HTTP_STATUS: Final[Mapping[Reason, tuple[int, int]]] = {
 # ext_authz's dynamic metadata lands under its filter name, which the ext_proc
 # filter forwards to Tollway's ExternalProcessor (metadata_options).
 METADATA_NAMESPACE: Final = "envoy.filters.http.ext_authz"
+# The prepaid balance after the decision, for plans that burn credits.
+CREDITS_HEADER: Final = "x-tollway-credits-remaining"
 _OVERWRITE: Final = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
@@ -100,6 +104,15 @@ def rate_limit_headers(decision: Decision) -> list[tuple[str, str]]:
     return headers
 
 
+def client_headers(decision: Decision) -> list[tuple[str, str]]:
+    """What the client sees of its limits: the rate-limit headers, and the
+    prepaid balance left when the plan burns credits."""
+    headers = rate_limit_headers(decision)
+    if decision.credits is not None:
+        headers.append((CREDITS_HEADER, str(decision.credits)))
+    return headers
+
+
 def _options(pairs: list[tuple[str, str]]) -> list[HeaderValueOption]:
     return [
         HeaderValueOption(header=HeaderValue(key=k, value=v), append_action=_OVERWRITE)
@@ -116,7 +129,7 @@ def denial(decision: Decision) -> tuple[int, list[tuple[str, str]], str]:
     """A denied decision as the client sees it: (HTTP status, headers, JSON body)."""
     http_status = HTTP_STATUS[decision.reason][0]
     body = json.dumps({"code": decision.reason.value, "message": decision.message})
-    headers = [("content-type", "application/json"), *rate_limit_headers(decision)]
+    headers = [("content-type", "application/json"), *client_headers(decision)]
     if http_status == 401:
         headers.append(("www-authenticate", 'Bearer realm="api"'))
     return http_status, headers, body
@@ -161,7 +174,7 @@ def check_response(
             ok_response=ext_authz.OkHttpResponse(
                 headers=_options([*identity, *upstream_headers]),
                 headers_to_remove=[key_header] if key_header else [],
-                response_headers_to_add=_options(rate_limit_headers(decision)),
+                response_headers_to_add=_options(client_headers(decision)),
             ),
         )
         metadata = settlement_metadata(decision)

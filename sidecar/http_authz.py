@@ -46,9 +46,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from sidecar.decision import Decision
 from sidecar.envoy import (
+    client_headers,
     denial,
     extract_key,
-    rate_limit_headers,
     settlement_fields,
 )
 from sidecar.errors import ConfigError, StoreUnavailable
@@ -151,7 +151,7 @@ def answer(
         headers.append(view.remove.get(key_header) or (_REMOVE, key_header.encode()))
     if made_request_id:
         headers.append((b"x-request-id", made_request_id.encode()))
-    headers += _encoded(rate_limit_headers(decision))
+    headers += _encoded(client_headers(decision))
     headers += _settlement(decision)
     headers.append(_NO_BODY)
     return 200, headers, b""

@@ -13,6 +13,7 @@
 --   ta            the account's own auto top-up mark (a balance), or "off"
 --   tu            the fall past the top-up mark that is due a top-up (its id);
 --                 cleared by the next grant
+--   tn            falls past the top-up mark so far (each fall's id ends in it)
 -- The ledger stream, tw:{acct}:crl, one entry per change:
 --   kind grant   credits, grant, expires, reason, at
 --   kind burn    credits (signed: refunds subtract), from, to (the batch's window)
@@ -43,6 +44,8 @@ local function credits_load(key)
       c.top_up_at = tonumber(v) or "off"
     elseif f == "tu" then
       c.top_up_due = v
+    elseif f == "tn" then
+      c.top_up_falls = tonumber(v)
     end
   end
   table.sort(c.grants, function(a, b)
@@ -210,8 +213,9 @@ local function credits_top_up(c, before, after, default_at, now_us)
   if at == nil then at = tonumber(default_at) end
   if at == nil or at == "off" or c.top_up_due then return "" end
   if not (after <= at and before > at) then return "" end
-  c.top_up_due = string.format("%.0f", now_us)
-  c.set["tu"] = c.top_up_due
+  local falls = (c.top_up_falls or 0) + 1
+  c.top_up_due = string.format("%.0f-%d", now_us, falls)
+  c.set["tu"], c.set["tn"] = c.top_up_due, falls
   return c.top_up_due
 end
 
