@@ -28,7 +28,7 @@ from sidecar.cli.admin import (
     cmd_usage_show,
 )
 from sidecar.cli.common import Output, duration_arg
-from sidecar.cli.credits import cmd_credits_grant, cmd_credits_show
+from sidecar.cli.credits import cmd_credits_auto_top_up, cmd_credits_grant, cmd_credits_show
 from sidecar.cli.processes import cmd_dev, cmd_health, cmd_reconcile, cmd_serve, cmd_webhook
 from sidecar.decision import STATUSES
 from sidecar.errors import TollwayError
@@ -178,6 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(cr, "show", cmd_credits_show, "the balance, live grants and recent ledger entries")
     p.add_argument("--customer", required=True)
     p.add_argument("--recent", type=int, default=20, help="ledger entries to show (20)")
+    p = add(
+        cr,
+        "auto-top-up",
+        cmd_credits_auto_top_up,
+        "an account's auto top-up: its own mark, off, or the [credits] default",
+    )
+    p.add_argument("--customer", required=True)
+    choice = p.add_mutually_exclusive_group(required=True)
+    choice.add_argument("--at", type=int, help="buy the pack when the balance falls to this")
+    choice.add_argument("--off", action="store_true", help="never buy for this account")
+    choice.add_argument(
+        "--default", action="store_true", help="follow [credits] auto_top_up_at again"
+    )
     return parser
 
 

@@ -80,17 +80,38 @@ def cmd_plans_check(args: argparse.Namespace, out: Output) -> None:
             "features": sorted(p.features),
             "stripe_price": p.stripe_price,
             "stripe_lookup_key": p.stripe_lookup_key,
+            "credits": p.credits,
+            # block, bill, or the plan enforced while the balance is short
+            "credits_exhausted": (p.credits_fallback or p.credits_exhausted) if p.credits else None,
         }
         for p in settings.catalog.plans.values()
     ]
+    packs = [
+        {
+            "name": k.name,
+            "credits": k.credits,
+            "stripe_price": k.stripe_price,
+            "expires_in": k.expires_in or None,
+        }
+        for k in settings.catalog.credit_packs.values()
+    ]
     lines = [
         f"{settings.config_path}: OK, {len(plans)} plans, {len(settings.catalog.routes)} routes"
+        + (f", {len(packs)} credit packs" if packs else "")
     ]
     lines += [
         f"  {p['name']}: {p['rate']}, burst {p['burst']}, quota {p['quota'] or 'none'}"
+        + (f", prepaid credits (when short: {p['credits_exhausted']})" if p["credits"] else "")
         for p in plans
     ]
-    out.emit({"ok": True, "plans": plans, "routes": len(settings.catalog.routes)}, "\n".join(lines))
+    lines += [f"  pack {k['name']}: {k['credits']} credits" for k in packs]
+    data = {
+        "ok": True,
+        "plans": plans,
+        "credit_packs": packs,
+        "routes": len(settings.catalog.routes),
+    }
+    out.emit(data, "\n".join(lines))
 
 
 def cmd_accounts_create(args: argparse.Namespace, out: Output) -> None:

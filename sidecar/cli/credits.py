@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from sidecar.cli.common import Output, with_store
 from sidecar.errors import TollwayError
 from sidecar.settings import Settings
 from sidecar.store import Store
 
-__all__ = ["cmd_credits_grant", "cmd_credits_show"]
+__all__ = ["cmd_credits_auto_top_up", "cmd_credits_grant", "cmd_credits_show"]
 
 
 def _when(stamp: int) -> str:
@@ -75,6 +75,9 @@ def cmd_credits_show(args: argparse.Namespace, out: Output) -> None:
             "grants": grants,
             "ledger": entries,
         }
+        setting = await store.auto_top_up(args.customer)
+        default = settings.credits.auto_top_up_at
+        data["auto_top_up"] = _top_up_view(setting, default, settings.credits.auto_top_up_pack)
         lines = [f"{args.customer}: balance {balance.balance} credits"]
         if balance.debt:
             lines.append(f"  debt {balance.debt} (paid first by the next grant)")
@@ -92,5 +95,31 @@ def cmd_credits_show(args: argparse.Namespace, out: Output) -> None:
                 detail += f" ({e.fields['reason']})"
             lines.append(f"  {_when(at)}  {what}  {detail}".rstrip())
         out.emit(data, "\n".join(lines))
+
+    with_store(args, work)
+
+
+def _top_up_view(setting: int | str | None, default: int | None, pack: str | None) -> Any:
+    if setting == "off" or (setting is None and default is None) or pack is None:
+        return {"enabled": False}
+    return {"enabled": True, "at": default if setting is None else setting, "pack": pack}
+
+
+def cmd_credits_auto_top_up(args: argparse.Namespace, out: Output) -> None:
+    async def work(store: Store, settings: Settings) -> None:
+        await store.require_account(args.customer)
+        pack = settings.credits.auto_top_up_pack
+        if args.at is not None and args.at < 0:
+            raise TollwayError("--at: a balance of 0 or more")
+        if args.at is not None and pack is None:
+            raise TollwayError("[credits] auto_top_up_pack is not set: no pack to buy")
+        choice: int | Literal["off"] | None = "off" if args.off else args.at
+        await store.set_auto_top_up(args.customer, choice)
+        view = _top_up_view(choice, settings.credits.auto_top_up_at, pack)
+        if view["enabled"]:
+            text = f"{args.customer}: buys pack {pack} when the balance falls to {view['at']}"
+        else:
+            text = f"{args.customer}: auto top-up off"
+        out.emit({"customer_id": args.customer, "auto_top_up": view}, text)
 
     with_store(args, work)
