@@ -15,7 +15,17 @@ import secrets
 import zlib
 from typing import Final, Literal
 
-__all__ = ["ENVIRONMENTS", "generate", "is_well_formed", "key_hash", "key_id"]
+__all__ = [
+    "ADMIN_PREFIX",
+    "ENVIRONMENTS",
+    "generate",
+    "generate_token",
+    "is_well_formed",
+    "is_well_formed_token",
+    "key_hash",
+    "key_id",
+    "token_id",
+]
 
 Environment = Literal["live", "test"]
 ENVIRONMENTS: Final = ("live", "test")
@@ -59,6 +69,26 @@ def is_well_formed(key: str) -> bool:
     return _checksum(key[:-_CHECK_LEN]) == key[-_CHECK_LEN:]
 
 
+# Admin tokens (sidecar/admin/): the same shape under their own prefix, so a
+# leaked one is told from an API key at a glance, and by secret scanners.
+ADMIN_PREFIX: Final = "twadm_"
+ADMIN_LEN: Final = len(ADMIN_PREFIX) + _SECRET_LEN + _CHECK_LEN
+
+
+def generate_token() -> str:
+    """A new admin token. The caller shows it once and stores only key_hash(token)."""
+    body = ADMIN_PREFIX + _base62(secrets.randbits(256), _SECRET_LEN)
+    return body + _checksum(body)
+
+
+def is_well_formed_token(token: str) -> bool:
+    if len(token) != ADMIN_LEN or not token.isascii() or not token.startswith(ADMIN_PREFIX):
+        return False
+    if not _ALPHABET_SET.issuperset(token[len(ADMIN_PREFIX) :]):
+        return False
+    return _checksum(token[:-_CHECK_LEN]) == token[-_CHECK_LEN:]
+
+
 def key_hash(key: str) -> str:
     """Hex SHA-256 of the key: the only form in which a key is stored.
 
@@ -71,3 +101,8 @@ def key_hash(key: str) -> str:
 def key_id(hashed: str) -> str:
     """The public name of a key in listings and audit logs."""
     return "key_" + hashed[:16]
+
+
+def token_id(hashed: str) -> str:
+    """The public name of an admin token."""
+    return "tok_" + hashed[:16]

@@ -3,7 +3,7 @@ keys and plans. Every command takes --json; errors are one line and exit 1.
 
 This module holds the parser and main(); the commands live in processes.py
 (serve, webhook, reconcile, dev, health), admin.py (usage, report, plans,
-accounts, keys) and credits.py (credits)."""
+accounts, keys), credits.py (credits) and tokens.py (admin-tokens)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from sidecar.cli.admin import (
 from sidecar.cli.common import Output, duration_arg
 from sidecar.cli.credits import cmd_credits_auto_top_up, cmd_credits_grant, cmd_credits_show
 from sidecar.cli.processes import cmd_dev, cmd_health, cmd_reconcile, cmd_serve, cmd_webhook
+from sidecar.cli.tokens import cmd_tokens_issue, cmd_tokens_list, cmd_tokens_revoke
 from sidecar.decision import STATUSES
 from sidecar.errors import TollwayError
 from sidecar.logs import configure
@@ -191,6 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     choice.add_argument(
         "--default", action="store_true", help="follow [credits] auto_top_up_at again"
     )
+
+    tokens = add(sub, "admin-tokens", lambda a, o: None, "credentials for the admin API")
+    tk = tokens.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = add(tk, "issue", cmd_tokens_issue, "issue a token; it is printed once and never stored")
+    p.add_argument("--name", required=True, help="who or what uses it, e.g. signup-service")
+    p.add_argument(
+        "--scope",
+        action="append",
+        help="admin (the default), or <accounts|keys|usage|credits>:<read|write>; "
+        "repeat or comma-separate",
+    )
+    add(tk, "list", cmd_tokens_list, "list admin tokens (ids, names, scopes; never tokens)")
+    p = add(tk, "revoke", cmd_tokens_revoke, "revoke a token at once")
+    p.add_argument("token_id")
     return parser
 
 

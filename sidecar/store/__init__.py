@@ -10,6 +10,7 @@
     sync.py           Stripe sync: events applied once, locks, checkout claims
     usage.py          usage records, reservations, leases, totals
     credits.py        prepaid credits: grants, the balance, its ledger
+    admin_tokens.py   admin tokens, and the idempotency records of admin creates
     billing.py        what to report to Stripe, and what it accepted or refused
     notifications.py  notifications for the companion to deliver
     shared/           Lua chunks inlined into several scripts
@@ -20,6 +21,7 @@
 from __future__ import annotations
 
 from sidecar.store.accounts import Account
+from sidecar.store.admin_tokens import AdminTokens, TokenRecord
 from sidecar.store.admission import AdmissionStore
 from sidecar.store.api_keys import SUBSCRIPTION_ENDED, ApiKeys, KeyRecord
 from sidecar.store.billing import Billing
@@ -39,10 +41,20 @@ __all__ = [
     "Recorded",
     "Store",
     "SubscriptionChange",
+    "TokenRecord",
     "connect",
     "subscriber",
 ]
 
 
-class Store(ApiKeys, AdmissionStore, StripeSync, UsageStore, CreditStore, Billing, Notifications):
+class Store(
+    ApiKeys,
+    AdmissionStore,
+    StripeSync,
+    UsageStore,
+    CreditStore,
+    Billing,
+    Notifications,
+    AdminTokens,
+):
     """Tollway's state in Redis. One instance per process, shared by all requests."""

@@ -11,9 +11,11 @@ from sidecar.decision import STATUSES
 from sidecar.errors import NotFound, TollwayError
 from sidecar.store.base import StoreBase
 from sidecar.store.names import (
+    ACCOUNTS_INDEX,
     INVALIDATE_CHANNEL,
     account_changed,
     account_key,
+    customer_of,
     key_changed,
     legacy_quota_key,
     limits_key,
@@ -52,7 +54,34 @@ class Accounts(StoreBase):
                 account_key(customer_id),
                 mapping={"status": status, "grace_until": 0, "created_at": now},
             )
+        await self.index_account(customer_id)
         return Account(customer_id, plan, status, 0, now)
+
+    async def index_account(self, customer_id: str) -> None:
+        """Puts the account in the index list_accounts pages through (another slot:
+        a write of its own, after the account's)."""
+        async with self._guard("account index"):
+            await self._redis.zadd(ACCOUNTS_INDEX, {customer_id: 0})
+
+    async def list_accounts(self, *, after: str = "", limit: int = 100) -> list[Account]:
+        """Up to limit accounts by customer id, those after `after`. The first
+        call on a Redis without the index (accounts from before 0.3) builds it."""
+        async with self._guard("account list"):
+            if not await self._redis.exists(ACCOUNTS_INDEX):
+                found = [
+                    customer_of(text(name))
+                    async for name in self._redis.scan_iter(match="tw:{*}:a", count=1000)
+                ]
+                if found:
+                    await self._redis.zadd(ACCOUNTS_INDEX, dict.fromkeys(found, 0))
+            low = f"({after}" if after else "-"
+            ids = await self._redis.zrangebylex(ACCOUNTS_INDEX, low, "+", start=0, num=limit)
+        accounts = []
+        for raw in ids:
+            account = await self.get_account(text(raw))
+            if account is not None:
+                accounts.append(account)
+        return accounts
 
     async def get_account(self, customer_id: str) -> Account | None:
         async with self._guard("account read"):

@@ -27,6 +27,7 @@ Cluster one script can touch it all atomically:
     tw:{cus_1}:bill       reporter: cursor (last planned entry), pending events (JSON)
     tw:{cus_1}:bill:failed  events Stripe refused for good, for people to look at
     tw:k:{<sha256>}       key record: customer, key id, state, expires_at (us)
+    tw:adm:{<sha256>}     admin token record: token id, name, scopes, state
 
 The key record lives in its own slot (its hash is what a request carries);
 reading it is the one extra round trip before the decision script.
@@ -37,6 +38,10 @@ Global keys (single-key commands only, so any slot will do):
     tw:notifications        notifications for the companion to deliver (capped stream)
     tw:notifications:cursor the last one delivered
     tw:invalidate           the pub/sub channel (classic PUBLISH reaches every node)
+    tw:accounts             every account's customer id (sorted set, score 0: by id),
+                            for paging through them; rebuilt by a scan when missing
+    tw:adm:index            admin token id -> token hash
+    tw:adm:idem:<sha>       an admin create's idempotency record: pending, or its result
 
 Customer ids are checked here, once: braces in an id would move the hash tag.
 """
@@ -51,6 +56,8 @@ from sidecar.errors import TollwayError
 from sidecar.ids import valid_id
 
 __all__ = [
+    "ACCOUNTS_INDEX",
+    "ADMIN_TOKENS_INDEX",
     "DIRTY_KEY",
     "INVALIDATE_CHANNEL",
     "NOTIFICATIONS_CURSOR_KEY",
@@ -58,6 +65,8 @@ __all__ = [
     "Invalidation",
     "account_changed",
     "account_key",
+    "admin_idempotency_key",
+    "admin_token_key",
     "alerts_key",
     "bill_failed_key",
     "bill_key",
@@ -183,6 +192,17 @@ def key_record_key(hashed: str) -> str:
     return f"tw:k:{{{hashed}}}"
 
 
+def admin_token_key(hashed: str) -> str:
+    return f"tw:adm:{{{hashed}}}"
+
+
+def admin_idempotency_key(token_id: str, operation: str, key: str) -> str:
+    """Per token and operation: one caller's key never answers another's call."""
+    return f"tw:adm:idem:{_digest(token_id + '|' + operation + '|' + key)}"
+
+
+ACCOUNTS_INDEX: Final = "tw:accounts"
+ADMIN_TOKENS_INDEX: Final = "tw:adm:index"
 DIRTY_KEY: Final = "tw:usage:dirty"
 NOTIFICATIONS_KEY: Final = "tw:notifications"
 NOTIFICATIONS_CURSOR_KEY: Final = NOTIFICATIONS_KEY + ":cursor"

@@ -13,8 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from sidecar.errors import Busy, StoreUnavailable
-from sidecar.store.accounts import check_status
-from sidecar.store.base import StoreBase
+from sidecar.store.accounts import Accounts, check_status
 from sidecar.store.names import account_key, checkouts_key, events_key, lock_key
 from sidecar.store.text import text
 
@@ -33,7 +32,7 @@ class SubscriptionChange:
     grace_until: int
 
 
-class StripeSync(StoreBase):
+class StripeSync(Accounts):
     async def event_seen(self, customer_id: str, event_id: str) -> bool:
         async with self._guard("event lookup"):
             return await self._redis.zscore(events_key(customer_id), event_id) is not None
@@ -70,7 +69,7 @@ class StripeSync(StoreBase):
                     remember_events_for,
                 ],
             )
-        return SubscriptionChange(
+        change = SubscriptionChange(
             result=text(raw[0]),
             old_status=text(raw[1]),
             new_status=text(raw[2]),
@@ -78,6 +77,9 @@ class StripeSync(StoreBase):
             new_plan=text(raw[4]),
             grace_until=int(raw[5]),
         )
+        if change.result == "applied" and not change.old_plan:
+            await self.index_account(customer_id)  # the subscription created the account
+        return change
 
     @contextlib.asynccontextmanager
     async def account_lock(
