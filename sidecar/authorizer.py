@@ -84,6 +84,7 @@ class _Answer:
     outcome: Outcome
     plan: Plan | None
     lease: str
+    credits_fallback: bool = False  # plan was enforced because the account's balance is short
 
 
 def _no_alerts(alert: Alert) -> None:
@@ -162,7 +163,9 @@ class Authorizer:
                 feature=feature,
                 top_up_url=settings.credits.top_up_url,
             )
-            if plan is not None:
+            # A plan enforced for want of credits teaches nothing: the account is
+            # still on its own plan, and a top-up must restore it at once.
+            if plan is not None and not answer.credits_fallback:
                 self.shortcuts.learn(turn, plan, outcome, decision)
         if outcome.code is not OutcomeCode.OK or plan is None:
             return decision
@@ -243,7 +246,7 @@ class Authorizer:
             )
             outcome = await self._store.admit(customer, request)
             if outcome.code is not OutcomeCode.PLAN_CHANGED:
-                return _Answer(outcome, plan, lease)
+                return _Answer(outcome, plan, lease, credits_fallback=bool(parent))
             # The plan's balance is short and it falls back to another plan meanwhile:
             # that plan's limits, asked as this plan's fallback (no hint learned: the
             # account is still on its own plan, and a top-up restores it at once).
