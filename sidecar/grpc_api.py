@@ -20,6 +20,7 @@ from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_authz_grpc
 
 from sidecar import envoy
+from sidecar.admin.operations import AdminError
 from sidecar.authorizer import Authorizer
 from sidecar.decision import Decision, Reason
 from sidecar.errors import StoreUnavailable
@@ -79,7 +80,27 @@ _USAGE_CODES = {
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
     "not_found": grpc.StatusCode.NOT_FOUND,
+    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
+    "rate_limited": grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+
+
+def presented_token(metadata: object) -> str:
+    """The admin or service token of a call: `authorization: Bearer twadm_…`,
+    or `x-tollway-admin-token`; "" when none."""
+    pairs = metadata if isinstance(metadata, tuple | list) else ()
+    found = {str(k).lower(): str(v) for k, v in pairs}
+    scheme, _, token = found.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return found.get("x-tollway-admin-token", "").strip()
+
+
+def peer_host(peer: str) -> str:
+    """A gRPC peer ("ipv4:10.0.0.1:5000", "ipv6:[::1]:5000") without its port:
+    failed authentications are counted per host, not per connection."""
+    kind, _, rest = peer.partition(":")
+    return f"{kind}:{rest.rsplit(':', 1)[0]}" if ":" in rest else peer
 
 
 class TollwayService(pb_grpc.TollwayServicer):
@@ -106,8 +127,15 @@ class TollwayService(pb_grpc.TollwayServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return authorize_response(decision)
 
-    async def _customer(self, request: pb.RecordUsageRequest | pb.GetUsageRequest) -> str:
-        """The customer a usage call names, by key or id; UsageError if none."""
+    async def _customer(
+        self,
+        request: pb.RecordUsageRequest | pb.GetUsageRequest,
+        context: grpc.aio.ServicerContext,
+        scope: str,
+    ) -> str:
+        """The customer a usage call names, by key or id; UsageError if none.
+        By id, with [sidecar] require_service_token, the call must carry a token
+        with `scope` (the key is a credential of its own; an id is not)."""
         store = self._sidecar.store
         if request.WhichOneof("customer") == "api_key":
             record = await store.usable_record(request.api_key)
@@ -117,6 +145,8 @@ class TollwayService(pb_grpc.TollwayServicer):
         customer = request.customer_id
         if not customer:
             raise UsageError("invalid_argument", "api_key or customer_id is required")
+        if self._sidecar.settings.require_service_token:
+            await self._service_caller(context, scope)
         if not valid_customer_id(customer):
             raise UsageError("not_found", f"no account {customer[:64]!r}")
         # StoreUnavailable passes through: an outage is UNAVAILABLE, never "no such account".
@@ -124,7 +154,22 @@ class TollwayService(pb_grpc.TollwayServicer):
             raise UsageError("not_found", f"no account {customer[:64]!r}")
         return customer
 
-    async def _record(self, request: pb.RecordUsageRequest) -> pb.RecordUsageResponse:
+    async def _service_caller(self, context: grpc.aio.ServicerContext, scope: str) -> None:
+        admin = self._sidecar.admin
+        try:
+            caller = await admin.authenticate(
+                presented_token(context.invocation_metadata()), peer=peer_host(context.peer())
+            )
+            admin.require(caller, scope)
+        except AdminError as exc:
+            if exc.kind == "unavailable":
+                raise StoreUnavailable(exc.message) from None
+            kind = exc.kind if exc.kind in _USAGE_CODES else "unauthenticated"
+            raise UsageError(kind, exc.message) from None
+
+    async def _record(
+        self, request: pb.RecordUsageRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecordUsageResponse:
         settings = self._sidecar.settings
         now = int(time.time())
         at = request.timestamp.seconds if request.HasField("timestamp") else now
@@ -136,7 +181,7 @@ class TollwayService(pb_grpc.TollwayServicer):
             at=at,
             now=now,
         )
-        customer = await self._customer(request)
+        customer = await self._customer(request, context, "usage:write")
         recorded = await self._sidecar.store.record_usage(
             customer,
             meter=request.meter,
@@ -162,7 +207,7 @@ class TollwayService(pb_grpc.TollwayServicer):
         self, request: pb.RecordUsageRequest, context: grpc.aio.ServicerContext
     ) -> pb.RecordUsageResponse:
         try:
-            response = await self._record(request)
+            response = await self._record(request, context)
         except UsageError as exc:
             USAGE_EVENTS.labels("rejected").inc()
             await context.abort(_USAGE_CODES[exc.kind], exc.message)
@@ -176,7 +221,7 @@ class TollwayService(pb_grpc.TollwayServicer):
         results = []
         for event in request.events:
             try:
-                response = await self._record(event)
+                response = await self._record(event, context)
                 results.append(pb.RecordUsageResult(code=0, response=response))
             except UsageError as exc:
                 USAGE_EVENTS.labels("rejected").inc()
@@ -204,7 +249,7 @@ class TollwayService(pb_grpc.TollwayServicer):
         self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetUsageResponse:
         try:
-            customer = await self._customer(request)
+            customer = await self._customer(request, context, "usage:read")
             report = await usage_report(self._sidecar.store, self._sidecar.settings, customer)
         except UsageError as exc:
             await context.abort(_USAGE_CODES[exc.kind], exc.message)

@@ -8,6 +8,7 @@ an environment mapping (passed in, so tests need no patching).
 
     [sidecar]  listen = "127.0.0.1:50051"   metrics_listen = "127.0.0.1:9464" (optional)
                health_follows_redis = true   http_listen = "127.0.0.1:50052" (optional)
+               require_service_token = false (true: usage calls by customer id need a token)
     [webhook]  listen = "127.0.0.1:8000"
     [redis]    url = "redis://127.0.0.1:6379/0"   timeout_ms = 50
     [headers]  api_key = ["x-api-key"]  bearer = true
@@ -169,6 +170,9 @@ class Settings:
     # sidecar shares one Redis: restarting them, or all leaving the pool, would not
     # bring Redis back; requests still get UNAVAILABLE either way.
     health_follows_redis: bool = True
+    # Usage calls that name a customer by id (RecordUsage, GetUsage) need a
+    # service token with usage:write / usage:read; by API key they need none.
+    require_service_token: bool = False
     webhook_listen: str = DEFAULT_WEBHOOK_LISTEN
     headers: HeaderNames = HeaderNames()
     billing: Billing = Billing()
@@ -277,7 +281,7 @@ def settings_from_document(
     document = Table(doc).only(_SECTIONS)
     catalog = parse_catalog(doc)
     sidecar = document.section("sidecar").only(
-        {"listen", "metrics_listen", "health_follows_redis", "http_listen"}
+        {"listen", "metrics_listen", "health_follows_redis", "http_listen", "require_service_token"}
     )
     follows = sidecar.boolean("health_follows_redis", True)
     webhook = document.section("webhook").only({"listen"})
@@ -350,6 +354,7 @@ def settings_from_document(
             "metrics_listen", None, what=_HOST_PORT, valid=_LISTEN_RE.fullmatch
         ),
         health_follows_redis=follows,
+        require_service_token=sidecar.boolean("require_service_token", False),
         http_listen=sidecar.string(
             "http_listen",
             None,

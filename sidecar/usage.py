@@ -30,7 +30,8 @@ MAX_IDEMPOTENCY_KEY: Final = 256
 
 @dataclass(frozen=True, slots=True)
 class UsageError(Exception):
-    """A usage event refused; kind is invalid_argument, unauthenticated or not_found."""
+    """A usage event refused; kind is invalid_argument, unauthenticated, not_found,
+    permission_denied or rate_limited (the last two: service credentials)."""
 
     kind: str
     message: str

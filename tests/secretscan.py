@@ -1,4 +1,4 @@
-"""Finds secrets in text: API keys, Stripe secret keys, webhook signing secrets."""
+"""Finds secrets in text: API keys, admin tokens, Stripe secret keys, webhook signing secrets."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 PATTERNS = (
     re.compile(r"tw_(?:live|test)_[0-9A-Za-z]{49}"),
+    re.compile(r"twadm_[0-9A-Za-z]{49}"),
     re.compile(r"(?:sk|rk)_(?:live|test)_[0-9A-Za-z]{8,}"),
     re.compile(r"whsec_[0-9A-Za-z]{8,}"),
 )

@@ -10,8 +10,9 @@ from tests.secretscan import scan, secrets_in
 
 def test_it_finds_each_kind_of_secret(tmp_path: Path) -> None:
     key = keys.generate("live")
-    text = f"x {key} y sk_test_abcdEFGH1234 z whsec_0123456789abcdef rk_live_ABCDEFGH9"
-    assert len(secrets_in(text)) == 4
+    token = keys.generate_token()
+    text = f"x {key} y sk_test_abcdEFGH1234 z whsec_0123456789abcdef rk_live_ABCDEFGH9 {token}"
+    assert len(secrets_in(text)) == 5
     log = tmp_path / "a.txt"
     log.write_text(f"issued {key}\n")
     clean = tmp_path / "b.txt"
