@@ -9,6 +9,7 @@ an environment mapping (passed in, so tests need no patching).
     [sidecar]  listen = "127.0.0.1:50051"   metrics_listen = "127.0.0.1:9464" (optional)
                health_follows_redis = true   http_listen = "127.0.0.1:50052" (optional)
                require_service_token = false (true: usage calls by customer id need a token)
+               tls_cert = "cert.pem"  tls_key = "key.pem"  tls_client_ca = "ca.pem" (optional)
     [webhook]  listen = "127.0.0.1:8000"
     [redis]    url = "redis://127.0.0.1:6379/0"   timeout_ms = 50
     [headers]  api_key = ["x-api-key"]  bearer = true
@@ -36,6 +37,7 @@ from sidecar.durations import parse_duration
 from sidecar.errors import ConfigError
 from sidecar.fields import Table, expect
 from sidecar.plans import Catalog, parse_catalog
+from sidecar.tls import TlsFiles
 
 __all__ = [
     "SETTLEMENTS",
@@ -173,6 +175,7 @@ class Settings:
     # Usage calls that name a customer by id (RecordUsage, GetUsage) need a
     # service token with usage:write / usage:read; by API key they need none.
     require_service_token: bool = False
+    tls: TlsFiles | None = None  # both listeners serve TLS (mutual, with a client CA)
     webhook_listen: str = DEFAULT_WEBHOOK_LISTEN
     headers: HeaderNames = HeaderNames()
     billing: Billing = Billing()
@@ -228,6 +231,29 @@ def _parse_usage(usage: Table) -> Usage:
     )
 
 
+def _parse_tls(sidecar: Table, config_path: Path | None) -> TlsFiles | None:
+    """Paths relative to the config file's directory, like a web server's."""
+    base = config_path.parent if config_path else Path(".")
+    found = {
+        name: sidecar.string(name, None, what="a path to a PEM file")
+        for name in ("tls_cert", "tls_key", "tls_client_ca")
+    }
+    if found["tls_cert"] is None and found["tls_key"] is None:
+        if found["tls_client_ca"] is not None:
+            raise ConfigError("[sidecar] tls_client_ca: needs tls_cert and tls_key")
+        return None
+    if found["tls_cert"] is None or found["tls_key"] is None:
+        raise ConfigError("[sidecar] tls_cert and tls_key: set both (or neither)")
+    ca = found["tls_client_ca"]
+    tls = TlsFiles(
+        cert=base / found["tls_cert"],
+        key=base / found["tls_key"],
+        client_ca=base / ca if ca else None,
+    )
+    tls.check()
+    return tls
+
+
 def _parse_credits(credits: Table, catalog: Catalog) -> Credits:
     low = credits.array(
         "low_balance", int, (), what="balances like [100, 0]", valid=lambda n: n >= 0, echo=False
@@ -281,7 +307,16 @@ def settings_from_document(
     document = Table(doc).only(_SECTIONS)
     catalog = parse_catalog(doc)
     sidecar = document.section("sidecar").only(
-        {"listen", "metrics_listen", "health_follows_redis", "http_listen", "require_service_token"}
+        {
+            "listen",
+            "metrics_listen",
+            "health_follows_redis",
+            "http_listen",
+            "require_service_token",
+            "tls_cert",
+            "tls_key",
+            "tls_client_ca",
+        }
     )
     follows = sidecar.boolean("health_follows_redis", True)
     webhook = document.section("webhook").only({"listen"})
@@ -355,6 +390,7 @@ def settings_from_document(
         ),
         health_follows_redis=follows,
         require_service_token=sidecar.boolean("require_service_token", False),
+        tls=_parse_tls(sidecar, path),
         http_listen=sidecar.string(
             "http_listen",
             None,
