@@ -26,5 +26,9 @@ class NotFound(TollwayError):
     """A named account or key does not exist."""
 
 
+class AlreadyExists(TollwayError):
+    """What was to be created exists already (an account id in use)."""
+
+
 class Busy(StoreUnavailable):
     """Another process holds the account's lock for longer than we wait."""

@@ -27,9 +27,13 @@ from grpc_reflection.v1alpha import reflection
 from redis.exceptions import RedisError
 
 from sidecar.accesslog import AccessLogService
+from sidecar.admin.grpc_api import AdminService
+from sidecar.admin.operations import Admin
 from sidecar.authorizer import Authorizer
 from sidecar.errors import ConfigError, StoreUnavailable
 from sidecar.extproc import ExtProcService
+from sidecar.gen.tollway.admin.v1 import admin_pb2 as admin_pb
+from sidecar.gen.tollway.admin.v1 import admin_pb2_grpc as admin_pb_grpc
 from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc as pb_grpc
 from sidecar.grpc_api import MAX_MESSAGE_BYTES, CheckService, TollwayService
@@ -59,6 +63,8 @@ class Sidecar:
             metered=self.dirty.add,
             on_alert=AlertQueue(store.notify),  # queued off the request path
         )
+        # The admin API's operations, and the service tokens of usage calls by id.
+        self.admin = Admin(store, lambda: self.settings)
 
     async def watch_redis(
         self, set_health: Callable[[int], Awaitable[None]], *, every: float = 0.5
@@ -175,12 +181,16 @@ async def serve(
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(
         AccessLogService(store, lambda: sidecar.settings, metered=sidecar.dirty.add), server
     )
+    admin_pb_grpc.add_AdminServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        AdminService(sidecar.admin), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (
         pb.DESCRIPTOR.services_by_name["Tollway"].full_name,
         ext_authz.DESCRIPTOR.services_by_name["Authorization"].full_name,
         ext_proc.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name,
+        admin_pb.DESCRIPTOR.services_by_name["AdminService"].full_name,
         als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name,
         health.SERVICE_NAME,
         reflection.SERVICE_NAME,
@@ -209,7 +219,7 @@ async def serve(
         watch_caches({"key": authz.key_cache, "bucket": authz.buckets, "denial": authz.denials})
         prometheus_client.start_http_server(int(metrics_port), addr=host.strip("[]"))
         log.info("metrics on http://%s/metrics", settings.metrics_listen)
-    served = ("", *services[:3])
+    served = ("", *services[:4])  # health: these and the server as a whole
 
     async def set_health(status: int) -> None:
         for name in served:

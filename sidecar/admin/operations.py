@@ -14,7 +14,9 @@ peer, in this process.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import time
 import uuid
@@ -26,7 +28,7 @@ from sidecar import keys
 from sidecar.admin.scopes import allows
 from sidecar.cache import TtlCache
 from sidecar.decision import STATUSES
-from sidecar.errors import NotFound, StoreUnavailable, TollwayError
+from sidecar.errors import AlreadyExists, NotFound, StoreUnavailable, TollwayError
 from sidecar.report import usage_report
 from sidecar.settings import Settings
 from sidecar.store import Account, KeyRecord, Store, TokenRecord
@@ -222,6 +224,13 @@ class Admin:
         if record is None or record.revoked:
             self._failures.failed(peer)
             what = "revoked" if record is not None else "not valid"
+            # Named by its id when it is known; a presented token is never logged.
+            log.warning(
+                "admin: refused a %s token%s from %s",
+                what,
+                f" ({record.token_id})" if record else "",
+                peer,
+            )
             raise AdminError("unauthenticated", f"admin token is {what}")
         return record
 
@@ -248,13 +257,11 @@ class Admin:
             raise AdminError("invalid_argument", f"status: one of {', '.join(STATUSES)}")
 
         async def create() -> dict[str, Any]:
-            if await self._store.get_account(customer_id) is not None:
-                raise AdminError("already_exists", f"account {customer_id} already exists")
-            return asdict(
-                AccountView.of(await self._store.create_account(customer_id, plan, status))
-            )
+            account = await self._store.create_account(customer_id, plan, status)
+            return asdict(AccountView.of(account))
 
-        result = await self._once(caller, "create_account", idempotency_key, create)
+        request = {"customer_id": customer_id, "plan": plan, "status": status}
+        result = await self._once(caller, "create_account", idempotency_key, request, create)
         return AccountView(**result)
 
     async def get_account(self, caller: TokenRecord, customer_id: str) -> AccountView:
@@ -322,7 +329,9 @@ class Admin:
             )
             return asdict(KeyView.of(record))
 
-        result = await self._once(caller, "issue_key", idempotency_key, issue)
+        request = {"customer_id": customer_id, "environment": env, "expires_in": expires_in}
+        undo = self._undo_issue(customer_id)
+        result = await self._once(caller, "issue_key", idempotency_key, request, issue, undo=undo)
         return IssuedKey(issued[0] if issued else "", KeyView(**result), replayed=not issued)
 
     async def get_key(self, caller: TokenRecord, customer_id: str, key_id: str) -> KeyView:
@@ -358,16 +367,34 @@ class Admin:
 
         async def rotate() -> dict[str, Any]:
             old = await self._key(customer_id, key_id)
-            if old.revoked:
-                raise AdminError("invalid_argument", f"key {key_id} is revoked; issue a new key")
+            now_us = await self._store.now_us()
+            if not old.usable(now_us):
+                state = "revoked" if old.revoked else "expired"
+                raise AdminError("invalid_argument", f"key {key_id} is {state}; issue a new key")
             env: keys.Environment = "test" if old.environment == "test" else "live"
             key, record = await self._store.issue_key(customer_id, environment=env)
             issued.append(key)
-            until_us = await self._store.now_us() + overlap * 1_000_000
-            await self._store.expire_key(customer_id, key_id, until_us)
-            return {"key": asdict(KeyView.of(record)), "old_key_expires_at": until_us // 1_000_000}
+            await self._store.expire_key(customer_id, key_id, now_us + overlap * 1_000_000)
+            # The old key may already have expired sooner than the overlap: say when.
+            until = (await self._key(customer_id, key_id)).expires_at_us // 1_000_000
+            log.info(
+                "admin: token %s rotated key %s of %s to %s",
+                caller.token_id,
+                key_id,
+                customer_id,
+                record.key_id,
+            )
+            return {"key": asdict(KeyView.of(record)), "old_key_expires_at": until}
 
-        result = await self._once(caller, "rotate_key", idempotency_key, rotate)
+        request = {"customer_id": customer_id, "key_id": key_id, "overlap": overlap}
+        result = await self._once(
+            caller,
+            "rotate_key",
+            idempotency_key,
+            request,
+            rotate,
+            undo=self._undo_issue(customer_id),
+        )
         return IssuedKey(
             issued[0] if issued else "",
             KeyView(**result["key"]),
@@ -435,38 +462,65 @@ class Admin:
 
     # -- shared ------------------------------------------------------------------------
 
+    def _undo_issue(self, customer_id: str) -> Callable[[dict[str, Any]], Awaitable[None]]:
+        """Revokes a key whose issue could not be recorded for replays: its
+        plaintext reached no one, and a retry issues another."""
+
+        async def undo(result: dict[str, Any]) -> None:
+            key_id = result["key"]["key_id"] if "key" in result else result["key_id"]
+            await self._store.revoke_key(customer_id, key_id, reason="unrecorded")
+
+        return undo
+
     async def _once(
         self,
         caller: TokenRecord,
         operation: str,
         idempotency_key: str,
+        request: dict[str, Any],
         create: Callable[[], Awaitable[dict[str, Any]]],
+        *,
+        undo: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
     ) -> dict[str, Any]:
-        """create(), or with an idempotency key the result of its first success."""
+        """create(), or with an idempotency key the result of its first success;
+        the key reused for a different request is refused."""
         if not idempotency_key:
             return await self._guarded(create())
         if len(idempotency_key) > 255:
             raise AdminError("invalid_argument", "idempotency_key: at most 255 characters")
         store = self._store
+        fingerprint = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
         replay = await self._guarded(
             store.begin_idempotent(caller.token_id, operation, idempotency_key, ttl=IDEMPOTENCY_TTL)
         )
         if replay is not None:
             if replay.result is None:
                 raise AdminError("in_progress", "a call with this idempotency key is in progress")
-            return replay.result
+            if replay.result.get("request") != fingerprint:
+                raise AdminError(
+                    "invalid_argument",
+                    "idempotency_key was used for a different request; use a new key",
+                )
+            stored: dict[str, Any] = replay.result["result"]
+            return stored
         try:
             result = await self._guarded(create())
         except BaseException:
-            await store.finish_idempotent(
-                caller.token_id, operation, idempotency_key, None, ttl=IDEMPOTENCY_TTL
-            )
+            with contextlib.suppress(TollwayError):  # the claim lapses by itself anyway
+                await store.finish_idempotent(
+                    caller.token_id, operation, idempotency_key, None, ttl=IDEMPOTENCY_TTL
+                )
             raise
-        await self._guarded(
-            store.finish_idempotent(
-                caller.token_id, operation, idempotency_key, result, ttl=IDEMPOTENCY_TTL
+        record = {"request": fingerprint, "result": result}
+        try:
+            await store.finish_idempotent(
+                caller.token_id, operation, idempotency_key, record, ttl=IDEMPOTENCY_TTL
             )
-        )
+        except TollwayError as exc:
+            if undo is not None:
+                with contextlib.suppress(TollwayError):
+                    await undo(result)
+            raise AdminError("unavailable", f"not recorded, retry: {exc}") from None
         return result
 
     async def _guarded(self, work: Awaitable[T]) -> T:
@@ -477,6 +531,8 @@ class Admin:
             raise AdminError("unavailable", str(exc)) from None
         except NotFound as exc:
             raise AdminError("not_found", str(exc)) from None
+        except AlreadyExists as exc:
+            raise AdminError("already_exists", str(exc)) from None
         except AdminError:
             raise
         except TollwayError as exc:

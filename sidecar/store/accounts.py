@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from sidecar.decision import STATUSES
-from sidecar.errors import NotFound, TollwayError
+from sidecar.errors import AlreadyExists, NotFound, TollwayError
 from sidecar.store.base import StoreBase
 from sidecar.store.names import (
     ACCOUNTS_INDEX,
@@ -49,7 +49,7 @@ class Accounts(StoreBase):
         async with self._guard("account create"):
             created = await self._redis.hsetnx(account_key(customer_id), "plan", plan)
             if not created:
-                raise TollwayError(f"account {customer_id} already exists")
+                raise AlreadyExists(f"account {customer_id} already exists")
             await self._redis.hset(
                 account_key(customer_id),
                 mapping={"status": status, "grace_until": 0, "created_at": now},
