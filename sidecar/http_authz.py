@@ -55,6 +55,7 @@ from sidecar.errors import ConfigError, StoreUnavailable
 from sidecar.logs import bind_request_id
 from sidecar.metrics import counted_decision
 from sidecar.settings import HeaderNames, Settings
+from sidecar.tls import TlsFiles, uvicorn_options
 
 if TYPE_CHECKING:
     from sidecar.authorizer import Authorizer
@@ -286,9 +287,12 @@ class _Server(uvicorn.Server):
         yield
 
 
-def http_server(app: HttpAuthz, *, drain_seconds: int) -> uvicorn.Server:
+def http_server(
+    app: HttpAuthz, *, drain_seconds: int, tls: TlsFiles | None = None
+) -> uvicorn.Server:
     """uvicorn for the app; stop it with `server.should_exit = True`, which drains
-    in-flight requests for up to drain_seconds."""
+    in-flight requests for up to drain_seconds. With tls, HTTPS (and mutual TLS
+    with a client CA)."""
     config = uvicorn.Config(
         app,
         http=HeadLimitedHttpTools,
@@ -305,6 +309,7 @@ def http_server(app: HttpAuthz, *, drain_seconds: int) -> uvicorn.Server:
         # Envoy closes an idle connection first, never sends on one closing here.
         timeout_keep_alive=75,
         timeout_graceful_shutdown=drain_seconds,
+        **(uvicorn_options(tls) if tls else {}),
     )
     return _Server(config)
 

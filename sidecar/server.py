@@ -43,6 +43,7 @@ from sidecar.quota_alerts import AlertQueue
 from sidecar.settings import Settings, load_settings
 from sidecar.store import Store, connect, subscriber
 from sidecar.store.names import INVALIDATE_CHANNEL
+from sidecar.tls import grpc_credentials
 from sidecar.usage import DirtyIndex
 
 __all__ = ["Sidecar", "serve"]
@@ -197,7 +198,10 @@ async def serve(
     )
     reflection.enable_server_reflection(services, server)
     address = listen or settings.listen
-    port = server.add_insecure_port(address)
+    if settings.tls is not None:
+        port = server.add_secure_port(address, grpc_credentials(settings.tls))
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise ConfigError(f"listen: cannot bind {address}")
     drain = 5  # seconds in-flight requests get on SIGTERM, on either port
@@ -208,7 +212,9 @@ async def serve(
     if settings.http_listen:
         sock = listen_socket(settings.http_listen, reuse_port=worker is not None)
         http = http_server(
-            HttpAuthz(sidecar.authorizer, lambda: sidecar.settings), drain_seconds=drain
+            HttpAuthz(sidecar.authorizer, lambda: sidecar.settings),
+            drain_seconds=drain,
+            tls=settings.tls,
         )
     await server.start()
     if http is not None:
