@@ -1,14 +1,22 @@
 """The companion's HTTP app (Starlette): where all Stripe I/O lives.
 
     GET  /healthz                 Redis reachable? Stripe sync on?
-    POST /webhooks/stripe         signed Stripe events → account state
+    POST /webhooks/stripe         signed Stripe events → account state, credits granted
     POST /checkout                {email | customer, plan} → Checkout Session URL
-    GET  /checkout/complete       ?session_id=… → the new API key, shown once
+                                  {customer, pack} → a credit pack's (webhook/credits.py)
+    GET  /checkout/complete       ?session_id=… → the new API key, shown once; for a
+                                  pack: the credits granted and the new balance
     POST /portal                  API key → Billing Portal session URL
+    GET|POST /credits/auto-top-up API key → the account's auto top-up setting;
+                                  POST {"enabled": false} or {"enabled": true, "at": N}
     GET  /metrics                 Prometheus metrics
 
-In the background: the usage reporter (webhook/reporter.py), notification
-delivery, and periodic reconciliation.
+Forms and JSON are both accepted where a body is read; a form's answer is a
+303 redirect. /checkout takes a plan or a pack, not both (400).
+
+In the background: the usage reporter (webhook/reporter.py), the relay of the
+notification stream (webhook/outbox.py: notifications to notify_url, and
+auto top-ups, webhook/top_up.py), and periodic reconciliation.
 
 Webhook answers: 200 once applied (or a duplicate, or an event Tollway does not
 act on); 400 for a missing or bad signature or a malformed body (nothing
@@ -26,7 +34,7 @@ import re
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import stripe
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -40,12 +48,15 @@ from sidecar.envoy import extract_key
 from sidecar.errors import StoreUnavailable, TollwayError
 from sidecar.store import Store
 from webhook.config import CompanionSettings
+from webhook.credits import PackGrants, checkout_params
 from webhook.metrics import WEBHOOK_EVENTS
 from webhook.notify import Notifier
+from webhook.outbox import Handler, Outbox, Relay
 from webhook.pages import page
 from webhook.reconcile import reconcile
 from webhook.reporter import Reporter
 from webhook.sync import StripeUnavailable, Syncer, make_client, stripe_failure
+from webhook.top_up import TopUps
 
 __all__ = ["create_app", "signature_ok"]
 
@@ -117,14 +128,23 @@ class Companion:
         self.settings = settings
         self.store = store
         self.notifier = Notifier(settings.stripe.notify_url)
+        self.outbox = Outbox(store)
         self.client: stripe.StripeClient | None = None
         self.http: stripe.HTTPXClient | None = None
         self.syncer: Syncer | None = None
         self.reporter: Reporter | None = None
+        self.grants: PackGrants | None = None
+        self.top_ups: TopUps | None = None
+        handlers: dict[str, Handler] = {}
         if settings.stripe.secret_key:
             self.client, self.http = make_client(settings.stripe)
-            self.syncer = Syncer(store, self.client, settings, self.notifier)
+            self.syncer = Syncer(store, self.client, settings, self.outbox)
             self.reporter = Reporter(store, self.client, settings)
+            self.grants = PackGrants(store, self.client, settings, self.outbox)
+            self.top_ups = TopUps(store, self.client, settings, self.outbox, self.grants)
+            if self.top_ups.pack is not None:
+                handlers["auto_top_up_due"] = self.top_ups.handle_due
+        self.relay = Relay(store, self.notifier, settings.stripe, handlers=handlers)
         self._price_ids: dict[str, str] = {}
 
     @property
@@ -177,7 +197,11 @@ class Companion:
         ):
             return _error(400, "malformed", "not a Stripe event")
         try:
-            result = await self.syncer.handle_event(event)
+            result = None
+            if self.grants is not None:
+                result = await self.grants.handle_event(event)
+            if result is None:
+                result = await self.syncer.handle_event(event)
         except (StoreUnavailable, StripeUnavailable) as exc:
             log.error("webhook: event %s not applied, Stripe will retry: %s", event["id"], exc)
             return _error(503, "unavailable", "try again later")
@@ -206,6 +230,10 @@ class Companion:
         data, is_form = await _fields(request, 64 * 1024)
         if data is None:
             return _error(400, "malformed", "send JSON or a form: {email or customer, plan}")
+        if data.get("pack") is not None:
+            if data.get("plan") is not None:
+                return _error(400, "plan_or_pack", "send a plan or a pack, not both")
+            return await self._checkout_pack(data, is_form)
         plan = data.get("plan")
         if not isinstance(plan, str) or plan not in self.settings.core.catalog.plans:
             names = ", ".join(self.settings.core.catalog.plans)
@@ -238,6 +266,89 @@ class Companion:
             return RedirectResponse(session.url or "/", status_code=303)
         return JSONResponse({"id": session.id, "url": session.url})
 
+    async def _checkout_pack(self, data: Mapping[str, Any], is_form: bool) -> Response:
+        assert self.client is not None
+        packs = self.settings.core.catalog.credit_packs
+        name = data.get("pack")
+        if not isinstance(name, str) or name not in packs:
+            names = ", ".join(packs) or "(none are configured)"
+            return _error(400, "unknown_pack", f"pack must be one of: {names}")
+        if packs[name].stripe_price is None:
+            return _error(400, "pack_not_for_sale", f"pack {name} has no Stripe price")
+        customer, email = data.get("customer"), data.get("email")
+        if not (isinstance(customer, str) and _CUSTOMER_RE.fullmatch(customer)):
+            if isinstance(email, str) and email:
+                return _error(
+                    400,
+                    "account_required",
+                    "credits belong to a Tollway account: buy a pack with the account's "
+                    "Stripe customer id (customer), after subscribing",
+                )
+            return _error(400, "missing_customer", "give the Stripe customer id of an account")
+        try:
+            account = await self.store.get_account(customer)
+        except StoreUnavailable:
+            return _error(503, "unavailable", "try again later")
+        if account is None:
+            return _error(
+                400,
+                "account_required",
+                f"customer {customer} has no Tollway account: credits belong to one; "
+                "subscribe first",
+            )
+        plan = self.settings.core.catalog.plans.get(account.plan)
+        if plan is None or not plan.credits:
+            return _error(
+                400,
+                "plan_without_credits",
+                f"the account's plan {account.plan} does not use credits",
+            )
+        params = checkout_params(self.settings, name, customer)
+        try:
+            session = await self.client.v1.checkout.sessions.create_async(params)  # type: ignore[arg-type]
+        except stripe.StripeError as exc:
+            log.error("checkout for pack %s failed: %s", name, type(exc).__name__)
+            message = exc.user_message or "Stripe could not start the checkout; try again"
+            return _error(502, "stripe_error", message)
+        if is_form:
+            return RedirectResponse(session.url or "/", status_code=303)
+        return JSONResponse({"id": session.id, "url": session.url})
+
+    async def _pack_complete(
+        self, as_json: bool, session_id: str, session: dict[str, Any]
+    ) -> Response:
+        assert self.grants is not None
+        try:
+            # The browser may come back before the webhook: grant now (same grant id).
+            granted = await self.grants.grant_session(session_id, session)
+        except (StoreUnavailable, StripeUnavailable):
+            return self._complete_error(
+                as_json, 503, "unavailable", "Please reload this page in a moment."
+            )
+        if granted is None:
+            return self._complete_error(
+                as_json, 404, "unknown_session", "This checkout sold nothing we know of."
+            )
+        if granted.result == "unpaid":
+            return self._complete_error(
+                as_json, 409, "not_complete", "This checkout is not paid yet."
+            )
+        data = {
+            "customer_id": granted.customer_id,
+            "pack": granted.pack,
+            "credits": granted.credits,
+            "balance": granted.balance,
+        }
+        if as_json:
+            return JSONResponse(data, headers={"cache-control": "no-store"})
+        return page(
+            "Credits added",
+            [
+                f"Thank you! {granted.credits} credits ({granted.pack}) are on your account.",
+                f"Your balance is now {granted.balance} credits; they work at once.",
+            ],
+        )
+
     async def checkout_complete(self, request: Request) -> Response:
         as_json = _wants_json(request)
         session_id = request.query_params.get("session_id", "")
@@ -255,6 +366,8 @@ class Companion:
             return self._complete_error(as_json, 502, "stripe_error", "Stripe is unavailable.")
         except stripe.StripeError:
             return self._complete_error(as_json, 502, "stripe_error", "Stripe is unavailable.")
+        if session.mode == "payment":
+            return await self._pack_complete(as_json, session_id, session.to_dict())
         customer, sub_id = session.customer, session.subscription
         if session.status != "complete" or not isinstance(customer, str) or not sub_id:
             return self._complete_error(
@@ -331,23 +444,77 @@ class Companion:
             return RedirectResponse(session.url, status_code=303)
         return JSONResponse({"url": session.url})
 
+    async def auto_top_up(self, request: Request) -> Response:
+        key, _ = extract_key(request.headers, self.settings.core.headers)
+        if not key:
+            return _error(401, "missing_key", "send your API key in the x-api-key header")
+        data: Mapping[str, Any] | None = {}
+        if request.method == "POST":
+            data, _ = await _fields(request, 4096)
+            if data is None:
+                return _error(400, "malformed", 'send JSON: {"enabled": true, "at": 100}')
+        try:
+            record = await self.store.usable_record(key)
+            if record is None:
+                return _error(401, "invalid_key", "API key is not valid")
+            customer = record.customer_id
+            if request.method == "POST":
+                setting = self._top_up_setting(data or {})
+                if isinstance(setting, Response):
+                    return setting
+                await self.store.set_auto_top_up(customer, setting)
+                log.info("auto top-up for %s set to %s", customer, setting or "the default")
+            current = await self.store.auto_top_up(customer)
+        except StoreUnavailable:
+            return _error(503, "unavailable", "try again later")
+        default = self.settings.core.credits.auto_top_up_at
+        at = None if current == "off" else (default if current is None else current)
+        pack = self.top_ups.pack if self.top_ups else None
+        return JSONResponse(
+            {
+                "customer_id": customer,
+                "enabled": at is not None and pack is not None,
+                "at": at,
+                "pack": pack.name if pack else None,
+                "credits": pack.credits if pack else None,
+                "own_setting": current is not None,
+            }
+        )
+
+    def _top_up_setting(self, data: Mapping[str, Any]) -> int | Literal["off"] | Response | None:
+        """The setting a request asks for, or the 400 that refuses it."""
+        enabled = {"true": True, "false": False}.get(str(data.get("enabled")).lower())
+        if enabled is None:
+            return _error(400, "bad_setting", "enabled: true or false")
+        if not enabled:
+            return "off"
+        if self.top_ups is None or self.top_ups.pack is None:
+            return _error(
+                400, "auto_top_up_unavailable", "auto top-up is not offered: no pack is set for it"
+            )
+        at = data.get("at")
+        if at is None:
+            if self.settings.core.credits.auto_top_up_at is None:
+                return _error(400, "bad_setting", "at: the balance to top up at is required")
+            return None  # the default mark
+        if isinstance(at, str) and at.isdigit():
+            at = int(at)
+        if isinstance(at, bool) or not isinstance(at, int) or not 0 <= at <= 10**12:
+            return _error(400, "bad_setting", "at: a balance, a whole number >= 0")
+        return at
+
     async def metrics(self, request: Request) -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    async def relay_notifications(self, *, interval: float = 1.0) -> None:
-        """Delivers notifications the sidecars queued (quota thresholds)."""
+    async def relay_notifications(self, *, interval: float = 0.5) -> None:
+        """Delivers the notification stream and runs its auto top-ups (webhook/outbox.py)."""
         while True:
             try:
-                cursor = await self.store.notification_cursor()
-                batch = await self.store.notifications_after(cursor)
-                for entry_id, payload in batch:
-                    kind = str(payload.pop("type", "notice"))
-                    self.notifier.notify(kind, str(payload.pop("customer_id", "")), **payload)
-                    await self.store.set_notification_cursor(entry_id)
-                if not batch:
+                if not await self.relay.round():
                     await asyncio.sleep(interval)
             except StoreUnavailable as exc:
                 log.error("notifications paused, Redis unavailable: %s", exc)
+                self.relay.reset()
                 await asyncio.sleep(interval)
 
     async def reconcile_forever(self) -> None:
@@ -385,7 +552,6 @@ def create_app(settings: CompanionSettings, store: Store) -> Starlette:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            await companion.notifier.drain()
             if companion.http is not None:
                 await companion.http.close_async()  # type: ignore[no-untyped-call]
             await store.close()
@@ -396,6 +562,7 @@ def create_app(settings: CompanionSettings, store: Store) -> Starlette:
         Route("/checkout", companion.checkout, methods=["POST"]),
         Route("/checkout/complete", companion.checkout_complete, methods=["GET"]),
         Route("/portal", companion.portal, methods=["POST"]),
+        Route("/credits/auto-top-up", companion.auto_top_up, methods=["GET", "POST"]),
         Route("/metrics", companion.metrics, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)

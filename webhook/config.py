@@ -14,6 +14,8 @@ Secrets come only from the environment or a .env file (TOLLWAY_ENV_FILE, else
     cancel_url = "https://example.com/pricing"
     portal_return_url = "https://example.com/account"
     notify_url = "https://hooks.example.com/tollway"  # optional callback
+    notify_attempts = 5                          # POSTs per notification before it is dropped
+    notify_reclaim_after = "60s"                 # a dead companion's deliveries are taken over
     reconcile_interval = "1h"                    # "0s" turns it off
     webhook_tolerance = "5m"
     max_body_bytes = 524288
@@ -47,6 +49,8 @@ _FIELDS: Final = frozenset(
         "cancel_url",
         "portal_return_url",
         "notify_url",
+        "notify_attempts",
+        "notify_reclaim_after",
         "reconcile_interval",
         "webhook_tolerance",
         "max_body_bytes",
@@ -68,6 +72,10 @@ class StripeSettings:
     cancel_url: str = ""
     portal_return_url: str = ""
     notify_url: str | None = None
+    notify_attempts: int = 5  # POSTs of one notification (with backoff) before it is dropped
+    # A notification (or auto top-up) taken by a companion that then went quiet
+    # this long is taken over by another; longer than one POST plus its backoff.
+    notify_reclaim_after: int = 60
     reconcile_interval: int = 3600
     webhook_tolerance: int = 300
     max_body_bytes: int = 512 * 1024
@@ -124,6 +132,9 @@ def stripe_settings(section: Mapping[str, Any], environ: Mapping[str, str]) -> S
     max_body = stripe.integer(
         "max_body_bytes", 512 * 1024, what="an integer >= 1024", valid=lambda n: n >= 1024
     )
+    reclaim = stripe.duration("notify_reclaim_after", 60)
+    if reclaim < 1:
+        raise ConfigError("[stripe] notify_reclaim_after: expected a duration of at least 1s")
     success = f"{public}/checkout/complete?session_id={{CHECKOUT_SESSION_ID}}"
     if "{CHECKOUT_SESSION_ID}" not in str(section.get("success_url", success)):
         raise ConfigError("[stripe] success_url: must contain {CHECKOUT_SESSION_ID}")
@@ -138,6 +149,10 @@ def stripe_settings(section: Mapping[str, Any], environ: Mapping[str, str]) -> S
         ),
         portal_return_url=stripe.string("portal_return_url", public, what=_URL, valid=_is_http),
         notify_url=stripe.string("notify_url", None, what=_URL, valid=_is_http),
+        notify_attempts=stripe.integer(
+            "notify_attempts", 5, what="1..20", valid=lambda n: 1 <= n <= 20
+        ),
+        notify_reclaim_after=reclaim,
         reconcile_interval=stripe.duration("reconcile_interval", 3600),
         webhook_tolerance=stripe.duration("webhook_tolerance", 300),
         max_body_bytes=max_body,

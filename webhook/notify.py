@@ -1,12 +1,15 @@
-"""Notifications for people: a payment failed, a trial ends, a subscription ended.
+"""Telling people: one structured log line per notification and, when [stripe]
+notify_url is set, one JSON POST to it.
 
-Each is one structured log line and, when [stripe] notify_url is set, a JSON
-POST to it. Delivery is best effort and never delays the webhook's answer.
+This module only sends. What to send, and when, is the outbox's
+(webhook/outbox.py): every notification is queued in Redis first and
+delivered by the relay, which retries a failing callback and advances only
+after a success, so a receiver sees each notification at least once and
+drops a repeat by its notification_id.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from typing import Any
@@ -20,28 +23,26 @@ log = logging.getLogger("tollway.notify")
 
 class Notifier:
     def __init__(self, url: str | None, *, timeout: float = 5.0) -> None:
-        self._url = url
+        self.url = url
         self._timeout = timeout
-        self._tasks: set[asyncio.Task[None]] = set()
 
-    def notify(self, kind: str, customer_id: str, **details: Any) -> None:
-        payload = {"type": kind, "customer_id": customer_id, **details}
+    def log(self, payload: dict[str, Any]) -> None:
+        # The line log pipelines alert on; payloads never hold keys or Stripe secrets.
         log.warning("notification %s", json.dumps(payload, sort_keys=True))
-        if self._url:
-            task = asyncio.get_running_loop().create_task(self._post(payload))
-            self._tasks.add(task)  # held so it is not collected mid-flight
-            task.add_done_callback(self._tasks.discard)
 
-    async def _post(self, payload: dict[str, Any]) -> None:
-        assert self._url is not None
+    async def post(self, payload: dict[str, Any]) -> bool:
+        """One POST to notify_url; True once it answered 2xx (or there is none)."""
+        if not self.url:
+            return True
         try:
             async with httpx.AsyncClient(timeout=self._timeout) as client:
-                response = await client.post(self._url, json=payload)
+                response = await client.post(self.url, json=payload)
                 response.raise_for_status()
         except httpx.HTTPError as exc:
-            log.error("notification %s to callback failed: %s", payload["type"], type(exc).__name__)
-
-    async def drain(self) -> None:
-        """Waits for callbacks in flight (shutdown, tests)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            log.error(
+                "notification %s to callback failed: %s",
+                payload.get("notification_id", payload.get("type")),
+                type(exc).__name__,
+            )
+            return False
+        return True

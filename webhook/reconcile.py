@@ -18,6 +18,7 @@ import stripe
 from sidecar.store import Store
 from webhook.config import CompanionSettings
 from webhook.notify import Notifier
+from webhook.outbox import Outbox
 from webhook.stripe_map import SubscriptionState, preferred, subscription_state
 from webhook.sync import Syncer, stripe_failure
 
@@ -78,7 +79,9 @@ async def reconcile(
         raise stripe_failure(exc) from exc
     summary.customers = len(by_customer)
 
-    syncer = Syncer(store, client, settings, notifier)
+    # Notifications go through the store's outbox, delivered by a companion's relay;
+    # `notifier` is no longer used (kept for sidecar/cli's call).
+    syncer = Syncer(store, client, settings, Outbox(store))
     for customer, states in sorted(by_customer.items()):
         wanted = preferred(states)
         assert wanted is not None  # every group has at least one state

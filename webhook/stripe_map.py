@@ -11,6 +11,14 @@ Which events Tollway acts on, and what each is about:
 Every one is treated as "this subscription changed": the companion re-reads
 the subscription from Stripe and applies what Stripe says now, so duplicated,
 late or reordered deliveries all converge on Stripe's current state.
+
+Credits (webhook/credits.py) are bought, not subscribed to:
+
+    checkout.session.completed | checkout.session.async_payment_succeeded
+                                        a mode=payment session with tollway_pack metadata
+    payment_intent.succeeded            an auto top-up (tollway_pack + tollway_crossing)
+
+credit_ref names the object to re-read; pack_sale reads what it sold.
 """
 
 from __future__ import annotations
@@ -24,11 +32,16 @@ from sidecar.ids import valid_id
 from sidecar.plans import Catalog
 
 __all__ = [
+    "CREDIT_EVENTS",
     "HANDLED_EVENTS",
     "NOTIFYING_EVENTS",
+    "CreditRef",
     "EventRef",
+    "PackSale",
     "SubscriptionState",
+    "credit_ref",
     "event_ref",
+    "pack_sale",
     "preferred",
     "subscription_state",
 ]
@@ -53,6 +66,15 @@ NOTIFYING_EVENTS: Final = {
     "customer.subscription.deleted": "subscription_canceled",
 }
 LIVE_STATUSES: Final = frozenset({"active", "trialing", "past_due"})
+# A session paid for (or free, with a 100% discount): its pack is granted.
+_PAID: Final = frozenset({"paid", "no_payment_required"})
+CREDIT_EVENTS: Final = frozenset(
+    {
+        "checkout.session.completed",
+        "checkout.session.async_payment_succeeded",
+        "payment_intent.succeeded",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,3 +171,80 @@ def preferred(states: Iterable[SubscriptionState]) -> SubscriptionState | None:
     a live one (active, trialing, past_due) before an ended one, newest first."""
     ranked = sorted(states, key=lambda s: (s.status in LIVE_STATUSES, s.created), reverse=True)
     return ranked[0] if ranked else None
+
+
+@dataclass(frozen=True, slots=True)
+class CreditRef:
+    """The object a credits event is about: a Checkout Session or a PaymentIntent."""
+
+    kind: str  # session | payment_intent
+    object_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class PackSale:
+    """What a paid-for (or not yet paid) pack purchase sold, as Stripe has it."""
+
+    customer_id: str | None
+    pack: str
+    credits: int
+    paid: bool
+    crossing: str  # the fall an auto top-up was for ("" for a Checkout purchase)
+
+
+def _metadata(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    metadata = obj.get("metadata")
+    return metadata if isinstance(metadata, Mapping) else {}
+
+
+def credit_ref(event: Mapping[str, Any]) -> CreditRef | None:
+    """The session or PaymentIntent a credits event concerns; None if it is not one.
+    A PaymentIntent of a Checkout purchase is granted by its session, so only an
+    auto top-up's (tollway_crossing set) counts here."""
+    kind = event.get("type")
+    data = event.get("data")
+    obj = data.get("object") if isinstance(data, Mapping) else None
+    if kind not in CREDIT_EVENTS or not isinstance(obj, Mapping):
+        return None
+    metadata = _metadata(obj)
+    object_id = _id(obj.get("id"))
+    if object_id is None or not isinstance(metadata.get("tollway_pack"), str):
+        return None
+    if kind == "payment_intent.succeeded":
+        crossing = metadata.get("tollway_crossing")
+        if not (isinstance(crossing, str) and crossing):
+            return None
+        return CreditRef("payment_intent", object_id)
+    if obj.get("mode") != "payment":
+        return None
+    return CreditRef("session", object_id)
+
+
+def pack_sale(obj: Mapping[str, Any], catalog: Catalog) -> PackSale | None:
+    """Reads a Checkout Session or PaymentIntent Tollway made for a pack; None if it
+    is not one. The credits are what the metadata says was sold (the catalog may
+    have changed since), else the pack's."""
+    metadata = _metadata(obj)
+    name = metadata.get("tollway_pack")
+    if not isinstance(name, str) or not name:
+        return None
+    raw = metadata.get("tollway_credits")
+    pack = catalog.credit_packs.get(name)
+    if isinstance(raw, str) and raw.isdigit() and int(raw) > 0:
+        credits = int(raw)
+    elif pack is not None:
+        credits = pack.credits
+    else:
+        return None
+    if obj.get("object") == "payment_intent":
+        paid = obj.get("status") == "succeeded"
+    else:
+        paid = obj.get("status") == "complete" and obj.get("payment_status") in _PAID
+    crossing = metadata.get("tollway_crossing")
+    return PackSale(
+        customer_id=_id(obj.get("customer")),
+        pack=name,
+        credits=credits,
+        paid=paid,
+        crossing=crossing if isinstance(crossing, str) else "",
+    )

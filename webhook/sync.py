@@ -21,7 +21,7 @@ from sidecar.errors import TollwayError
 from sidecar.plans import Catalog
 from sidecar.store import SUBSCRIPTION_ENDED, Store, SubscriptionChange
 from webhook.config import API_VERSION, CompanionSettings, StripeSettings
-from webhook.notify import Notifier
+from webhook.outbox import Outbox
 from webhook.stripe_map import NOTIFYING_EVENTS, SubscriptionState, event_ref, subscription_state
 
 __all__ = ["StripeUnavailable", "Syncer", "make_client"]
@@ -60,12 +60,12 @@ class Syncer:
         store: Store,
         client: stripe.StripeClient,
         settings: CompanionSettings,
-        notifier: Notifier,
+        outbox: Outbox,
     ) -> None:
         self._store = store
         self._client = client
         self._settings = settings
-        self._notifier = notifier
+        self._outbox = outbox
 
     @property
     def catalog(self) -> Catalog:
@@ -91,6 +91,9 @@ class Syncer:
             log.info("event %s (%s): nothing for Tollway to do", event_id, kind)
             return "ignored"
         if await self._store.event_seen(ref.customer_id, event_id):
+            # Applied before; its notification may not have been queued (the
+            # companion that applied it died first): queue it now, once.
+            await self._notify_once(kind, event_id, ref.customer_id, None)
             return "duplicate"
         stamp = event.get("created")
         created = stamp if isinstance(stamp, int) and stamp > 0 else int(time.time())
@@ -105,12 +108,31 @@ class Syncer:
                 ref.subscription_id,
             )
             return "ignored"
-        if change.result != "duplicate" and kind in NOTIFYING_EVENTS:
-            details: dict[str, Any] = {"event": event_id, "status": change.new_status}
-            if change.grace_until:
-                details["grace_until"] = change.grace_until
-            self._notifier.notify(NOTIFYING_EVENTS[kind], ref.customer_id, **details)
+        await self._notify_once(kind, event_id, ref.customer_id, change)
         return change.result
+
+    async def _notify_once(
+        self, kind: str, event_id: str, customer: str, change: SubscriptionChange | None
+    ) -> None:
+        """The event's notification, if its kind has one, queued once however
+        often the event arrives (the account's state as of now, for a repeat)."""
+        if kind not in NOTIFYING_EVENTS:
+            return
+        notification = NOTIFYING_EVENTS[kind]
+        notification_id = f"{notification}:{event_id}"
+        if change is None:
+            if await self._outbox.was_queued(customer, notification_id):
+                return
+            account = await self._store.get_account(customer)
+            status, grace_until = (account.status, account.grace_until) if account else ("", 0)
+        else:
+            status, grace_until = change.new_status, change.grace_until
+        details: dict[str, Any] = {"event": event_id, "status": status}
+        if grace_until:
+            details["grace_until"] = grace_until
+        await self._outbox.queue_once(
+            notification, customer, notification_id=notification_id, **details
+        )
 
     async def sync(
         self,
@@ -143,7 +165,21 @@ class Syncer:
         customer = state.customer_id
         if state.error:
             log.error("account %s: %s; keeping its current plan", customer, state.error)
-            self._notifier.notify("unknown_price", customer, price=state.price_ref)
+            if event_id:  # once per event, however often it arrives
+                await self._outbox.queue_once(
+                    "unknown_price",
+                    customer,
+                    notification_id=f"unknown_price:{event_id}",
+                    price=state.price_ref,
+                    subscription_id=state.subscription_id,
+                )
+            else:  # a reconcile or a checkout return: each finds it again
+                await self._outbox.queue(
+                    "unknown_price",
+                    customer,
+                    price=state.price_ref,
+                    subscription_id=state.subscription_id,
+                )
         change = await self._store.apply_subscription(
             customer,
             event_id=event_id,
