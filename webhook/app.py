@@ -10,6 +10,7 @@
     GET|POST /credits/auto-top-up API key → the account's auto top-up setting;
                                   POST {"enabled": false} or {"enabled": true, "at": N}
     GET  /metrics                 Prometheus metrics
+    /admin/v1/...                 the admin API as JSON, for admin tokens (webhook/admin_api.py)
 
 Forms and JSON are both accepted where a body is read; a form's answer is a
 303 redirect. /checkout takes a plan or a pack, not both (400).
@@ -44,9 +45,11 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from sidecar import keys
+from sidecar.admin.operations import Admin
 from sidecar.envoy import extract_key
 from sidecar.errors import StoreUnavailable, TollwayError
 from sidecar.store import Store
+from webhook.admin_api import admin_routes
 from webhook.config import CompanionSettings
 from webhook.credits import PackGrants, checkout_params
 from webhook.metrics import WEBHOOK_EVENTS
@@ -564,6 +567,7 @@ def create_app(settings: CompanionSettings, store: Store) -> Starlette:
         Route("/portal", companion.portal, methods=["POST"]),
         Route("/credits/auto-top-up", companion.auto_top_up, methods=["GET", "POST"]),
         Route("/metrics", companion.metrics, methods=["GET"]),
+        *admin_routes(Admin(store, lambda: settings.core)),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.companion = companion
