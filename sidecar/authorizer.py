@@ -21,15 +21,18 @@ reached (on_alert).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Final
 
 from sidecar import keys
 from sidecar.cache import TtlCache
 from sidecar.decision import Decision, Outcome, OutcomeCode, Reason, decision_from_outcome, refuse
+from sidecar.errors import TollwayError
 from sidecar.plans import Plan, Route
 from sidecar.settings import Settings
 from sidecar.shortcuts import BucketReading, QuotaDenial, Shortcuts
@@ -40,6 +43,8 @@ from sidecar.store.names import parse_invalidation
 __all__ = ["Alert", "Authorizer", "BalanceAlert", "QuotaAlert", "TopUpDue"]
 
 log = logging.getLogger("tollway.authorizer")
+
+_TOUCH_EVERY: Final = 60.0  # seconds between writes of one key's last_used
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,9 +110,12 @@ class Authorizer:
         self._settings = settings  # a getter: SIGHUP swaps plans under us
         self._metered = metered  # told of each customer whose usage was just recorded
         self._on_alert = on_alert  # called on the request path: it must not block
+        self._clock = clock
         self.shortcuts = Shortcuts(clock=clock)
         self.key_cache: TtlCache[str, tuple[KeyRecord | None]] = TtlCache(clock=clock)
         self._lookups: dict[str, asyncio.Future[KeyRecord | None]] = {}
+        self._touched: dict[str, float] = {}  # key id -> when last_used was last written
+        self._touching: set[asyncio.Task[None]] = set()
 
     @property
     def buckets(self) -> TtlCache[str, BucketReading]:
@@ -136,6 +144,12 @@ class Authorizer:
         route = settings.catalog.route_for(method, path)
         cost = cost or (route.cost if route else 1)
         feature = feature or (route.feature if route else None)
+        if not record.policy.allows(method, path, feature):
+            return refuse(
+                Reason.KEY_SCOPE,
+                "This API key may not make this request (outside the key's scope)",
+                customer_id=customer,
+            )
         # The account's plan as last seen, and what this sidecar knows of its limits.
         turn = await self.shortcuts.take_turn(
             customer, settings.catalog.plans, cost=cost, feature=feature
@@ -162,6 +176,7 @@ class Authorizer:
                 cost=cost,
                 feature=feature,
                 top_up_url=settings.credits.top_up_url,
+                key_policy=record.policy,
             )
             # A plan enforced for want of credits teaches nothing: the account is
             # still on its own plan, and a top-up must restore it at once.
@@ -169,6 +184,7 @@ class Authorizer:
                 self.shortcuts.learn(turn, plan, outcome, decision)
         if outcome.code is not OutcomeCode.OK or plan is None:
             return decision
+        self._used(record)
         return self._admitted(decision, plan, answer, cost=cost, route=route, request_id=request_id)
 
     async def _record(self, api_key: str) -> KeyRecord | Decision:
@@ -243,8 +259,10 @@ class Authorizer:
                 credits_parent=parent,
                 low_balance=settings.credits.low_balance,
                 top_up_at=settings.credits.auto_top_up_at,
+                key_policy=record.policy,
             )
-            outcome = await self._store.admit(customer, request)
+            key_id = record.key_id if record.policy.limited else ""
+            outcome = await self._store.admit(customer, request, key_id=key_id)
             if outcome.code is not OutcomeCode.PLAN_CHANGED:
                 return _Answer(outcome, plan, lease, credits_fallback=bool(parent))
             # The plan's balance is short and it falls back to another plan meanwhile:
@@ -267,6 +285,25 @@ class Authorizer:
                 # Learned now, not with the answer: requests arriving meanwhile guess it.
                 self.shortcuts.hints.learn(customer, plan.name)
         raise RuntimeError(f"plan of {customer} kept changing during the decision")
+
+    def _used(self, record: KeyRecord) -> None:
+        """Notes when the key was last used: one write a minute per key at most,
+        after the decision and off the request's path (a lost write loses nothing
+        but that minute)."""
+        now = self._clock()
+        if now - self._touched.get(record.key_id, -_TOUCH_EVERY) < _TOUCH_EVERY:
+            return
+        self._touched[record.key_id] = now
+        if len(self._touched) > 100_000:
+            self._touched.clear()  # bounded: at worst, one more write per key
+        task = asyncio.ensure_future(self._touch(record))
+        self._touching.add(task)
+        task.add_done_callback(self._touching.discard)
+
+    async def _touch(self, record: KeyRecord) -> None:
+        # Redis away (the next minute tries again), or the key just vanished.
+        with contextlib.suppress(TollwayError):
+            await self._store.touch_key(record.customer_id, record.key_id, int(time.time()))
 
     def _admitted(
         self,

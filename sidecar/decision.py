@@ -16,10 +16,11 @@ from __future__ import annotations
 import enum
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
+from sidecar.key_policy import NO_POLICY, KeyPolicy
 from sidecar.plans import Plan
 
 __all__ = [
@@ -60,6 +61,8 @@ class Reason(enum.Enum):
     QUOTA_EXCEEDED = "quota_exceeded"
     CONCURRENCY_LIMITED = "concurrency_limited"
     CREDITS_EXHAUSTED = "credits_exhausted"
+    KEY_SCOPE = "key_scope"
+    KEY_USES_EXHAUSTED = "key_uses_exhausted"
 
 
 class OutcomeCode(enum.IntEnum):
@@ -75,6 +78,9 @@ class OutcomeCode(enum.IntEnum):
     QUOTA_EXCEEDED = 7
     CONCURRENCY = 8
     CREDITS = 9
+    KEY_USES = 10
+    KEY_RATE_LIMITED = 11
+    KEY_QUOTA_EXCEEDED = 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,9 +232,11 @@ def decision_from_outcome(
     cost: int,
     feature: str | None,
     top_up_url: str = "",
+    key_policy: KeyPolicy = NO_POLICY,
 ) -> Decision:
     """Reads an outcome of a script run with plan's limits (None: no plan known yet);
-    a denial for want of credits points to top_up_url when there is one."""
+    a denial for want of credits points to top_up_url when there is one; one by
+    the key's own limits describes key_policy's."""
     code = outcome.code
     if code is OutcomeCode.NO_ACCOUNT:
         return refuse(Reason.INVALID_KEY, "API key belongs to no account", customer_id=customer_id)
@@ -258,6 +266,15 @@ def decision_from_outcome(
             f"Feature {(feature or '')[:64]!r} is not in plan {plan.name}; upgrade to use it",
             **who,
         )
+    if code is OutcomeCode.KEY_USES:
+        return refuse(
+            Reason.KEY_USES_EXHAUSTED,
+            f"API key has answered all {key_policy.uses} requests it was issued for; "
+            "use another key",
+            **who,
+        )
+    if code in (OutcomeCode.KEY_RATE_LIMITED, OutcomeCode.KEY_QUOTA_EXCEEDED):
+        return _key_limited(outcome, plan, key_policy, customer_id=customer_id, cost=cost)
     rate, quota = _limits(plan, outcome)
     if code is OutcomeCode.CREDITS:
         where = f" at {top_up_url}" if top_up_url else ""
@@ -314,4 +331,29 @@ def decision_from_outcome(
         rate,
         quota,
         retry_after=max(1, quota.reset_seconds),
+    )
+
+
+def _key_limited(
+    outcome: Outcome, plan: Plan, policy: KeyPolicy, *, customer_id: str, cost: int
+) -> Decision:
+    """A denial by the key's own bucket or quota, in the key's numbers."""
+    view = policy.plan_view(plan)
+    rate, quota = _limits(view, outcome)
+    if outcome.code is OutcomeCode.KEY_RATE_LIMITED:
+        denied = rate_limited(
+            view, customer_id=customer_id, cost=cost, rate=rate, retry_ms=outcome.retry_ms
+        )
+        return replace(denied, message=denied.message.replace(f"plan {plan.name}", "this key"))
+    limit = policy.quota
+    assert limit is not None  # the script reports code 12 only for a key's quota
+    return Decision(
+        False,
+        Reason.QUOTA_EXCEEDED,
+        f"Quota exceeded for this key: {limit}; resets at the period's end",
+        customer_id,
+        plan.name,
+        None,
+        quota,
+        retry_after=max(1, quota.reset_seconds) if outcome.retry_ms >= 0 else 0,
     )

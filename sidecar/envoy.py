@@ -54,6 +54,8 @@ HTTP_STATUS: Final[Mapping[Reason, tuple[int, int]]] = {
     Reason.QUOTA_EXCEEDED: (429, code_pb2.RESOURCE_EXHAUSTED),
     Reason.CONCURRENCY_LIMITED: (429, code_pb2.RESOURCE_EXHAUSTED),
     Reason.CREDITS_EXHAUSTED: (402, code_pb2.RESOURCE_EXHAUSTED),
+    Reason.KEY_SCOPE: (403, code_pb2.PERMISSION_DENIED),
+    Reason.KEY_USES_EXHAUSTED: (403, code_pb2.PERMISSION_DENIED),
 }
 # ext_authz's dynamic metadata lands under its filter name, which the ext_proc
 # filter forwards to Tollway's ExternalProcessor (metadata_options).

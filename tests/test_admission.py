@@ -42,7 +42,7 @@ def test_the_scripts_keys_header_is_the_key_list_the_store_sends() -> None:
 def test_the_header_reads_keys_then_argv_then_return_codes_in_order() -> None:
     first_argv = SCRIPT.index("-- ARGV[1]")
     assert SCRIPT.rindex("-- KEYS[") < first_argv < SCRIPT.index("-- Returns")
-    codes = [int(code) for code in re.findall(r"^--\s+(?:code)?\s+(\d) \w", SCRIPT, re.M)]
+    codes = [int(code) for code in re.findall(r"^--\s+(?:code)?\s+(\d+) \w", SCRIPT, re.M)]
     assert codes == [code.value for code in OutcomeCode]
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from sidecar.decision import Outcome, OutcomeCode
+from sidecar.key_policy import NO_POLICY, KeyPolicy
 from sidecar.periods import period_at
 from sidecar.plans import Plan
 from sidecar.store.base import StoreBase
@@ -22,6 +23,7 @@ from sidecar.store.names import (
     alerts_key,
     credit_ledger_key,
     credits_key,
+    key_limits_key,
     leases_key,
     legacy_quota_key,
     limits_key,
@@ -48,6 +50,7 @@ ADMIT_KEYS: Final = (
     "leases",
     "credits",
     "ledger",
+    "key_limits",
 )
 
 
@@ -81,6 +84,11 @@ class Admission:
     credits_parent: str  # the plan whose credits fallback expected_plan is, or ""
     low_balance: tuple[int, ...]  # balances that notify when reached
     top_up_at: int | None  # the auto top-up mark for accounts without their own
+    key_rate: float  # the key's own limits (sidecar/key_policy.py); 0: none
+    key_burst: int
+    key_quota: int
+    key_period: str
+    key_uses: int
 
     def argv(self) -> list[str | int]:
         """The fields in order, as the script reads them (tests/test_admission.py
@@ -112,6 +120,11 @@ class Admission:
             self.credits_parent,
             ",".join(map(str, self.low_balance)) if self.low_balance else "",
             "" if self.top_up_at is None else self.top_up_at,
+            repr(self.key_rate),
+            self.key_burst,
+            self.key_quota,
+            self.key_period,
+            self.key_uses,
         ]
 
 
@@ -129,6 +142,7 @@ def admission(
     credits_parent: str = "",
     low_balance: tuple[int, ...] = (),
     top_up_at: int | None = None,
+    key_policy: KeyPolicy = NO_POLICY,
 ) -> Admission:
     """The script's inputs for one request under plan's limits (None: no plan
     known yet; the script then only names the plan). With request_id, a metered
@@ -165,6 +179,11 @@ def admission(
         credits_parent=credits_parent,
         low_balance=low_balance if plan and plan.credits else (),
         top_up_at=top_up_at,
+        key_rate=key_policy.rate.per_second if key_policy.rate else 0.0,
+        key_burst=key_policy.burst,
+        key_quota=key_policy.quota.limit if key_policy.quota else 0,
+        key_period=key_policy.quota.period if key_policy.quota else "month",
+        key_uses=key_policy.uses,
     )
 
 
@@ -193,7 +212,7 @@ def parse_outcome(raw: list[Any]) -> Outcome:
     )
 
 
-def _keys(customer_id: str, reservation: str) -> list[str]:
+def _keys(customer_id: str, reservation: str, key_id: str) -> list[str]:
     return [
         account_key(customer_id),
         limits_key(customer_id),
@@ -206,19 +225,21 @@ def _keys(customer_id: str, reservation: str) -> list[str]:
         leases_key(customer_id),
         credits_key(customer_id),
         credit_ledger_key(customer_id),
+        key_limits_key(customer_id, key_id or "-"),
     ]
 
 
 class AdmissionStore(StoreBase):
-    async def admit(self, customer_id: str, request: Admission) -> Outcome:
-        """Runs admit.lua for one request: every limit checked, consumed only if all pass."""
+    async def admit(self, customer_id: str, request: Admission, *, key_id: str = "") -> Outcome:
+        """Runs admit.lua for one request: every limit checked, consumed only if all pass.
+        key_id names the key's own counters, for a key with limits of its own."""
         if self._clock_us is not None:
             now_us = self._clock_us()
             start, end, month = period_at(request.quota_period, now_us // 1_000_000)
             request = replace(
                 request, now_us=now_us, period_start=start, period_end=end, month_start=month
             )
-        keys = _keys(customer_id, request.reservation)
+        keys = _keys(customer_id, request.reservation, key_id)
         async with self._guard("decision"):
             raw = await self._run("admit.lua", keys, request.argv(), fast=True)
         return parse_outcome(raw)

@@ -13,6 +13,9 @@
 -- KEYS[9]  leases        tw:{acct}:leases  lease id -> expiry (Unix s)
 -- KEYS[10] credits       tw:{acct}:cr      prepaid balance (shared/credits.lua)
 -- KEYS[11] ledger        tw:{acct}:crl     its ledger stream
+-- KEYS[12] key_limits    tw:{acct}:kl:<key id>  the key's own bucket (tokens, ts),
+--                                           quota counter (k, p, used), uses left (n);
+--                                           untouched for a key without limits
 --
 -- ARGV[1]  now_us           now in microseconds, or "" to use Redis TIME (production)
 -- ARGV[2]  expected_plan    plan the caller believes the account has (its limits follow)
@@ -44,6 +47,11 @@
 --                           ARGV[2] only while this plan's balance is still short
 -- ARGV[25] low_balance      balances that notify when reached, comma separated
 -- ARGV[26] top_up_at        the auto top-up mark for accounts without their own ("" = off)
+-- ARGV[27] key_rate         the key's own refill per second (0 = none)
+-- ARGV[28] key_burst        its bucket size
+-- ARGV[29] key_quota        the key's own quota per period (0 = none)
+-- ARGV[30] key_period       hour | day | month
+-- ARGV[31] key_uses         requests the key answers in all (0 = no limit)
 --
 -- Returns {code, plan, status, tokens_milli, reset_ms, retry_ms, quota_used,
 --          period_end, now_s, thresholds, balance, low, top_up}; thresholds lists the
@@ -62,6 +70,9 @@
 --        7 quota exceeded
 --        8 concurrency limited
 --        9 credits exhausted (the balance cannot cover the cost)
+--       10 the key's uses are spent
+--       11 the key's own bucket is empty (tokens, reset and retry are the key's)
+--       12 the key's own quota is spent (used and period_end are the key's)
 --   retry_ms is -1 when waiting can never help (cost above burst or quota).
 -- Only code 0 consumes anything: a denied request consumes nothing (a grant
 -- found past its expiry lapses, on the ledger, whatever the outcome).
@@ -72,7 +83,8 @@
 local now_us, expected_plan, rate, burst, quota_limit, quota_period, period_start, period_end,
   month_start, overage, meter, concurrency, lease_ttl, fallback_plan, cost, feature_ok,
   key_expires_us, reservation, reservation_ttl, thresholds, lease_id, credits,
-  credits_fallback, credits_parent, low_balance, top_up_at = unpack(ARGV)
+  credits_fallback, credits_parent, low_balance, top_up_at, key_rate, key_burst, key_quota,
+  key_period, key_uses = unpack(ARGV)
 
 if now_us == "" then
   local t = redis.call("TIME")
@@ -134,44 +146,47 @@ end
 
 local p_start, p_end = tonumber(period_start), tonumber(period_end)
 month_start = tonumber(month_start)
+-- Calendar arithmetic (proleptic Gregorian, UTC), after H. Hinnant's algorithms:
+-- the period of `kind` holding now, and the month's start.
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local doy = math.floor((153 * ((m + 9) % 12) + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+local function civil_from_days(z)
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return y, m
+end
+local function period_of(kind)
+  local y, m = civil_from_days(math.floor(now_s / 86400))
+  local month = days_from_civil(y, m, 1) * 86400
+  if kind == "hour" then
+    local s = now_s - now_s % 3600
+    return s, s + 3600, month
+  elseif kind == "day" then
+    local s = now_s - now_s % 86400
+    return s, s + 86400, month
+  end
+  if m == 12 then y, m = y + 1, 1 else m = m + 1 end
+  return month, days_from_civil(y, m, 1) * 86400, month
+end
+
 if not (p_start <= now_s and now_s < p_end and month_start <= p_start) then
   -- The caller's clock put the request in another period than Redis TIME does
-  -- (a boundary, or skew): Redis's clock decides, so compute the period here.
-  -- Calendar arithmetic (proleptic Gregorian, UTC), after H. Hinnant's algorithms.
-  local function days_from_civil(y, m, d)
-    if m <= 2 then y = y - 1 end
-    local era = math.floor(y / 400)
-    local yoe = y - era * 400
-    local doy = math.floor((153 * ((m + 9) % 12) + 2) / 5) + d - 1
-    local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
-    return era * 146097 + doe - 719468
-  end
-  local function civil_from_days(z)
-    z = z + 719468
-    local era = math.floor(z / 146097)
-    local doe = z - era * 146097
-    local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
-      - math.floor(doe / 146096)) / 365)
-    local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-    local mp = math.floor((5 * doy + 2) / 153)
-    local m = mp < 10 and mp + 3 or mp - 9
-    local y = yoe + era * 400
-    if m <= 2 then y = y + 1 end
-    return y, m
-  end
-  local y, m = civil_from_days(math.floor(now_s / 86400))
-  month_start = days_from_civil(y, m, 1) * 86400
-  if quota_period == "hour" then
-    p_start = now_s - now_s % 3600
-    p_end = p_start + 3600
-  elseif quota_period == "day" then
-    p_start = now_s - now_s % 86400
-    p_end = p_start + 86400
-  else
-    p_start = month_start
-    if m == 12 then y, m = y + 1, 1 else m = m + 1 end
-    p_end = days_from_civil(y, m, 1) * 86400
-  end
+  -- (a boundary, or skew): Redis's clock decides.
+  p_start, p_end, month_start = period_of(quota_period)
 end
 
 -- The bucket and the period's counter share one hash: one read, one write.
@@ -224,6 +239,50 @@ if tokens < cost then
   return reply(6, plan, status, tokens, full_in_ms(tokens), retry, used, p_end)
 end
 
+-- The key's own limits, on top of the account's: both must pass.
+key_rate, key_burst, key_quota = tonumber(key_rate), tonumber(key_burst), tonumber(key_quota)
+key_uses = tonumber(key_uses)
+local key_limited = key_rate > 0 or key_quota > 0 or key_uses > 0
+local kfields = {}
+if key_limited then
+  local ks = redis.call("HMGET", KEYS[12], "tokens", "ts", "k", "p", "used", "n")
+  if key_uses > 0 then
+    local left = tonumber(ks[6] or key_uses)
+    if left < 1 then
+      return reply(10, plan, status, tokens, full_in_ms(tokens), -1, used, p_end)
+    end
+    table.insert(kfields, "n"); table.insert(kfields, left - 1)
+  end
+  if key_rate > 0 then
+    local kt = key_burst
+    if ks[1] then
+      local elapsed = math.max(0, now_us - tonumber(ks[2]))
+      kt = math.min(key_burst, tonumber(ks[1]) + elapsed * key_rate / 1000000)
+    end
+    local k_full = (key_burst - kt) * 1000 / key_rate
+    if kt < cost then
+      local retry = -1
+      if cost <= key_burst then retry = math.ceil((cost - kt) * 1000 / key_rate) end
+      return reply(11, plan, status, kt, k_full, retry, used, p_end)
+    end
+    table.insert(kfields, "tokens"); table.insert(kfields, string.format("%.17g", kt - cost))
+    table.insert(kfields, "ts"); table.insert(kfields, now_us)
+  end
+  if key_quota > 0 then
+    local ks_start, ks_end = period_of(key_period)
+    local kused = 0
+    if ks[3] == key_period and tonumber(ks[4]) == ks_start then kused = tonumber(ks[5]) end
+    if kused + cost > key_quota then
+      local retry = (ks_end - now_s) * 1000
+      if cost > key_quota then retry = -1 end
+      return reply(12, plan, status, tokens, full_in_ms(tokens), retry, kused, ks_end)
+    end
+    table.insert(kfields, "k"); table.insert(kfields, key_period)
+    table.insert(kfields, "p"); table.insert(kfields, ks_start)
+    table.insert(kfields, "used"); table.insert(kfields, kused + cost)
+  end
+end
+
 -- Prepaid credits: the balance must cover the cost, else the plan decides.
 local taken = nil
 if credits ~= "" then
@@ -248,6 +307,15 @@ end
 
 tokens = tokens - cost
 used = used + cost
+if #kfields > 0 then
+  redis.call("HSET", KEYS[12], unpack(kfields))
+  -- Uses left are kept for good; a bucket or a quota only as long as it means something.
+  if key_uses == 0 then
+    local refill = 0
+    if key_rate > 0 then refill = math.ceil(key_burst / key_rate) end
+    redis.call("EXPIRE", KEYS[12], 35 * 86400 + refill)
+  end
+end
 if concurrency > 0 then
   redis.call("ZADD", KEYS[9], now_s + tonumber(lease_ttl), lease_id)
   redis.call("EXPIRE", KEYS[9], tonumber(lease_ttl) + 60)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from sidecar import keys
 from sidecar.errors import NotFound
+from sidecar.key_policy import NO_POLICY, KeyPolicy, policy_from_fields
 from sidecar.store.accounts import Accounts
-from sidecar.store.names import key_index_key, key_record_key
+from sidecar.store.names import key_index_key, key_limits_key, key_record_key
 from sidecar.store.text import text
 
 __all__ = ["SUBSCRIPTION_ENDED", "ApiKeys", "KeyRecord"]
@@ -33,6 +34,8 @@ class KeyRecord:
     created_at: int = 0
     environment: str = "live"
     revoked_reason: str = ""  # "subscription_ended" when the companion revoked it
+    policy: KeyPolicy = NO_POLICY  # name, metadata, scope, limits of its own, uses
+    last_used: int = 0  # Unix s, written at most once a minute (Authorizer)
 
     @property
     def revoked(self) -> bool:
@@ -55,6 +58,8 @@ def _key_record(raw: Mapping[bytes | str, bytes | str]) -> KeyRecord:
         created_at=int(fields.get("created_at", "0")),
         environment=fields.get("env", "live"),
         revoked_reason=fields.get("revoked_reason", ""),
+        policy=policy_from_fields(fields),
+        last_used=int(fields.get("last_used") or 0),
     )
 
 
@@ -80,7 +85,12 @@ class ApiKeys(Accounts):
         return record if record is not None and record.usable() else None
 
     async def issue_key(
-        self, customer_id: str, *, environment: keys.Environment, expires_in: int | None = None
+        self,
+        customer_id: str,
+        *,
+        environment: keys.Environment,
+        expires_in: int | None = None,
+        policy: KeyPolicy | None = None,
     ) -> tuple[str, KeyRecord]:
         """A new key for an existing account: (plaintext to show once, stored record)."""
         await self.require_account(customer_id)
@@ -94,6 +104,7 @@ class ApiKeys(Accounts):
             expires_at_us=now_us + expires_in * 1_000_000 if expires_in else 0,
             created_at=now_us // 1_000_000,
             environment=environment,
+            policy=policy or NO_POLICY,
         )
         await self.add_key(hashed, record)
         return key, record
@@ -102,17 +113,16 @@ class ApiKeys(Accounts):
         # Two slots, so two writes: the record first, so an index entry never
         # points at nothing.
         async with self._guard("key create"):
-            await self._redis.hset(
-                key_record_key(hashed),
-                mapping={
-                    "customer": record.customer_id,
-                    "key_id": record.key_id,
-                    "state": record.state,
-                    "expires_at": record.expires_at_us,
-                    "created_at": record.created_at,
-                    "env": record.environment,
-                },
-            )
+            mapping: dict[Any, Any] = {
+                "customer": record.customer_id,
+                "key_id": record.key_id,
+                "state": record.state,
+                "expires_at": record.expires_at_us,
+                "created_at": record.created_at,
+                "env": record.environment,
+                **record.policy.fields(),
+            }
+            await self._redis.hset(key_record_key(hashed), mapping=mapping)
             await self._redis.hset(key_index_key(record.customer_id), record.key_id, hashed)
         await self.invalidate(key_hash=hashed)  # a sidecar may remember it as unknown
 
@@ -145,6 +155,25 @@ class ApiKeys(Accounts):
                 },
             )
         await self.invalidate(key_hash=hashed)
+
+    async def update_key(self, customer_id: str, key_id: str, policy: KeyPolicy) -> KeyRecord:
+        """Replaces the key's policy; a new number of uses starts counting again."""
+        hashed = await self._key_hash(customer_id, key_id)
+        async with self._guard("key update"):
+            fields: dict[Any, Any] = policy.fields()
+            await self._redis.hset(key_record_key(hashed), mapping=fields)
+            # Its counters (bucket, quota, uses left) follow the new limits from zero.
+            await self._redis.delete(key_limits_key(customer_id, key_id))
+        await self.invalidate(key_hash=hashed)
+        record = await self.lookup_key(hashed)
+        assert record is not None
+        return record
+
+    async def touch_key(self, customer_id: str, key_id: str, at: int) -> None:
+        """Records when the key was last used (the caller rate-limits this)."""
+        hashed = await self._key_hash(customer_id, key_id)
+        async with self._guard("key last used"):
+            await self._redis.hset(key_record_key(hashed), "last_used", at)
 
     async def expire_key(self, customer_id: str, key_id: str, at_us: int) -> None:
         """Sets the key's expiry to at_us, unless it already expires sooner."""

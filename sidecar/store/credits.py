@@ -131,6 +131,14 @@ class CreditStore(StoreBase):
         value = text(raw)
         return "off" if value == "off" else int(value)
 
+    async def due_top_up(self, customer_id: str) -> str | None:
+        """The fall past the top-up mark that is due a top-up (its id), or None:
+        the decision script sets it once per fall and the next grant clears it,
+        so a top-up charges only while its fall is still the due one."""
+        async with self._guard("top-up due"):
+            raw = await self._redis.hget(credits_key(customer_id), "tu")
+        return text(raw) if raw is not None else None
+
     async def has_credits(self, customer_id: str) -> bool:
         """Whether the account was ever granted credits."""
         async with self._guard("credit read"):

@@ -19,7 +19,9 @@ Cluster one script can touch it all atomically:
     tw:{cus_1}:rsv:<sha>  a reservation: estimate, meter, state (open|settled|expired)
     tw:{cus_1}:rsvs       open reservations -> settle-by time
     tw:{cus_1}:alerts     quota thresholds already notified this period
+    tw:{cus_1}:notified   notification ids queued once (sorted by when), kept 30 days
     tw:{cus_1}:leases     concurrency leases held: lease id -> expiry
+    tw:{cus_1}:kl:<key id>  one key's own limits: bucket, quota counter, uses left
     tw:{cus_1}:cr         prepaid balance: live grants, debt, open burn batch
                           (the layout: store/shared/credits.lua)
     tw:{cus_1}:crl        the balance's ledger: every grant, burn batch and expiry
@@ -36,7 +38,10 @@ Global keys (single-key commands only, so any slot will do):
 
     tw:usage:dirty          customers with usage the reporter has not planned yet
     tw:notifications        notifications for the companion to deliver (capped stream)
-    tw:notifications:cursor the last one delivered
+    tw:notifications:cursor the last one delivered, by releases before consumer groups;
+                            where a new group starts
+    tw-relay-<url sha256>   the stream's consumer group of companions posting to one
+                            notify_url ("tw-relay-log": those with none), not a key
     tw:invalidate           the pub/sub channel (classic PUBLISH reaches every node)
     tw:accounts             every account's customer id (sorted set, score 0: by id),
                             for paging through them; rebuilt by a scan when missing
@@ -79,11 +84,14 @@ __all__ = [
     "idempotency_key",
     "key_changed",
     "key_index_key",
+    "key_limits_key",
     "key_record_key",
     "leases_key",
     "legacy_quota_key",
     "limits_key",
     "lock_key",
+    "notification_group",
+    "notified_key",
     "parse_invalidation",
     "request_hash",
     "reservation_key",
@@ -118,12 +126,20 @@ def legacy_quota_key(customer_id: str) -> str:
     return f"tw:{_tag(customer_id)}:q"
 
 
+def key_limits_key(customer_id: str, key_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:kl:{key_id}"
+
+
 def key_index_key(customer_id: str) -> str:
     return f"tw:{_tag(customer_id)}:keys"
 
 
 def events_key(customer_id: str) -> str:
     return f"tw:{_tag(customer_id)}:events"
+
+
+def notified_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:notified"
 
 
 def lock_key(customer_id: str, purpose: str = "sync") -> str:
@@ -206,6 +222,17 @@ ADMIN_TOKENS_INDEX: Final = "tw:adm:index"
 DIRTY_KEY: Final = "tw:usage:dirty"
 NOTIFICATIONS_KEY: Final = "tw:notifications"
 NOTIFICATIONS_CURSOR_KEY: Final = NOTIFICATIONS_KEY + ":cursor"
+
+
+def notification_group(notify_url: str | None) -> str:
+    """NOTIFICATIONS_KEY's consumer group for companions posting to one
+    notify_url: they share the work; companions with another url (or none,
+    "tw-relay-log") each see every entry."""
+    if not notify_url:
+        return "tw-relay-log"
+    return "tw-relay-" + hashlib.sha256(notify_url.encode()).hexdigest()[:16]
+
+
 # Pub/sub channel: a key or an account changed; sidecars drop what they cached
 # about it (see sidecar/cache.py for the staleness bound).
 INVALIDATE_CHANNEL: Final = "tw:invalidate"

@@ -24,6 +24,8 @@ class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REASON_QUOTA_EXCEEDED: _ClassVar[Reason]
     REASON_CONCURRENCY_LIMITED: _ClassVar[Reason]
     REASON_CREDITS_EXHAUSTED: _ClassVar[Reason]
+    REASON_KEY_SCOPE: _ClassVar[Reason]
+    REASON_KEY_USES_EXHAUSTED: _ClassVar[Reason]
 REASON_UNSPECIFIED: Reason
 REASON_OK: Reason
 REASON_MISSING_KEY: Reason
@@ -36,6 +38,8 @@ REASON_RATE_LIMITED: Reason
 REASON_QUOTA_EXCEEDED: Reason
 REASON_CONCURRENCY_LIMITED: Reason
 REASON_CREDITS_EXHAUSTED: Reason
+REASON_KEY_SCOPE: Reason
+REASON_KEY_USES_EXHAUSTED: Reason
 
 class AuthorizeRequest(_message.Message):
     __slots__ = ("api_key", "method", "path", "cost", "feature", "request_id")

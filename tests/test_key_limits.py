@@ -1,0 +1,184 @@
+"""A key's own limits and scope, decided with the account's in one step against
+the real Valkey: they tighten what the plan allows and never loosen it, a key's
+uses are exact across sidecars, and a request outside a key's scope consumes
+nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from sidecar import keys
+from sidecar.authorizer import Authorizer
+from sidecar.decision import Decision, Reason
+from sidecar.key_policy import KeyPolicy, parse_policy
+from sidecar.settings import settings_from_document
+from sidecar.store import Store, connect
+from sidecar.store.names import key_record_key
+from tests.conftest import new_customer
+
+pytestmark = pytest.mark.servers
+
+SETTINGS = settings_from_document(
+    {
+        "plans": [
+            {"name": "roomy", "rate": "100/s", "burst": 100, "features": ["search", "export"]},
+            {"name": "small", "rate": "1/min", "burst": 3},
+        ],
+        "routes": [{"method": "POST", "path": "/v1/export/**", "feature": "export"}],
+    },
+    {},
+)
+
+
+@pytest.fixture
+def stores(aio: asyncio.Runner, redis_url: str) -> Iterator[list[Store]]:
+    """Two stores, as two sidecars would have."""
+    made = [Store(connect(redis_url, timeout=2.0), timeout=2.0) for _ in range(2)]
+    yield made
+    for store in made:
+        aio.run(store.close())
+
+
+async def account_with_key(store: Store, plan: str, policy: KeyPolicy) -> tuple[str, str]:
+    customer = new_customer()
+    await store.create_account(customer, plan)
+    key, _ = await store.issue_key(customer, environment="test", policy=policy)
+    return customer, key
+
+
+def authorizer(store: Store) -> Authorizer:
+    return Authorizer(store, lambda: SETTINGS)
+
+
+async def ask(
+    auth: Authorizer, key: str, path: str = "/v1/search", method: str = "GET"
+) -> Decision:
+    return await auth.authorize(key, method=method, path=path)
+
+
+def test_a_key_with_three_uses_answers_exactly_three_across_two_sidecars(
+    aio: asyncio.Runner, stores: list[Store]
+) -> None:
+    async def go() -> None:
+        _, key = await account_with_key(stores[0], "roomy", parse_policy(uses=3))
+        sidecars = [authorizer(s) for s in stores]
+        answers = await asyncio.gather(*(ask(sidecars[i % 2], key) for i in range(20)))
+        assert sum(d.allowed for d in answers) == 3
+        refused = {d.reason for d in answers if not d.allowed}
+        assert refused == {Reason.KEY_USES_EXHAUSTED}
+
+    aio.run(go())
+
+
+def test_a_keys_own_rate_tightens_the_plan_and_spares_the_accounts_other_keys(
+    aio: asyncio.Runner, stores: list[Store]
+) -> None:
+    async def go() -> None:
+        customer, tight = await account_with_key(
+            stores[0], "roomy", parse_policy(rate="1/m", burst=2)
+        )
+        other, _ = await stores[0].issue_key(customer, environment="test")
+        auth = authorizer(stores[0])
+        answers = [await ask(auth, tight) for _ in range(4)]
+        assert [d.allowed for d in answers] == [True, True, False, False]
+        denied = answers[2]
+        assert denied.reason is Reason.RATE_LIMITED
+        assert denied.rate is not None and denied.rate.limit == 2  # the key's bucket, not 100
+        assert "this key" in denied.message and denied.retry_after > 0
+        assert all([(await ask(auth, other)).allowed for _ in range(5)])
+
+    aio.run(go())
+
+
+def test_a_keys_own_limits_never_loosen_the_plans(aio: asyncio.Runner, stores: list[Store]) -> None:
+    async def go() -> None:
+        _, key = await account_with_key(
+            stores[0], "small", parse_policy(rate="100/s", burst=50, quota="1000/day")
+        )
+        auth = authorizer(stores[0])
+        answers = [await ask(auth, key) for _ in range(6)]
+        assert [d.allowed for d in answers] == [True] * 3 + [False] * 3
+        assert answers[3].reason is Reason.RATE_LIMITED
+        assert answers[3].rate is not None and answers[3].rate.limit == 3  # the plan's
+
+    aio.run(go())
+
+
+def test_a_keys_own_quota_is_counted_and_named(aio: asyncio.Runner, stores: list[Store]) -> None:
+    async def go() -> None:
+        _, key = await account_with_key(stores[0], "roomy", parse_policy(quota="5/day"))
+        auth = authorizer(stores[0])
+        answers = [await ask(auth, key) for _ in range(7)]
+        assert [d.allowed for d in answers] == [True] * 5 + [False] * 2
+        denied = answers[5]
+        assert denied.reason is Reason.QUOTA_EXCEEDED
+        assert denied.quota is not None and (denied.quota.limit, denied.quota.used) == (5, 5)
+        assert denied.retry_after > 0
+
+    aio.run(go())
+
+
+def test_a_request_outside_the_keys_scope_is_refused_and_consumes_nothing(
+    aio: asyncio.Runner, stores: list[Store]
+) -> None:
+    async def go() -> None:
+        policy = parse_policy(
+            features=["search"], routes=["GET /v1/search", "POST /v1/export/**"], uses=2
+        )
+        _, key = await account_with_key(stores[0], "roomy", policy)
+        auth = authorizer(stores[0])
+        outside_route = await ask(auth, key, path="/v1/other")
+        outside_feature = await ask(auth, key, path="/v1/export/a", method="POST")
+        assert outside_route.reason is Reason.KEY_SCOPE
+        assert outside_feature.reason is Reason.KEY_SCOPE  # the route is in scope, its feature not
+        # neither took one of the key's two uses
+        assert [(await ask(auth, key)).allowed for _ in range(3)] == [True, True, False]
+
+    aio.run(go())
+
+
+def test_updating_a_key_applies_at_once_and_restarts_its_uses(
+    aio: asyncio.Runner, stores: list[Store]
+) -> None:
+    async def go() -> None:
+        customer, key = await account_with_key(stores[0], "roomy", parse_policy(uses=1))
+        auth = authorizer(stores[0])
+        assert [(await ask(auth, key)).allowed for _ in range(2)] == [True, False]
+        record = await stores[0].usable_record(key)
+        assert record is not None
+        updated = await stores[0].update_key(
+            customer, record.key_id, parse_policy(name="renewed", uses=2)
+        )
+        assert updated.policy.name == "renewed"
+        auth.forget(f"k:{keys.key_hash(key)}")  # what the invalidation does on every sidecar
+        assert [(await ask(auth, key)).allowed for _ in range(3)] == [True, True, False]
+
+    aio.run(go())
+
+
+def test_last_used_is_written_after_a_use_and_at_most_once_a_minute(
+    aio: asyncio.Runner, stores: list[Store]
+) -> None:
+    async def go() -> None:
+        customer, key = await account_with_key(stores[0], "roomy", parse_policy(name="web"))
+        auth = authorizer(stores[0])
+        before = int(time.time())
+        assert (await ask(auth, key)).allowed
+        await asyncio.sleep(0.1)  # the write runs after the answer
+        [record] = await stores[0].list_keys(customer)
+        assert before <= record.last_used <= int(time.time())
+        assert record.policy.name == "web"
+        # Within the minute nothing is written again: a value set meanwhile stays.
+        hashed = keys.key_hash(key)
+        await stores[1].redis.hset(key_record_key(hashed), "last_used", 1)
+        for _ in range(20):
+            assert (await ask(auth, key)).allowed
+        await asyncio.sleep(0.1)
+        [record] = await stores[0].list_keys(customer)
+        assert record.last_used == 1
+
+    aio.run(go())
