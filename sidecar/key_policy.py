@@ -64,6 +64,20 @@ class KeyPolicy:
             quota=self.quota,
         )
 
+    def view(self) -> dict[str, object]:
+        """As people and APIs read it (JSON-ready)."""
+        stored = self.fields()
+        return {
+            "name": self.name,
+            "metadata": json.loads(self.metadata) if self.metadata else {},
+            "scope_features": None if self.features is None else sorted(self.features),
+            "scope_routes": [_route_text(r) for r in self.routes],
+            "rate": stored["rate"] or None,
+            "burst": self.burst or None,
+            "quota": stored["quota"] or None,
+            "uses": self.uses or None,
+        }
+
     def fields(self) -> dict[str, str]:
         """As the key record stores it (store/api_keys.py)."""
         stored = {

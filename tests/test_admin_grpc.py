@@ -241,6 +241,19 @@ OPS = [
         True,
     ),
     Op(
+        "UpdateKey",
+        "keys:write",
+        lambda c: pb.UpdateKeyRequest(
+            customer_id=c.id,
+            key_id=c.key_id,
+            policy=pb.KeyPolicy(name="ci", has_scope_features=True, scope_features=["search"]),
+        ),
+        lambda r, c: (
+            (r.key.policy.name, list(r.key.policy.scope_features)) == ("ci", ["search"]) or _fail(r)
+        ),
+        True,
+    ),
+    Op(
         "RotateKey",
         "keys:write",
         lambda c: pb.RotateKeyRequest(customer_id=c.id, key_id=c.key_id, overlap_seconds=60),

@@ -205,3 +205,35 @@ def test_revoke_and_rotate_through_http(
         time.sleep(0.05)
     missing = http.get(f"/accounts/{customer}/keys/key_0000000000000000", headers=auth(token))
     error_of(missing, 404, "not_found")
+
+
+def test_a_key_issued_with_a_policy_over_http_keeps_it_and_can_be_updated(
+    http: httpx.Client, stack: Stack, token_for: Callable[..., str]
+) -> None:
+    token = token_for("accounts:write", "keys:write")
+    customer = new_id()
+    http.post("/accounts", json={"customer_id": customer, "plan": "basic"}, headers=auth(token))
+    issued = http.post(
+        f"/accounts/{customer}/keys",
+        json={"name": "ci", "metadata": {"team": "data"}, "features": ["search"], "uses": 2},
+        headers=auth(token),
+    ).json()
+    view = issued["key"]
+    assert (view["name"], view["metadata"], view["scope_features"], view["uses"]) == (
+        "ci",
+        {"team": "data"},
+        ["search"],
+        2,
+    )
+    assert [stack.authorize(issued["api_key"]).allowed for _ in range(3)] == [True, True, False]
+    updated = http.post(
+        f"/accounts/{customer}/keys/{view['key_id']}", json={"uses": 5}, headers=auth(token)
+    )
+    assert updated.status_code == 200 and updated.json()["uses"] == 5
+    assert updated.json()["name"] == ""  # a policy is replaced whole
+    deadline = time.monotonic() + 2
+    while not stack.authorize(issued["api_key"]).allowed:
+        assert time.monotonic() < deadline, "the update did not reach the sidecar"
+        time.sleep(0.05)
+    bad = http.post(f"/accounts/{customer}/keys", json={"rate": "fast"}, headers=auth(token))
+    assert "rate" in error_of(bad, 400, "invalid_argument")["message"]

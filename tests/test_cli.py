@@ -69,7 +69,23 @@ def test_plans_check_lists_the_catalog(cli: Cli) -> None:
     result = ok(cli("plans", "check", "--json"))
     assert result["ok"] is True  # type: ignore[index]
     names = [p["name"] for p in result["plans"]]  # type: ignore[index]
-    assert names == ["basic", "tight", "pro", "quota3", "billed", "metered", "duo"]
+    assert names == [
+        "basic",
+        "tight",
+        "pro",
+        "quota3",
+        "billed",
+        "metered",
+        "duo",
+        "prepaid",
+        "prepaid_bill",
+        "prepaid_fallback",
+    ]
+    prepaid = result["plans"][7]  # type: ignore[index]
+    assert (prepaid["credits"], prepaid["credits_exhausted"]) == (True, "block")
+    assert result["plans"][9]["credits_exhausted"] == "tight"  # type: ignore[index]
+    packs = {p["name"]: p["credits"] for p in result["credit_packs"]}  # type: ignore[index]
+    assert packs == {"starter": 10, "monthly": 1000}
 
 
 def test_a_key_is_shown_once_and_listed_only_by_id(

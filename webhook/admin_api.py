@@ -7,14 +7,18 @@ tollway.admin.v1), under /admin/v1. Only the mapping lives here.
     GET  /admin/v1/accounts/{customer_id}
     POST /admin/v1/accounts/{customer_id}/plan             {plan}
     POST /admin/v1/accounts/{customer_id}/status           {status, grace_seconds?}
-    POST /admin/v1/accounts/{customer_id}/keys             {environment?, expires_in?}
+    POST /admin/v1/accounts/{customer_id}/keys             {environment?, expires_in?, policy…}
     GET  /admin/v1/accounts/{customer_id}/keys
     GET  /admin/v1/accounts/{customer_id}/keys/{key_id}
+    POST /admin/v1/accounts/{customer_id}/keys/{key_id}    {policy…}: replaces it
     POST /admin/v1/accounts/{customer_id}/keys/{key_id}/revoke
     POST /admin/v1/accounts/{customer_id}/keys/{key_id}/rotate   {overlap?}
     GET  /admin/v1/accounts/{customer_id}/usage
     GET  /admin/v1/accounts/{customer_id}/credits
     POST /admin/v1/accounts/{customer_id}/credits          {credits, expires_in?, reason?}
+
+A key's policy fields (sidecar/key_policy.py): name, metadata (an object),
+features and routes (its scope), rate, burst, quota, uses.
 
 Every call sends ``Authorization: Bearer twadm_…``; creates take an
 ``Idempotency-Key`` header. Errors are ``{"code", "message"}`` with the status
@@ -97,6 +101,30 @@ def _query_int(request: Request, name: str, default: int) -> int:
     return int(text)
 
 
+def _policy(admin: Admin, d: dict[str, Any]) -> Any:
+    features = d.get("features")
+    if features is not None and not (
+        isinstance(features, list) and all(isinstance(f, str) for f in features)
+    ):
+        raise AdminError("invalid_argument", "features: a list of feature names")
+    routes = _field(d, "routes", list, [])
+    if not all(isinstance(r, str) for r in routes):
+        raise AdminError("invalid_argument", "routes: a list like ['GET /v1/search/*']")
+    metadata = d.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise AdminError("invalid_argument", "metadata: a JSON object")
+    return admin.policy(
+        name=_field(d, "name", str, ""),
+        metadata=metadata,
+        features=features,
+        routes=routes,
+        rate=_field(d, "rate", str, ""),
+        burst=_field(d, "burst", int, 0),
+        quota=_field(d, "quota", str, ""),
+        uses=_field(d, "uses", int, 0),
+    )
+
+
 def admin_routes(admin: Admin) -> list[BaseRoute]:
     def endpoint(operation: Operation, status: int = 200) -> Callable[[Request], Awaitable[Any]]:
         async def handle(request: Request) -> JSONResponse:
@@ -157,9 +185,13 @@ def admin_routes(admin: Admin) -> list[BaseRoute]:
             customer(r),
             environment=_field(d, "environment", str, "live"),
             expires_in=_field(d, "expires_in", int, 0),
+            policy=_policy(admin, d),
             idempotency_key=idempotency(r),
         )
         return asdict(issued)
+
+    async def update_key(r: Request, c: TokenRecord, d: dict[str, Any]) -> Any:
+        return asdict(await admin.update_key(c, customer(r), key_id(r), _policy(admin, d)))
 
     async def list_keys(r: Request, c: TokenRecord, d: dict[str, Any]) -> Any:
         return {"keys": [asdict(k) for k in await admin.list_keys(c, customer(r))]}
@@ -209,6 +241,7 @@ def admin_routes(admin: Admin) -> list[BaseRoute]:
         Route(one + "/keys", endpoint(issue_key, 201), methods=["POST"]),
         Route(one + "/keys", endpoint(list_keys), methods=["GET"]),
         Route(key, endpoint(get_key), methods=["GET"]),
+        Route(key, endpoint(update_key), methods=["POST"]),
         Route(key + "/revoke", endpoint(revoke_key), methods=["POST"]),
         Route(key + "/rotate", endpoint(rotate_key, 201), methods=["POST"]),
         Route(one + "/usage", endpoint(get_usage), methods=["GET"]),

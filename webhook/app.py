@@ -10,6 +10,7 @@
     GET|POST /credits/auto-top-up API key → the account's auto top-up setting;
                                   POST {"enabled": false} or {"enabled": true, "at": N}
     GET  /metrics                 Prometheus metrics
+    POST /secret-scanning/github  GitHub leak alerts → keys revoked (webhook/secret_scanning.py)
     /admin/v1/...                 the admin API as JSON, for admin tokens (webhook/admin_api.py)
 
 Forms and JSON are both accepted where a body is read; a form's answer is a
@@ -58,6 +59,7 @@ from webhook.outbox import Handler, Outbox, Relay
 from webhook.pages import page
 from webhook.reconcile import reconcile
 from webhook.reporter import Reporter
+from webhook.secret_scanning import LeakedKeys, PublicKeys
 from webhook.sync import StripeUnavailable, Syncer, make_client, stripe_failure
 from webhook.top_up import TopUps
 
@@ -535,6 +537,7 @@ class Companion:
 
 def create_app(settings: CompanionSettings, store: Store) -> Starlette:
     companion = Companion(settings, store)
+    leaked_keys = LeakedKeys(store, companion.outbox, PublicKeys.from_settings(settings.stripe))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -567,6 +570,7 @@ def create_app(settings: CompanionSettings, store: Store) -> Starlette:
         Route("/portal", companion.portal, methods=["POST"]),
         Route("/credits/auto-top-up", companion.auto_top_up, methods=["GET", "POST"]),
         Route("/metrics", companion.metrics, methods=["GET"]),
+        Route("/secret-scanning/github", leaked_keys.alert, methods=["POST"]),
         *admin_routes(Admin(store, lambda: settings.core)),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)

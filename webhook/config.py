@@ -7,6 +7,9 @@ Secrets come only from the environment or a .env file (TOLLWAY_ENV_FILE, else
     STRIPE_WEBHOOK_SECRET            whsec_… of the webhook endpoint
     STRIPE_WEBHOOK_SECRET_PREVIOUS   the old whsec_… while rotating (optional)
     STRIPE_API_BASE                  e.g. a local Stripe emulator (optional)
+    TOLLWAY_GITHUB_TOKEN             a GitHub token with no scopes, sent when fetching
+                                     GitHub's secret scanning keys, for a higher rate
+                                     limit (optional; webhook/secret_scanning.py)
 
     [stripe]
     public_url = "https://billing.example.com"   # where this companion is reached
@@ -23,6 +26,11 @@ Secrets come only from the environment or a .env file (TOLLWAY_ENV_FILE, else
     max_network_retries = 2
     meter_events_per_second = 500                 # Stripe's live limit is 1000
     report_interval = "1s"                        # "0s": bill with `tollway report` instead
+    # POST /secret-scanning/github (webhook/secret_scanning.py): GitHub's signing keys
+    secret_scanning_keys_url = "https://api.github.com/meta/public_keys/secret_scanning"
+    secret_scanning_keys_ttl = "1h"               # how long fetched keys are trusted
+    secret_scanning_refetch_after = "1m"          # least time between fetches for an
+                                                  # unknown key identifier
 """
 
 from __future__ import annotations
@@ -37,7 +45,13 @@ from sidecar.errors import ConfigError
 from sidecar.fields import Table
 from sidecar.settings import Settings, load_settings
 
-__all__ = ["API_VERSION", "CompanionSettings", "StripeSettings", "load_companion_settings"]
+__all__ = [
+    "API_VERSION",
+    "GITHUB_KEYS_URL",
+    "CompanionSettings",
+    "StripeSettings",
+    "load_companion_settings",
+]
 
 # Pinned: payload shapes (e.g. items[].current_period_end) are read for this version.
 API_VERSION: Final = "2026-10-28.endive"
@@ -58,8 +72,12 @@ _FIELDS: Final = frozenset(
         "max_network_retries",
         "meter_events_per_second",
         "report_interval",
+        "secret_scanning_keys_url",
+        "secret_scanning_keys_ttl",
+        "secret_scanning_refetch_after",
     }
 )
+GITHUB_KEYS_URL: Final = "https://api.github.com/meta/public_keys/secret_scanning"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +101,13 @@ class StripeSettings:
     max_network_retries: int = 2
     meter_events_per_second: float = 500.0  # Stripe allows 1000/s in live mode
     report_interval: int = 1  # idle poll of the usage reporter; 0 turns it off here
+    # GitHub secret scanning (webhook/secret_scanning.py): where its signing keys
+    # are, how long they are trusted, and the least time between fetches that an
+    # unknown key identifier may cause (so forged alerts cannot make us poll).
+    secret_scanning_keys_url: str = GITHUB_KEYS_URL
+    secret_scanning_keys_ttl: int = 3600
+    secret_scanning_refetch_after: int = 60
+    github_token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +160,13 @@ def stripe_settings(section: Mapping[str, Any], environ: Mapping[str, str]) -> S
     reclaim = stripe.duration("notify_reclaim_after", 60)
     if reclaim < 1:
         raise ConfigError("[stripe] notify_reclaim_after: expected a duration of at least 1s")
+    keys_ttl = stripe.duration("secret_scanning_keys_ttl", 3600)
+    refetch = stripe.duration("secret_scanning_refetch_after", 60)
+    if keys_ttl < 1 or refetch < 1:
+        raise ConfigError(
+            "[stripe] secret_scanning_keys_ttl and secret_scanning_refetch_after: "
+            "expected durations of at least 1s"
+        )
     success = f"{public}/checkout/complete?session_id={{CHECKOUT_SESSION_ID}}"
     if "{CHECKOUT_SESSION_ID}" not in str(section.get("success_url", success)):
         raise ConfigError("[stripe] success_url: must contain {CHECKOUT_SESSION_ID}")
@@ -162,6 +194,12 @@ def stripe_settings(section: Mapping[str, Any], environ: Mapping[str, str]) -> S
             "meter_events_per_second", 500.0, what="1..1000", valid=lambda n: 0 < n <= 1000
         ),
         report_interval=stripe.duration("report_interval", 1),
+        secret_scanning_keys_url=stripe.string(
+            "secret_scanning_keys_url", GITHUB_KEYS_URL, what=_URL, valid=_is_http
+        ),
+        secret_scanning_keys_ttl=keys_ttl,
+        secret_scanning_refetch_after=refetch,
+        github_token=environ.get("TOLLWAY_GITHUB_TOKEN") or None,
     )
 
 

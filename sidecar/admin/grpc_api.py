@@ -10,6 +10,7 @@ is ever logged or echoed in an error.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
@@ -26,6 +27,7 @@ from sidecar.admin.operations import (
 from sidecar.errors import StoreUnavailable
 from sidecar.gen.tollway.admin.v1 import admin_pb2 as pb
 from sidecar.gen.tollway.admin.v1 import admin_pb2_grpc as pb_grpc
+from sidecar.key_policy import KeyPolicy
 from sidecar.store import TokenRecord
 
 __all__ = ["AdminService", "peer_host", "presented_token"]
@@ -79,6 +81,31 @@ def _key(view: KeyView) -> pb.Key:
         created_at=view.created_at,
         expires_at=view.expires_at,
         revoked_reason=view.revoked_reason,
+        last_used=view.last_used,
+        policy=pb.KeyPolicy(
+            name=view.name,
+            metadata_json=json.dumps(view.metadata) if view.metadata else "",
+            has_scope_features=view.scope_features is not None,
+            scope_features=view.scope_features or [],
+            scope_routes=view.scope_routes,
+            rate=view.rate or "",
+            burst=view.burst or 0,
+            quota=view.quota or "",
+            uses=view.uses or 0,
+        ),
+    )
+
+
+def _policy(policy: pb.KeyPolicy) -> KeyPolicy:
+    return Admin.policy(
+        name=policy.name,
+        metadata=policy.metadata_json,
+        features=list(policy.scope_features) if policy.has_scope_features else None,
+        routes=list(policy.scope_routes),
+        rate=policy.rate,
+        burst=policy.burst,
+        quota=policy.quota,
+        uses=policy.uses,
     )
 
 
@@ -172,6 +199,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
                 request.customer_id,
                 environment=request.environment,
                 expires_in=request.expires_in_seconds,
+                policy=_policy(request.policy),
                 idempotency_key=request.idempotency_key,
             ),
         )
@@ -204,6 +232,17 @@ class AdminService(pb_grpc.AdminServiceServicer):
             lambda caller: self._admin.revoke_key(caller, request.customer_id, request.key_id),
         )
         return pb.RevokeKeyResponse(key=_key(view))
+
+    async def UpdateKey(
+        self, request: pb.UpdateKeyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateKeyResponse:
+        view = await self._call(
+            context,
+            lambda caller: self._admin.update_key(
+                caller, request.customer_id, request.key_id, _policy(request.policy)
+            ),
+        )
+        return pb.UpdateKeyResponse(key=_key(view))
 
     async def RotateKey(
         self, request: pb.RotateKeyRequest, context: grpc.aio.ServicerContext

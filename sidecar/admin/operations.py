@@ -21,7 +21,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Final, Literal, TypeVar
 
 from sidecar import keys
@@ -29,6 +29,7 @@ from sidecar.admin.scopes import allows
 from sidecar.cache import TtlCache
 from sidecar.decision import STATUSES
 from sidecar.errors import AlreadyExists, NotFound, StoreUnavailable, TollwayError
+from sidecar.key_policy import NO_POLICY, KeyPolicy, parse_policy
 from sidecar.report import usage_report
 from sidecar.settings import Settings
 from sidecar.store import Account, KeyRecord, Store, TokenRecord
@@ -113,6 +114,15 @@ class KeyView:
     created_at: int
     expires_at: int  # Unix s; 0: never
     revoked_reason: str
+    last_used: int = 0  # Unix s, to the minute; 0: never
+    name: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    scope_features: list[str] | None = None  # None: the plan's
+    scope_routes: list[str] = field(default_factory=list)
+    rate: str | None = None  # the key's own limits ("5/s", "1000/day"); None: none
+    burst: int | None = None
+    quota: str | None = None
+    uses: int | None = None
 
     @classmethod
     def of(cls, record: KeyRecord) -> KeyView:
@@ -124,6 +134,8 @@ class KeyView:
             record.created_at,
             record.expires_at_us // 1_000_000,
             record.revoked_reason,
+            record.last_used,
+            **record.policy.view(),  # type: ignore[arg-type]
         )
 
 
@@ -310,6 +322,7 @@ class Admin:
         *,
         environment: str = "live",
         expires_in: int = 0,
+        policy: KeyPolicy = NO_POLICY,
         idempotency_key: str = "",
     ) -> IssuedKey:
         self.require(caller, "keys:write")
@@ -321,7 +334,7 @@ class Admin:
 
         async def issue() -> dict[str, Any]:
             key, record = await self._store.issue_key(
-                customer_id, environment=env, expires_in=expires_in or None
+                customer_id, environment=env, expires_in=expires_in or None, policy=policy
             )
             issued.append(key)
             log.info(
@@ -329,7 +342,12 @@ class Admin:
             )
             return asdict(KeyView.of(record))
 
-        request = {"customer_id": customer_id, "environment": env, "expires_in": expires_in}
+        request = {
+            "customer_id": customer_id,
+            "environment": env,
+            "expires_in": expires_in,
+            "policy": policy.fields(),
+        }
         undo = self._undo_issue(customer_id)
         result = await self._once(caller, "issue_key", idempotency_key, request, issue, undo=undo)
         return IssuedKey(issued[0] if issued else "", KeyView(**result), replayed=not issued)
@@ -342,6 +360,16 @@ class Admin:
         self.require(caller, "keys:read")
         await self._account(customer_id)
         return [KeyView.of(r) for r in await self._guarded(self._store.list_keys(customer_id))]
+
+    async def update_key(
+        self, caller: TokenRecord, customer_id: str, key_id: str, policy: KeyPolicy
+    ) -> KeyView:
+        """Replaces the key's name, metadata, scope and limits (its counters restart)."""
+        self.require(caller, "keys:write")
+        await self._key(customer_id, key_id)
+        record = await self._guarded(self._store.update_key(customer_id, key_id, policy))
+        log.info("admin: token %s updated key %s of %s", caller.token_id, key_id, customer_id)
+        return KeyView.of(record)
 
     async def revoke_key(self, caller: TokenRecord, customer_id: str, key_id: str) -> KeyView:
         self.require(caller, "keys:write")
@@ -471,6 +499,14 @@ class Admin:
             await self._store.revoke_key(customer_id, key_id, reason="unrecorded")
 
         return undo
+
+    @staticmethod
+    def policy(**written: Any) -> KeyPolicy:
+        """A key policy from a request's fields (sidecar/key_policy.py's parse_policy)."""
+        try:
+            return parse_policy(**written)
+        except TollwayError as exc:
+            raise AdminError("invalid_argument", str(exc)) from None
 
     async def _once(
         self,

@@ -23,11 +23,12 @@ from sidecar.cli.admin import (
     cmd_keys_list,
     cmd_keys_revoke,
     cmd_keys_rotate,
+    cmd_keys_update,
     cmd_plans_check,
     cmd_report,
     cmd_usage_show,
 )
-from sidecar.cli.common import Output, duration_arg
+from sidecar.cli.common import Output, add_policy_options, duration_arg
 from sidecar.cli.credits import cmd_credits_auto_top_up, cmd_credits_grant, cmd_credits_show
 from sidecar.cli.processes import cmd_dev, cmd_health, cmd_reconcile, cmd_serve, cmd_webhook
 from sidecar.cli.tokens import cmd_tokens_issue, cmd_tokens_list, cmd_tokens_revoke
@@ -153,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--customer", required=True)
     p.add_argument("--test", action="store_true", help="a tw_test_ key instead of tw_live_")
     p.add_argument("--expires-in", type=duration_arg, help="e.g. 30d; default: never")
+    add_policy_options(p)
+    p = add(ks, "update", cmd_keys_update, "replace a key's name, metadata, scope and limits")
+    p.add_argument("--customer", required=True)
+    p.add_argument("key_id")
+    add_policy_options(p)
     p = add(ks, "list", cmd_keys_list, "list a customer's keys (ids and states, never keys)")
     p.add_argument("--customer", required=True)
     p = add(ks, "revoke", cmd_keys_revoke, "revoke a key at once")

@@ -10,7 +10,14 @@ from dataclasses import asdict
 from typing import Any
 
 from sidecar import keys
-from sidecar.cli.common import Output, admin_store, key_view, settings_from, with_store
+from sidecar.cli.common import (
+    Output,
+    admin_store,
+    key_view,
+    policy_from,
+    settings_from,
+    with_store,
+)
 from sidecar.errors import TollwayError
 from sidecar.settings import Settings
 from sidecar.store import KeyRecord, Store
@@ -193,7 +200,10 @@ def cmd_keys_issue(args: argparse.Namespace, out: Output) -> None:
     async def work(store: Store, settings: Settings) -> None:
         environment: keys.Environment = "test" if args.test else "live"
         key, record = await store.issue_key(
-            args.customer, environment=environment, expires_in=args.expires_in
+            args.customer,
+            environment=environment,
+            expires_in=args.expires_in,
+            policy=policy_from(args),
         )
         _show_new_key(out, key, record, {})
 
@@ -212,8 +222,18 @@ def cmd_keys_list(args: argparse.Namespace, out: Output) -> None:
             if state == "active" and expiry and expiry <= now:
                 state = "expired"
             when = f", expires {time.ctime(expiry)}" if expiry else ""
-            lines.append(f"{r.key_id}  tw_{r.environment}_…  {state}{when}")
+            used = f", last used {time.ctime(r.last_used)}" if r.last_used else ""
+            name = f"  {r.policy.name}" if r.policy.name else ""
+            lines.append(f"{r.key_id}  tw_{r.environment}_…  {state}{when}{used}{name}")
         out.emit([key_view(r) for r in records], "\n".join(lines) or "no keys")
+
+    with_store(args, work)
+
+
+def cmd_keys_update(args: argparse.Namespace, out: Output) -> None:
+    async def work(store: Store, settings: Settings) -> None:
+        record = await store.update_key(args.customer, args.key_id, policy_from(args))
+        out.emit(key_view(record), f"updated {args.key_id} (sidecars apply it within a second)")
 
     with_store(args, work)
 

@@ -23,7 +23,7 @@ class Account(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., plan: _Optional[str] = ..., status: _Optional[str] = ..., grace_until: _Optional[int] = ..., created_at: _Optional[int] = ..., subscription_id: _Optional[str] = ...) -> None: ...
 
 class Key(_message.Message):
-    __slots__ = ("key_id", "customer_id", "state", "environment", "created_at", "expires_at", "revoked_reason")
+    __slots__ = ("key_id", "customer_id", "state", "environment", "created_at", "expires_at", "revoked_reason", "last_used", "policy")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,8 @@ class Key(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     REVOKED_REASON_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     customer_id: str
     state: str
@@ -38,7 +40,31 @@ class Key(_message.Message):
     created_at: int
     expires_at: int
     revoked_reason: str
-    def __init__(self, key_id: _Optional[str] = ..., customer_id: _Optional[str] = ..., state: _Optional[str] = ..., environment: _Optional[str] = ..., created_at: _Optional[int] = ..., expires_at: _Optional[int] = ..., revoked_reason: _Optional[str] = ...) -> None: ...
+    last_used: int
+    policy: KeyPolicy
+    def __init__(self, key_id: _Optional[str] = ..., customer_id: _Optional[str] = ..., state: _Optional[str] = ..., environment: _Optional[str] = ..., created_at: _Optional[int] = ..., expires_at: _Optional[int] = ..., revoked_reason: _Optional[str] = ..., last_used: _Optional[int] = ..., policy: _Optional[_Union[KeyPolicy, _Mapping]] = ...) -> None: ...
+
+class KeyPolicy(_message.Message):
+    __slots__ = ("name", "metadata_json", "has_scope_features", "scope_features", "scope_routes", "rate", "burst", "quota", "uses")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    HAS_SCOPE_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_ROUTES_FIELD_NUMBER: _ClassVar[int]
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    BURST_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_FIELD_NUMBER: _ClassVar[int]
+    USES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    metadata_json: str
+    has_scope_features: bool
+    scope_features: _containers.RepeatedScalarFieldContainer[str]
+    scope_routes: _containers.RepeatedScalarFieldContainer[str]
+    rate: str
+    burst: int
+    quota: str
+    uses: int
+    def __init__(self, name: _Optional[str] = ..., metadata_json: _Optional[str] = ..., has_scope_features: _Optional[bool] = ..., scope_features: _Optional[_Iterable[str]] = ..., scope_routes: _Optional[_Iterable[str]] = ..., rate: _Optional[str] = ..., burst: _Optional[int] = ..., quota: _Optional[str] = ..., uses: _Optional[int] = ...) -> None: ...
 
 class MeterUsage(_message.Message):
     __slots__ = ("meter", "used", "reported", "pending")
@@ -129,16 +155,18 @@ class SetAccountStatusResponse(_message.Message):
     def __init__(self, account: _Optional[_Union[Account, _Mapping]] = ...) -> None: ...
 
 class IssueKeyRequest(_message.Message):
-    __slots__ = ("customer_id", "environment", "expires_in_seconds", "idempotency_key")
+    __slots__ = ("customer_id", "environment", "expires_in_seconds", "idempotency_key", "policy")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     environment: str
     expires_in_seconds: int
     idempotency_key: str
-    def __init__(self, customer_id: _Optional[str] = ..., environment: _Optional[str] = ..., expires_in_seconds: _Optional[int] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    policy: KeyPolicy
+    def __init__(self, customer_id: _Optional[str] = ..., environment: _Optional[str] = ..., expires_in_seconds: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., policy: _Optional[_Union[KeyPolicy, _Mapping]] = ...) -> None: ...
 
 class IssueKeyResponse(_message.Message):
     __slots__ = ("api_key", "key", "replayed")
@@ -279,3 +307,19 @@ class GrantCreditsResponse(_message.Message):
     grant_id: str
     result: str
     def __init__(self, customer_id: _Optional[str] = ..., balance: _Optional[int] = ..., grant_id: _Optional[str] = ..., result: _Optional[str] = ...) -> None: ...
+
+class UpdateKeyRequest(_message.Message):
+    __slots__ = ("customer_id", "key_id", "policy")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    key_id: str
+    policy: KeyPolicy
+    def __init__(self, customer_id: _Optional[str] = ..., key_id: _Optional[str] = ..., policy: _Optional[_Union[KeyPolicy, _Mapping]] = ...) -> None: ...
+
+class UpdateKeyResponse(_message.Message):
+    __slots__ = ("key",)
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    key: Key
+    def __init__(self, key: _Optional[_Union[Key, _Mapping]] = ...) -> None: ...

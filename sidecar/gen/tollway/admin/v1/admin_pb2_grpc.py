@@ -80,6 +80,11 @@ class AdminServiceStub:
                 request_serializer=tollway_dot_admin_dot_v1_dot_admin__pb2.RevokeKeyRequest.SerializeToString,
                 response_deserializer=tollway_dot_admin_dot_v1_dot_admin__pb2.RevokeKeyResponse.FromString,
                 _registered_method=True)
+        self.UpdateKey = channel.unary_unary(
+                '/tollway.admin.v1.AdminService/UpdateKey',
+                request_serializer=tollway_dot_admin_dot_v1_dot_admin__pb2.UpdateKeyRequest.SerializeToString,
+                response_deserializer=tollway_dot_admin_dot_v1_dot_admin__pb2.UpdateKeyResponse.FromString,
+                _registered_method=True)
         self.RotateKey = channel.unary_unary(
                 '/tollway.admin.v1.AdminService/RotateKey',
                 request_serializer=tollway_dot_admin_dot_v1_dot_admin__pb2.RotateKeyRequest.SerializeToString,
@@ -175,6 +180,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateKey(self, request, context):
+        """UpdateKey replaces a key's policy; sidecars apply it within a second, and
+        its counters (bucket, quota, uses) start again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RotateKey(self, request, context):
         """RotateKey issues a replacement key; the old one keeps working for the
         overlap, then expires (scope keys:write).
@@ -253,6 +266,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RevokeKey,
                     request_deserializer=tollway_dot_admin_dot_v1_dot_admin__pb2.RevokeKeyRequest.FromString,
                     response_serializer=tollway_dot_admin_dot_v1_dot_admin__pb2.RevokeKeyResponse.SerializeToString,
+            ),
+            'UpdateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateKey,
+                    request_deserializer=tollway_dot_admin_dot_v1_dot_admin__pb2.UpdateKeyRequest.FromString,
+                    response_serializer=tollway_dot_admin_dot_v1_dot_admin__pb2.UpdateKeyResponse.SerializeToString,
             ),
             'RotateKey': grpc.unary_unary_rpc_method_handler(
                     servicer.RotateKey,
@@ -519,6 +537,33 @@ class AdminService:
             '/tollway.admin.v1.AdminService/RevokeKey',
             tollway_dot_admin_dot_v1_dot_admin__pb2.RevokeKeyRequest.SerializeToString,
             tollway_dot_admin_dot_v1_dot_admin__pb2.RevokeKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tollway.admin.v1.AdminService/UpdateKey',
+            tollway_dot_admin_dot_v1_dot_admin__pb2.UpdateKeyRequest.SerializeToString,
+            tollway_dot_admin_dot_v1_dot_admin__pb2.UpdateKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,
