@@ -22,7 +22,7 @@ from tests import harness
 from tests.conftest import COMPANION_CONFIG, Stack, companion_env, deliver, with_store
 from tests.fakestripe import FakeStripe, invoice_event, make_event
 
-QUIET = 1.0  # seconds without a new POST before counting them
+QUIET = 2.5  # seconds without a new POST before counting them (past the longest retry backoff)
 
 
 class Callback:

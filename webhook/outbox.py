@@ -23,7 +23,7 @@ still, and a cursor moved past a claimed entry whose owner died loses it;
 the group's pending list is exactly the record of "taken, not yet done".
 
 A new group starts where the single shared cursor of earlier releases
-(tw:notifications:cursor) stopped, else at the stream's end.
+stopped, else at the stream's end (Store.create_notification_group).
 
 Queued once: a notification about a Stripe event is queued under a claim
 (``queue_once``): its id goes into the account's notified set after the
@@ -38,9 +38,6 @@ the same notification_id, which the receiver drops.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
-import json
 import logging
 import os
 import random
@@ -48,42 +45,23 @@ import secrets
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
-
-from redis.exceptions import ResponseError
 
 from sidecar.errors import TollwayError
 from sidecar.store import Store
-from sidecar.store.connection import translate_errors
-from sidecar.store.names import NOTIFICATIONS_CURSOR_KEY, NOTIFICATIONS_KEY, events_key
-from sidecar.store.text import text
+from sidecar.store.names import notification_group
 from webhook.config import StripeSettings
 from webhook.notify import Notifier
 
-__all__ = ["Handler", "Outbox", "Relay", "group_name", "notified_key"]
+__all__ = ["Handler", "Outbox", "Relay"]
 
 log = logging.getLogger("tollway.outbox")
 
 Handler = Callable[[dict[str, Any]], Awaitable[None]]
 
 _REMEMBER: Final = 30 * 86400  # notified ids are kept as long as Stripe event ids
-_DEADLINE: Final = 5.0
 _FORGET_CONSUMERS: Final = 86400  # a consumer silent this long, with nothing pending, is gone
-
-
-def notified_key(customer_id: str) -> str:
-    """tw:{cus}:notified: notification ids queued for the account -> when (sorted set).
-    TODO(lead): move to sidecar/store/names.py beside events_key."""
-    return events_key(customer_id).removesuffix(":events") + ":notified"
-
-
-def group_name(notify_url: str | None) -> str:
-    """The consumer group of companions posting to one notify_url (none: "log").
-    TODO(lead): list beside NOTIFICATIONS_KEY in sidecar/store/names.py."""
-    if not notify_url:
-        return "tw-relay-log"
-    return "tw-relay-" + hashlib.sha256(notify_url.encode()).hexdigest()[:16]
 
 
 class Outbox:
@@ -91,11 +69,6 @@ class Outbox:
 
     def __init__(self, store: Store) -> None:
         self._store = store
-
-    @contextlib.asynccontextmanager
-    async def _redis(self, what: str) -> AsyncIterator[None]:
-        async with translate_errors(self._store.redis, what, deadline=_DEADLINE):
-            yield
 
     async def queue(
         self, kind: str, customer_id: str, *, notification_id: str = "", **details: Any
@@ -109,9 +82,7 @@ class Outbox:
         await self._store.notify(payload)
 
     async def was_queued(self, customer_id: str, notification_id: str) -> bool:
-        async with self._redis("notified lookup"):
-            found = await self._store.redis.zscore(notified_key(customer_id), notification_id)
-        return found is not None
+        return await self._store.was_notified(customer_id, notification_id)
 
     async def queue_once(
         self, kind: str, customer_id: str, *, notification_id: str, **details: Any
@@ -123,30 +94,8 @@ class Outbox:
             if await self.was_queued(customer_id, notification_id):
                 return False
             await self.queue(kind, customer_id, notification_id=notification_id, **details)
-            key, now = notified_key(customer_id), time.time()
-            async with self._redis("notified claim"):
-                pipe = self._store.redis.pipeline(transaction=False)
-                pipe.zadd(key, {notification_id: now})
-                pipe.zremrangebyscore(key, "-inf", now - _REMEMBER)
-                pipe.expire(key, _REMEMBER)
-                await pipe.execute()
+            await self._store.mark_notified(customer_id, notification_id, remember_for=_REMEMBER)
         return True
-
-
-def _entries(raw: Any) -> list[tuple[str, dict[str, Any] | None]]:
-    """(entry id, payload) from XREADGROUP / XAUTOCLAIM answers;
-    None for an entry the stream no longer holds (trimmed) or cannot be read."""
-    found: list[tuple[str, dict[str, Any] | None]] = []
-    for item in raw or []:
-        entry_id, fields = item[0], item[1] if len(item) > 1 else None
-        payload: dict[str, Any] | None = None
-        if fields:
-            body = {text(k): text(v) for k, v in fields.items()}
-            with contextlib.suppress(KeyError, ValueError):
-                decoded = json.loads(body["json"])
-                payload = decoded if isinstance(decoded, dict) else None
-        found.append((text(entry_id), payload))
-    return found
 
 
 class Relay:
@@ -167,15 +116,10 @@ class Relay:
         self._reclaim_ms = settings.notify_reclaim_after * 1000
         self._handlers = dict(handlers or {})
         self._backoff = backoff
-        self.group = group_name(notifier.url)
+        self.group = notification_group(notifier.url)
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self._ready = False
         self._next_cleanup = 0.0
-
-    @contextlib.asynccontextmanager
-    async def _redis(self, what: str) -> AsyncIterator[None]:
-        async with translate_errors(self._store.redis, what, deadline=_DEADLINE):
-            yield
 
     def reset(self) -> None:
         """After a Redis failure: the group is checked again (a new Redis has none)."""
@@ -184,36 +128,21 @@ class Relay:
     async def ensure_group(self) -> None:
         if self._ready:
             return
-        async with self._redis("notification group"):
-            cursor = await self._store.redis.get(NOTIFICATIONS_CURSOR_KEY)
-            start = text(cursor) if cursor else "$"
-            try:
-                await self._store.redis.xgroup_create(
-                    NOTIFICATIONS_KEY, self.group, id=start, mkstream=True
-                )
-                log.info("notification group %s created at %s", self.group, start)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+        start = await self._store.create_notification_group(self.group)
+        if start is not None:
+            log.info("notification group %s created at %s", self.group, start)
         self._ready = True
 
     async def round(self, count: int = 50) -> int:
         """Delivers what is due: entries a silent companion held, then new ones.
         Returns how many were taken."""
         await self.ensure_group()
-        redis = self._store.redis
-        async with self._redis("notification reclaim"):
-            claimed: Any = await redis.xautoclaim(
-                NOTIFICATIONS_KEY, self.group, self.consumer, self._reclaim_ms, "0-0", count=count
-            )
-        taken = _entries(claimed[1] if claimed else [])
+        taken = await self._store.reclaim_notifications(
+            self.group, self.consumer, idle_ms=self._reclaim_ms, count=count
+        )
         if taken:
             log.info("took over %d notifications a silent companion held", len(taken))
-        async with self._redis("notification read"):
-            raw: Any = await redis.xreadgroup(
-                self.group, self.consumer, {NOTIFICATIONS_KEY: ">"}, count=count
-            )
-        new = [e for _, items in raw or [] for e in _entries(items)]  # RESP2, as connect() speaks
+        new = await self._store.read_notifications(self.group, self.consumer, count=count)
         for entry_id, payload in taken + new:
             await self._take(entry_id, payload)
         await self._forget_dead_consumers()
@@ -238,8 +167,7 @@ class Relay:
                 log.info("auto top-up due for %s: not configured here", payload.get("customer_id"))
             else:
                 await self._deliver(entry_id, payload)
-        async with self._redis("notification ack"):
-            await self._store.redis.xack(NOTIFICATIONS_KEY, self.group, entry_id)
+        await self._store.ack_notification(self.group, entry_id)
 
     async def _deliver(self, entry_id: str, payload: dict[str, Any]) -> None:
         payload.setdefault("notification_id", f"tw-{entry_id}")
@@ -248,10 +176,8 @@ class Relay:
             if attempt:
                 delay = self._backoff * 2 ** (attempt - 1)
                 await asyncio.sleep(delay / 2 + random.uniform(0, delay / 2))
-                async with self._redis("notification touch"):  # still ours: not reclaimed
-                    await self._store.redis.xclaim(
-                        NOTIFICATIONS_KEY, self.group, self.consumer, 0, [entry_id], justid=True
-                    )
+                # a live owner's entry must not look silent and be reclaimed
+                await self._store.touch_notification(self.group, self.consumer, entry_id)
             if await self._notifier.post(payload):
                 return
         log.error(
@@ -264,11 +190,6 @@ class Relay:
         if time.monotonic() < self._next_cleanup:
             return
         self._next_cleanup = time.monotonic() + 600
-        async with self._redis("notification consumers"):
-            consumers = await self._store.redis.xinfo_consumers(NOTIFICATIONS_KEY, self.group)
-            for consumer in consumers:
-                name = text(consumer.get("name", b""))
-                idle = int(consumer.get("idle", 0))
-                silent = idle > _FORGET_CONSUMERS * 1000
-                if name != self.consumer and not consumer.get("pending") and silent:
-                    await self._store.redis.xgroup_delconsumer(NOTIFICATIONS_KEY, self.group, name)
+        await self._store.forget_silent_consumers(
+            self.group, keep=self.consumer, idle_ms=_FORGET_CONSUMERS * 1000
+        )

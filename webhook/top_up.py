@@ -36,9 +36,7 @@ import stripe
 
 from sidecar.plans import CreditPack
 from sidecar.store import Store
-from sidecar.store.connection import translate_errors
-from sidecar.store.names import credits_key, valid_customer_id
-from sidecar.store.text import text
+from sidecar.store.names import valid_customer_id
 from webhook.config import CompanionSettings
 from webhook.credits import PackGrants
 from webhook.outbox import Outbox
@@ -95,18 +93,12 @@ class TopUps:
         async with self._store.account_lock(customer, purpose="topup", ttl=60, wait=30):
             await self._charge(customer, crossing, pack)
 
-    async def _due_crossing(self, customer: str) -> str | None:
-        # TODO(lead): a Store method for the credits hash's "tu" field (the due crossing).
-        async with translate_errors(self._store.redis, "top-up due", deadline=5.0):
-            raw = await self._store.redis.hget(credits_key(customer), "tu")
-        return text(raw) if raw is not None else None
-
     async def _charge(self, customer: str, crossing: str, pack: CreditPack) -> None:
         assert pack.stripe_price is not None
         if await self._store.auto_top_up(customer) == "off":
             log.info("auto top-up for %s: turned off; not charged", customer)
             return
-        if await self._due_crossing(customer) != crossing:
+        if await self._store.due_top_up(customer) != crossing:
             log.info("auto top-up for %s (%s): already served; not charged", customer, crossing)
             return
         if await self._outbox.was_queued(customer, f"auto_top_up_failed:{crossing}"):
