@@ -51,6 +51,7 @@ from sidecar.envoy import extract_key
 from sidecar.errors import StoreUnavailable, TollwayError
 from sidecar.store import Store
 from webhook.admin_api import admin_routes
+from webhook.bodies import error, read_limited
 from webhook.config import CompanionSettings
 from webhook.credits import PackGrants, checkout_params
 from webhook.metrics import WEBHOOK_EVENTS
@@ -92,30 +93,13 @@ def signature_ok(
     return False
 
 
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"code": code, "message": message}, status_code=status)
-
-
 def _wants_json(request: Request) -> bool:
     return "application/json" in request.headers.get("accept", "")
 
 
-async def _read_limited(request: Request, limit: int) -> bytes | None:
-    """The body, or None once it exceeds limit (read no further)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        return None
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            return None
-    return bytes(body)
-
-
 async def _fields(request: Request, limit: int) -> tuple[Mapping[str, Any] | None, bool]:
     """A JSON object or an urlencoded form, and whether it was a form."""
-    body = await _read_limited(request, limit)
+    body = await read_limited(request, limit)
     if body is None:
         return None, False
     if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
@@ -158,7 +142,7 @@ class Companion:
         return "live" if secret.startswith(("sk_live_", "rk_live_")) else "test"
 
     def _stripe_off(self) -> JSONResponse:
-        return _error(503, "stripe_not_configured", "Stripe sync is off: STRIPE_SECRET_KEY unset")
+        return error(503, "stripe_not_configured", "Stripe sync is off: STRIPE_SECRET_KEY unset")
 
     async def healthz(self, request: Request) -> JSONResponse:
         stripe_sync = "on" if self.syncer else "off"
@@ -173,15 +157,15 @@ class Companion:
     async def webhook(self, request: Request) -> Response:
         stripe_settings = self.settings.stripe
         if self.syncer is None or not stripe_settings.webhook_secrets:
-            return _error(
+            return error(
                 503, "stripe_not_configured", "set STRIPE_SECRET_KEY and STRIPE_WEBHOOK_SECRET"
             )
-        body = await _read_limited(request, stripe_settings.max_body_bytes)
+        body = await read_limited(request, stripe_settings.max_body_bytes)
         if body is None:
-            return _error(413, "too_large", f"body over {stripe_settings.max_body_bytes} bytes")
+            return error(413, "too_large", f"body over {stripe_settings.max_body_bytes} bytes")
         header = request.headers.get("stripe-signature")
         if not header:
-            return _error(400, "missing_signature", "Stripe-Signature header required")
+            return error(400, "missing_signature", "Stripe-Signature header required")
         if not signature_ok(
             body,
             header,
@@ -190,17 +174,17 @@ class Companion:
             now=time.time(),
         ):
             log.warning("webhook: rejected a request with an invalid or stale signature")
-            return _error(400, "invalid_signature", "signature does not verify")
+            return error(400, "invalid_signature", "signature does not verify")
         try:
             event = json.loads(body)
         except ValueError:
-            return _error(400, "malformed", "body is not JSON")
+            return error(400, "malformed", "body is not JSON")
         if not (
             isinstance(event, dict)
             and isinstance(event.get("id"), str)
             and isinstance(event.get("type"), str)
         ):
-            return _error(400, "malformed", "not a Stripe event")
+            return error(400, "malformed", "not a Stripe event")
         try:
             result = None
             if self.grants is not None:
@@ -209,7 +193,7 @@ class Companion:
                 result = await self.syncer.handle_event(event)
         except (StoreUnavailable, StripeUnavailable) as exc:
             log.error("webhook: event %s not applied, Stripe will retry: %s", event["id"], exc)
-            return _error(503, "unavailable", "try again later")
+            return error(503, "unavailable", "try again later")
         log.info("webhook: event %s (%s): %s", event["id"], event["type"], result)
         WEBHOOK_EVENTS.labels(event["type"], result).inc()
         return JSONResponse({"received": True, "result": result})
@@ -234,15 +218,15 @@ class Companion:
             return self._stripe_off()
         data, is_form = await _fields(request, 64 * 1024)
         if data is None:
-            return _error(400, "malformed", "send JSON or a form: {email or customer, plan}")
+            return error(400, "malformed", "send JSON or a form: {email or customer, plan}")
         if data.get("pack") is not None:
             if data.get("plan") is not None:
-                return _error(400, "plan_or_pack", "send a plan or a pack, not both")
+                return error(400, "plan_or_pack", "send a plan or a pack, not both")
             return await self._checkout_pack(data, is_form)
         plan = data.get("plan")
         if not isinstance(plan, str) or plan not in self.settings.core.catalog.plans:
             names = ", ".join(self.settings.core.catalog.plans)
-            return _error(400, "unknown_plan", f"plan must be one of: {names}")
+            return error(400, "unknown_plan", f"plan must be one of: {names}")
         params: dict[str, Any] = {
             "mode": "subscription",
             "success_url": self.settings.stripe.success_url,
@@ -256,17 +240,17 @@ class Companion:
         elif isinstance(email, str) and re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", email):
             params["customer_email"] = email
         else:
-            return _error(400, "missing_customer", "give an email or a Stripe customer id")
+            return error(400, "missing_customer", "give an email or a Stripe customer id")
         try:
             price = await self._price_for(plan)
             if price is None:
-                return _error(400, "plan_not_for_sale", f"plan {plan} has no Stripe price")
+                return error(400, "plan_not_for_sale", f"plan {plan} has no Stripe price")
             params["line_items"] = [{"price": price, "quantity": 1}]
             session = await self.client.v1.checkout.sessions.create_async(params)  # type: ignore[arg-type]
         except stripe.StripeError as exc:
             log.error("checkout for plan %s failed: %s", plan, type(exc).__name__)
             message = exc.user_message or "Stripe could not start the checkout; try again"
-            return _error(502, "stripe_error", message)
+            return error(502, "stripe_error", message)
         if is_form:
             return RedirectResponse(session.url or "/", status_code=303)
         return JSONResponse({"id": session.id, "url": session.url})
@@ -277,25 +261,25 @@ class Companion:
         name = data.get("pack")
         if not isinstance(name, str) or name not in packs:
             names = ", ".join(packs) or "(none are configured)"
-            return _error(400, "unknown_pack", f"pack must be one of: {names}")
+            return error(400, "unknown_pack", f"pack must be one of: {names}")
         if packs[name].stripe_price is None:
-            return _error(400, "pack_not_for_sale", f"pack {name} has no Stripe price")
+            return error(400, "pack_not_for_sale", f"pack {name} has no Stripe price")
         customer, email = data.get("customer"), data.get("email")
         if not (isinstance(customer, str) and _CUSTOMER_RE.fullmatch(customer)):
             if isinstance(email, str) and email:
-                return _error(
+                return error(
                     400,
                     "account_required",
                     "credits belong to a Tollway account: buy a pack with the account's "
                     "Stripe customer id (customer), after subscribing",
                 )
-            return _error(400, "missing_customer", "give the Stripe customer id of an account")
+            return error(400, "missing_customer", "give the Stripe customer id of an account")
         try:
             account = await self.store.get_account(customer)
         except StoreUnavailable:
-            return _error(503, "unavailable", "try again later")
+            return error(503, "unavailable", "try again later")
         if account is None:
-            return _error(
+            return error(
                 400,
                 "account_required",
                 f"customer {customer} has no Tollway account: credits belong to one; "
@@ -303,7 +287,7 @@ class Companion:
             )
         plan = self.settings.core.catalog.plans.get(account.plan)
         if plan is None or not plan.credits:
-            return _error(
+            return error(
                 400,
                 "plan_without_credits",
                 f"the account's plan {account.plan} does not use credits",
@@ -314,7 +298,7 @@ class Companion:
         except stripe.StripeError as exc:
             log.error("checkout for pack %s failed: %s", name, type(exc).__name__)
             message = exc.user_message or "Stripe could not start the checkout; try again"
-            return _error(502, "stripe_error", message)
+            return error(502, "stripe_error", message)
         if is_form:
             return RedirectResponse(session.url or "/", status_code=303)
         return JSONResponse({"id": session.id, "url": session.url})
@@ -421,7 +405,7 @@ class Companion:
 
     def _complete_error(self, as_json: bool, status: int, code: str, message: str) -> Response:
         if as_json:
-            return _error(status, code, message)
+            return error(status, code, message)
         return page("Checkout", [message], status=status)
 
     async def portal(self, request: Request) -> Response:
@@ -429,11 +413,11 @@ class Companion:
             return self._stripe_off()
         key, _ = extract_key(request.headers, self.settings.core.headers)
         if not key:
-            return _error(401, "missing_key", "send your API key in the x-api-key header")
+            return error(401, "missing_key", "send your API key in the x-api-key header")
         try:
             record = await self.store.usable_record(key)
             if record is None:
-                return _error(401, "invalid_key", "API key is not valid")
+                return error(401, "invalid_key", "API key is not valid")
             session = await self.client.v1.billing_portal.sessions.create_async(
                 {
                     "customer": record.customer_id,
@@ -441,10 +425,10 @@ class Companion:
                 }
             )
         except StoreUnavailable:
-            return _error(503, "unavailable", "try again later")
+            return error(503, "unavailable", "try again later")
         except stripe.StripeError as exc:
             message = exc.user_message or "Stripe could not open the billing portal; try again"
-            return _error(502, "stripe_error", message)
+            return error(502, "stripe_error", message)
         if request.headers.get("content-type", "").startswith("application/x-www-form"):
             return RedirectResponse(session.url, status_code=303)
         return JSONResponse({"url": session.url})
@@ -452,16 +436,16 @@ class Companion:
     async def auto_top_up(self, request: Request) -> Response:
         key, _ = extract_key(request.headers, self.settings.core.headers)
         if not key:
-            return _error(401, "missing_key", "send your API key in the x-api-key header")
+            return error(401, "missing_key", "send your API key in the x-api-key header")
         data: Mapping[str, Any] | None = {}
         if request.method == "POST":
             data, _ = await _fields(request, 4096)
             if data is None:
-                return _error(400, "malformed", 'send JSON: {"enabled": true, "at": 100}')
+                return error(400, "malformed", 'send JSON: {"enabled": true, "at": 100}')
         try:
             record = await self.store.usable_record(key)
             if record is None:
-                return _error(401, "invalid_key", "API key is not valid")
+                return error(401, "invalid_key", "API key is not valid")
             customer = record.customer_id
             if request.method == "POST":
                 setting = self._top_up_setting(data or {})
@@ -471,7 +455,7 @@ class Companion:
                 log.info("auto top-up for %s set to %s", customer, setting or "the default")
             current = await self.store.auto_top_up(customer)
         except StoreUnavailable:
-            return _error(503, "unavailable", "try again later")
+            return error(503, "unavailable", "try again later")
         default = self.settings.core.credits.auto_top_up_at
         at = None if current == "off" else (default if current is None else current)
         pack = self.top_ups.pack if self.top_ups else None
@@ -490,22 +474,22 @@ class Companion:
         """The setting a request asks for, or the 400 that refuses it."""
         enabled = {"true": True, "false": False}.get(str(data.get("enabled")).lower())
         if enabled is None:
-            return _error(400, "bad_setting", "enabled: true or false")
+            return error(400, "bad_setting", "enabled: true or false")
         if not enabled:
             return "off"
         if self.top_ups is None or self.top_ups.pack is None:
-            return _error(
+            return error(
                 400, "auto_top_up_unavailable", "auto top-up is not offered: no pack is set for it"
             )
         at = data.get("at")
         if at is None:
             if self.settings.core.credits.auto_top_up_at is None:
-                return _error(400, "bad_setting", "at: the balance to top up at is required")
+                return error(400, "bad_setting", "at: the balance to top up at is required")
             return None  # the default mark
         if isinstance(at, str) and at.isdigit():
             at = int(at)
         if isinstance(at, bool) or not isinstance(at, int) or not 0 <= at <= 10**12:
-            return _error(400, "bad_setting", "at: a balance, a whole number >= 0")
+            return error(400, "bad_setting", "at: a balance, a whole number >= 0")
         return at
 
     async def metrics(self, request: Request) -> Response:

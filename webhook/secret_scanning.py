@@ -61,6 +61,7 @@ from starlette.responses import JSONResponse, Response
 from sidecar import keys
 from sidecar.errors import NotFound, StoreUnavailable
 from sidecar.store import Store
+from webhook.bodies import error, read_limited
 from webhook.config import StripeSettings
 from webhook.outbox import Outbox
 
@@ -244,23 +245,6 @@ class PublicKeys:
         self._failed = False
 
 
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"code": code, "message": message}, status_code=status)
-
-
-async def _read_limited(request: Request, limit: int) -> bytes | None:
-    """The body, or None once it exceeds limit (read no further)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        return None
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            return None
-    return bytes(body)
-
-
 class LeakedKeys:
     """The endpoint: verifies an alert, revokes the genuine keys in it, answers each match."""
 
@@ -270,13 +254,13 @@ class LeakedKeys:
         self.public_keys = public_keys
 
     async def alert(self, request: Request) -> Response:
-        body = await _read_limited(request, MAX_BODY_BYTES)
+        body = await read_limited(request, MAX_BODY_BYTES)
         if body is None:
-            return _error(413, "too_large", f"body over {MAX_BODY_BYTES} bytes")
+            return error(413, "too_large", f"body over {MAX_BODY_BYTES} bytes")
         identifier = request.headers.get("github-public-key-identifier", "")
         signature = request.headers.get("github-public-key-signature", "")
         if not identifier or not signature:
-            return _error(
+            return error(
                 400,
                 "missing_signature",
                 "Github-Public-Key-Identifier and Github-Public-Key-Signature required",
@@ -284,21 +268,21 @@ class LeakedKeys:
         try:
             key = await self.public_keys.key(identifier)
         except KeysUnavailable as exc:
-            return _error(503, "keys_unavailable", str(exc))
+            return error(503, "keys_unavailable", str(exc))
         if key is None:
             log.warning("secret scanning: refused an alert signed by unknown key %.80r", identifier)
-            return _error(400, "unknown_key", "no GitHub secret scanning key has that identifier")
+            return error(400, "unknown_key", "no GitHub secret scanning key has that identifier")
         if not signature_ok(key, body, signature):
             log.warning("secret scanning: refused an alert whose signature does not verify")
-            return _error(400, "invalid_signature", "signature does not verify")
+            return error(400, "invalid_signature", "signature does not verify")
         matches = parse_alert(body)
         if matches is None:
-            return _error(400, "malformed", "expected a JSON array of {token, type, url, source}")
+            return error(400, "malformed", "expected a JSON array of {token, type, url, source}")
         try:
             labels = [await self._judge(match) for match in matches]
         except StoreUnavailable as exc:
             log.error("secret scanning: alert not fully handled, Redis unavailable: %s", exc)
-            return _error(503, "unavailable", "try again later")
+            return error(503, "unavailable", "try again later")
         genuine = labels.count("true_positive")
         log.info("secret scanning: alert of %d matches, %d genuine keys", len(matches), genuine)
         return JSONResponse([feedback(m, label) for m, label in zip(matches, labels, strict=True)])
