@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -379,3 +380,66 @@ def _month_of(stamp: int) -> int:
     from sidecar.periods import month_start
 
     return month_start(stamp)
+
+
+def test_the_ledger_adds_up_when_connections_are_cut_mid_burn(
+    aio: asyncio.Runner, redis_url: str
+) -> None:
+    """Connections reset under concurrent burns and settlements: some calls fail
+    (an answer lost is not a burn undone), yet nothing is half-applied: the
+    balance never goes below zero and the ledger always adds up to it."""
+    import urllib.parse
+
+    from sidecar.errors import StoreUnavailable
+    from tests.tcpproxy import TcpProxy
+
+    parts = urllib.parse.urlsplit(redis_url)
+
+    async def go(proxy: TcpProxy) -> None:
+        direct = Store(connect(redis_url, timeout=2.0), timeout=2.0)
+        cut = Store(
+            connect(f"redis://127.0.0.1:{proxy.port}/0", timeout=0.5), timeout=0.5, pipelined=False
+        )
+        try:
+            customer = await account(direct)
+            await direct.grant_credits(customer, grant_id="g", credits=400)
+            failures = 0
+
+            async def one(i: int) -> None:
+                nonlocal failures
+                request = f"r{i}" if i % 3 == 0 else ""
+                try:
+                    code = await spend(cut, customer, cost=1 + i % 3, request_id=request)
+                    if request and code is OutcomeCode.OK:
+                        await cut.record_usage(
+                            customer,
+                            meter="",
+                            quantity=i % 5,
+                            at=0,
+                            idempotency=request,
+                            dedupe_window=86400,
+                            request_id=request,
+                        )
+                except StoreUnavailable:
+                    failures += 1
+
+            loop = asyncio.get_running_loop()
+
+            def cut_soon() -> None:
+                time.sleep(0.003 * (1 + batch % 4))
+                proxy.drop()
+
+            for batch in range(10):
+                cutting = loop.run_in_executor(None, cut_soon)  # while the batch is in flight
+                await asyncio.gather(*(one(batch * 30 + i) for i in range(30)))
+                await cutting
+                balance = await direct.credit_balance(customer)
+                assert balance.balance >= 0 or balance.debt > 0
+                assert balance.balance == await ledger_sum(direct, customer)
+            assert failures > 0, "the proxy cut nothing: the test tested nothing"
+        finally:
+            await cut.close()
+            await direct.close()
+
+    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379) as proxy:
+        aio.run(go(proxy))
