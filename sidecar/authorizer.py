@@ -105,6 +105,7 @@ class Authorizer:
         metered: Callable[[str], None] = lambda customer: None,
         on_alert: Callable[[Alert], None] = _no_alerts,
         clock: Callable[[], float] = time.monotonic,
+        record_last_use: bool = False,
     ) -> None:
         self._store = store
         self._settings = settings  # a getter: SIGHUP swaps plans under us
@@ -114,6 +115,7 @@ class Authorizer:
         self.shortcuts = Shortcuts(clock=clock)
         self.key_cache: TtlCache[str, tuple[KeyRecord | None]] = TtlCache(clock=clock)
         self._lookups: dict[str, asyncio.Future[KeyRecord | None]] = {}
+        self._record_last_use = record_last_use  # the sidecar does; bare tests need not
         self._touched: dict[str, float] = {}  # key id -> when last_used was last written
         self._touching: set[asyncio.Task[None]] = set()
 
@@ -291,6 +293,8 @@ class Authorizer:
         after the decision and off the request's path (a lost write loses nothing
         but that minute)."""
         now = self._clock()
+        if not self._record_last_use:
+            return
         if now - self._touched.get(record.key_id, -_TOUCH_EVERY) < _TOUCH_EVERY:
             return
         self._touched[record.key_id] = now
@@ -337,6 +341,11 @@ class Authorizer:
             reserved=request_id,
             bill_only_success=only_success,
         )
+
+    async def close(self) -> None:
+        """Lets last-use writes in flight finish (before the store closes)."""
+        if self._touching:
+            await asyncio.gather(*self._touching, return_exceptions=True)
 
     def forget(self, message: str) -> None:
         """Drops what is cached about the key or account an invalidation names."""

@@ -54,7 +54,7 @@ log = logging.getLogger("tollway.server")
 class Sidecar:
     """Holds what SIGHUP may swap (settings and plans) and what it may not (sockets)."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store, *, record_last_use: bool = False) -> None:
         self.settings = settings
         self.store = store
         self.dirty = DirtyIndex(store)
@@ -63,6 +63,7 @@ class Sidecar:
             lambda: self.settings,
             metered=self.dirty.add,
             on_alert=AlertQueue(store.notify),  # queued off the request path
+            record_last_use=record_last_use,  # serve() does; in-process tests need not
         )
         # The admin API's operations, and the service tokens of usage calls by id.
         self.admin = Admin(store, lambda: self.settings)
@@ -160,7 +161,7 @@ async def serve(
     store = Store(
         connect(settings.redis_url, timeout=settings.redis_timeout), timeout=settings.redis_timeout
     )
-    sidecar = Sidecar(settings, store)
+    sidecar = Sidecar(settings, store, record_last_use=True)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -261,6 +262,7 @@ async def serve(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    await sidecar.authorizer.close()
     await store.close()
     for outcome in stopped:
         if isinstance(outcome, BaseException):

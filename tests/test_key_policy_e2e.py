@@ -71,3 +71,30 @@ def test_a_keys_own_rate_tightens_the_plan_with_its_own_headers(
     assert answers[2].json()["code"] == "rate_limited"
     assert answers[2].headers["x-ratelimit-limit"] == "2"
     assert int(answers[2].headers["retry-after"]) >= 1
+
+
+def test_a_request_through_envoy_records_when_the_key_was_last_used(
+    http: httpx.Client, redis_url: str
+) -> None:
+    import time
+
+    from sidecar import keys
+
+    key = key_with(redis_url, parse_policy(name="web"))
+    before = int(time.time())
+    assert http.get("/v1/x", headers={"x-api-key": key}).status_code == 200
+
+    async def last_used() -> int:
+        store = Store(connect(redis_url, timeout=2.0), timeout=2.0)
+        try:
+            record = await store.lookup_key(keys.key_hash(key))
+            assert record is not None
+            return record.last_used
+        finally:
+            await store.close()
+
+    deadline = time.monotonic() + 2
+    while (seen := asyncio.run(last_used())) == 0:
+        assert time.monotonic() < deadline, "last_used was never written"
+        time.sleep(0.05)
+    assert before <= seen <= int(time.time())
