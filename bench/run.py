@@ -624,7 +624,14 @@ def http_get(url: str) -> tuple[int, dict[str, str]]:
 
 
 def check_envoy(
-    listen: int, good: str, bad: str, *, authz: bool, authz_denies: bool, ext_proc: bool
+    listen: int,
+    good: str,
+    bad: str,
+    *,
+    authz: bool,
+    authz_denies: bool,
+    ext_proc: bool,
+    admin: int = 0,
 ) -> None:
     """The good key passes; the bad one is refused only by the real sidecar; the
     response phase runs exactly when ext_proc is in the chain and authz is on."""
@@ -632,9 +639,22 @@ def check_envoy(
     (good_status, headers), (bad_status, _) = http_get(base + good), http_get(base + bad)
     want_bad = 401 if authz_denies else 200
     if (good_status, bad_status) != (200, want_bad):
+        stats = ""
+        if admin:  # what Envoy saw: ext_authz errors, timeouts, denials
+            with (
+                suppress(OSError),
+                urllib.request.urlopen(
+                    f"http://127.0.0.1:{admin}/stats?filter=ext_authz|ext_proc", timeout=5
+                ) as answer,
+            ):
+                stats = "; envoy stats: " + " ".join(
+                    line
+                    for line in answer.read().decode().split("\n")
+                    if line and ": 0" not in line
+                )
         raise RuntimeError(
             f"envoy :{listen}: good key → {good_status}, bad key → {bad_status}; "
-            f"expected 200, {want_bad}"
+            f"expected 200, {want_bad}{stats}"
         )
     charged = "x-tollway-charged" in headers  # what the sidecar's response phase adds
     if charged is not (ext_proc and authz):
@@ -1232,6 +1252,7 @@ class EnvoyRun:
                     authz=authz,
                     authz_denies=real and authz,
                     ext_proc=EXT_PROC in p.shape.filters,
+                    admin=admin,
                 )
                 uris = WORK / f"uris-{name}.txt"
                 base = f"http://127.0.0.1:{listen}"

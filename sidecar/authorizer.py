@@ -116,8 +116,8 @@ class Authorizer:
         self.key_cache: TtlCache[str, tuple[KeyRecord | None]] = TtlCache(clock=clock)
         self._lookups: dict[str, asyncio.Future[KeyRecord | None]] = {}
         self._record_last_use = record_last_use  # the sidecar does; bare tests need not
-        self._touched: dict[str, float] = {}  # key id -> when last_used was last written
-        self._touching: set[asyncio.Task[None]] = set()
+        self._touched: dict[str, float] = {}  # key id -> when last_used was last noted
+        self._unwritten: dict[str, int] = {}  # key hash -> when used, for the next batch
 
     @property
     def buckets(self) -> TtlCache[str, BucketReading]:
@@ -186,7 +186,7 @@ class Authorizer:
                 self.shortcuts.learn(turn, plan, outcome, decision)
         if outcome.code is not OutcomeCode.OK or plan is None:
             return decision
-        self._used(record)
+        self._used(api_key, record)
         return self._admitted(decision, plan, answer, cost=cost, route=route, request_id=request_id)
 
     async def _record(self, api_key: str) -> KeyRecord | Decision:
@@ -288,26 +288,33 @@ class Authorizer:
                 self.shortcuts.hints.learn(customer, plan.name)
         raise RuntimeError(f"plan of {customer} kept changing during the decision")
 
-    def _used(self, record: KeyRecord) -> None:
-        """Notes when the key was last used: one write a minute per key at most,
-        after the decision and off the request's path (a lost write loses nothing
-        but that minute)."""
-        now = self._clock()
+    def _used(self, api_key: str, record: KeyRecord) -> None:
+        """Notes that the key was used, for the next batch of last_used writes
+        (run_last_use): at most one write a minute per key, none on the request's
+        path, and one pipeline for all keys however many there are."""
         if not self._record_last_use:
             return
+        now = self._clock()
         if now - self._touched.get(record.key_id, -_TOUCH_EVERY) < _TOUCH_EVERY:
             return
-        self._touched[record.key_id] = now
         if len(self._touched) > 100_000:
             self._touched.clear()  # bounded: at worst, one more write per key
-        task = asyncio.ensure_future(self._touch(record))
-        self._touching.add(task)
-        task.add_done_callback(self._touching.discard)
+        self._touched[record.key_id] = now
+        self._unwritten[keys.key_hash(api_key)] = int(time.time())
 
-    async def _touch(self, record: KeyRecord) -> None:
-        # Redis away (the next minute tries again), or the key just vanished.
-        with contextlib.suppress(TollwayError):
-            await self._store.touch_key(record.customer_id, record.key_id, int(time.time()))
+    async def write_last_use(self) -> int:
+        """Writes the keys used since the last call; returns how many."""
+        batch, self._unwritten = self._unwritten, {}
+        if batch:
+            with contextlib.suppress(TollwayError):  # Redis away: that minute is lost
+                await self._store.touch_keys(batch)
+        return len(batch)
+
+    async def run_last_use(self, *, every: float = 5.0) -> None:
+        """Writes last_used in batches until cancelled."""
+        while True:
+            await asyncio.sleep(every)
+            await self.write_last_use()
 
     def _admitted(
         self,
@@ -343,9 +350,8 @@ class Authorizer:
         )
 
     async def close(self) -> None:
-        """Lets last-use writes in flight finish (before the store closes)."""
-        if self._touching:
-            await asyncio.gather(*self._touching, return_exceptions=True)
+        """Writes the last batch of last_used (before the store closes)."""
+        await self.write_last_use()
 
     def forget(self, message: str) -> None:
         """Drops what is cached about the key or account an invalidation names."""

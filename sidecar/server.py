@@ -245,6 +245,7 @@ async def serve(
         # If it ends on its own, it failed: stop all, loudly, rather than serve half.
         http_task.add_done_callback(lambda _: stop.set())
     dirty_task = asyncio.create_task(sidecar.dirty.run())
+    last_use = asyncio.create_task(sidecar.authorizer.run_last_use())
     invalidations = asyncio.create_task(sidecar.follow_invalidations())
     watch = asyncio.create_task(sidecar.watch_redis(set_health))
     if ready:
@@ -258,7 +259,7 @@ async def serve(
     stopped = await asyncio.gather(
         server.stop(grace=drain), *([http_task] if http_task else []), return_exceptions=True
     )
-    for task in (dirty_task, invalidations, watch):
+    for task in (dirty_task, invalidations, watch, last_use):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

@@ -169,11 +169,14 @@ class ApiKeys(Accounts):
         assert record is not None
         return record
 
-    async def touch_key(self, customer_id: str, key_id: str, at: int) -> None:
-        """Records when the key was last used (the caller rate-limits this)."""
-        hashed = await self._key_hash(customer_id, key_id)
+    async def touch_keys(self, used: Mapping[str, int]) -> None:
+        """Records when each key (by hash) was last used, in one pipeline. (Key
+        records are never deleted, so this never writes a record that is gone.)"""
         async with self._guard("key last used"):
-            await self._redis.hset(key_record_key(hashed), "last_used", at)
+            pipe = self._redis.pipeline(transaction=False)
+            for hashed, at in used.items():
+                pipe.hset(key_record_key(hashed), "last_used", at)
+            await pipe.execute()
 
     async def expire_key(self, customer_id: str, key_id: str, at_us: int) -> None:
         """Sets the key's expiry to at_us, unless it already expires sooner."""
