@@ -164,6 +164,18 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def quiet_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Valkey only this test module talks to, for tests that count Redis commands:
+    the session's long-lived companions (notification relay, usage reporter) would
+    add theirs to INFO commandstats on the shared one at any moment."""
+    server = harness.start_valkey(tmp_path_factory.mktemp("quiet-valkey"), persist=False)
+    try:
+        yield server.connection_url
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def config_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("config") / "tollway.toml"

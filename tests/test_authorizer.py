@@ -98,14 +98,14 @@ def commands(info: dict[str, Any]) -> int:
 
 @pytest.mark.parametrize("concurrency", [1, 50])
 def test_a_client_hammering_an_exhausted_key_barely_reaches_redis(
-    redis_url: str, concurrency: int
+    quiet_redis_url: str, concurrency: int
 ) -> None:
     # Concurrent: when a token drops into the empty bucket, every request in
     # the air sees room for it; only one of them may ask Redis.
     attack = 500
 
     async def hammer() -> tuple[int, int]:
-        store = Store(connect(redis_url, timeout=2.0), timeout=2.0)
+        store = Store(connect(quiet_redis_url, timeout=2.0), timeout=2.0)
         try:
             authorizer = Authorizer(store, lambda: CONFIG)
             _, key = await customer_with_key(store, "small")
@@ -199,12 +199,12 @@ def test_a_dear_request_is_answered_promptly_amid_steady_cheap_traffic(redis_url
 
 
 def test_a_new_accounts_first_request_costs_one_script_call_on_a_common_plan(
-    redis_url: str,
+    quiet_redis_url: str,
 ) -> None:
     # A sidecar meeting many accounts for the first time (a restart, a million
     # customers) guesses each one's plan from the last; one plan, one call each.
     async def run() -> tuple[int, int]:
-        store = Store(connect(redis_url, timeout=2.0), timeout=2.0)
+        store = Store(connect(quiet_redis_url, timeout=2.0), timeout=2.0)
         try:
             authorizer = Authorizer(store, lambda: CONFIG)
             pairs = [await customer_with_key(store, "big") for _ in range(40)]

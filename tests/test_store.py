@@ -259,9 +259,16 @@ def test_refill_never_exceeds_burst(aio: asyncio.Runner, tstore: Store, clock: C
 
 
 def test_limits_live_a_day_past_the_period_and_an_admission_is_one_write(
-    aio: asyncio.Runner, tstore: Store, clock: Clock
+    aio: asyncio.Runner, quiet_redis_url: str, clock: Clock
 ) -> None:
     async def scenario() -> None:
+        tstore = Store(connect(quiet_redis_url, timeout=2.0), timeout=2.0, clock_us=clock)
+        try:
+            await counted(tstore)
+        finally:
+            await tstore.close()
+
+    async def counted(tstore: Store) -> None:
         customer = await account(tstore)
         assert (await decide(tstore, customer, BASIC)).code is OutcomeCode.OK
         now = clock.now // SECOND
