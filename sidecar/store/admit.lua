@@ -103,10 +103,13 @@ local function reply(code, plan, status, tokens, reset_ms, retry_ms, used, perio
 end
 
 -- The account's balance, with lapsed grants swept (written whatever the outcome).
+-- shared/credits.lua's functions are made only for a request that touches a balance.
+local cr
 local function load_credits()
-  local c = credits_load(KEYS[10])
-  credits_sweep(c, KEYS[11], now_s)
-  return c, credits_balance(c)
+  cr = cr or credits_lib()
+  local c = cr.load(KEYS[10])
+  cr.sweep(c, KEYS[11], now_s)
+  return c, cr.balance(c)
 end
 
 if key_expires_us > 0 and now_us >= key_expires_us then
@@ -130,7 +133,7 @@ end
 if expected_plan ~= "" and plan ~= expected_plan and credits_parent == plan then
   -- The caller enforces this plan's credits fallback: only while the balance is short.
   local c, b = load_credits()
-  credits_save(c)
+  cr.save(c)
   if b >= cost then
     balance = b
     return reply(2, plan, status, 0, 0, 0, 0, 0)
@@ -289,20 +292,20 @@ if credits ~= "" then
   local c, b = load_credits()
   balance = b
   if b < cost and credits ~= "bill" then
-    credits_save(c)
+    cr.save(c)
     if credits == "plan" then
       return reply(2, credits_fallback, status, 0, 0, 0, 0, 0)
     end
     return reply(9, plan, status, tokens, full_in_ms(tokens), -1, used, p_end)
   end
   if b >= cost then
-    taken = credits_burn(c, KEYS[11], now_s, cost)
-    balance = credits_balance(c)
-    low = credits_low(c, b, balance, low_balance)
-    top_up = credits_top_up(c, b, balance, top_up_at, now_us)
+    taken = cr.burn(c, KEYS[11], now_s, cost)
+    balance = cr.balance(c)
+    low = cr.low(c, b, balance, low_balance)
+    top_up = cr.top_up(c, b, balance, top_up_at, now_us)
     meter = ""  -- paid in advance: nothing to bill
   end
-  credits_save(c)
+  cr.save(c)
 end
 
 tokens = tokens - cost

@@ -18,24 +18,26 @@
 
 -- #include shared/credits.lua
 
+local cr = credits_lib()
+
 local now = tonumber(ARGV[5] ~= "" and ARGV[5] or redis.call("TIME")[1])
 local id, units, expires = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local c = credits_load(KEYS[1])
-credits_sweep(c, KEYS[2], now)
+local c = cr.load(KEYS[1])
+cr.sweep(c, KEYS[2], now)
 if redis.call("HEXISTS", KEYS[3], id) == 1 then
-  credits_save(c)
-  return {"duplicate", credits_balance(c)}
+  cr.save(c)
+  return {"duplicate", cr.balance(c)}
 end
 if expires > 0 and expires <= now then
-  credits_save(c)
-  return {"expired", credits_balance(c)}
+  cr.save(c)
+  return {"expired", cr.balance(c)}
 end
 local entry = redis.call("XADD", KEYS[2], "*", "kind", "grant", "credits", units, "grant", id,
   "expires", expires, "reason", ARGV[4], "at", now)
 redis.call("HSET", KEYS[3], id, entry)
-local left = credits_pay_debt(c, units)
-if left > 0 then credits_add(c, id, expires, left) end
-local balance = credits_balance(c)
+local left = cr.pay_debt(c, units)
+if left > 0 then cr.add(c, id, expires, left) end
+local balance = cr.balance(c)
 if c.top_up_due then
   c.top_up_due = nil
   c.del["tu"], c.set["tu"] = true, nil
@@ -46,5 +48,5 @@ for t in pairs(c.low) do
     c.del["lo:" .. t], c.set["lo:" .. t] = true, nil
   end
 end
-credits_save(c)
+cr.save(c)
 return {"granted", balance}

@@ -11,15 +11,17 @@
 
 -- #include shared/credits.lua
 
+local cr = credits_lib()
+
 local now = tonumber(ARGV[1] ~= "" and ARGV[1] or redis.call("TIME")[1])
-local c = credits_load(KEYS[1])
-credits_sweep(c, KEYS[2], now)
-credits_close_batch(c, KEYS[2], now, false)
-credits_save(c)
+local c = cr.load(KEYS[1])
+cr.sweep(c, KEYS[2], now)
+cr.close_batch(c, KEYS[2], now, false)
+cr.save(c)
 local grants = {}
 for _, g in ipairs(c.grants) do
   table.insert(grants, g.id)
   table.insert(grants, g.rem)
   table.insert(grants, g.exp)
 end
-return {credits_balance(c), c.debt, c.bq, grants}
+return {cr.balance(c), c.debt, c.bq, grants}

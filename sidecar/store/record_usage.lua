@@ -77,14 +77,15 @@ if ARGV[7] ~= "" then
       to_record = 0  -- paid from credits: nothing to bill
       if delta ~= 0 then
         local now = tonumber(redis.call("TIME")[1])
-        local c = credits_load(KEYS[9])
-        credits_sweep(c, KEYS[10], now)
+        local cr = credits_lib()
+        local c = cr.load(KEYS[9])
+        cr.sweep(c, KEYS[10], now)
         if delta > 0 then
-          credits_burn(c, KEYS[10], now, delta)
+          cr.burn(c, KEYS[10], now, delta)
         else
-          credits_refund(c, KEYS[10], now, -delta, r[5])
+          cr.refund(c, KEYS[10], now, -delta, r[5])
         end
-        credits_save(c)
+        cr.save(c)
       end
     end
     local q = redis.call("HMGET", KEYS[6], "k", "p", "used")
