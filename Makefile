@@ -6,15 +6,18 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test test-fast lint proto bench bench-scaling bench-memory h2load soak clean
 
+# Quiet: a newcomer's first screen is Tollway's, not the installer's. PYTHONWARNINGS
+# silences setuptools' notices about editable installs, which change nothing here.
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	@echo "Installing Tollway and its dev tools into $(VENV) (first run: about a minute)..."
+	@$(PYTHON) -m venv $(VENV)
+	@PYTHONWARNINGS=ignore $(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
+	@PYTHONWARNINGS=ignore $(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
 
 ## run: the demo — embedded Valkey, sidecar, companion and Envoy on :10000; prints a key and a curl
 run: $(STAMP)
-	$(BIN)/tollway dev
+	@$(BIN)/tollway dev
 
 ## test: the whole suite against real Valkey and Envoy, plus lint and types
 test: $(STAMP) lint

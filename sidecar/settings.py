@@ -72,6 +72,7 @@ _SECTIONS: Final = frozenset(
         "billing",
         "usage",
         "stripe",
+        "portal",
         "plans",
         "routes",
         "meters",

@@ -605,3 +605,47 @@ def envoy(tmp_path_factory: pytest.TempPathFactory, http_sidecar: HttpSidecar) -
             yield url
         finally:
             child.stop()
+
+
+@dataclass(frozen=True)
+class PortalStack:
+    """A companion serving the developer portal beside the session's `envoy`."""
+
+    url: str  # the companion: portal pages, /checkout/complete
+    envoy: str  # the merchant's API, through Envoy and the http_sidecar
+    config: Path
+    log: Path
+
+
+@pytest.fixture(scope="session")
+def portal_stack(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, fake_stripe: Any, envoy: str
+) -> Iterator[PortalStack]:
+    """`tollway webhook` with Stripe on (the fake) and [portal] pointing its snippets at
+    the session's Envoy; same plans as the sidecar behind that Envoy."""
+    workdir = tmp_path_factory.mktemp("portal")
+    port = harness.free_port()
+    config = workdir / "tollway.toml"
+    config.write_text(
+        ACCESS_LOG_CONFIG
+        + f"""
+[stripe]
+public_url = "http://127.0.0.1:{port}"
+reconcile_interval = "0s"
+report_interval = "0s"
+timeout = "2s"
+max_network_retries = 0
+
+[portal]
+name = "Acme API"
+api_base_url = "{envoy}"
+session_ttl = "10m"
+"""
+    )
+    log = workdir / "companion.log"
+    env = companion_env(workdir, fake_stripe.url)
+    child = harness.start_companion(config, redis_url=redis_url, port=port, log=log, env=env)
+    try:
+        yield PortalStack(f"http://127.0.0.1:{port}", envoy, config, log)
+    finally:
+        child.stop()

@@ -803,6 +803,8 @@ class FakeStripe:
         self, method: str, target: str, raw_headers: list[tuple[str, str]], body: bytes
     ) -> Reply | None:
         split = urlsplit(target)
+        if split.path.startswith(("/c/pay/", "/p/session/")):
+            return self._hosted_page(method, split.path)
         pairs = parse_qsl(split.query, keep_blank_values=True)
         if body:
             pairs += parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
@@ -825,6 +827,36 @@ class FakeStripe:
             return None
         record.status = reply[0]
         return reply
+
+    def _hosted_page(self, method: str, path: str) -> Reply:
+        """The pages Stripe hosts for browsers: Checkout (a Pay button that does what
+        complete_checkout does, then goes to the success_url) and the billing portal
+        (a page naming the customer, with a link back)."""
+        kind, _, ident = path.strip("/").rpartition("/")
+        html = "text/html; charset=utf-8"
+        with self._lock:
+            if kind == "c/pay" and ident in self._sessions:
+                public = self._sessions[ident].public
+                if method == "POST" and public["status"] == "open":
+                    self.complete_checkout(ident)
+                if method == "POST":
+                    target = str(public["success_url"]).replace("{CHECKOUT_SESSION_ID}", ident)
+                    return 303, {"Location": target}, b""
+                page = (
+                    f"<!doctype html><title>Checkout</title><h1>Fake Stripe Checkout</h1>"
+                    f"<p id='total'>{public['amount_total']} {public['currency']}</p>"
+                    f"<form method='post'><button id='pay' type='submit'>Pay</button></form>"
+                )
+                return 200, {"Content-Type": html}, page.encode()
+            portal = self._portal_sessions.get(ident)
+            if kind == "p/session" and portal is not None:
+                page = (
+                    f"<!doctype html><title>Billing</title><h1>Billing portal</h1>"
+                    f"<p id='customer'>{portal['customer']}</p>"
+                    f"<a id='return' href='{portal['return_url']}'>Return</a>"
+                )
+                return 200, {"Content-Type": html}, page.encode()
+        return 404, {"Content-Type": html}, b"no such page"
 
     def _execute(self, record: RecordedRequest) -> Reply:
         headers = record.headers
@@ -1722,7 +1754,8 @@ class FakeStripe:
             "success_url": self._str(params, "success_url"),
             "total_details": {"amount_discount": 0, "amount_shipping": 0, "amount_tax": 0},
             "ui_mode": "hosted_page",
-            "url": f"https://checkout.stripe.test/c/pay/{session_id}",
+            # Its hosted page, on this server: a browser can pay (see _hosted_page).
+            "url": f"{self.url or 'https://checkout.stripe.test'}/c/pay/{session_id}",
         }
         self._sessions[session_id] = _Session(
             public, line_items, subscription_data, payment_intent_data
@@ -1833,7 +1866,7 @@ class FakeStripe:
             "locale": self._str(params, "locale"),
             "on_behalf_of": None,
             "return_url": self._str(params, "return_url"),
-            "url": f"https://billing.stripe.test/p/session/{session_id}",
+            "url": f"{self.url or 'https://billing.stripe.test'}/p/session/{session_id}",
         }
         self._portal_sessions[session_id] = portal
         return 200, self._render(portal, params)

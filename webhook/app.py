@@ -58,13 +58,14 @@ from webhook.metrics import WEBHOOK_EVENTS
 from webhook.notify import Notifier
 from webhook.outbox import Handler, Outbox, Relay
 from webhook.pages import page
+from webhook.portal import Portal
 from webhook.reconcile import reconcile
 from webhook.reporter import Reporter
 from webhook.secret_scanning import LeakedKeys, PublicKeys
 from webhook.sync import StripeUnavailable, Syncer, make_client, stripe_failure
 from webhook.top_up import TopUps
 
-__all__ = ["create_app", "signature_ok"]
+__all__ = ["CheckoutRefused", "Companion", "create_app", "signature_ok"]
 
 log = logging.getLogger("tollway.webhook")
 
@@ -112,6 +113,14 @@ async def _fields(request: Request, limit: int) -> tuple[Mapping[str, Any] | Non
     return (data if isinstance(data, dict) else None), False
 
 
+class CheckoutRefused(Exception):
+    """A checkout that cannot start: the HTTP status, code and message to answer."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
 class Companion:
     def __init__(self, settings: CompanionSettings, store: Store) -> None:
         self.settings = settings
@@ -135,6 +144,7 @@ class Companion:
                 handlers["auto_top_up_due"] = self.top_ups.handle_due
         self.relay = Relay(store, self.notifier, settings.stripe, handlers=handlers)
         self._price_ids: dict[str, str] = {}
+        self.developer_portal: Portal | None = None  # create_app's, when [portal] is enabled
 
     @property
     def key_environment(self) -> keys.Environment:
@@ -198,7 +208,8 @@ class Companion:
         WEBHOOK_EVENTS.labels(event["type"], result).inc()
         return JSONResponse({"received": True, "result": result})
 
-    async def _price_for(self, plan_name: str) -> str | None:
+    async def price_for(self, plan_name: str) -> str | None:
+        """The Stripe price id a plan is sold at (its price, or its lookup key's)."""
         plan = self.settings.core.catalog.plans[plan_name]
         if plan.stripe_price:
             return plan.stripe_price
@@ -219,14 +230,28 @@ class Companion:
         data, is_form = await _fields(request, 64 * 1024)
         if data is None:
             return error(400, "malformed", "send JSON or a form: {email or customer, plan}")
-        if data.get("pack") is not None:
-            if data.get("plan") is not None:
-                return error(400, "plan_or_pack", "send a plan or a pack, not both")
-            return await self._checkout_pack(data, is_form)
-        plan = data.get("plan")
+        if data.get("pack") is not None and data.get("plan") is not None:
+            return error(400, "plan_or_pack", "send a plan or a pack, not both")
+        customer, email = data.get("customer"), data.get("email")
+        try:
+            if data.get("pack") is not None:
+                session = await self.pack_checkout(data.get("pack"), customer, email)
+            else:
+                session = await self.subscription_checkout(data.get("plan"), customer, email)
+        except CheckoutRefused as refused:
+            return error(refused.status, refused.code, refused.message)
+        if is_form:
+            return RedirectResponse(session.url or "/", status_code=303)
+        return JSONResponse({"id": session.id, "url": session.url})
+
+    async def subscription_checkout(
+        self, plan: object, customer: object, email: object
+    ) -> stripe.checkout.Session:
+        """A Checkout Session subscribing to plan (for a customer id or an email)."""
+        assert self.client is not None
         if not isinstance(plan, str) or plan not in self.settings.core.catalog.plans:
             names = ", ".join(self.settings.core.catalog.plans)
-            return error(400, "unknown_plan", f"plan must be one of: {names}")
+            raise CheckoutRefused(400, "unknown_plan", f"plan must be one of: {names}")
         params: dict[str, Any] = {
             "mode": "subscription",
             "success_url": self.settings.stripe.success_url,
@@ -234,52 +259,51 @@ class Companion:
             "metadata": {"tollway_plan": plan},
             "subscription_data": {"metadata": {"tollway_plan": plan}},
         }
-        customer, email = data.get("customer"), data.get("email")
         if isinstance(customer, str) and _CUSTOMER_RE.fullmatch(customer):
             params["customer"] = customer
         elif isinstance(email, str) and re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", email):
             params["customer_email"] = email
         else:
-            return error(400, "missing_customer", "give an email or a Stripe customer id")
+            raise CheckoutRefused(400, "missing_customer", "give an email or a Stripe customer id")
         try:
-            price = await self._price_for(plan)
+            price = await self.price_for(plan)
             if price is None:
-                return error(400, "plan_not_for_sale", f"plan {plan} has no Stripe price")
+                raise CheckoutRefused(400, "plan_not_for_sale", f"plan {plan} has no Stripe price")
             params["line_items"] = [{"price": price, "quantity": 1}]
-            session = await self.client.v1.checkout.sessions.create_async(params)  # type: ignore[arg-type]
+            return await self.client.v1.checkout.sessions.create_async(params)  # type: ignore[arg-type]
         except stripe.StripeError as exc:
             log.error("checkout for plan %s failed: %s", plan, type(exc).__name__)
             message = exc.user_message or "Stripe could not start the checkout; try again"
-            return error(502, "stripe_error", message)
-        if is_form:
-            return RedirectResponse(session.url or "/", status_code=303)
-        return JSONResponse({"id": session.id, "url": session.url})
+            raise CheckoutRefused(502, "stripe_error", message) from None
 
-    async def _checkout_pack(self, data: Mapping[str, Any], is_form: bool) -> Response:
+    async def pack_checkout(
+        self, name: object, customer: object, email: object = None
+    ) -> stripe.checkout.Session:
+        """A Checkout Session (mode=payment) buying a credit pack for an account."""
         assert self.client is not None
         packs = self.settings.core.catalog.credit_packs
-        name = data.get("pack")
         if not isinstance(name, str) or name not in packs:
             names = ", ".join(packs) or "(none are configured)"
-            return error(400, "unknown_pack", f"pack must be one of: {names}")
+            raise CheckoutRefused(400, "unknown_pack", f"pack must be one of: {names}")
         if packs[name].stripe_price is None:
-            return error(400, "pack_not_for_sale", f"pack {name} has no Stripe price")
-        customer, email = data.get("customer"), data.get("email")
+            raise CheckoutRefused(400, "pack_not_for_sale", f"pack {name} has no Stripe price")
         if not (isinstance(customer, str) and _CUSTOMER_RE.fullmatch(customer)):
             if isinstance(email, str) and email:
-                return error(
+                raise CheckoutRefused(
                     400,
                     "account_required",
                     "credits belong to a Tollway account: buy a pack with the account's "
                     "Stripe customer id (customer), after subscribing",
                 )
-            return error(400, "missing_customer", "give the Stripe customer id of an account")
+            raise CheckoutRefused(
+                400, "missing_customer", "give the Stripe customer id of an account"
+            )
         try:
             account = await self.store.get_account(customer)
         except StoreUnavailable:
-            return error(503, "unavailable", "try again later")
+            raise CheckoutRefused(503, "unavailable", "try again later") from None
         if account is None:
-            return error(
+            raise CheckoutRefused(
                 400,
                 "account_required",
                 f"customer {customer} has no Tollway account: credits belong to one; "
@@ -287,21 +311,18 @@ class Companion:
             )
         plan = self.settings.core.catalog.plans.get(account.plan)
         if plan is None or not plan.credits:
-            return error(
+            raise CheckoutRefused(
                 400,
                 "plan_without_credits",
                 f"the account's plan {account.plan} does not use credits",
             )
         params = checkout_params(self.settings, name, customer)
         try:
-            session = await self.client.v1.checkout.sessions.create_async(params)  # type: ignore[arg-type]
+            return await self.client.v1.checkout.sessions.create_async(params)  # type: ignore[arg-type]
         except stripe.StripeError as exc:
             log.error("checkout for pack %s failed: %s", name, type(exc).__name__)
             message = exc.user_message or "Stripe could not start the checkout; try again"
-            return error(502, "stripe_error", message)
-        if is_form:
-            return RedirectResponse(session.url or "/", status_code=303)
-        return JSONResponse({"id": session.id, "url": session.url})
+            raise CheckoutRefused(502, "stripe_error", message) from None
 
     async def _pack_complete(
         self, as_json: bool, session_id: str, session: dict[str, Any]
@@ -393,6 +414,10 @@ class Companion:
         }
         if as_json:
             return JSONResponse(data, headers={"cache-control": "no-store"})
+        if self.developer_portal is not None:  # the key once, and the buyer signed in
+            return await self.developer_portal.first_key(
+                key, customer, record.key_id, change.new_plan
+            )
         return page(
             "Your API key",
             [
@@ -521,6 +546,7 @@ class Companion:
 
 def create_app(settings: CompanionSettings, store: Store) -> Starlette:
     companion = Companion(settings, store)
+    admin = Admin(store, lambda: settings.core)
     leaked_keys = LeakedKeys(store, companion.outbox, PublicKeys.from_settings(settings.stripe))
 
     @contextlib.asynccontextmanager
@@ -555,8 +581,11 @@ def create_app(settings: CompanionSettings, store: Store) -> Starlette:
         Route("/credits/auto-top-up", companion.auto_top_up, methods=["GET", "POST"]),
         Route("/metrics", companion.metrics, methods=["GET"]),
         Route("/secret-scanning/github", leaked_keys.alert, methods=["POST"]),
-        *admin_routes(Admin(store, lambda: settings.core)),
+        *admin_routes(admin),
     ]
+    if settings.portal.enabled:
+        companion.developer_portal = Portal(companion, admin)
+        routes += companion.developer_portal.routes()
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.companion = companion
     return app

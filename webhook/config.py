@@ -10,6 +10,8 @@ Secrets come only from the environment or a .env file (TOLLWAY_ENV_FILE, else
     TOLLWAY_GITHUB_TOKEN             a GitHub token with no scopes, sent when fetching
                                      GitHub's secret scanning keys, for a higher rate
                                      limit (optional; webhook/secret_scanning.py)
+    TOLLWAY_PORTAL_SECRET            signs the portal's session cookies (32+ characters;
+                                     optional: else a secret made once and kept in Redis)
 
     [stripe]
     public_url = "https://billing.example.com"   # where this companion is reached
@@ -31,6 +33,13 @@ Secrets come only from the environment or a .env file (TOLLWAY_ENV_FILE, else
     secret_scanning_keys_ttl = "1h"               # how long fetched keys are trusted
     secret_scanning_refetch_after = "1m"          # least time between fetches for an
                                                   # unknown key identifier
+
+    [portal]                                      # the developer portal (webhook/portal/)
+    enabled = true
+    name = "Acme API"                             # shown on every page
+    api_base_url = "https://api.example.com"      # the merchant's API, for the snippets
+    session_ttl = "1h"                            # a session ends this long after sign-in
+    link_ttl = "15m"                              # a `tollway portal link` works this long
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ __all__ = [
     "API_VERSION",
     "GITHUB_KEYS_URL",
     "CompanionSettings",
+    "PortalSettings",
     "StripeSettings",
     "load_companion_settings",
 ]
@@ -111,9 +121,47 @@ class StripeSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PortalSettings:
+    enabled: bool = True
+    name: str = "Tollway"
+    api_base_url: str = "http://127.0.0.1:10000"
+    session_ttl: int = 3600
+    link_ttl: int = 900
+    secret: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class CompanionSettings:
     core: Settings
     stripe: StripeSettings
+    portal: PortalSettings = field(default_factory=PortalSettings)
+
+
+def portal_settings(section: Mapping[str, Any], environ: Mapping[str, str]) -> PortalSettings:
+    portal = Table(section, "[portal]").only(
+        {"enabled", "name", "api_base_url", "session_ttl", "link_ttl"}
+    )
+    secret = environ.get("TOLLWAY_PORTAL_SECRET") or None
+    if secret is not None and len(secret) < 32:
+        raise ConfigError("TOLLWAY_PORTAL_SECRET: expected at least 32 characters")
+    session_ttl = portal.duration("session_ttl", 3600)
+    link_ttl = portal.duration("link_ttl", 900)
+    if not 60 <= session_ttl <= 7 * 86400:
+        raise ConfigError("[portal] session_ttl: expected a duration from 1m to 7d")
+    if not 60 <= link_ttl <= 86400:
+        raise ConfigError("[portal] link_ttl: expected a duration from 1m to 1d")
+    name = portal.string(
+        "name", "Tollway", what="1 to 60 characters", valid=lambda n: 0 < len(n) <= 60
+    )
+    base = portal.string("api_base_url", "http://127.0.0.1:10000", what=_URL, valid=_is_http)
+    return PortalSettings(
+        enabled=portal.boolean("enabled", True),
+        name=name,
+        api_base_url=base.rstrip("/"),
+        session_ttl=session_ttl,
+        link_ttl=link_ttl,
+        secret=secret,
+    )
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -213,7 +261,11 @@ def load_companion_settings(
     with core.config_path.open("rb") as fh:
         doc = tomllib.load(fh)
     try:
-        section = Table(doc).section("stripe").data
-        return CompanionSettings(core=core, stripe=stripe_settings(section, merged))
+        document = Table(doc)
+        return CompanionSettings(
+            core=core,
+            stripe=stripe_settings(document.section("stripe").data, merged),
+            portal=portal_settings(document.section("portal").data, merged),
+        )
     except ConfigError as exc:
         raise ConfigError(f"{core.config_path}: {exc}") from None

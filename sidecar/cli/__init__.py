@@ -3,7 +3,8 @@ keys and plans. Every command takes --json; errors are one line and exit 1.
 
 This module holds the parser and main(); the commands live in processes.py
 (serve, webhook, reconcile, dev, health), admin.py (usage, report, plans,
-accounts, keys), credits.py (credits) and tokens.py (admin-tokens)."""
+accounts, keys), credits.py (credits), portal.py (portal) and tokens.py
+(admin-tokens)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from sidecar.cli.admin import (
 )
 from sidecar.cli.common import Output, add_policy_options, duration_arg
 from sidecar.cli.credits import cmd_credits_auto_top_up, cmd_credits_grant, cmd_credits_show
+from sidecar.cli.portal import cmd_portal_link
 from sidecar.cli.processes import cmd_dev, cmd_health, cmd_reconcile, cmd_serve, cmd_webhook
 from sidecar.cli.tokens import cmd_tokens_issue, cmd_tokens_list, cmd_tokens_revoke
 from sidecar.decision import STATUSES
@@ -173,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--customer", required=True)
     p.add_argument("key_id")
     p.add_argument("--overlap", type=duration_arg, default=86400, help="default 24h")
+
+    portal = add(sub, "portal", lambda a, o: None, "the developer portal")
+    po = portal.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = add(po, "link", cmd_portal_link, "a one-time sign-in link for a customer (support)")
+    p.add_argument("--customer", required=True)
 
     credits = add(sub, "credits", lambda a, o: None, "prepaid credits")
     cr = credits.add_subparsers(dest="action", required=True, metavar="ACTION")

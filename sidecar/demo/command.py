@@ -88,10 +88,11 @@ def run_dev(args: Any, out: Any) -> None:
                     upstream=upstream.port,
                 )
             )
-            key = asyncio.run(_demo_key(redis_url, args.plan))
+            key, link = asyncio.run(_demo_key(redis_url, args.plan))
             _announce(
                 out,
                 key=key,
+                link=link,
                 port=args.port,
                 companion=companion_port,
                 plan=args.plan,
@@ -104,7 +105,8 @@ def run_dev(args: Any, out: Any) -> None:
             valkey.stop()
 
 
-async def _demo_key(redis_url: str, plan: str) -> str:
+async def _demo_key(redis_url: str, plan: str) -> tuple[str, str]:
+    """The demo customer's new key, and a one-time sign-in link token to its dashboard."""
     from sidecar.store import Store, connect
 
     store = Store(connect(redis_url, timeout=2.0), timeout=2.0)
@@ -117,15 +119,25 @@ async def _demo_key(redis_url: str, plan: str) -> str:
         except NotFound:
             await store.create_account(DEMO_CUSTOMER, plan)
         key, _ = await store.issue_key(DEMO_CUSTOMER, environment="test")
-        return key
+        return key, await store.create_sign_in_link(DEMO_CUSTOMER, ttl=3600)
     finally:
         await store.close()
 
 
 def _announce(
-    out: Any, *, key: str, port: int, companion: int, plan: str, logs: Path, settings_plan: Any
+    out: Any,
+    *,
+    key: str,
+    link: str,
+    port: int,
+    companion: int,
+    plan: str,
+    logs: Path,
+    settings_plan: Any,
 ) -> None:
     curl = f"curl -i -H 'x-api-key: {key}' http://127.0.0.1:{port}/hello"
+    portal = f"http://127.0.0.1:{companion}"
+    sign_in = f"{portal}/sign-in/link#token={link}"
     text = f"""
 Tollway is running: Envoy on 127.0.0.1:{port} asks the sidecar about every request.
 
@@ -138,7 +150,13 @@ Try it:
   {curl}
 
 Repeat it quickly and the plan's limit answers 429 with Retry-After and RateLimit headers.
-Without the header it is a 401. Companion: http://127.0.0.1:{companion}/healthz
+Without the header it is a 401.
+
+The customer's portal (usage, keys, billing): open this one-time sign-in link
+
+  {sign_in}
+
+or sign in at {portal}/sign-in with the key. Pricing: {portal}/pricing
 Logs: {logs}/. Ctrl-C stops everything.
 """
     out.emit(
@@ -148,7 +166,9 @@ Logs: {logs}/. Ctrl-C stops everything.
             "customer": DEMO_CUSTOMER,
             "plan": plan,
             "envoy": f"http://127.0.0.1:{port}",
-            "companion": f"http://127.0.0.1:{companion}",
+            "companion": portal,
+            "portal": f"{portal}/dashboard",
+            "sign_in_link": sign_in,
         },
         text,
     )

@@ -13,6 +13,7 @@
     admin_tokens.py   admin tokens, and the idempotency records of admin creates
     billing.py        what to report to Stripe, and what it accepted or refused
     notifications.py  notifications for the companion to deliver
+    portal.py         the developer portal's sessions, sign-in links and attempts
     shared/           Lua chunks inlined into several scripts
 
 ``Store`` is all of them over one client: one instance per process.
@@ -28,6 +29,7 @@ from sidecar.store.billing import Billing
 from sidecar.store.connection import Client, connect, subscriber
 from sidecar.store.credits import Balance, CreditStore, GrantResult
 from sidecar.store.notifications import Notifications
+from sidecar.store.portal import PortalSession, PortalStore
 from sidecar.store.sync import StripeSync, SubscriptionChange
 from sidecar.store.usage import Recorded, UsageStore
 
@@ -38,6 +40,7 @@ __all__ = [
     "Client",
     "GrantResult",
     "KeyRecord",
+    "PortalSession",
     "Recorded",
     "Store",
     "SubscriptionChange",
@@ -56,5 +59,6 @@ class Store(
     Billing,
     Notifications,
     AdminTokens,
+    PortalStore,
 ):
     """Tollway's state in Redis. One instance per process, shared by all requests."""

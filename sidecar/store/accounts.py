@@ -131,6 +131,14 @@ class Accounts(StoreBase):
             if customer:
                 await self._redis.publish(INVALIDATE_CHANNEL, account_changed(customer))
 
+    async def bucket_state(self, customer_id: str) -> tuple[float, int] | None:
+        """(tokens, when written in us) of the account's bucket; None: never used."""
+        async with self._guard("usage read"):
+            tokens, ts = await self._redis.hmget(limits_key(customer_id), "tokens", "ts")
+        if tokens is None or ts is None:
+            return None
+        return float(tokens), int(ts)
+
     async def usage(self, customer_id: str) -> tuple[float | None, int, int]:
         """(tokens as last written or None, quota used, period start) for display."""
         async with self._guard("usage read"):

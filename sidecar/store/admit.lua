@@ -355,8 +355,7 @@ if reservation ~= "" and redis.call("EXISTS", KEYS[6]) == 0 then
   redis.call("EXPIRE", KEYS[6], tonumber(reservation_ttl) + 7 * 86400)
   redis.call("ZADD", KEYS[7], settle_by, reservation)
 elseif meter ~= "" then
-  redis.call("XADD", KEYS[4], "*", usage_entry(meter, cost, now_s, month_start, ""))
-  redis.call("HINCRBY", KEYS[5], totals_field(meter, month_start), cost)
+  count_usage(KEYS[4], KEYS[5], meter, cost, now_s, month_start, "")
 end
 
 local crossed = {}

@@ -143,6 +143,13 @@ class ApiKeys(Accounts):
             raise NotFound(f"key {key_id} of {customer_id} does not exist")
         return text(hashed)
 
+    async def key_record(self, customer_id: str, key_id: str) -> KeyRecord | None:
+        """One key of the account by its id; None if it has no such key."""
+        async with self._guard("key read"):
+            hashed = await self._redis.hget(key_index_key(customer_id), key_id)
+            raw = await self._redis.hgetall(key_record_key(text(hashed))) if hashed else None
+        return _key_record(raw) if raw else None
+
     async def revoke_key(self, customer_id: str, key_id: str, *, reason: str = "") -> None:
         hashed = await self._key_hash(customer_id, key_id)
         async with self._guard("key revoke"):

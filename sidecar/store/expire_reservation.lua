@@ -25,6 +25,5 @@ redis.call("HSET", KEYS[1], "state", "expired")
 if r[2] == "" then
   return 0  -- the plan meters nothing: the estimate stays on the quota, unbilled
 end
-redis.call("XADD", KEYS[3], "*", usage_entry(r[2], r[1], r[3], r[4], ""))
-redis.call("HINCRBY", KEYS[4], totals_field(r[2], r[4]), tonumber(r[1]))
+count_usage(KEYS[3], KEYS[4], r[2], tonumber(r[1]), r[3], r[4], "")
 return tonumber(r[1])

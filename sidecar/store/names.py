@@ -30,6 +30,9 @@ Cluster one script can touch it all atomically:
     tw:{cus_1}:bill:failed  events Stripe refused for good, for people to look at
     tw:k:{<sha256>}       key record: customer, key id, state, expires_at (us)
     tw:adm:{<sha256>}     admin token record: token id, name, scopes, state
+    tw:ps:{<sha256>}      portal session (by its id's hash): customer, key id, csrf,
+                          expires_at; expires with the session
+    tw:ps:link:{<sha256>} one-time portal sign-in link (by its token's hash) -> customer
 
 The key record lives in its own slot (its hash is what a request carries);
 reading it is the one extra round trip before the decision script.
@@ -47,6 +50,8 @@ Global keys (single-key commands only, so any slot will do):
                             for paging through them; rebuilt by a scan when missing
     tw:adm:index            admin token id -> token hash
     tw:adm:idem:<sha>       an admin create's idempotency record: pending, or its result
+    tw:ps:tries:<sha>       portal sign-in attempts this window, per address or key prefix
+    tw:ps:secret            the portal cookies' signing secret, made by the first companion
 
 Customer ids are checked here, once: braces in an id would move the hash tag.
 """
@@ -67,6 +72,7 @@ __all__ = [
     "INVALIDATE_CHANNEL",
     "NOTIFICATIONS_CURSOR_KEY",
     "NOTIFICATIONS_KEY",
+    "PORTAL_SECRET_KEY",
     "Invalidation",
     "account_changed",
     "account_key",
@@ -93,6 +99,9 @@ __all__ = [
     "notification_group",
     "notified_key",
     "parse_invalidation",
+    "portal_attempts_key",
+    "portal_link_key",
+    "portal_session_key",
     "request_hash",
     "reservation_key",
     "reservations_key",
@@ -217,6 +226,19 @@ def admin_idempotency_key(token_id: str, operation: str, key: str) -> str:
     return f"tw:adm:idem:{_digest(token_id + '|' + operation + '|' + key)}"
 
 
+def portal_session_key(hashed: str) -> str:
+    return f"tw:ps:{{{hashed}}}"
+
+
+def portal_link_key(hashed: str) -> str:
+    return f"tw:ps:link:{{{hashed}}}"
+
+
+def portal_attempts_key(hashed: str) -> str:
+    return f"tw:ps:tries:{hashed}"
+
+
+PORTAL_SECRET_KEY: Final = "tw:ps:secret"  # noqa: S105 (a key name, not a secret)
 ACCOUNTS_INDEX: Final = "tw:accounts"
 ADMIN_TOKENS_INDEX: Final = "tw:adm:index"
 DIRTY_KEY: Final = "tw:usage:dirty"

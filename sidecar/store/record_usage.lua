@@ -99,8 +99,7 @@ end
 
 local id = "-"
 if to_record > 0 and ARGV[1] ~= "" then
-  id = redis.call("XADD", KEYS[2], "*", usage_entry(ARGV[1], to_record, ARGV[3], ARGV[4], ARGV[5]))
-  redis.call("HINCRBY", KEYS[3], totals_field(ARGV[1], ARGV[4]), to_record)
+  id = count_usage(KEYS[2], KEYS[3], ARGV[1], to_record, ARGV[3], ARGV[4], ARGV[5])
 end
 redis.call("SET", KEYS[1], id, "EX", tonumber(ARGV[6]))
 return {"recorded", id, to_record, quota_used()}

@@ -160,6 +160,16 @@ class UsageStore(StoreBase):
             )
         return int(billed)
 
+    async def daily_usage(self, customer_id: str, meter: str, days: list[int]) -> list[int]:
+        """Units of meter recorded on each day (UTC day starts, Unix s), in order."""
+        if not days:
+            return []
+        async with self._guard("usage read"):
+            raw: Any = await self._redis.hmget(
+                totals_key(customer_id), [f"d|{meter}|{day}" for day in days]
+            )
+        return [int(v) if v is not None else 0 for v in raw]
+
     async def usage_totals(self, customer_id: str, month: int) -> dict[str, tuple[int, int]]:
         """{meter: (units recorded, units Stripe accepted)} for the month starting at month."""
         async with self._guard("usage read"):
