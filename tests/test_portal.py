@@ -36,7 +36,7 @@ def address() -> str:
 
 
 @pytest.fixture
-def browser(portal_stack: PortalStack) -> Iterator[httpx.Client]:
+def visitor(portal_stack: PortalStack) -> Iterator[httpx.Client]:
     """A cookie jar speaking to the portal from an address of its own."""
     with httpx.Client(
         base_url=portal_stack.url, timeout=5.0, headers={"x-forwarded-for": address()}
@@ -80,9 +80,9 @@ def key_ids(html: str) -> set[str]:
 # -- what every page carries -------------------------------------------------------------
 
 
-def test_every_page_forbids_framing_inline_script_and_referrers(browser: httpx.Client) -> None:
+def test_every_page_forbids_framing_inline_script_and_referrers(visitor: httpx.Client) -> None:
     for path in ("/pricing", "/sign-in", "/sign-in/link"):
-        answer = browser.get(path)
+        answer = visitor.get(path)
         assert answer.status_code == 200
         csp = answer.headers["content-security-policy"]
         assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
@@ -90,17 +90,19 @@ def test_every_page_forbids_framing_inline_script_and_referrers(browser: httpx.C
         assert answer.headers["x-frame-options"] == "DENY"
         assert answer.headers["referrer-policy"] == "no-referrer"
         assert answer.headers["x-content-type-options"] == "nosniff"
+        # Never stored: each page holds its visitor's CSRF token, most hold account data.
+        assert answer.headers["cache-control"] == "no-store"
         assert "<script>" not in answer.text and " style=" not in answer.text
 
 
 def test_pricing_lists_every_plan_with_its_stripe_price_and_the_credit_packs(
-    browser: httpx.Client, portal_stack: PortalStack
+    visitor: httpx.Client, portal_stack: PortalStack
 ) -> None:
-    page = browser.get("/pricing").text
+    page = visitor.get("/pricing").text
     # fake_stripe: price_basic and pro_monthly are $10.00 a month.
     basic = re.search(r'data-plan="basic">(.*?)</section>', page, re.S)
     assert basic and "$10.00 / month" in basic[1] and "10 requests/s, bursts of 5" in basic[1]
-    assert "1000 per month included" in basic[1] and 'name="plan" value="basic"' in basic[1]
+    assert "1,000 per month included" in basic[1] and 'name="plan" value="basic"' in basic[1]
     pro = re.search(r'data-plan="pro">(.*?)</section>', page, re.S)
     assert pro and "$10.00 / month" in pro[1] and "export" in pro[1]
     tight = re.search(r'data-plan="tight">(.*?)</section>', page, re.S)
@@ -109,12 +111,12 @@ def test_pricing_lists_every_plan_with_its_stripe_price_and_the_credit_packs(
 
 
 def test_pricing_checkout_needs_the_pages_token_then_goes_to_stripe(
-    browser: httpx.Client, fake_stripe: Any
+    visitor: httpx.Client, fake_stripe: Any
 ) -> None:
-    page = browser.get("/pricing").text
+    page = visitor.get("/pricing").text
     form = {"plan": "basic", "email": "buyer@example.com"}
-    assert browser.post("/pricing/checkout", data=form).status_code == 403
-    answer = browser.post("/pricing/checkout", data={**form, "csrf": csrf_of(page)})
+    assert visitor.post("/pricing/checkout", data=form).status_code == 403
+    answer = visitor.post("/pricing/checkout", data={**form, "csrf": csrf_of(page)})
     assert answer.status_code == 303
     session_id = answer.headers["location"].rsplit("/", 1)[1]
     assert answer.headers["location"].startswith(fake_stripe.url + "/c/pay/cs_")
@@ -127,10 +129,10 @@ def test_pricing_checkout_needs_the_pages_token_then_goes_to_stripe(
 
 
 def test_a_key_signs_in_to_an_httponly_strict_session_cookie_that_is_not_the_key(
-    browser: httpx.Client, make_customer: MakeCustomer, redis_url: str
+    visitor: httpx.Client, make_customer: MakeCustomer, redis_url: str
 ) -> None:
     customer = make_customer("basic")
-    answer = sign_in(browser, customer.key)
+    answer = sign_in(visitor, customer.key)
     assert answer.status_code == 303
     cookie = next(
         v for k, v in answer.headers.multi_items() if k == "set-cookie" and "tollway_session" in v
@@ -140,31 +142,31 @@ def test_a_key_signs_in_to_an_httponly_strict_session_cookie_that_is_not_the_key
     assert "max-age=600" in attributes  # [portal] session_ttl = "10m"
     assert "secure" not in attributes  # served on loopback: a browser drops Secure over http
     assert customer.key not in cookie
-    dashboard = browser.get("/dashboard")
+    dashboard = visitor.get("/dashboard")
     assert dashboard.headers["cache-control"] == "no-store"
     assert customer.id in dashboard.text and customer.key not in dashboard.text
     assert key_ids(dashboard.text) == {customer.key_id}
 
 
 def test_a_wrong_key_is_refused_without_saying_more(
-    browser: httpx.Client, make_customer: MakeCustomer
+    visitor: httpx.Client, make_customer: MakeCustomer
 ) -> None:
     customer = make_customer("basic")
-    answer = sign_in(browser, customer.key[:-1] + ("A" if customer.key[-1] != "A" else "B"))
+    answer = sign_in(visitor, customer.key[:-1] + ("A" if customer.key[-1] != "A" else "B"))
     assert answer.status_code == 401
     assert "not valid" in answer.text
     assert "tollway_session" not in answer.headers.get("set-cookie", "")
-    assert browser.get("/dashboard").headers["location"] == "/sign-in"
+    assert visitor.get("/dashboard").headers["location"] == "/sign-in"
 
 
 def test_sign_in_without_the_forms_token_is_refused(
-    browser: httpx.Client, make_customer: MakeCustomer
+    visitor: httpx.Client, make_customer: MakeCustomer
 ) -> None:
     customer = make_customer("basic")
-    browser.get("/sign-in")  # the token cookie, but not the field
-    answer = browser.post("/sign-in", data={"api_key": customer.key})
+    visitor.get("/sign-in")  # the token cookie, but not the field
+    answer = visitor.post("/sign-in", data={"api_key": customer.key})
     assert answer.status_code == 403
-    assert browser.get("/dashboard").status_code == 303
+    assert visitor.get("/dashboard").status_code == 303
 
 
 def test_sign_in_attempts_are_limited_per_key_prefix_and_per_address(
@@ -190,21 +192,21 @@ def test_sign_in_attempts_are_limited_per_key_prefix_and_per_address(
 
 
 def test_a_revoked_key_ends_the_sessions_it_opened(
-    browser: httpx.Client, make_customer: MakeCustomer, cli: Callable[..., Any]
+    visitor: httpx.Client, make_customer: MakeCustomer, cli: Callable[..., Any]
 ) -> None:
     customer = make_customer("basic")
-    signed_in(browser, customer.key)
+    signed_in(visitor, customer.key)
     revoked = cli("keys", "revoke", "--customer", customer.id, customer.key_id)
     assert revoked.returncode == 0, revoked.stderr
-    answer = browser.get("/dashboard")
+    answer = visitor.get("/dashboard")
     assert answer.status_code == 303 and answer.headers["location"] == "/sign-in"
 
 
 def test_sessions_expire(
-    browser: httpx.Client, make_customer: MakeCustomer, redis_url: str
+    visitor: httpx.Client, make_customer: MakeCustomer, redis_url: str
 ) -> None:
     customer = make_customer("basic")
-    signed_in(browser, customer.key)
+    signed_in(visitor, customer.key)
 
     async def sessions(store: Store) -> list[tuple[str, int]]:
         found = []
@@ -220,28 +222,28 @@ def test_sessions_expire(
         await store.redis.hset(name, "expires_at", int(time.time()) - 1)
 
     with_store(redis_url, time_passes)
-    assert browser.get("/dashboard").headers["location"] == "/sign-in"
+    assert visitor.get("/dashboard").headers["location"] == "/sign-in"
 
 
 def test_sign_out_ends_the_session_for_good(
-    browser: httpx.Client, make_customer: MakeCustomer
+    visitor: httpx.Client, make_customer: MakeCustomer
 ) -> None:
     customer = make_customer("basic")
-    page = signed_in(browser, customer.key)
-    cookie = browser.cookies["tollway_session"]
-    out = browser.post("/sign-out", data={"csrf": csrf_of(page)})
+    page = signed_in(visitor, customer.key)
+    cookie = visitor.cookies["tollway_session"]
+    out = visitor.post("/sign-out", data={"csrf": csrf_of(page)})
     assert out.status_code == 303 and out.headers["location"] == "/sign-in?notice=signed_out"
-    browser.cookies.set("tollway_session", cookie)  # a copy of the cookie kept somewhere
-    assert browser.get("/dashboard").headers["location"] == "/sign-in"
+    visitor.cookies.set("tollway_session", cookie)  # a copy of the cookie kept somewhere
+    assert visitor.get("/dashboard").headers["location"] == "/sign-in"
 
 
-def test_a_forged_cookie_is_refused(browser: httpx.Client) -> None:
-    browser.cookies.set("tollway_session", "a" * 43 + "." + "b" * 32)
-    assert browser.get("/dashboard").headers["location"] == "/sign-in"
+def test_a_forged_cookie_is_refused(visitor: httpx.Client) -> None:
+    visitor.cookies.set("tollway_session", "a" * 43 + "." + "b" * 32)
+    assert visitor.get("/dashboard").headers["location"] == "/sign-in"
 
 
 def test_a_sign_in_link_from_the_cli_works_once(
-    browser: httpx.Client, make_customer: MakeCustomer, portal_stack: PortalStack, cli: Any
+    visitor: httpx.Client, make_customer: MakeCustomer, portal_stack: PortalStack, cli: Any
 ) -> None:
     customer = make_customer("basic")
     made = cli("--config", str(portal_stack.config), "portal", "link", "--customer", customer.id)
@@ -249,11 +251,11 @@ def test_a_sign_in_link_from_the_cli_works_once(
     url = made.stdout.split()[0]
     assert url.startswith(f"{portal_stack.url}/sign-in/link#token=")
     token = url.split("#token=", 1)[1]
-    page = browser.get("/sign-in/link")  # the fragment never reaches the server
+    page = visitor.get("/sign-in/link")  # the fragment never reaches the server
     assert token not in page.text
-    first = browser.post("/sign-in/link", data={"csrf": csrf_of(page.text), "token": token})
+    first = visitor.post("/sign-in/link", data={"csrf": csrf_of(page.text), "token": token})
     assert first.status_code == 303 and first.headers["location"] == "/dashboard"
-    assert customer.id in browser.get("/dashboard").text
+    assert customer.id in visitor.get("/dashboard").text
     with httpx.Client(base_url=portal_stack.url, headers={"x-forwarded-for": address()}) as other:
         again = other.get("/sign-in/link")
         second = other.post("/sign-in/link", data={"csrf": csrf_of(again.text), "token": token})
@@ -264,15 +266,15 @@ def test_a_sign_in_link_from_the_cli_works_once(
 
 
 def test_a_session_can_neither_see_nor_touch_another_customers_keys(
-    browser: httpx.Client, make_customer: MakeCustomer, redis_url: str
+    visitor: httpx.Client, make_customer: MakeCustomer, redis_url: str
 ) -> None:
     mine, theirs = make_customer("basic"), make_customer("basic")
-    page = signed_in(browser, mine.key)
+    page = signed_in(visitor, mine.key)
     assert theirs.id not in page and theirs.key_id not in page
     token = csrf_of(page)
     # Their key id in my forms, and their customer id added for good measure.
     for action in ("revoke", "rotate"):
-        answer = browser.post(
+        answer = visitor.post(
             f"/dashboard/keys/{action}",
             data={"csrf": token, "key_id": theirs.key_id, "customer": theirs.id, "overlap": "0"},
         )
@@ -280,26 +282,26 @@ def test_a_session_can_neither_see_nor_touch_another_customers_keys(
         assert theirs.id not in answer.text
     assert usable(redis_url, theirs.key)
     # A new key from my session is mine.
-    made = browser.post("/dashboard/keys", data={"csrf": token, "customer": theirs.id})
+    made = visitor.post("/dashboard/keys", data={"csrf": token, "customer": theirs.id})
     assert made.status_code == 200
-    assert key_ids(browser.get("/dashboard").text) - {mine.key_id}
-    with httpx.Client(base_url=browser.base_url, headers={"x-forwarded-for": address()}) as them:
+    assert key_ids(visitor.get("/dashboard").text) - {mine.key_id}
+    with httpx.Client(base_url=visitor.base_url, headers={"x-forwarded-for": address()}) as them:
         assert key_ids(signed_in(them, theirs.key)) == {theirs.key_id}
 
 
 def test_every_form_needs_the_sessions_own_token(
-    browser: httpx.Client, make_customer: MakeCustomer, redis_url: str, portal_stack: PortalStack
+    visitor: httpx.Client, make_customer: MakeCustomer, redis_url: str, portal_stack: PortalStack
 ) -> None:
     mine, other = make_customer("basic"), make_customer("basic")
-    signed_in(browser, mine.key)
+    signed_in(visitor, mine.key)
     with httpx.Client(base_url=portal_stack.url, headers={"x-forwarded-for": address()}) as them:
         their_token = csrf_of(signed_in(them, other.key))
     for token in (None, "", their_token):
         data = {"key_id": mine.key_id} | ({} if token is None else {"csrf": token})
-        assert browser.post("/dashboard/keys/revoke", data=data).status_code == 403
-        assert browser.post("/sign-out", data=data).status_code == 403
+        assert visitor.post("/dashboard/keys/revoke", data=data).status_code == 403
+        assert visitor.post("/sign-out", data=data).status_code == 403
     assert usable(redis_url, mine.key)
-    assert browser.get("/dashboard").status_code == 200  # still signed in
+    assert visitor.get("/dashboard").status_code == 200  # still signed in
 
 
 # -- keys from the dashboard ---------------------------------------------------------------
@@ -312,43 +314,43 @@ def new_key_on(html: str) -> str:
 
 
 def test_a_key_made_on_the_dashboard_works_and_is_shown_only_once(
-    browser: httpx.Client, make_customer: MakeCustomer, redis_url: str
+    visitor: httpx.Client, make_customer: MakeCustomer, redis_url: str
 ) -> None:
     customer = make_customer("basic")
-    page = signed_in(browser, customer.key)
+    page = signed_in(visitor, customer.key)
     form = {"csrf": csrf_of(page), "nonce": re.findall(r'name="nonce" value="([^"]+)"', page)[-1]}
-    made = browser.post("/dashboard/keys", data=form)
+    made = visitor.post("/dashboard/keys", data=form)
     key = new_key_on(made.text)
     assert made.headers["cache-control"] == "no-store"
     assert usable(redis_url, key)
-    assert key not in browser.get("/dashboard").text
+    assert key not in visitor.get("/dashboard").text
     # The same form sent again (a double click, a reload) makes no second key.
-    again = browser.post("/dashboard/keys", data=form)
+    again = visitor.post("/dashboard/keys", data=form)
     assert "already created" in again.text and 'id="api-key"' not in again.text
-    assert len(key_ids(browser.get("/dashboard").text)) == 2
+    assert len(key_ids(visitor.get("/dashboard").text)) == 2
 
 
 def test_rotating_the_signed_in_key_keeps_the_session_and_stops_the_old_key(
-    browser: httpx.Client, make_customer: MakeCustomer, redis_url: str
+    visitor: httpx.Client, make_customer: MakeCustomer, redis_url: str
 ) -> None:
     customer = make_customer("basic")
-    page = signed_in(browser, customer.key)
-    rotated = browser.post(
+    page = signed_in(visitor, customer.key)
+    rotated = visitor.post(
         "/dashboard/keys/rotate",
         data={"csrf": csrf_of(page), "key_id": customer.key_id, "overlap": "0", "nonce": "n1"},
     )
     assert rotated.status_code == 200
     new = new_key_on(rotated.text)
     assert usable(redis_url, new) and not usable(redis_url, customer.key)
-    assert browser.get("/dashboard").status_code == 200  # the session moved to the new key
+    assert visitor.get("/dashboard").status_code == 200  # the session moved to the new key
 
 
 def test_an_overlap_not_offered_is_refused(
-    browser: httpx.Client, make_customer: MakeCustomer, redis_url: str
+    visitor: httpx.Client, make_customer: MakeCustomer, redis_url: str
 ) -> None:
     customer = make_customer("basic")
-    page = signed_in(browser, customer.key)
-    answer = browser.post(
+    page = signed_in(visitor, customer.key)
+    answer = visitor.post(
         "/dashboard/keys/rotate",
         data={"csrf": csrf_of(page), "key_id": customer.key_id, "overlap": "99999999"},
     )
@@ -359,7 +361,7 @@ def test_an_overlap_not_offered_is_refused(
 
 
 def test_the_dashboard_counts_this_months_metered_usage_per_day(
-    browser: httpx.Client, make_customer: MakeCustomer, tollway_stub: Any
+    visitor: httpx.Client, make_customer: MakeCustomer, tollway_stub: Any
 ) -> None:
     from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 
@@ -369,7 +371,7 @@ def test_the_dashboard_counts_this_months_metered_usage_per_day(
             pb.AuthorizeRequest(api_key=customer.key, method="GET", path="/v1/x"), timeout=5
         )
         assert decision.allowed
-    page = signed_in(browser, customer.key)
+    page = signed_in(visitor, customer.key)
     meter = re.search(r'data-meter="api_calls">(.*?)</div>', page, re.S)
     assert meter, page
     assert '<strong class="used">7</strong>' in meter[1]
@@ -379,7 +381,7 @@ def test_the_dashboard_counts_this_months_metered_usage_per_day(
 
 
 def test_a_past_due_account_sees_its_grace_period_count_down(
-    browser: httpx.Client, make_customer: MakeCustomer, redis_url: str
+    visitor: httpx.Client, make_customer: MakeCustomer, redis_url: str
 ) -> None:
     customer = make_customer("basic")
 
@@ -387,7 +389,7 @@ def test_a_past_due_account_sees_its_grace_period_count_down(
         await store.set_status(customer.id, "past_due", grace_until=int(time.time()) + 2 * 86400)
 
     with_store(redis_url, past_due)
-    page = signed_in(browser, customer.key)
+    page = signed_in(visitor, customer.key)
     assert "Your last payment failed" in page
     assert re.search(r'class="countdown" data-until="\d+">(1 d 23 h 5\d|2 d 0 h 0) min<', page)
 

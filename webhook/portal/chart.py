@@ -36,8 +36,9 @@ def _compact(units: int) -> str:
     return str(units)
 
 
-def daily_chart(days: Sequence[tuple[int, int]], *, label: str) -> str:
-    """Bars of units per day; days: (UTC day start in Unix s, units), oldest first."""
+def daily_chart(days: Sequence[tuple[int, int]], *, label: str, today: int | None = None) -> str:
+    """Bars of units per day; days: (UTC day start in Unix s, units), oldest first.
+    today: that day's bar is labelled "today" (where the label has room)."""
     peak = max((units for _, units in days), default=0)
     plot_w, plot_h = _WIDTH - _LEFT - 4, _HEIGHT - _TOP - _BOTTOM
     slot = plot_w / max(len(days), 1)
@@ -62,10 +63,17 @@ def daily_chart(days: Sequence[tuple[int, int]], *, label: str) -> str:
             f'height="{height:.1f}" fill="{_BAR}" data-day="{day}" data-units="{units}">'
             f"<title>{_day_label(day)}: {units:,}</title></rect>"
         )
-        if i == 0 or i == len(days) - 1 or i % 7 == 0:
+        # A date every week, and the last day's and today's where they do not overlap one.
+        apart = min(i % 7, 7 - i % 7) >= 3
+        text = ""
+        if day == today and (i % 7 == 0 or apart):
+            text = "today"
+        elif i % 7 == 0 or (i == len(days) - 1 and apart):
+            text = _day_label(day)
+        if text:
             parts.append(
                 f'<text x="{x + slot * 0.35:.1f}" y="{_HEIGHT - 6}" text-anchor="middle" '
-                f'font-size="11" fill="{_INK}">{_day_label(day)}</text>'
+                f'font-size="11" fill="{_INK}">{text}</text>'
             )
     parts.append("</svg>")
     return "".join(parts)
@@ -76,7 +84,8 @@ def gauge(used: float, limit: float, *, label: str) -> str:
     share = 0.0 if limit <= 0 else min(max(used / limit, 0.0), 1.0)
     colour = "#c0392b" if share >= 0.9 else "#d68910" if share >= 0.75 else _BAR
     return (
-        f'<svg class="gauge" viewBox="0 0 300 14" role="img" aria-label="{escape(label)}" '
+        f'<svg class="gauge" viewBox="0 0 300 14" preserveAspectRatio="none" role="img" '
+        f'aria-label="{escape(label)}" '
         f'xmlns="http://www.w3.org/2000/svg" data-share="{share:.4f}">'
         f'<rect x="0" y="0" width="300" height="14" rx="7" fill="{_TRACK}"/>'
         f'<rect x="0" y="0" width="{300 * share:.1f}" height="14" rx="7" fill="{colour}"/>'

@@ -82,14 +82,12 @@ _NOTICES: Final = {
 Handler = Callable[[Request, str, PortalSession], Awaitable[Response]]
 
 
-def _html(
-    content: str, status: int = 200, *, private: bool = True, headers: Mapping[str, str] = {}
-) -> HTMLResponse:
-    return HTMLResponse(content, status, {**page_headers(private=private), **headers})
+def _html(content: str, status: int = 200) -> HTMLResponse:
+    return HTMLResponse(content, status, page_headers())
 
 
 def _redirect(url: str) -> RedirectResponse:
-    return RedirectResponse(url, status_code=303, headers=page_headers(private=True))
+    return RedirectResponse(url, status_code=303, headers=page_headers())
 
 
 async def _form(request: Request) -> dict[str, str] | None:
@@ -247,7 +245,7 @@ class Portal:
                     name=plan.name,
                     rate=str(plan.rate),
                     burst=plan.burst,
-                    quota=str(plan.quota) if plan.quota else "",
+                    quota=f"{plan.quota.limit:,} per {plan.quota.period}" if plan.quota else "",
                     features=tuple(sorted(plan.features)),
                     price=price or ("Not sold online" if stripe_on else "Contact us"),
                     for_sale=price is not None,
@@ -266,7 +264,7 @@ class Portal:
         token, new = self._pre_token(request)
         note = "" if stripe_on else "Sign-up is not open here: this deployment has no Stripe."
         page = views.pricing_page(cards, packs, portal=self._portal.name, csrf=token, note=note)
-        return self._with_pre_token(_html(page, private=False), token, new)
+        return self._with_pre_token(_html(page), token, new)
 
     async def pricing_checkout(self, request: Request) -> Response:
         from webhook.app import CheckoutRefused
@@ -427,7 +425,9 @@ class Portal:
         meters = {m.meter: m for m in usage.meters}
         if plan and plan.meter and plan.meter not in meters:
             meters[plan.meter] = None  # type: ignore[assignment]
-        days = list(range(month, now - now % 86400 + 1, 86400))
+        # The whole month, days to come included: the chart's scale is the month's.
+        _, month_end, _ = period_at("month", now)
+        days = list(range(month, month_end, 86400))
         meter_rows = []
         for name in sorted(meters):
             view = meters[name]

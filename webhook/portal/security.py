@@ -18,6 +18,7 @@ __all__ = [
     "COOKIE",
     "CSRF_COOKIE",
     "cookie_attributes",
+    "is_loopback",
     "page_headers",
     "same_token",
     "sign",
@@ -79,14 +80,13 @@ def cookie_attributes(public_url: str, max_age: int | None) -> dict[str, object]
     }
 
 
-def page_headers(*, private: bool) -> dict[str, str]:
-    """Headers for every portal page; private: it shows account data, so nothing
-    (browser, proxy) may keep a copy."""
-    headers = {
+def page_headers() -> dict[str, str]:
+    """Headers for every portal page. None may be stored: each carries a token of its
+    visitor's (a form's CSRF token) and most show account data."""
+    return {
         "content-security-policy": _CSP,
         "x-frame-options": "DENY",
         "referrer-policy": "no-referrer",
         "x-content-type-options": "nosniff",
+        "cache-control": "no-store",
     }
-    headers["cache-control"] = "no-store" if private else "public, max-age=60"
-    return headers

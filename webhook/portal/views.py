@@ -125,7 +125,7 @@ def pricing_page(
                 'autocomplete="email"></label>',
             )
             if plan.for_sale
-            else '<p class="muted">Not sold online.</p>'
+            else ""
         )
         cards.append(
             f'<section class="card plan" data-plan="{escape(plan.name)}">'
@@ -322,7 +322,9 @@ def _usage(d: Dashboard) -> str:
             f'<p><strong class="used">{m.used:,}</strong> units: '
             f'<span class="billed">{m.billed:,}</span> billed, '
             f'<span class="pending">{m.pending:,}</span> pending.</p>'
-            + daily_chart(m.days, label=f"{m.meter} per day this month")
+            + daily_chart(
+                m.days, label=f"{m.meter} per day this month", today=d.now - d.now % 86400
+            )
             + "</div>"
         )
     return "".join(parts) + "</section>"
