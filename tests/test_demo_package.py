@@ -31,3 +31,12 @@ def test_serve_and_webhook_never_import_the_demo_or_the_harness() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_portals_stylesheet_and_script_ship_as_package_data() -> None:
+    from importlib import resources
+
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    assert "portal/static/*" in pyproject["tool"]["setuptools"]["package-data"]["webhook"]
+    static = resources.files("webhook.portal") / "static"
+    assert sorted(p.name for p in static.iterdir()) == ["portal.css", "portal.js"]

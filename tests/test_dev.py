@@ -1,5 +1,6 @@
 """`tollway dev` (what `make run` starts): a newcomer pastes the printed curl,
-gets a 200, repeats it quickly and gets a 429 with Retry-After and RateLimit."""
+gets a 200, repeats it quickly and gets a 429 with Retry-After and RateLimit;
+the printed sign-in link opens the customer's dashboard."""
 
 from __future__ import annotations
 
@@ -27,6 +28,22 @@ def fetch(url: str, key: str) -> tuple[int, Message]:
             return response.status, response.headers
     except urllib.error.HTTPError as error:
         return error.code, error.headers
+
+
+def assert_the_printed_link_opens_the_dashboard(link: str) -> None:
+    import re
+
+    import httpx
+
+    page, token = link.split("#token=")
+    with httpx.Client(timeout=5) as browser:  # what the page's script does with the fragment
+        form = browser.get(page).text
+        csrf = re.search(r'name="csrf" value="([^"]+)"', form)
+        assert csrf
+        signed_in = browser.post(page, data={"csrf": csrf[1], "token": token})
+        assert signed_in.status_code == 303
+        dashboard = browser.get(page.replace("/sign-in/link", "/dashboard"))
+        assert dashboard.status_code == 200 and "cus_demo" in dashboard.text
 
 
 def test_dev_prints_a_working_key_and_curl(tmp_path: Path) -> None:
@@ -67,6 +84,7 @@ def test_dev_prints_a_working_key_and_curl(tmp_path: Path) -> None:
         assert headers["RateLimit"].startswith('"rate";r=0;')
         assert "RateLimit-Policy" in headers
         assert fetch(url, "")[0] == 401
+        assert_the_printed_link_opens_the_dashboard(announced["sign_in_link"])
     finally:
         process.send_signal(signal.SIGINT)
         _, errors = process.communicate(timeout=30)
