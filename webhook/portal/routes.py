@@ -200,6 +200,15 @@ class Portal:
     def _pre_token_ok(self, request: Request, form: Mapping[str, str]) -> bool:
         return same_token(request.cookies.get(CSRF_COOKIE, ""), form.get("csrf"))
 
+    async def _pre_form(self, request: Request) -> dict[str, str] | Response:
+        """A sign-in form with its double-submit token, or the page saying it expired."""
+        form = await _form(request)
+        if form is None or not self._pre_token_ok(request, form):
+            return await self.sign_in_page(
+                request, error="This form expired; try again.", status=403
+            )
+        return form
+
     def _signed_in(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         """A POST that needs a session and its CSRF token; the form goes to handler."""
 
@@ -298,11 +307,9 @@ class Portal:
         return self._with_pre_token(_html(page, status), token, new)
 
     async def sign_in(self, request: Request) -> Response:
-        form = await _form(request)
-        if form is None or not self._pre_token_ok(request, form):
-            return await self.sign_in_page(
-                request, error="This form expired; try again.", status=403
-            )
+        form = await self._pre_form(request)
+        if isinstance(form, Response):
+            return form
         presented = form.get("api_key", "")
         address = request.client.host if request.client else "unknown"
         try:
@@ -351,11 +358,9 @@ class Portal:
         return self._with_pre_token(_html(page), token, new)
 
     async def link_sign_in(self, request: Request) -> Response:
-        form = await _form(request)
-        if form is None or not self._pre_token_ok(request, form):
-            return await self.sign_in_page(
-                request, error="This form expired; try again.", status=403
-            )
+        form = await self._pre_form(request)
+        if isinstance(form, Response):
+            return form
         token = form.get("token", "")
         try:
             customer = await self._store.redeem_sign_in_link(token) if token else None
