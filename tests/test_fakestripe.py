@@ -94,7 +94,7 @@ def test_checkout_session_lifecycle(fake: FakeStripe, client: stripe.StripeClien
         "unpaid",
         "subscription",
     )
-    assert session.url == f"https://checkout.stripe.test/c/pay/{session.id}"
+    assert session.url == f"{fake.url}/c/pay/{session.id}"  # its hosted page, served too
     assert as_dict(session.metadata) == {"tollway_plan": "pro"}
     assert session.customer is None and session.subscription is None
 
@@ -166,7 +166,7 @@ def test_billing_portal_session(fake: FakeStripe, client: stripe.StripeClient) -
     )
     assert portal.id.startswith("bps_") and portal.object == "billing_portal.session"
     assert portal.customer == customer.id and portal.return_url == "https://app.test/account"
-    assert portal.url.startswith("https://")
+    assert portal.url == f"{fake.url}/p/session/{portal.id}"
 
 
 def test_meter_events_refuse_a_repeated_identifier(
@@ -593,3 +593,27 @@ def test_one_time_prices_are_not_for_subscriptions(fake: FakeStripe, one_time: s
     with pytest.raises(ValueError):
         fake.create_subscription("cus_once01", one_time)
     assert fake.add_price("price_legacy")["type"] == "recurring"
+
+
+def test_the_hosted_checkout_page_pays_and_goes_to_the_success_url(
+    fake: FakeStripe, client: stripe.StripeClient
+) -> None:
+    import httpx
+
+    session = client.v1.checkout.sessions.create(
+        {
+            "mode": "subscription",
+            "line_items": [{"price": "price_pro", "quantity": 1}],
+            "customer_email": "cy@example.com",
+            "success_url": "https://app.test/ok?session_id={CHECKOUT_SESSION_ID}",
+        }
+    )
+    assert session.url is not None
+    page = httpx.get(session.url)
+    assert page.status_code == 200 and "id='pay'" in page.text
+    paid = httpx.post(session.url)
+    assert paid.status_code == 303
+    assert paid.headers["location"] == f"https://app.test/ok?session_id={session.id}"
+    done = fake.checkout_session(session.id)
+    assert done["status"] == "complete" and done["subscription"] is not None
+    assert httpx.get(f"{fake.url}/c/pay/cs_unknown").status_code == 404

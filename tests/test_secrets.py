@@ -166,7 +166,7 @@ def driven(
         if accept:
             key = shown.json()["api_key"]
         else:
-            found = re.search(r"<code>(tw_test_[0-9A-Za-z]{49})</code>", shown.text)
+            found = re.search(r'<code id="api-key">(tw_test_[0-9A-Za-z]{49})</code>', shown.text)
             assert found, shown.text
             key = found.group(1)
         out.owners[key] = session["customer"]
