@@ -419,6 +419,12 @@ def test_checkout_complete_shows_the_key_once_with_a_working_snippet_and_signs_i
         dashboard = client.get("/dashboard")
         assert dashboard.status_code == 200 and "basic" in dashboard.text
         assert key not in dashboard.text
+        # The billing button: Stripe's Billing Portal for this customer, back to here.
+        billing = client.post("/dashboard/billing", data={"csrf": csrf_of(dashboard.text)})
+        assert billing.status_code == 303 and "/p/session/bps_" in billing.headers["location"]
+        opened = fake_stripe.calls("POST", "/v1/billing_portal/sessions")[-1].params
+        customer = fake_stripe.checkout_session(session_id)["customer"]
+        assert opened == {"customer": customer, "return_url": f"{portal_stack.url}/dashboard"}
         again = client.get(f"/checkout/complete?session_id={session_id}")
         assert again.status_code == 410 and key not in again.text
 
@@ -429,3 +435,31 @@ def test_the_cli_refuses_a_link_for_an_account_that_does_not_exist(
     made = cli("--config", str(portal_stack.config), "portal", "link", "--customer", "cus_nobody1")
     assert made.returncode == 1
     assert "cus_nobody1 does not exist" in made.stderr
+
+
+def test_a_prepaid_account_sees_its_balance_and_buys_a_pack_through_checkout(
+    visitor: httpx.Client, make_customer: MakeCustomer, redis_url: str, fake_stripe: Any
+) -> None:
+    # add_price replaces a price of the same id: harmless if another module added it.
+    fake_stripe.add_price(
+        "price_pack_starter", product="prod_pack", recurring=False, unit_amount=500
+    )
+    customer = make_customer("prepaid")
+
+    async def grant(store: Store) -> None:
+        await store.grant_credits(
+            customer.id, grant_id=f"g_{uuid.uuid4().hex[:8]}", credits=42, expires_at=0, reason="t"
+        )
+
+    with_store(redis_url, grant)
+    page = signed_in(visitor, customer.key)
+    assert '<strong id="credits">42</strong>' in page
+    assert "Buy starter: 10 credits ($5.00)" in page
+    bought = visitor.post("/dashboard/credits", data={"csrf": csrf_of(page), "pack": "starter"})
+    assert bought.status_code == 303
+    session_id = bought.headers["location"].rsplit("/", 1)[1]
+    session = fake_stripe.checkout_session(session_id)
+    assert session["mode"] == "payment" and session["customer"] == customer.id
+    # A pack the catalog does not sell is refused on the page, and nothing is started.
+    refused = visitor.post("/dashboard/credits", data={"csrf": csrf_of(page), "pack": "nope"})
+    assert refused.status_code == 400 and "pack must be one of" in refused.text
