@@ -438,28 +438,36 @@ def test_the_cli_refuses_a_link_for_an_account_that_does_not_exist(
 
 
 def test_a_prepaid_account_sees_its_balance_and_buys_a_pack_through_checkout(
-    visitor: httpx.Client, make_customer: MakeCustomer, redis_url: str, fake_stripe: Any
+    visitor: httpx.Client, redis_url: str, fake_stripe: Any
 ) -> None:
     # add_price replaces a price of the same id: harmless if another module added it.
     fake_stripe.add_price(
         "price_pack_starter", product="prod_pack", recurring=False, unit_amount=500
     )
-    customer = make_customer("prepaid")
+    import stripe
 
-    async def grant(store: Store) -> None:
+    from tests.conftest import STRIPE_SECRET
+
+    client = stripe.StripeClient(STRIPE_SECRET, base_addresses={"api": fake_stripe.url})
+    customer_id = client.v1.customers.create({"email": "prepaid@example.com"}).id
+
+    async def prepaid_account(store: Store) -> str:
+        await store.create_account(customer_id, "prepaid")
+        key, _ = await store.issue_key(customer_id, environment="test")
         await store.grant_credits(
-            customer.id, grant_id=f"g_{uuid.uuid4().hex[:8]}", credits=42, expires_at=0, reason="t"
+            customer_id, grant_id=f"g_{uuid.uuid4().hex[:8]}", credits=42, expires_at=0, reason="t"
         )
+        return key
 
-    with_store(redis_url, grant)
-    page = signed_in(visitor, customer.key)
+    key: str = with_store(redis_url, prepaid_account)
+    page = signed_in(visitor, key)
     assert '<strong id="credits">42</strong>' in page
     assert "Buy starter: 10 credits ($5.00)" in page
     bought = visitor.post("/dashboard/credits", data={"csrf": csrf_of(page), "pack": "starter"})
     assert bought.status_code == 303
     session_id = bought.headers["location"].rsplit("/", 1)[1]
     session = fake_stripe.checkout_session(session_id)
-    assert session["mode"] == "payment" and session["customer"] == customer.id
+    assert session["mode"] == "payment" and session["customer"] == customer_id
     # A pack the catalog does not sell is refused on the page, and nothing is started.
     refused = visitor.post("/dashboard/credits", data={"csrf": csrf_of(page), "pack": "nope"})
     assert refused.status_code == 400 and "pack must be one of" in refused.text
