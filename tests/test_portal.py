@@ -412,6 +412,7 @@ def test_checkout_complete_shows_the_key_once_with_a_working_snippet_and_signs_i
         key = new_key_on(done.text)
         assert f"curl -H &#x27;x-api-key: {key}&#x27; {portal_stack.envoy}/" in done.text
         assert 'class="copy"' in done.text
+        assert f"base_url=&quot;{portal_stack.envoy}&quot;" in done.text  # the Python snippet
         assert usable(redis_url, key)
         assert (
             httpx.get(f"{portal_stack.envoy}/v1/x", headers={"x-api-key": key}).status_code == 200

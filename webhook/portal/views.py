@@ -160,6 +160,11 @@ def key_page(
 ) -> str:
     """A new key, shown this once, with a copy button and a request that works."""
     curl = f"curl -H 'x-api-key: {key}' {api_base_url}/"
+    python = (
+        "import httpx\n\n"
+        f'api = httpx.Client(base_url="{api_base_url}", headers={{"x-api-key": "{key}"}})\n'
+        'print(api.get("/").status_code)'
+    )
     body = (
         f"<p>{escape(heading)}</p>"
         "<p><strong>Copy your key now.</strong> This page shows it once; we keep only "
@@ -168,6 +173,8 @@ def key_page(
         '<button type="button" class="copy" data-copy="api-key">Copy</button></div>'
         f'<h2>Try it</h2><pre><code id="curl">{escape(curl)}</code></pre>'
         '<button type="button" class="copy" data-copy="curl">Copy</button>'
+        f'<p>From Python:</p><pre><code id="python">{escape(python)}</code></pre>'
+        '<button type="button" class="copy" data-copy="python">Copy</button>'
         "<p>Send the key in the <code>x-api-key</code> header (or "
         "<code>Authorization: Bearer</code>) of every request.</p>"
         f"<p>Your plan: <strong>{escape(plan)}</strong>. "
