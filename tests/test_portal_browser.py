@@ -8,7 +8,6 @@ or TOLLWAY_ARTIFACTS); the README's dashboard picture is one of them.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -120,19 +119,16 @@ def test_rotate_and_revoke_from_the_dashboard_take_effect_through_envoy_within_a
         confirm=True,
     )
     wait_for(browser, lambda b: "notice=revoked" in b.current_url)
-    revoked_at = time.monotonic()
+    # eventually fails past 1 s: the revocation reaches Envoy's answers within a second.
     eventually(lambda: through_envoy(portal_stack, second) in (401, 403), within=1.0)
-    assert time.monotonic() - revoked_at <= 1.0
 
     # Rotate the signed-in key, the old one stopping at once.
     row = browser.find_element(By.CSS_SELECTOR, f'tr[data-key="{customer.key_id}"]')
     row.find_element(By.CSS_SELECTOR, 'select[name="overlap"] option[value="0"]').click()
     row.find_element(By.CSS_SELECTOR, 'form[action="/dashboard/keys/rotate"] button').click()
     wait_for(browser, lambda b: b.find_elements(By.ID, "api-key"))
-    rotated_at = time.monotonic()
     third = text_of(browser, "#api-key")
     eventually(lambda: through_envoy(portal_stack, customer.key) in (401, 403), within=1.0)
-    assert time.monotonic() - rotated_at <= 1.0
     assert through_envoy(portal_stack, third) == 200
     browser.get(portal_stack.url + "/dashboard")  # still signed in: the session moved
     assert browser.current_url.endswith("/dashboard")

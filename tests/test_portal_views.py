@@ -37,6 +37,7 @@ def test_csrf_tokens_match_only_exactly() -> None:
     for presented in ("abc124", "", None, 123, ["abc123"], "abc123 ", "ábc123"):
         assert not same_token("abc123", presented)
     assert not same_token("", "")  # no token expected is never a match
+    assert not same_token("éé", "abc")  # a cookie may hold anything: no error, no match
 
 
 def test_cookies_are_secure_everywhere_but_loopback() -> None:

@@ -52,6 +52,7 @@ from sidecar.errors import StoreUnavailable, TollwayError
 from sidecar.store import Store
 from webhook.admin_api import admin_routes
 from webhook.bodies import error, read_limited
+from webhook.checkout import CheckoutRefused
 from webhook.config import CompanionSettings
 from webhook.credits import PackGrants, checkout_params
 from webhook.metrics import WEBHOOK_EVENTS
@@ -65,7 +66,7 @@ from webhook.secret_scanning import LeakedKeys, PublicKeys
 from webhook.sync import StripeUnavailable, Syncer, make_client, stripe_failure
 from webhook.top_up import TopUps
 
-__all__ = ["CheckoutRefused", "Companion", "create_app", "signature_ok"]
+__all__ = ["Companion", "create_app", "signature_ok"]
 
 log = logging.getLogger("tollway.webhook")
 
@@ -111,14 +112,6 @@ async def _fields(request: Request, limit: int) -> tuple[Mapping[str, Any] | Non
     except ValueError:
         return None, False
     return (data if isinstance(data, dict) else None), False
-
-
-class CheckoutRefused(Exception):
-    """A checkout that cannot start: the HTTP status, code and message to answer."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
 
 
 class Companion:

@@ -30,8 +30,8 @@ Cluster one script can touch it all atomically:
     tw:{cus_1}:bill:failed  events Stripe refused for good, for people to look at
     tw:k:{<sha256>}       key record: customer, key id, state, expires_at (us)
     tw:adm:{<sha256>}     admin token record: token id, name, scopes, state
-    tw:ps:{<sha256>}      portal session (by its id's hash): customer, key id, csrf,
-                          expires_at; expires with the session
+    tw:ps:{<sha256>}      portal session (by its id's hash), JSON: customer, key id,
+                          csrf, expires_at; expires with the session
     tw:ps:link:{<sha256>} one-time portal sign-in link (by its token's hash) -> customer
 
 The key record lives in its own slot (its hash is what a request carries);
@@ -50,7 +50,7 @@ Global keys (single-key commands only, so any slot will do):
                             for paging through them; rebuilt by a scan when missing
     tw:adm:index            admin token id -> token hash
     tw:adm:idem:<sha>       an admin create's idempotency record: pending, or its result
-    tw:ps:tries:<sha>       portal sign-in attempts this window, per address or key prefix
+    tw:ps:tries:<sha>       failed portal sign-ins this window, per address or key prefix
     tw:ps:secret            the portal cookies' signing secret, made by the first companion
 
 Customer ids are checked here, once: braces in an id would move the hash tag.

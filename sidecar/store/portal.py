@@ -11,6 +11,7 @@ Session ids and link tokens are stored only as SHA-256, like API keys.
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -31,12 +32,41 @@ def _digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
+def _session_key(session_id: str) -> str:
+    return portal_session_key(_digest(session_id))
+
+
 @dataclass(frozen=True, slots=True)
 class PortalSession:
     customer_id: str
     key_id: str  # the key that opened it; "" for a session opened by a sign-in link
     csrf: str  # the token every form of this session must carry
     expires_at: int  # Unix s
+
+
+def _encode(session: PortalSession) -> str:
+    return json.dumps(
+        {
+            "customer": session.customer_id,
+            "key_id": session.key_id,
+            "csrf": session.csrf,
+            "expires_at": session.expires_at,
+        }
+    )
+
+
+def _decode(raw: str) -> PortalSession | None:
+    """A session record, or None for anything that is not one (never an error page)."""
+    try:
+        fields = json.loads(raw)
+        return PortalSession(
+            str(fields["customer"]),
+            str(fields.get("key_id", "")),
+            str(fields["csrf"]),
+            int(fields["expires_at"]),
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class PortalStore(Accounts):
@@ -47,36 +77,29 @@ class PortalStore(Accounts):
         session_id = secrets.token_urlsafe(32)
         now = (await self.now_us()) // 1_000_000
         session = PortalSession(customer_id, key_id, secrets.token_urlsafe(24), now + ttl)
-        key = portal_session_key(_digest(session_id))
+        # One string with its expiry in one SET: a record can never outlive its session.
         async with self._guard("portal session"):
-            fields: dict[Any, Any] = {
-                "customer": customer_id,
-                "key_id": key_id,
-                "csrf": session.csrf,
-                "expires_at": session.expires_at,
-            }
-            await self._redis.hset(key, mapping=fields)
-            await self._redis.expire(key, ttl)
+            await self._redis.set(_session_key(session_id), _encode(session), ex=ttl)
         return session_id, session
 
     async def portal_session(self, session_id: str) -> PortalSession | None:
         async with self._guard("portal session"):
-            raw: Any = await self._redis.hgetall(portal_session_key(_digest(session_id)))
-        if not raw:
-            return None
-        fields = {text(k): text(v) for k, v in raw.items()}
-        return PortalSession(
-            fields["customer"], fields.get("key_id", ""), fields["csrf"], int(fields["expires_at"])
-        )
+            raw: Any = await self._redis.get(_session_key(session_id))
+        return None if raw is None else _decode(text(raw))
 
     async def move_portal_session(self, session_id: str, key_id: str) -> None:
-        """The session now stands on another key (its own key was rotated)."""
+        """The session now stands on another key (its own key was rotated). A session
+        that ended meanwhile stays ended (XX), and its expiry stays (KEEPTTL)."""
+        session = await self.portal_session(session_id)
+        if session is None:
+            return
+        moved = PortalSession(session.customer_id, key_id, session.csrf, session.expires_at)
         async with self._guard("portal session"):
-            await self._redis.hset(portal_session_key(_digest(session_id)), "key_id", key_id)
+            await self._redis.set(_session_key(session_id), _encode(moved), xx=True, keepttl=True)
 
     async def end_portal_session(self, session_id: str) -> None:
         async with self._guard("portal session"):
-            await self._redis.delete(portal_session_key(_digest(session_id)))
+            await self._redis.delete(_session_key(session_id))
 
     async def create_sign_in_link(self, customer_id: str, *, ttl: int) -> str:
         """A one-time token that opens a session for the customer (for support staff)."""
@@ -93,14 +116,20 @@ class PortalStore(Accounts):
         return None if customer is None else text(customer)
 
     async def count_attempt(self, bucket: str, *, window: int) -> int:
-        """Sign-in attempts in bucket (an address, a key prefix) this window, this one
+        """Failed sign-ins in bucket (an address, a key prefix) this window, this one
         included. The bucket is stored hashed: a key prefix is never kept."""
         key = portal_attempts_key(_digest(bucket)[:32])
         async with self._guard("portal attempts"):
+            # The window's expiry is set with the counter, so a counter always expires.
+            await self._redis.set(key, 0, ex=window, nx=True)
             count = int(await self._redis.incr(key))
-            if count == 1:
-                await self._redis.expire(key, window)
         return count
+
+    async def attempts(self, bucket: str) -> int:
+        """Failed sign-ins in bucket this window so far."""
+        async with self._guard("portal attempts"):
+            raw: Any = await self._redis.get(portal_attempts_key(_digest(bucket)[:32]))
+        return int(raw or 0)
 
     async def portal_secret(self) -> bytes:
         """The cookie-signing secret shared by every companion of this Redis, made by

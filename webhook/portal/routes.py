@@ -42,6 +42,7 @@ from sidecar.errors import StoreUnavailable
 from sidecar.periods import period_at
 from sidecar.store import PortalSession, TokenRecord
 from webhook.bodies import read_limited
+from webhook.checkout import CheckoutRefused
 from webhook.portal import views
 from webhook.portal.prices import Prices
 from webhook.portal.security import (
@@ -230,11 +231,19 @@ class Portal:
                 return await handler(request, session_id, session)
             except StoreUnavailable:
                 return self._unavailable()
+            except AdminError as exc:  # the account itself is unreadable, or gone
+                return self._account_error(exc)
 
         return guarded
 
     def _message(self, title: str, lines: list[str], status: int) -> HTMLResponse:
         return _html(views.message_page(title, lines, portal=self._portal.name), status)
+
+    def _account_error(self, exc: AdminError) -> Response:
+        if exc.kind == "unavailable":
+            return self._unavailable()
+        log.warning("portal: a session's account is unreadable: %s", exc.message)
+        return self._message("Account unavailable", ["We cannot show this account."], 404)
 
     def _unavailable(self) -> HTMLResponse:
         return self._message(
@@ -276,8 +285,6 @@ class Portal:
         return self._with_pre_token(_html(page), token, new)
 
     async def pricing_checkout(self, request: Request) -> Response:
-        from webhook.app import CheckoutRefused
-
         form = await _form(request)
         if form is None or not self._pre_token_ok(request, form):
             return self._message("Bad request", ["Reload the pricing page and try again."], 403)
@@ -312,18 +319,22 @@ class Portal:
             return form
         presented = form.get("api_key", "")
         address = request.client.host if request.client else "unknown"
+        # Failures count, per address and per key prefix (a prefix, never the key: enough
+        # to slow guessing at one customer's keys); past either limit nothing is checked.
+        buckets = [(f"ip:{address}", _ATTEMPTS_PER_ADDRESS)]
+        if presented.startswith("tw_"):
+            buckets.append((f"key:{presented[:12]}", _ATTEMPTS_PER_KEY_PREFIX))
         try:
-            tries = await self._store.count_attempt(f"ip:{address}", window=_ATTEMPT_WINDOW)
-            # A prefix, not the key: enough to slow guessing at one key, never a secret.
-            prefix = presented[:12] if presented.startswith("tw_") else "other"
-            per_key = await self._store.count_attempt(f"key:{prefix}", window=_ATTEMPT_WINDOW)
-            if tries > _ATTEMPTS_PER_ADDRESS or per_key > _ATTEMPTS_PER_KEY_PREFIX:
-                log.warning("portal: sign-in attempts from %s over the limit", address)
-                return await self.sign_in_page(
-                    request, error="Too many sign-in attempts; wait a minute.", status=429
-                )
+            for bucket, limit in buckets:
+                if await self._store.attempts(bucket) >= limit:
+                    log.warning("portal: sign-in attempts from %s over the limit", address)
+                    return await self.sign_in_page(
+                        request, error="Too many sign-in attempts; wait a minute.", status=429
+                    )
             record = await self._store.usable_record(presented)
             if record is None:
+                for bucket, _ in buckets:
+                    await self._store.count_attempt(bucket, window=_ATTEMPT_WINDOW)
                 log.info("portal: a sign-in with an unknown or revoked key from %s", address)
                 return await self.sign_in_page(
                     request, error="That key is not valid (or was revoked).", status=401
@@ -336,20 +347,32 @@ class Portal:
         return response
 
     async def first_key(self, key: str, customer_id: str, key_id: str, plan: str) -> Response:
-        """After Checkout: the new key, this once, and the buyer signed in with it."""
-        session_id, session = await self._store.open_portal_session(
-            customer_id, key_id=key_id, ttl=self._portal.session_ttl
-        )
+        """After Checkout: the new key, this once, and the buyer signed in with it. The
+        key is shown even when the session cannot be opened: it can never be shown again."""
+        opened: tuple[str, PortalSession] | None = None
+        try:
+            opened = await self._store.open_portal_session(
+                customer_id, key_id=key_id, ttl=self._portal.session_ttl
+            )
+            secret = await self.secret()
+        except StoreUnavailable:
+            log.error("portal: key %s shown without a session: Redis unavailable", key_id)
+            opened = None
         page = views.key_page(
             key,
             plan=plan,
             api_base_url=self._portal.api_base_url,
             portal=self._portal.name,
-            csrf=session.csrf,
+            csrf=opened[1].csrf if opened else None,
             heading=f"Welcome! You are subscribed to the {plan} plan.",
         )
         response = _html(page)
-        await self._set_cookie(response, session_id)
+        if opened is not None:
+            response.set_cookie(
+                COOKIE,
+                sign(secret, opened[0]),
+                **cookie_attributes(self._settings.stripe.public_url, self._portal.session_ttl),  # type: ignore[arg-type]
+            )
         return response
 
     async def link_page(self, request: Request) -> Response:
@@ -395,6 +418,8 @@ class Portal:
             return await self._render(session, notice=notice)
         except StoreUnavailable:
             return self._unavailable()
+        except AdminError as exc:
+            return self._account_error(exc)
 
     async def _render(
         self,
@@ -423,7 +448,8 @@ class Portal:
         bucket = await self._store.bucket_state(customer)
         if bucket is not None:
             written, at_us = bucket
-            tokens = min(burst, written + max(0, now * 1_000_000 - at_us) * rate / 1_000_000)
+            elapsed_us = max(0, time.time_ns() // 1000 - at_us)
+            tokens = min(burst, written + elapsed_us * rate / 1_000_000)
         kind = plan.quota.period if plan and plan.quota else "month"
         start, end, month = period_at(kind, now)
         _, used, counted_from = await self._store.usage(customer)
@@ -568,8 +594,6 @@ class Portal:
     async def buy_credits(
         self, request: Request, session_id: str, session: PortalSession
     ) -> Response:
-        from webhook.app import CheckoutRefused
-
         form: dict[str, str] = request.state.form
         if self._companion.client is None:
             return await self._render(

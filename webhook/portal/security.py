@@ -58,7 +58,9 @@ def unsign(secret: bytes, cookie: str) -> str | None:
 
 def same_token(expected: str, presented: object) -> bool:
     """A CSRF token check in constant time; a missing or odd value never matches."""
-    if not expected or not isinstance(presented, str) or not presented.isascii():
+    if not expected or not expected.isascii():  # a cookie's value may be anything
+        return False
+    if not isinstance(presented, str) or not presented.isascii():
         return False
     return hmac.compare_digest(expected, presented)
 
