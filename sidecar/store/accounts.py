@@ -42,6 +42,15 @@ def check_status(status: str) -> None:
         raise TollwayError(f"status {status!r}: expected one of {', '.join(STATUSES)}")
 
 
+@dataclass(frozen=True, slots=True)
+class LimitsState:
+    tokens: float | None  # None: the bucket was never used (it is full)
+    written_us: int
+    period_kind: str  # hour | day | month; "" before the first admission
+    period_start: int
+    used: int  # in the period starting at period_start
+
+
 class Accounts(StoreBase):
     async def create_account(self, customer_id: str, plan: str, status: str = "active") -> Account:
         check_status(status)
@@ -131,13 +140,19 @@ class Accounts(StoreBase):
             if customer:
                 await self._redis.publish(INVALIDATE_CHANNEL, account_changed(customer))
 
-    async def bucket_state(self, customer_id: str) -> tuple[float, int] | None:
-        """(tokens, when written in us) of the account's bucket; None: never used."""
+    async def limits_state(self, customer_id: str) -> LimitsState:
+        """The account's bucket and period counter as last written, for display."""
         async with self._guard("usage read"):
-            tokens, ts = await self._redis.hmget(limits_key(customer_id), "tokens", "ts")
-        if tokens is None or ts is None:
-            return None
-        return float(tokens), int(ts)
+            tokens, ts, kind, start, used = await self._redis.hmget(
+                limits_key(customer_id), "tokens", "ts", "k", "p", "used"
+            )
+        return LimitsState(
+            tokens=float(tokens) if tokens is not None else None,
+            written_us=int(ts or 0),
+            period_kind=text(kind) if kind is not None else "",
+            period_start=int(start or 0),
+            used=int(used or 0),
+        )
 
     async def usage(self, customer_id: str) -> tuple[float | None, int, int]:
         """(tokens as last written or None, quota used, period start) for display."""

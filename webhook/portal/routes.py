@@ -445,14 +445,15 @@ class Portal:
         rate = plan.rate.per_second if plan else 0.0
         burst = plan.burst if plan else 0
         tokens = float(burst)
-        bucket = await self._store.bucket_state(customer)
-        if bucket is not None:
-            written, at_us = bucket
-            elapsed_us = max(0, time.time_ns() // 1000 - at_us)
-            tokens = min(burst, written + elapsed_us * rate / 1_000_000)
+        limits = await self._store.limits_state(customer)
+        if limits.tokens is not None:
+            elapsed_us = max(0, time.time_ns() // 1000 - limits.written_us)
+            tokens = min(burst, limits.tokens + elapsed_us * rate / 1_000_000)
         kind = plan.quota.period if plan and plan.quota else "month"
         start, end, month = period_at(kind, now)
-        _, used, counted_from = await self._store.usage(customer)
+        # A counter of another period, or of another kind of period, counts nothing now.
+        current = (limits.period_kind, limits.period_start) == (kind, start)
+        used = limits.used if current else 0
         meters = {m.meter: m for m in usage.meters}
         if plan and plan.meter and plan.meter not in meters:
             meters[plan.meter] = None  # type: ignore[assignment]
@@ -492,7 +493,7 @@ class Portal:
             burst=burst,
             tokens=tokens,
             quota_limit=usage.quota_limit,
-            quota_used=used if counted_from == start else 0,
+            quota_used=used,
             quota_period=kind,
             quota_resets=end,
             meters=tuple(meter_rows),
