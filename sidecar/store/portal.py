@@ -87,15 +87,16 @@ class PortalStore(Accounts):
             raw: Any = await self._redis.get(_session_key(session_id))
         return None if raw is None else _decode(text(raw))
 
-    async def move_portal_session(self, session_id: str, key_id: str) -> None:
-        """The session now stands on another key (its own key was rotated). A session
-        that ended meanwhile stays ended (XX), and its expiry stays (KEEPTTL)."""
+    async def move_portal_session(self, session_id: str, key_id: str) -> PortalSession | None:
+        """The session now stands on another key (its own key was rotated); returns it.
+        A session that ended meanwhile stays ended (XX), and its expiry stays (KEEPTTL)."""
         session = await self.portal_session(session_id)
         if session is None:
-            return
+            return None
         moved = PortalSession(session.customer_id, key_id, session.csrf, session.expires_at)
         async with self._guard("portal session"):
             await self._redis.set(_session_key(session_id), _encode(moved), xx=True, keepttl=True)
+        return moved
 
     async def end_portal_session(self, session_id: str) -> None:
         async with self._guard("portal session"):

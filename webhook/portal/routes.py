@@ -168,13 +168,13 @@ class Portal:
         session_id, session = await self._store.open_portal_session(
             customer_id, key_id=key_id, ttl=self._portal.session_ttl
         )
-        await self._set_cookie(response, session_id)
+        self._set_cookie(response, await self.secret(), session_id)
         return session
 
-    async def _set_cookie(self, response: Response, session_id: str) -> None:
+    def _set_cookie(self, response: Response, secret: bytes, session_id: str) -> None:
         response.set_cookie(
             COOKIE,
-            sign(await self.secret(), session_id),
+            sign(secret, session_id),
             **cookie_attributes(self._settings.stripe.public_url, self._portal.session_ttl),  # type: ignore[arg-type]
         )
 
@@ -368,11 +368,7 @@ class Portal:
         )
         response = _html(page)
         if opened is not None:
-            response.set_cookie(
-                COOKIE,
-                sign(secret, opened[0]),
-                **cookie_attributes(self._settings.stripe.public_url, self._portal.session_ttl),  # type: ignore[arg-type]
-            )
+            self._set_cookie(response, secret, opened[0])
         return response
 
     async def link_page(self, request: Request) -> Response:
@@ -560,8 +556,9 @@ class Portal:
             return await self._render(session, errors=(exc.message,), status=400)
         if key_id == session.key_id and issued.api_key:
             # The session follows its key to the new one, or rotating would sign it out.
-            await self._store.move_portal_session(session_id, issued.key.key_id)
-            session = await self._store.portal_session(session_id) or session
+            session = (
+                await self._store.move_portal_session(session_id, issued.key.key_id) or session
+            )
         until = (
             "now"
             if overlap == 0
