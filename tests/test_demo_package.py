@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 from sidecar.demo import processes
 from tests.harness import REPO_ROOT
@@ -40,3 +41,14 @@ def test_the_portals_stylesheet_and_script_ship_as_package_data() -> None:
     assert "portal/static/*" in pyproject["tool"]["setuptools"]["package-data"]["webhook"]
     static = resources.files("webhook.portal") / "static"
     assert sorted(p.name for p in static.iterdir()) == ["portal.css", "portal.js"]
+
+
+def test_free_ports_are_never_repeated_and_never_ones_the_kernel_lends_to_clients() -> None:
+    # A port from the ephemeral range can be taken by any outgoing connection's local
+    # end before the server meant for it binds (a sentinel once failed to start so).
+    span = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    low, high = int(span[0]), int(span[1])
+    ports = [processes.free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert all(port < low or port > high for port in ports)
+    assert all(processes.port_is_free(port) for port in ports)

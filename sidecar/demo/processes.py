@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import socket
 import subprocess
@@ -61,10 +62,37 @@ _TEMPLATE_PORTS: Final = {
 _ALSO_WRITTEN: Final = {"http": "uri: http://127.0.0.1:"}
 
 
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux's default when unreadable)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_LOW: Final = _ephemeral_low()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A port nothing listens on, never handed out before by this process.
+
+    It comes from below the kernel's ephemeral range: a port the kernel picks for
+    bind(0) is one it may also give an outgoing connection's local end before the
+    server meant to listen there has started (a test run makes thousands of
+    connections, and a restarted server binds its old port again)."""
+    low = max(1024, _EPHEMERAL_LOW - 12000)
+    if low + 1000 <= _EPHEMERAL_LOW:
+        for _ in range(100):
+            port = random.randrange(low, _EPHEMERAL_LOW)
+            if port not in _handed_out and port_is_free(port):
+                _handed_out.add(port)
+                return port
+    with socket.socket() as sock:  # an odd port range: the kernel's pick will do
         sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        port = int(sock.getsockname()[1])
+    _handed_out.add(port)
+    return port
 
 
 def port_is_free(port: int) -> bool:
