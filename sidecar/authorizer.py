@@ -9,7 +9,11 @@ change an outcome beyond the one-second staleness Tollway promises
   round trip, not two; a revocation still lands within the second. Requests
   with one uncached key share one read;
 - the shortcuts (sidecar.shortcuts, which states their rules): plan hints,
-  bucket bounds, quota denials, and what each account has in flight.
+  bucket bounds, quota denials, and what each account has in flight;
+- for plans with leased enforcement, allotments (sidecar.allotments, which
+  states why the bounds stay exact): units taken from the bucket and the
+  quota with one admission, admitting the account's next requests here; they
+  go back to Redis when spent, aged out or invalidated (run_returns).
 
 What an admission reports beyond its answer goes to callbacks, which must
 not block (whatever they set off runs off the request path): each customer
@@ -30,13 +34,23 @@ from dataclasses import dataclass, replace
 from typing import Final
 
 from sidecar import keys
+from sidecar.allotments import HELD_FOR, Allotment, Allotments
 from sidecar.cache import TtlCache
-from sidecar.decision import Decision, Outcome, OutcomeCode, Reason, decision_from_outcome, refuse
+from sidecar.decision import (
+    Decision,
+    Outcome,
+    OutcomeCode,
+    QuotaState,
+    Reason,
+    bucket_state,
+    decision_from_outcome,
+    refuse,
+)
 from sidecar.errors import TollwayError
 from sidecar.plans import Plan, Route
 from sidecar.settings import Settings
 from sidecar.shortcuts import BucketReading, QuotaDenial, Shortcuts
-from sidecar.store import SUBSCRIPTION_ENDED, KeyRecord, Store
+from sidecar.store import SUBSCRIPTION_ENDED, AllotmentReturn, KeyRecord, Store
 from sidecar.store.admission import admission
 from sidecar.store.names import parse_invalidation
 
@@ -90,6 +104,7 @@ class _Answer:
     plan: Plan | None
     lease: str
     credits_fallback: bool = False  # plan was enforced because the account's balance is short
+    reserved: str = ""  # the request id the cost was reserved under ("" for none)
 
 
 def _no_alerts(alert: Alert) -> None:
@@ -118,6 +133,8 @@ class Authorizer:
         self._record_last_use = record_last_use  # the sidecar does; bare tests need not
         self._touched: dict[str, float] = {}  # key id -> when last_used was last noted
         self._unwritten: dict[str, int] = {}  # key hash -> when used, for the next batch
+        self.allotments = Allotments(clock=clock)
+        self._unreturned: list[Allotment] = []  # returns Redis did not take yet: retried
 
     @property
     def buckets(self) -> TtlCache[str, BucketReading]:
@@ -137,7 +154,11 @@ class Authorizer:
         feature: str | None = None,
         request_id: str = "",
         lease_id: str = "",
+        reservation_optional: bool = False,
     ) -> Decision:
+        """reservation_optional: request_id reserves the cost only so that the
+        upstream's cost header can settle it (Envoy's settlement); a plan with
+        leased enforcement goes without, and charges the route's cost."""
         record = await self._record(api_key)
         if isinstance(record, Decision):
             return record  # no key, or one that is malformed, unknown or revoked
@@ -152,6 +173,15 @@ class Authorizer:
                 "This API key may not make this request (outside the key's scope)",
                 customer_id=customer,
             )
+        hinted = settings.catalog.plans.get(self.shortcuts.hints.get(customer) or "")
+        if hinted is not None and self._leasable(hinted, record, request_id, reservation_optional):
+            local = self._from_allotment(record, hinted, cost, feature)
+            if local is None and (pending := self.allotments.pending(customer)) is not None:
+                await pending.landed.wait()  # the allotment asked for may cover this one too
+                local = self._from_allotment(record, hinted, cost, feature)
+            if local is not None:
+                self._used(api_key, record)
+                return local
         # The account's plan as last seen, and what this sidecar knows of its limits.
         turn = await self.shortcuts.take_turn(
             customer, settings.catalog.plans, cost=cost, feature=feature
@@ -167,6 +197,7 @@ class Authorizer:
                 feature=feature,
                 request_id=request_id,
                 lease_id=lease_id,
+                reservation_optional=reservation_optional,
             )
             if isinstance(answer, Decision):
                 return answer  # the account is on a plan this sidecar does not know
@@ -187,7 +218,59 @@ class Authorizer:
         if outcome.code is not OutcomeCode.OK or plan is None:
             return decision
         self._used(api_key, record)
-        return self._admitted(decision, plan, answer, cost=cost, route=route, request_id=request_id)
+        return self._admitted(decision, plan, answer, cost=cost, route=route)
+
+    def _leasable(
+        self, plan: Plan, record: KeyRecord, request_id: str, reservation_optional: bool
+    ) -> bool:
+        """Whether plan's requests with this key may be admitted from allotments:
+        not those that need Redis anyway (sidecar/allotments.py lists them)."""
+        return (
+            plan.enforcement == "leased"
+            and not plan.concurrency
+            and not record.policy.limited
+            and (not request_id or reservation_optional)
+        )
+
+    def _from_allotment(
+        self,
+        record: KeyRecord,
+        plan: Plan,
+        cost: int,
+        feature: str | None,
+    ) -> Decision | None:
+        """An admission from the account's allotment, or None (Redis decides)."""
+        if feature is not None and feature not in plan.features:
+            return None  # Redis words the denial
+        if record.expires_at_us and time.time() * 1_000_000 >= record.expires_at_us:
+            return None
+        customer = record.customer_id
+        allotment = self.allotments.take(customer, plan.name, cost)
+        if allotment is None:
+            return None
+        # What this sidecar can tell: Redis's bucket and counter at the grant, with
+        # the units it still holds.
+        rate = bucket_state(plan, allotment.tokens + allotment.left, 0)
+        limit = plan.quota.limit if plan.quota else 0
+        used = allotment.quota_used - allotment.left
+        quota = QuotaState(
+            limit=limit,
+            used=used,
+            remaining=max(0, limit - used) if limit else 0,
+            period_end=allotment.period_end,
+            reset_seconds=max(0, allotment.period_end - int(time.time())),
+            window_seconds=0,
+        )
+        return Decision(
+            True,
+            Reason.OK,
+            "OK",
+            customer,
+            plan.name,
+            rate,
+            quota,
+            cost=cost,  # nothing reserved: the route's cost, settled by nothing
+        )
 
     async def _record(self, api_key: str) -> KeyRecord | Decision:
         """The key's record, or the refusal of a key that cannot be used."""
@@ -239,54 +322,101 @@ class Authorizer:
         feature: str | None,
         request_id: str,
         lease_id: str,
+        reservation_optional: bool = False,
     ) -> _Answer | Decision:
         """The script's answer, decided with the account's actual plan: a
         stale guess is retried with the plan the script names (a plan that is
-        not configured is refused)."""
+        not configured is refused). A leased plan's admission may take an
+        allotment for this sidecar too (others of the account wait for it)."""
         customer = record.customer_id
         lease, parent = "", ""
-        for _ in range(3):
-            if plan is not None and plan.concurrency and not lease:
-                lease = lease_id or request_id or uuid.uuid4().hex
-            request = admission(
-                plan,
-                cost=cost,
-                feature_ok=feature is None or (plan is not None and feature in plan.features),
-                key_expires_at_us=record.expires_at_us,
-                fallback_plan=settings.billing.fallback_plan,
-                request_id=request_id,
-                reservation_ttl=settings.usage.reservation_ttl,
-                thresholds=settings.usage.thresholds,
-                lease_id=lease,
-                credits_parent=parent,
-                low_balance=settings.credits.low_balance,
-                top_up_at=settings.credits.auto_top_up_at,
-                key_policy=record.policy,
+        asked = ""  # the allotment this request asks for, once it asks
+        try:
+            for _ in range(3):
+                if plan is not None and plan.concurrency and not lease:
+                    lease = lease_id or request_id or uuid.uuid4().hex
+                leased = (
+                    plan is not None
+                    and not parent
+                    and self._leasable(plan, record, request_id, reservation_optional)
+                )
+                reserve = "" if leased else request_id
+                allotment: tuple[str, int, int] = ("", 0, 0)
+                if leased and plan is not None:
+                    if not asked and self.allotments.pending(customer) is None:
+                        units = self.allotments.want(customer, plan, quota_left=None)
+                        if units:
+                            asked = self.allotments.asking(customer)
+                    if asked:
+                        units = self.allotments.want(customer, plan, quota_left=None)
+                        allotment = (asked, max(units, 2), HELD_FOR)
+                request = admission(
+                    plan,
+                    cost=cost,
+                    feature_ok=feature is None or (plan is not None and feature in plan.features),
+                    key_expires_at_us=record.expires_at_us,
+                    fallback_plan=settings.billing.fallback_plan,
+                    request_id=reserve,
+                    reservation_ttl=settings.usage.reservation_ttl,
+                    thresholds=settings.usage.thresholds,
+                    lease_id=lease,
+                    credits_parent=parent,
+                    low_balance=settings.credits.low_balance,
+                    top_up_at=settings.credits.auto_top_up_at,
+                    key_policy=record.policy,
+                    allotment=allotment,
+                )
+                key_id = record.key_id if record.policy.limited else ""
+                outcome = await self._store.admit(customer, request, key_id=key_id)
+                if outcome.code is not OutcomeCode.PLAN_CHANGED:
+                    if asked and plan is not None:
+                        self._granted(customer, plan, asked, outcome)
+                        asked = ""
+                    if leased and outcome.code is OutcomeCode.OK:
+                        self.allotments.note(customer, cost)
+                    return _Answer(
+                        outcome, plan, lease, credits_fallback=bool(parent), reserved=reserve
+                    )
+                # The plan's balance is short and it falls back to another plan meanwhile:
+                # that plan's limits, asked as this plan's fallback (no hint learned: the
+                # account is still on its own plan, and a top-up restores it at once).
+                fallback = plan is not None and outcome.plan == plan.credits_fallback
+                parent = plan.name if plan is not None and fallback else ""
+                plan = settings.catalog.plans.get(outcome.plan)
+                if plan is None:
+                    log.warning(
+                        "account %s is on plan %r, which is not configured", customer, outcome.plan
+                    )
+                    return refuse(
+                        Reason.SUBSCRIPTION_INACTIVE,
+                        f"Plan {outcome.plan!r} is not available; contact support",
+                        customer_id=customer,
+                        plan=outcome.plan,
+                    )
+                if not parent:
+                    # Learned now, not with the answer: requests arriving meanwhile guess it.
+                    self.shortcuts.hints.learn(customer, plan.name)
+            raise RuntimeError(f"plan of {customer} kept changing during the decision")
+        finally:
+            if asked:
+                self.allotments.answered(customer, None)  # none granted: the waiters go on
+
+    def _granted(self, customer: str, plan: Plan, allotment_id: str, outcome: Outcome) -> None:
+        """Keeps the allotment an admission granted (none: lets the waiters go on)."""
+        granted = None
+        if outcome.code is OutcomeCode.OK and outcome.allotted > 0:
+            granted = Allotment(
+                id=allotment_id,
+                customer=customer,
+                plan=plan,
+                units=outcome.allotted,
+                granted_at=outcome.now,
+                deadline=self.allotments.deadline(),
+                tokens=outcome.tokens,
+                quota_used=outcome.quota_used,
+                period_end=outcome.period_end,
             )
-            key_id = record.key_id if record.policy.limited else ""
-            outcome = await self._store.admit(customer, request, key_id=key_id)
-            if outcome.code is not OutcomeCode.PLAN_CHANGED:
-                return _Answer(outcome, plan, lease, credits_fallback=bool(parent))
-            # The plan's balance is short and it falls back to another plan meanwhile:
-            # that plan's limits, asked as this plan's fallback (no hint learned: the
-            # account is still on its own plan, and a top-up restores it at once).
-            fallback = plan is not None and outcome.plan == plan.credits_fallback
-            parent = plan.name if plan is not None and fallback else ""
-            plan = settings.catalog.plans.get(outcome.plan)
-            if plan is None:
-                log.warning(
-                    "account %s is on plan %r, which is not configured", customer, outcome.plan
-                )
-                return refuse(
-                    Reason.SUBSCRIPTION_INACTIVE,
-                    f"Plan {outcome.plan!r} is not available; contact support",
-                    customer_id=customer,
-                    plan=outcome.plan,
-                )
-            if not parent:
-                # Learned now, not with the answer: requests arriving meanwhile guess it.
-                self.shortcuts.hints.learn(customer, plan.name)
-        raise RuntimeError(f"plan of {customer} kept changing during the decision")
+        self.allotments.answered(customer, granted)
 
     def _used(self, api_key: str, record: KeyRecord) -> None:
         """Notes that the key was used, for the next batch of last_used writes
@@ -324,11 +454,10 @@ class Authorizer:
         *,
         cost: int,
         route: Route | None,
-        request_id: str,
     ) -> Decision:
         """An admission, told to whoever bills and alerts, and how it settles."""
         customer = decision.customer_id
-        if plan.meter or request_id:
+        if plan.meter or answer.reserved:
             self._metered(customer)  # usage to bill, or a reservation to watch
         used = answer.outcome.quota_used
         for percent in answer.outcome.thresholds:  # the script reports each once per period
@@ -345,13 +474,58 @@ class Authorizer:
             decision,
             lease_id=answer.lease,
             cost=cost,
-            reserved=request_id,
+            reserved=answer.reserved,
             bill_only_success=only_success,
         )
 
     async def close(self) -> None:
-        """Writes the last batch of last_used (before the store closes)."""
+        """Hands every allotment back and writes the last batch of last_used
+        (before the store closes)."""
+        self.allotments.drop_all()
+        for _ in range(20):  # Redis refusing them: tried for about two seconds
+            if not await self.return_allotments():
+                break
+            await asyncio.sleep(0.1)
+        if self._unreturned:
+            units = sum(a.used for a in self._unreturned)
+            log.warning(
+                "%d allotments not handed back (Redis unavailable): %d units admitted "
+                "from them go unbilled; their units lapse in Redis after %d s",
+                len(self._unreturned),
+                units,
+                HELD_FOR,
+            )
         await self.write_last_use()
+
+    async def return_allotments(self) -> int:
+        """Hands back the allotments that are done (and retries those Redis did
+        not take before); returns how many are still waiting for Redis."""
+        batch = self._unreturned + self.allotments.due()
+        if not batch:
+            return 0
+        results = await asyncio.gather(
+            *(self._store.return_allotment(_return_of(a)) for a in batch),
+            return_exceptions=True,
+        )
+        self._unreturned = []
+        for allotment, result in zip(batch, results, strict=True):
+            if isinstance(result, TollwayError):
+                self._unreturned.append(allotment)  # applied once, so retried safely
+            elif isinstance(result, BaseException):
+                raise result
+            elif allotment.plan.meter and allotment.used:
+                self._metered(allotment.customer)  # usage to bill
+        return len(self._unreturned)
+
+    async def run_returns(self) -> None:
+        """Hands allotments back as they finish (and at least every 50 ms, for
+        those aging out), until cancelled; retries what Redis refused every 0.5 s."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await self.allotments.woken.wait()
+            if await self.return_allotments():
+                await asyncio.sleep(0.5)
 
     def forget(self, message: str) -> None:
         """Drops what is cached about the key or account an invalidation names."""
@@ -360,8 +534,23 @@ class Authorizer:
             self.key_cache.discard(name)
         elif kind == "account":
             self.shortcuts.forget(name)
+            self.allotments.drop(name)  # its plan or status changed: hand it back now
 
     def forget_everything(self) -> None:
         """After missing invalidations (a lost connection), trust nothing cached."""
         self.key_cache.clear()
         self.shortcuts.forget_everything()
+        self.allotments.drop_all()
+
+
+def _return_of(allotment: Allotment) -> AllotmentReturn:
+    plan = allotment.plan
+    return AllotmentReturn(
+        customer_id=allotment.customer,
+        allotment_id=allotment.id,
+        used=allotment.used,
+        rate=plan.rate.per_second,
+        burst=plan.burst,
+        meter=plan.meter or "",
+        granted_at=allotment.granted_at,
+    )

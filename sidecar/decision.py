@@ -100,6 +100,7 @@ class Outcome:
     credits: int | None = None  # the prepaid balance after it (None: the plan has none)
     low_balance: tuple[int, ...] = ()  # low-balance marks this request reached
     top_up: str = ""  # the id of the fall past the auto top-up mark it made, if it did
+    allotted: int = 0  # units granted in the allotment asked for, beyond the request's cost
 
 
 @dataclass(frozen=True, slots=True)

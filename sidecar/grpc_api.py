@@ -301,6 +301,7 @@ class CheckService(ext_authz_grpc.AuthorizationServicer):  # type: ignore[misc]
                 path=http.path,
                 request_id=request_id,
                 lease_id=lease_id,
+                reservation_optional=True,  # for the upstream's cost header only
             )
         except StoreUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))

@@ -203,6 +203,7 @@ class HttpAuthz:
                 path=path.decode("latin-1"),
                 request_id=lease_id if view.ext_proc else "",
                 lease_id=lease_id,
+                reservation_optional=True,  # for the upstream's cost header only
             )
         except StoreUnavailable:
             await _respond(send, 503, _UNAVAILABLE, _UNAVAILABLE_BODY)

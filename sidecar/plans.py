@@ -18,6 +18,7 @@ names where it is (``plans[1] 'pro': rate``) so a bad file is one clear line.
     credits = true                     # each allowed request's cost burns prepaid credits
     credits_exhausted = "block"        # at zero: 402 credits_exhausted; or "bill" (meter it),
                                        # or a plan name (that plan's limits until a top-up)
+    enforcement = "leased"             # or "exact" (default): see "Leased enforcement"
 
     [[credit_packs]]
     name = "10k"
@@ -49,6 +50,7 @@ from sidecar.fields import Table
 __all__ = ["Catalog", "CreditPack", "Meter", "Plan", "Quota", "Rate", "Route", "parse_catalog"]
 
 Overage = Literal["block", "bill"]
+Enforcement = Literal["exact", "leased"]
 Period = Literal["hour", "day", "month"]
 
 _RATE_UNITS: Final = {
@@ -58,6 +60,7 @@ _RATE_UNITS: Final = {
 }
 _PERIODS: Final[dict[str, Period]] = {"hour": "hour", "day": "day", "month": "month"}
 _OVERAGES: Final[dict[str, Overage]] = {"block": "block", "bill": "bill"}
+_ENFORCEMENTS: Final[dict[str, Enforcement]] = {"exact": "exact", "leased": "leased"}
 _NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _COUNT_RE: Final = re.compile(r"\s*(\d[\d_]*)\s*/\s*([a-z]+)\s*")
 _METHOD_RE: Final = re.compile(r"[A-Z]+|\*")
@@ -78,6 +81,7 @@ _PLAN_FIELDS: Final = frozenset(
         "bill_only_success",
         "credits",
         "credits_exhausted",
+        "enforcement",
     }
 )
 _PACK_FIELDS: Final = frozenset({"name", "credits", "stripe_price", "expires_in", "description"})
@@ -127,6 +131,9 @@ class Plan:
     # What a request the balance cannot cover gets: "block" (402), "bill" (admitted,
     # its cost metered to the plan's meter), or "plan:<name>" (that plan's limits).
     credits_exhausted: str = "block"
+    # "leased": a sidecar takes an allotment of the bucket and the quota from Redis and
+    # admits the account's next requests from it in-process (sidecar/allotments.py).
+    enforcement: Enforcement = "exact"
 
     @property
     def credits_fallback(self) -> str:
@@ -259,6 +266,16 @@ def _parse_plan(raw: Any, index: int) -> Plan:
         )
     if exhausted == "bill" and meter is None:
         raise ConfigError(f'{where}: credits_exhausted: "bill" needs a meter to bill to')
+    enforcement = entry.string(
+        "enforcement", "exact", what='"exact" or "leased"', valid=_ENFORCEMENTS.get
+    )
+    if enforcement == "leased" and credits:
+        # A prepaid balance burns per request, grant by grant, with its alerts and
+        # auto top-up: an allotment would have to hold credits too. Not yet.
+        raise ConfigError(
+            f'{where}: enforcement: "leased" is not available for a plan with credits = true '
+            '(every burn of a prepaid balance is decided in Redis); use "exact"'
+        )
     price = entry.string("stripe_price", None, what="a string")
     lookup = entry.string("stripe_lookup_key", None, what="a string")
     if price is not None and not price.startswith("price_"):
@@ -278,6 +295,7 @@ def _parse_plan(raw: Any, index: int) -> Plan:
         bill_only_success=only_success,
         credits=credits,
         credits_exhausted=exhausted,
+        enforcement=_ENFORCEMENTS[enforcement],
     )
 
 

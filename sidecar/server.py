@@ -246,6 +246,7 @@ async def serve(
         http_task.add_done_callback(lambda _: stop.set())
     dirty_task = asyncio.create_task(sidecar.dirty.run())
     last_use = asyncio.create_task(sidecar.authorizer.run_last_use())
+    returns = asyncio.create_task(sidecar.authorizer.run_returns())
     invalidations = asyncio.create_task(sidecar.follow_invalidations())
     watch = asyncio.create_task(sidecar.watch_redis(set_health))
     if ready:
@@ -259,11 +260,14 @@ async def serve(
     stopped = await asyncio.gather(
         server.stop(grace=drain), *([http_task] if http_task else []), return_exceptions=True
     )
-    for task in (dirty_task, invalidations, watch, last_use):
+    for task in (invalidations, watch, last_use, returns):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    await sidecar.authorizer.close()
+    await sidecar.authorizer.close()  # allotments handed back: their usage marked to bill
+    dirty_task.cancel()  # which flushes the last marks
+    with contextlib.suppress(asyncio.CancelledError):
+        await dirty_task
     await store.close()
     for outcome in stopped:
         if isinstance(outcome, BaseException):

@@ -7,6 +7,7 @@
     accounts.py       accounts: plan, status, grace
     api_keys.py       API key records, and turning a presented key into a usable record
     admission.py      the decision script (admit.lua): its inputs, its answer
+    allotments.py     allotments handed back (return_allotment.lua), leased enforcement
     sync.py           Stripe sync: events applied once, locks, checkout claims
     usage.py          usage records, reservations, leases, totals
     credits.py        prepaid credits: grants, the balance, its ledger
@@ -24,6 +25,7 @@ from __future__ import annotations
 from sidecar.store.accounts import Account
 from sidecar.store.admin_tokens import AdminTokens, TokenRecord
 from sidecar.store.admission import AdmissionStore
+from sidecar.store.allotments import AllotmentReturn, AllotmentStore, Returned
 from sidecar.store.api_keys import SUBSCRIPTION_ENDED, ApiKeys, KeyRecord
 from sidecar.store.billing import Billing
 from sidecar.store.connection import Client, connect, subscriber
@@ -36,12 +38,14 @@ from sidecar.store.usage import Recorded, UsageStore
 __all__ = [
     "SUBSCRIPTION_ENDED",
     "Account",
+    "AllotmentReturn",
     "Balance",
     "Client",
     "GrantResult",
     "KeyRecord",
     "PortalSession",
     "Recorded",
+    "Returned",
     "Store",
     "SubscriptionChange",
     "TokenRecord",
@@ -53,6 +57,7 @@ __all__ = [
 class Store(
     ApiKeys,
     AdmissionStore,
+    AllotmentStore,
     StripeSync,
     UsageStore,
     CreditStore,

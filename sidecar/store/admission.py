@@ -21,6 +21,7 @@ from sidecar.store.base import StoreBase
 from sidecar.store.names import (
     account_key,
     alerts_key,
+    allotments_key,
     credit_ledger_key,
     credits_key,
     key_limits_key,
@@ -51,6 +52,7 @@ ADMIT_KEYS: Final = (
     "credits",
     "ledger",
     "key_limits",
+    "allotments",
 )
 
 
@@ -89,6 +91,9 @@ class Admission:
     key_quota: int
     key_period: str
     key_uses: int
+    allot_id: str = ""  # an allotment to take on admission (leased enforcement), or ""
+    allot_units: int = 0  # units wanted in it beyond this request's cost
+    allot_ttl: int = 0  # seconds they are held for this sidecar before they lapse
 
     def argv(self) -> list[str | int]:
         """The fields in order, as the script reads them (tests/test_admission.py
@@ -125,6 +130,9 @@ class Admission:
             self.key_quota,
             self.key_period,
             self.key_uses,
+            self.allot_id,
+            self.allot_units,
+            self.allot_ttl,
         ]
 
 
@@ -143,12 +151,14 @@ def admission(
     low_balance: tuple[int, ...] = (),
     top_up_at: int | None = None,
     key_policy: KeyPolicy = NO_POLICY,
+    allotment: tuple[str, int, int] = ("", 0, 0),
 ) -> Admission:
     """The script's inputs for one request under plan's limits (None: no plan
     known yet; the script then only names the plan). With request_id, a metered
     cost is reserved (settled later) instead of metered now. A plan with a
     concurrency limit takes the lease lease_id. credits_parent: plan is that
-    plan's credits fallback, enforced only while its balance is short."""
+    plan's credits fallback, enforced only while its balance is short.
+    allotment: (id, units wanted, seconds held) to take on admission, or none."""
     quota = plan.quota if plan else None
     kind = quota.period if quota else "month"
     start, end, month = period_at(kind, int(time.time()))
@@ -184,6 +194,9 @@ def admission(
         key_quota=key_policy.quota.limit if key_policy.quota else 0,
         key_period=key_policy.quota.period if key_policy.quota else "month",
         key_uses=key_policy.uses,
+        allot_id=allotment[0],
+        allot_units=allotment[1],
+        allot_ttl=allotment[2],
     )
 
 
@@ -209,6 +222,7 @@ def parse_outcome(raw: list[Any]) -> Outcome:
         credits=None if raw[10] in (b"", "") else int(raw[10]),
         low_balance=tuple(int(n) for n in text(raw[11]).split(",") if n),
         top_up=text(raw[12]),
+        allotted=int(raw[13]),
     )
 
 
@@ -226,6 +240,7 @@ def _keys(customer_id: str, reservation: str, key_id: str) -> list[str]:
         credits_key(customer_id),
         credit_ledger_key(customer_id),
         key_limits_key(customer_id, key_id or "-"),
+        allotments_key(customer_id),
     ]
 
 

@@ -2,7 +2,9 @@
 --
 -- KEYS[1]  account       tw:{acct}:a       plan, status, grace_until (Unix s)
 -- KEYS[2]  limits        tw:{acct}:rl      tokens (float), ts (us), k (period kind),
---                                           p (period start, Unix s), used, x (expires at)
+--                                           p (period start, Unix s), used, x (expires at),
+--                                           h (units held in allotments), hx (when the
+--                                           next of them lapses, Unix s)
 -- KEYS[3]  legacy_quota  tw:{acct}:q       the quota counter of releases before 0.2:
 --                                           read once if KEYS[2] has none, then deleted
 -- KEYS[4]  usage         tw:{acct}:usage   usage stream (metered requests)
@@ -16,6 +18,10 @@
 -- KEYS[12] key_limits    tw:{acct}:kl:<key id>  the key's own bucket (tokens, ts),
 --                                           quota counter (k, p, used), uses left (n);
 --                                           untouched for a key without limits
+-- KEYS[13] allotments    tw:{acct}:al      allotment id -> "units|period start|lapses at"
+--                                           (held by a sidecar), or "-units|period start|
+--                                           forgotten at" (lapsed before its return came:
+--                                           a return still bills it, for an hour)
 --
 -- ARGV[1]  now_us           now in microseconds, or "" to use Redis TIME (production)
 -- ARGV[2]  expected_plan    plan the caller believes the account has (its limits follow)
@@ -52,13 +58,26 @@
 -- ARGV[29] key_quota        the key's own quota per period (0 = none)
 -- ARGV[30] key_period       hour | day | month
 -- ARGV[31] key_uses         requests the key answers in all (0 = no limit)
+-- ARGV[32] allot_id         id of the allotment to grant on admission ("" = none)
+-- ARGV[33] allot_units      units wanted in it, besides this request's cost (0 = none)
+-- ARGV[34] allot_ttl        seconds its units are held for the sidecar; then they lapse
+--
+-- Allotments (leased enforcement): an admission may also take units from the
+-- bucket and the quota for the asking sidecar to admit later requests with,
+-- in-process; return_allotment.lua gives back what it did not use. While units
+-- are held the bucket refills only up to burst - held, so the bucket's level and
+-- the units held never exceed burst together, and over every interval what is
+-- admitted, here or from allotments, stays within rate x t + burst. Held units
+-- whose return never comes (a crashed sidecar) lapse after allot_ttl: the bucket
+-- may refill them; the quota keeps them (they may have been used).
 --
 -- Returns {code, plan, status, tokens_milli, reset_ms, retry_ms, quota_used,
---          period_end, now_s, thresholds, balance, low, top_up}; thresholds lists the
+--          period_end, now_s, thresholds, balance, low, top_up, allotted}; thresholds lists the
 --          quota percentages this request crossed for the first time this period
 --          ("80,100" or ""); balance is the credit balance after it ("" for a plan
 --          without credits); low the low_balance marks it reached ("" for none);
---          top_up the id of the fall past the top-up mark it made ("" for none).
+--          top_up the id of the fall past the top-up mark it made ("" for none);
+--          allotted the units granted in allotment ARGV[32] (0 for none).
 --   code 0 ok
 --        1 no account
 --        2 plan differs from ARGV[2] (plan = the one to enforce, the fallback
@@ -84,7 +103,7 @@ local now_us, expected_plan, rate, burst, quota_limit, quota_period, period_star
   month_start, overage, meter, concurrency, lease_ttl, fallback_plan, cost, feature_ok,
   key_expires_us, reservation, reservation_ttl, thresholds, lease_id, credits,
   credits_fallback, credits_parent, low_balance, top_up_at, key_rate, key_burst, key_quota,
-  key_period, key_uses = unpack(ARGV)
+  key_period, key_uses, allot_id, allot_units, allot_ttl = unpack(ARGV)
 
 if now_us == "" then
   local t = redis.call("TIME")
@@ -96,10 +115,11 @@ local now_s = math.floor(now_us / 1000000)
 rate, burst, quota_limit = tonumber(rate), tonumber(burst), tonumber(quota_limit)
 concurrency, cost, key_expires_us = tonumber(concurrency), tonumber(cost), tonumber(key_expires_us)
 
-local balance, low, top_up = "", "", ""
+local balance, low, top_up, allotted = "", "", "", 0
 local function reply(code, plan, status, tokens, reset_ms, retry_ms, used, period_end, crossed)
   return {code, plan or "", status or "", math.floor(tokens * 1000), math.floor(reset_ms),
-          math.floor(retry_ms), used, period_end, now_s, crossed or "", balance, low, top_up}
+          math.floor(retry_ms), used, period_end, now_s, crossed or "", balance, low, top_up,
+          allotted}
 end
 
 -- The account's balance, with lapsed grants swept (written whatever the outcome).
@@ -195,11 +215,35 @@ if not (p_start <= now_s and now_s < p_end and month_start <= p_start) then
 end
 
 -- The bucket and the period's counter share one hash: one read, one write.
-local state = redis.call("HMGET", KEYS[2], "tokens", "ts", "k", "p", "used", "x")
-local tokens = burst
+local state = redis.call("HMGET", KEYS[2], "tokens", "ts", "k", "p", "used", "x", "h", "hx")
+-- Units held in allotments, once those past their time have lapsed (a sweep
+-- recounts them from KEYS[13], so a sweep a denial does not save is only redone).
+local held, held_until = tonumber(state[7] or "0") or 0, tonumber(state[8] or "0") or 0
+local swept = false
+if held_until > 0 and held_until <= now_s then
+  held, held_until, swept = 0, 0, true
+  local all = redis.call("HGETALL", KEYS[13])
+  for i = 1, #all, 2 do
+    local lapsed, units, p, at = string.match(all[i + 1], "^(%-?)(%d+)|(%d+)|(%d+)$")
+    at = tonumber(at)
+    if at == nil or (lapsed == "-" and at <= now_s) then
+      redis.call("HDEL", KEYS[13], all[i])  -- a lapsed allotment whose return never came
+    elseif at <= now_s then
+      -- Lapsed: its units are free for the bucket; kept an hour, so a late return
+      -- still bills what was admitted from it (and gives back the quota left).
+      redis.call("HSET", KEYS[13], all[i], "-" .. units .. "|" .. p .. "|" .. (now_s + 3600))
+      if held_until == 0 or now_s + 3600 < held_until then held_until = now_s + 3600 end
+    else
+      if lapsed == "" then held = held + tonumber(units) end
+      if held_until == 0 or at < held_until then held_until = at end
+    end
+  end
+end
+local cap = math.max(0, burst - held)  -- the bucket refills up to what is not held
+local tokens = cap
 if state[1] then
   local elapsed = math.max(0, now_us - tonumber(state[2]))
-  tokens = math.min(burst, tonumber(state[1]) + elapsed * rate / 1000000)
+  tokens = math.min(cap, tonumber(state[1]) + elapsed * rate / 1000000)
 end
 local legacy = false
 if not state[3] then
@@ -225,8 +269,8 @@ if concurrency > 0 then
   redis.call("ZREMRANGEBYSCORE", KEYS[9], "-inf", now_s)
   -- A lease id already held is another request in flight under the same id
   -- (a client may choose it): it needs a slot of its own, so it counts as full.
-  local held = redis.call("ZSCORE", KEYS[9], lease_id)
-  if held or redis.call("ZCARD", KEYS[9]) >= concurrency then
+  local in_use = redis.call("ZSCORE", KEYS[9], lease_id)
+  if in_use or redis.call("ZCARD", KEYS[9]) >= concurrency then
     local soonest = redis.call("ZRANGE", KEYS[9], 0, 0, "WITHSCORES")
     local retry = (tonumber(soonest[2]) - now_s) * 1000
     return reply(8, plan, status, tokens, full_in_ms(tokens), retry, used, p_end)
@@ -310,8 +354,19 @@ if credits ~= "" then
   cr.save(c)
 end
 
-tokens = tokens - cost
-used = used + cost
+-- An allotment for the asking sidecar: what the bucket and the quota can spare
+-- beyond this request, up to what it asked for.
+local used_before = used
+allot_units = tonumber(allot_units)
+if allot_id ~= "" and allot_units > 0 then
+  local room = math.floor(tokens - cost)
+  if quota_limit > 0 and overage == "block" then
+    room = math.min(room, quota_limit - used - cost)
+  end
+  allotted = math.max(0, math.min(allot_units, room))
+end
+tokens = tokens - cost - allotted
+used = used + cost + allotted
 if #kfields > 0 then
   redis.call("HSET", KEYS[12], unpack(kfields))
   -- Uses left are kept for good; a bucket or a quota only as long as it means something.
@@ -332,6 +387,17 @@ end
 local expires_at = math.max(p_end + 86400, now_s + math.ceil(burst / rate) + 1)
 local x = tonumber(state[6] or "0") or 0
 local fields = {"tokens", string.format("%.17g", tokens), "ts", now_us, "used", used}
+if allotted > 0 then
+  local lapses = now_s + tonumber(allot_ttl)
+  redis.call("HSET", KEYS[13], allot_id, allotted .. "|" .. p_start .. "|" .. lapses)
+  redis.call("EXPIRE", KEYS[13], tonumber(allot_ttl) + 3700)
+  held = held + allotted
+  if held_until == 0 or lapses < held_until then held_until = lapses end
+end
+if allotted > 0 or swept then
+  table.insert(fields, "h"); table.insert(fields, held)
+  table.insert(fields, "hx"); table.insert(fields, held_until)
+end
 if not same_period or legacy then
   table.insert(fields, "k"); table.insert(fields, quota_period)
   table.insert(fields, "p"); table.insert(fields, p_start)
@@ -364,7 +430,7 @@ local crossed = {}
 if quota_limit > 0 and thresholds ~= "" then
   for pct in string.gmatch(thresholds, "%d+") do
     local mark = quota_limit * tonumber(pct) / 100
-    if used - cost < mark and used >= mark then
+    if used_before < mark and used >= mark then
       if redis.call("HSETNX", KEYS[8], quota_period .. ":" .. p_start .. ":" .. pct, now_s) == 1 then
         table.insert(crossed, pct)
       end

@@ -22,6 +22,8 @@ Cluster one script can touch it all atomically:
     tw:{cus_1}:notified   notification ids queued once (sorted by when), kept 30 days
     tw:{cus_1}:leases     concurrency leases held: lease id -> expiry
     tw:{cus_1}:kl:<key id>  one key's own limits: bucket, quota counter, uses left
+    tw:{cus_1}:al         allotments held by sidecars (leased enforcement): id -> units,
+                          period, when they lapse (store/admit.lua's header)
     tw:{cus_1}:cr         prepaid balance: live grants, debt, open burn batch
                           (the layout: store/shared/credits.lua)
     tw:{cus_1}:crl        the balance's ledger: every grant, burn batch and expiry
@@ -79,6 +81,7 @@ __all__ = [
     "admin_idempotency_key",
     "admin_token_key",
     "alerts_key",
+    "allotments_key",
     "bill_failed_key",
     "bill_key",
     "checkouts_key",
@@ -133,6 +136,10 @@ def limits_key(customer_id: str) -> str:
 
 def legacy_quota_key(customer_id: str) -> str:
     return f"tw:{_tag(customer_id)}:q"
+
+
+def allotments_key(customer_id: str) -> str:
+    return f"tw:{_tag(customer_id)}:al"
 
 
 def key_limits_key(customer_id: str, key_id: str) -> str:

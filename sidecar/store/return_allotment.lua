@@ -1,0 +1,76 @@
+-- return_allotment.lua: a sidecar hands an allotment back (admit.lua's header
+-- says how one is granted): what it did not use goes back to the bucket and the
+-- quota, what it admitted from it is recorded as usage. Each allotment once.
+--
+-- KEYS[1]  limits      tw:{acct}:rl      tokens, ts, k, p, used, h (held), hx
+-- KEYS[2]  allotments  tw:{acct}:al      id -> "units|period start|lapses at", or
+--                                        "-units|period start|forgotten at" once lapsed
+-- KEYS[3]  usage       tw:{acct}:usage   usage stream (fields: shared/usage_stream.lua)
+-- KEYS[4]  totals      tw:{acct}:totals
+--
+-- ARGV[1]  now_us      now in microseconds, or "" to use Redis TIME (production)
+-- ARGV[2]  id          the allotment's id
+-- ARGV[3]  used        units the sidecar admitted from it
+-- ARGV[4]  rate        the plan's refill per second (the bucket is brought up to now)
+-- ARGV[5]  burst       its bucket size
+-- ARGV[6]  meter       meter for the plan's requests ("" = it meters nothing)
+-- ARGV[7]  at          when the allotment was granted (Unix s): the usage's time
+-- ARGV[8]  month       that time's month start (Unix s), the totals' period
+--
+-- Returns {state, units given back to the bucket}: state "returned" (the unused
+-- units went back to the bucket and the quota), "lapsed" (held past its time: the
+-- bucket has refilled those units already, so only the quota gets the unused
+-- ones back) or "unknown" (returned already, or forgotten an hour after lapsing:
+-- nothing happens). Usage is recorded for "returned" and "lapsed" only, so a
+-- retried return bills once.
+
+-- #include shared/usage_stream.lua
+
+local now_us = ARGV[1]
+if now_us == "" then
+  local t = redis.call("TIME")
+  now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+else
+  now_us = tonumber(now_us)
+end
+local id, used, rate, burst = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+
+local entry = redis.call("HGET", KEYS[2], id)
+local lapsed, units, period = string.match(entry or "", "^(%-?)(%d+)|(%d+)|%d+$")
+if not units then
+  return {"unknown", 0}
+end
+redis.call("HDEL", KEYS[2], id)
+units = tonumber(units)
+used = math.min(used, units)
+local unused = units - used
+
+local s = redis.call("HMGET", KEYS[1], "tokens", "ts", "k", "p", "used", "h")
+local fields = {}
+local given = 0
+if lapsed == "" then
+  -- The bucket is brought up to now under the cap of what stays held, then takes
+  -- the unused units back: its level and the units held still sum to burst at most.
+  local held = math.max(0, (tonumber(s[6] or "0") or 0) - units)
+  local cap = math.max(0, burst - held)
+  local tokens = cap
+  if s[1] then
+    local elapsed = math.max(0, now_us - tonumber(s[2]))
+    tokens = math.min(cap, tonumber(s[1]) + elapsed * rate / 1000000)
+  end
+  local level = math.min(cap, tokens + unused)
+  given = level - tokens
+  fields = {"tokens", string.format("%.17g", level), "ts", now_us, "h", held}
+  if held == 0 then table.insert(fields, "hx"); table.insert(fields, 0) end
+end
+-- The quota takes back what was not used, while the allotment's period runs.
+if unused > 0 and s[5] and tonumber(s[4]) == tonumber(period) then
+  table.insert(fields, "used"); table.insert(fields, math.max(0, tonumber(s[5]) - unused))
+end
+if #fields > 0 then redis.call("HSET", KEYS[1], unpack(fields)) end
+if ARGV[6] ~= "" and used > 0 then
+  count_usage(KEYS[3], KEYS[4], ARGV[6], used, ARGV[7], ARGV[8], "allotment:" .. id)
+end
+local state = "returned"
+if lapsed == "-" then state = "lapsed" end
+return {state, math.floor(given)}

@@ -1,0 +1,262 @@
+"""Leased enforcement, in-process against real Redis and one shared fake clock:
+sidecars admitting from allotments never admit more than the bucket and the
+quota allow, hand back what they did not use, bill what they admitted once,
+and a hot account stops costing Redis a call per request."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sidecar import keys
+from sidecar.allotments import HELD_FOR, MAX_AGE
+from sidecar.authorizer import Authorizer
+from sidecar.settings import Settings, settings_from_document
+from sidecar.store import AllotmentReturn, KeyRecord, Store, connect
+from sidecar.store.names import limits_key, totals_key
+from tests.conftest import new_customer
+
+CONFIG = settings_from_document(
+    {
+        "plans": [
+            {
+                "name": "hot",
+                "rate": "200/s",
+                "burst": 400,
+                "quota": "5000/day",
+                "meter": "api_calls",
+                "enforcement": "leased",
+            },
+            {"name": "exact", "rate": "200/s", "burst": 400, "quota": "5000/day"},
+        ],
+        "meters": [{"name": "api_calls", "event_name": "api_calls"}],
+    },
+    {},
+)
+HOT = CONFIG.catalog.plans["hot"]
+
+
+class Clock:
+    """Drives the store (Redis-side time, µs) and the authorizers (s) alike."""
+
+    def __init__(self) -> None:
+        self.us = 1_900_000_000_000_000
+
+    def seconds(self) -> float:
+        return self.us / 1_000_000
+
+    def advance(self, seconds: float) -> None:
+        self.us += int(seconds * 1_000_000)
+
+
+async def customer_with_key(store: Store, plan: str) -> tuple[str, str]:
+    customer = new_customer()
+    await store.create_account(customer, plan)
+    key = keys.generate("test")
+    hashed = keys.key_hash(key)
+    await store.add_key(hashed, KeyRecord(keys.key_id(hashed), customer, "active"))
+    return customer, key
+
+
+def with_sidecars(
+    redis_url: str, count: int, work: Callable[[Store, Clock, list[Authorizer]], Awaitable[Any]]
+) -> Any:
+    async def run() -> Any:
+        clock = Clock()
+        store = Store(connect(redis_url, timeout=2.0), timeout=2.0, clock_us=lambda: clock.us)
+        config: Callable[[], Settings] = lambda: CONFIG  # noqa: E731
+        sidecars = [Authorizer(store, config, clock=clock.seconds) for _ in range(count)]
+        try:
+            return await work(store, clock, sidecars)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+async def allow(sidecar: Authorizer, key: str, cost: int = 1) -> bool:
+    decision = await sidecar.authorize(key, method="GET", path="/v1/x", cost=cost)
+    return decision.allowed
+
+
+async def counter(store: Store, customer: str) -> tuple[float, int]:
+    tokens, used = await store.redis.hmget(limits_key(customer), ["tokens", "used"])
+    return float(tokens), int(used)
+
+
+def test_a_busy_account_is_admitted_from_an_allotment_and_the_rest_goes_back(
+    redis_url: str,
+) -> None:
+    async def work(store: Store, clock: Clock, sidecars: list[Authorizer]) -> None:
+        (sidecar,) = sidecars
+        customer, key = await customer_with_key(store, "hot")
+        for _ in range(40):  # 1 request per ms: the sidecar learns the account is busy
+            assert await allow(sidecar, key)
+            clock.advance(0.001)
+        held = sidecar.allotments.held(customer)
+        assert held is not None and held.units >= 2, "no allotment after 40 busy requests"
+        # The allotment's units are counted in Redis's quota already, and taken from the bucket.
+        _, used = await counter(store, customer)
+        assert used == 40 + held.left
+        assert await allow(sidecar, key)  # from the allotment: Redis is not asked
+        _, still = await counter(store, customer)
+        assert still == used
+        # Handed back (an invalidation drops it): the quota counts exactly what was admitted.
+        left = held.left - 1
+        sidecar.forget(f"c:{customer}")
+        assert await sidecar.return_allotments() == 0
+        _, after = await counter(store, customer)
+        assert after == 41, (after, left)
+        # The units admitted from the allotment are recorded once as usage, for billing.
+        totals = await store.redis.hgetall(totals_key(customer))
+        month = next(v for k, v in totals.items() if k.startswith(b"api_calls|"))
+        assert int(month) == 41
+
+    with_sidecars(redis_url, 1, work)
+
+
+def test_a_retried_return_changes_nothing_and_bills_once(redis_url: str) -> None:
+    async def work(store: Store, clock: Clock, sidecars: list[Authorizer]) -> None:
+        (sidecar,) = sidecars
+        customer, key = await customer_with_key(store, "hot")
+        for _ in range(30):
+            assert await allow(sidecar, key)
+            clock.advance(0.001)
+        held = sidecar.allotments.held(customer)
+        assert held is not None
+        done = AllotmentReturn(customer, held.id, held.used, 200.0, 400, "api_calls", held.granted_at)
+        first = await store.return_allotment(done)
+        state = await counter(store, customer), await store.redis.hgetall(totals_key(customer))
+        second = await store.return_allotment(done)
+        assert (first.state, second.state) == ("returned", "unknown")
+        assert first.given_back == held.left
+        assert (await counter(store, customer), await store.redis.hgetall(totals_key(customer))) == (
+            state
+        )
+
+    with_sidecars(redis_url, 1, work)
+
+
+def test_an_allotment_never_returned_lapses_and_a_late_return_still_bills_it_once(
+    redis_url: str,
+) -> None:
+    async def work(store: Store, clock: Clock, sidecars: list[Authorizer]) -> None:
+        crashed, other = sidecars
+        customer, key = await customer_with_key(store, "hot")
+        for _ in range(30):
+            assert await allow(crashed, key)
+            clock.advance(0.001)
+        held = crashed.allotments.held(customer)
+        assert held is not None and held.left >= 2
+        for _ in range(2):
+            assert await allow(crashed, key)
+        # The sidecar is gone without handing it back: the units stay held, so the
+        # bucket, drained by another sidecar, refills only to burst minus them ...
+        while await allow(other, key, cost=50):
+            pass
+        clock.advance(5)
+        tokens, _ = await counter(store, customer)
+        assert await allow(other, key, cost=1)
+        tokens, _ = await counter(store, customer)
+        assert tokens <= HOT.burst - held.units - 1 + 1e-6
+        # ... until they lapse: then the whole burst is back.
+        clock.advance(HELD_FOR + 1)
+        assert await allow(other, key, cost=HOT.burst - held.units + 1)
+        # Its return, late, bills what was admitted from it once, and gives the quota back.
+        _, before = await counter(store, customer)
+        done = AllotmentReturn(customer, held.id, held.used, 200.0, 400, "api_calls", held.granted_at)
+        late = await store.return_allotment(done)
+        assert late.state == "lapsed" and late.given_back == 0
+        _, after = await counter(store, customer)
+        assert after == before - held.left
+        assert (await store.return_allotment(done)).state == "unknown"
+
+    with_sidecars(redis_url, 2, work)
+
+
+def test_an_exact_plan_never_takes_an_allotment(redis_url: str) -> None:
+    async def work(store: Store, clock: Clock, sidecars: list[Authorizer]) -> None:
+        (sidecar,) = sidecars
+        customer, key = await customer_with_key(store, "exact")
+        for n in range(1, 51):
+            assert await allow(sidecar, key)
+            clock.advance(0.001)
+            assert (await counter(store, customer))[1] == n  # every request counted in Redis
+        assert sidecar.allotments.held(customer) is None
+
+    with_sidecars(redis_url, 1, work)
+
+
+def test_an_allotment_is_spent_for_less_than_a_second(redis_url: str) -> None:
+    async def work(store: Store, clock: Clock, sidecars: list[Authorizer]) -> None:
+        (sidecar,) = sidecars
+        customer, key = await customer_with_key(store, "hot")
+        for _ in range(30):
+            assert await allow(sidecar, key)
+            clock.advance(0.001)
+        held = sidecar.allotments.held(customer)
+        assert held is not None
+        clock.advance(MAX_AGE)
+        assert sidecar.allotments.take(customer, "hot", 1) is None
+        assert [a.id for a in sidecar.allotments.due()] == [held.id]
+
+    with_sidecars(redis_url, 1, work)
+
+
+@pytest.mark.parametrize("sidecar_count", [2, 3])
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.integers(0, 2),  # which sidecar (taken modulo the count)
+            st.integers(0, 4000),  # µs since the previous step
+            st.sampled_from([1, 1, 1, 2, 5]),  # cost
+            st.integers(0, 9),  # 0: that sidecar hands back what is done; 1: drops all
+        ),
+        min_size=50,
+        max_size=400,
+    )
+)
+def test_sidecars_with_allotments_never_admit_more_than_rate_times_t_plus_burst(
+    redis_url: str, sidecar_count: int, steps: list[tuple[int, int, int, int]]
+) -> None:
+    """Over every interval [t_i, t_j]: admitted <= burst + rate * (t_j - t_i), and
+    the period never admits more than its quota."""
+
+    async def work(store: Store, clock: Clock, sidecars: list[Authorizer]) -> None:
+        plan = CONFIG.catalog.plans["hot"]
+        customer, key = await customer_with_key(store, "hot")
+        admitted: list[tuple[float, int]] = []
+        start = clock.us
+        for which, gap, cost, action in steps:
+            clock.us += gap
+            sidecar = sidecars[which % len(sidecars)]
+            if action == 0:
+                await sidecar.return_allotments()
+            elif action == 1:
+                sidecar.forget_everything()
+            if await allow(sidecar, key, cost):
+                admitted.append(((clock.us - start) / 1_000_000, cost))
+        # f(k) = units admitted up to k - rate * t_k: max over j of f(j) - min_{i<j} f(i-1).
+        worst, low, total = 0.0, math.inf, 0
+        for at, cost in admitted:
+            low = min(low, total - plan.rate.per_second * at)
+            total += cost
+            worst = max(worst, total - plan.rate.per_second * at - low)
+        assert worst <= plan.burst + 1e-6
+        assert plan.quota is not None and total <= plan.quota.limit
+        for sidecar in sidecars:
+            sidecar.forget_everything()
+            await sidecar.return_allotments()
+        _, used = await counter(store, customer)
+        assert used == total  # every unused unit went back to the quota
+
+    with_sidecars(redis_url, sidecar_count, work)
