@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecar import keys
-from sidecar.allotments import HELD_FOR, MAX_AGE
+from sidecar.allotments import HELD_FOR, MAX_AGE, Allotment
 from sidecar.authorizer import Authorizer
 from sidecar.settings import Settings, settings_from_document
 from sidecar.store import AllotmentReturn, KeyRecord, Store, connect
@@ -80,6 +80,19 @@ def with_sidecars(
     return asyncio.run(run())
 
 
+def return_of(held: Allotment) -> AllotmentReturn:
+    """The return a sidecar would send for the allotment it holds."""
+    return AllotmentReturn(
+        held.customer,
+        held.id,
+        held.used,
+        HOT.rate.per_second,
+        HOT.burst,
+        "api_calls",
+        held.granted_at,
+    )
+
+
 async def allow(sidecar: Authorizer, key: str, cost: int = 1) -> bool:
     decision = await sidecar.authorize(key, method="GET", path="/v1/x", cost=cost)
     return decision.allowed
@@ -130,15 +143,14 @@ def test_a_retried_return_changes_nothing_and_bills_once(redis_url: str) -> None
             clock.advance(0.001)
         held = sidecar.allotments.held(customer)
         assert held is not None
-        done = AllotmentReturn(customer, held.id, held.used, 200.0, 400, "api_calls", held.granted_at)
+        done = return_of(held)
         first = await store.return_allotment(done)
         state = await counter(store, customer), await store.redis.hgetall(totals_key(customer))
         second = await store.return_allotment(done)
         assert (first.state, second.state) == ("returned", "unknown")
         assert first.given_back == held.left
-        assert (await counter(store, customer), await store.redis.hgetall(totals_key(customer))) == (
-            state
-        )
+        again = await counter(store, customer), await store.redis.hgetall(totals_key(customer))
+        assert again == state
 
     with_sidecars(redis_url, 1, work)
 
@@ -170,7 +182,7 @@ def test_an_allotment_never_returned_lapses_and_a_late_return_still_bills_it_onc
         assert await allow(other, key, cost=HOT.burst - held.units + 1)
         # Its return, late, bills what was admitted from it once, and gives the quota back.
         _, before = await counter(store, customer)
-        done = AllotmentReturn(customer, held.id, held.used, 200.0, 400, "api_calls", held.granted_at)
+        done = return_of(held)
         late = await store.return_allotment(done)
         assert late.state == "lapsed" and late.given_back == 0
         _, after = await counter(store, customer)
