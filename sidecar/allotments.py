@@ -92,6 +92,7 @@ class _Demand:
     since: float
     units: int = 0
     rate: float = 0.0  # units per second over the last full window
+    quota_used: int = 0  # the quota counter as Redis last reported it
 
 
 @dataclass(slots=True)
@@ -128,8 +129,9 @@ class Allotments:
             self._finish(customer)
         return held
 
-    def note(self, customer: str, cost: int) -> None:
-        """Counts an admission of the account's, wherever it was decided."""
+    def note(self, customer: str, cost: int, *, quota_used: int | None = None) -> None:
+        """Counts an admission of the account's, wherever it was decided (with the
+        quota counter Redis reported, when it was Redis)."""
         now = self._clock()
         demand = self._demand.get(customer)
         if demand is None:
@@ -140,10 +142,13 @@ class Allotments:
         if elapsed >= _DEMAND_WINDOW:
             demand.rate, demand.units, demand.since = demand.units / elapsed, 0, now
         demand.units += cost
+        if quota_used is not None:
+            demand.quota_used = quota_used
 
-    def want(self, customer: str, plan: Plan, *, quota_left: int | None) -> int:
+    def want(self, customer: str, plan: Plan) -> int:
         """Units to ask for beyond a request's cost: about TARGET_SECONDS of the
-        account's traffic, within the shares of burst and quota left."""
+        account's traffic, within the shares of burst and of the quota left (a
+        quota that blocks; Redis caps the grant by what is left in any case)."""
         demand = self._demand.get(customer)
         if demand is None:
             return 0
@@ -153,8 +158,8 @@ class Allotments:
             rate = max(rate, demand.units / elapsed)
         units = math.ceil(rate * TARGET_SECONDS)
         units = min(units, plan.burst // BURST_SHARE)
-        if quota_left is not None:
-            units = min(units, quota_left // QUOTA_SHARE)
+        if plan.quota is not None and plan.overage == "block":
+            units = min(units, max(0, plan.quota.limit - demand.quota_used) // QUOTA_SHARE)
         return units if units >= 2 else 0  # one unit is no saving: exact
 
     def pending(self, customer: str) -> _Pending | None:

@@ -343,13 +343,11 @@ class Authorizer:
                 reserve = "" if leased else request_id
                 allotment: tuple[str, int, int] = ("", 0, 0)
                 if leased and plan is not None:
-                    if not asked and self.allotments.pending(customer) is None:
-                        units = self.allotments.want(customer, plan, quota_left=None)
-                        if units:
-                            asked = self.allotments.asking(customer)
-                    if asked:
-                        units = self.allotments.want(customer, plan, quota_left=None)
-                        allotment = (asked, max(units, 2), HELD_FOR)
+                    units = self.allotments.want(customer, plan)
+                    if units and not asked and self.allotments.pending(customer) is None:
+                        asked = self.allotments.asking(customer)  # others wait for it
+                    if units and asked:
+                        allotment = (asked, units, HELD_FOR)
                 request = admission(
                     plan,
                     cost=cost,
@@ -373,7 +371,7 @@ class Authorizer:
                         self._granted(customer, plan, asked, outcome)
                         asked = ""
                     if leased and outcome.code is OutcomeCode.OK:
-                        self.allotments.note(customer, cost)
+                        self.allotments.note(customer, cost, quota_used=outcome.quota_used)
                     return _Answer(
                         outcome, plan, lease, credits_fallback=bool(parent), reserved=reserve
                     )

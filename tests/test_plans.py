@@ -62,6 +62,11 @@ def test_burst_defaults_to_the_rate_count() -> None:
         ({"stripe_price": "prod_1"}, "plans[0] 'pro': stripe_price: expected a Stripe price id"),
         ({"qouta": "1/day"}, "plans[0] 'pro': unknown field 'qouta'"),
         ({"name": "Pro Plan"}, "plans[0]: name: expected lower-case"),
+        ({"enforcement": "lazy"}, 'plans[0] \'pro\': enforcement: expected "exact" or "leased"'),
+        (
+            {"enforcement": "leased", "credits": True},
+            "plans[0] 'pro': enforcement: \"leased\" is not available for a plan with credits",
+        ),
     ],
 )
 def test_each_mistake_names_the_plan_and_field(fields: dict[str, Any], message: str) -> None:
@@ -116,3 +121,9 @@ def test_a_route_feature_must_exist_in_some_plan() -> None:
         parse_catalog({"plans": [plan()], "routes": [{"path": "x"}]})
     with pytest.raises(ConfigError, match=r"routes\[0\]: cost: expected a positive integer"):
         parse_catalog({"plans": [plan()], "routes": [{"path": "/x", "cost": -1}]})
+
+
+def test_enforcement_is_exact_unless_a_plan_asks_for_leased() -> None:
+    catalog = parse_catalog({"plans": [plan(), plan(name="hot", enforcement="leased")]})
+    assert catalog.plans["pro"].enforcement == "exact"
+    assert catalog.plans["hot"].enforcement == "leased"

@@ -1,0 +1,116 @@
+"""The allotment book (sidecar/allotments.py), without Redis: what a sidecar
+admits from an allotment, how much it asks for, and when it hands one back."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from sidecar.allotments import BURST_SHARE, MAX_AGE, QUOTA_SHARE, Allotment, Allotments
+from sidecar.plans import Plan, Quota, Rate
+
+PLAN = Plan(name="hot", rate=Rate(1000, 1), burst=400, enforcement="leased")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def granted(book: Allotments, units: int, customer: str = "cus_1") -> Allotment:
+    allotment = Allotment(
+        id=book.asking(customer),
+        customer=customer,
+        plan=PLAN,
+        units=units,
+        granted_at=1_900_000_000,
+        deadline=book.deadline(),
+        tokens=100.0,
+        quota_used=0,
+        period_end=1_900_003_600,
+    )
+    book.answered(customer, allotment)
+    return allotment
+
+
+def busy(book: Allotments, clock: Clock, per_second: int, seconds: float) -> None:
+    """Notes admissions at per_second for seconds."""
+    for _ in range(int(per_second * seconds)):
+        book.note("cus_1", 1)
+        clock.now += 1 / per_second
+
+
+def test_a_quiet_account_is_asked_for_nothing_beyond_each_request() -> None:
+    clock = Clock()
+    book = Allotments(clock=clock)
+    assert book.want("cus_1", PLAN) == 0  # never seen
+    busy(book, clock, per_second=5, seconds=2)
+    assert book.want("cus_1", PLAN) == 0  # 5/s: under one per 100 ms
+
+
+def test_a_busy_account_is_asked_for_about_a_tenth_of_a_second_of_its_traffic() -> None:
+    clock = Clock()
+    book = Allotments(clock=clock)
+    busy(book, clock, per_second=500, seconds=1)
+    assert 40 <= book.want("cus_1", PLAN) <= 60
+
+
+def test_an_allotment_never_holds_more_than_its_share_of_burst_and_quota_left() -> None:
+    clock = Clock()
+    book = Allotments(clock=clock)
+    busy(book, clock, per_second=20_000, seconds=0.6)
+    assert book.want("cus_1", PLAN) == PLAN.burst // BURST_SHARE
+    quota = replace(PLAN, quota=Quota(1000, "day"))
+    book.note("cus_1", 1, quota_used=840)
+    assert book.want("cus_1", quota) == 160 // QUOTA_SHARE
+    book.note("cus_1", 1, quota_used=990)
+    assert book.want("cus_1", quota) == 0  # too little left to share: exact
+    assert book.want("cus_1", replace(quota, overage="bill")) == PLAN.burst // BURST_SHARE
+
+
+def test_requests_are_admitted_from_an_allotment_until_it_cannot_cover_them() -> None:
+    book = Allotments(clock=Clock())
+    allotment = granted(book, 5)
+    assert book.take("cus_1", "hot", 3) is allotment
+    assert book.take("cus_1", "hot", 3) is None  # 2 left: this one asks Redis
+    assert book.take("cus_1", "hot", 2) is allotment  # a cheaper one still fits
+    assert allotment.left == 0
+    assert book.held("cus_1") is None  # spent: on its way back
+    assert book.due() == [allotment]
+
+
+def test_an_allotment_serves_only_its_plan_and_only_until_it_ages_out() -> None:
+    clock = Clock()
+    book = Allotments(clock=clock)
+    first = granted(book, 50)
+    assert book.take("cus_1", "other", 1) is None  # the account changed plans
+    assert book.due() == [first]
+    second = granted(book, 50)
+    clock.now += MAX_AGE
+    assert book.take("cus_1", "hot", 1) is None
+    assert book.due() == [second]
+    assert MAX_AGE < 1.0  # spent within the one second Tollway promises
+
+
+def test_a_new_allotment_sends_the_old_one_back_and_a_drop_sends_it_at_once() -> None:
+    book = Allotments(clock=Clock())
+    first = granted(book, 50)
+    second = granted(book, 50)
+    assert book.held("cus_1") is second and book.due() == [first]
+    other = granted(book, 10, customer="cus_2")
+    book.drop("cus_1")
+    assert book.due() == [second]
+    book.drop_all()
+    assert book.due() == [other] and len(book) == 0
+
+
+def test_others_wait_for_an_allotment_being_asked_for_and_go_on_when_none_came() -> None:
+    book = Allotments(clock=Clock())
+    book.asking("cus_1")
+    pending = book.pending("cus_1")
+    assert pending is not None and not pending.landed.is_set()
+    book.answered("cus_1", None)
+    assert pending.landed.is_set() and book.pending("cus_1") is None
+    assert book.held("cus_1") is None
