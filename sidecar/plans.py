@@ -276,6 +276,11 @@ def _parse_plan(raw: Any, index: int) -> Plan:
             f'{where}: enforcement: "leased" is not available for a plan with credits = true '
             '(every burn of a prepaid balance is decided in Redis); use "exact"'
         )
+    if enforcement == "leased" and only_success:
+        raise ConfigError(
+            f'{where}: bill_only_success: a plan with enforcement = "leased" reserves nothing '
+            "to refund: each request costs its route's cost when admitted"
+        )
     price = entry.string("stripe_price", None, what="a string")
     lookup = entry.string("stripe_lookup_key", None, what="a string")
     if price is not None and not price.startswith("price_"):

@@ -67,6 +67,10 @@ def test_burst_defaults_to_the_rate_count() -> None:
             {"enforcement": "leased", "credits": True},
             "plans[0] 'pro': enforcement: \"leased\" is not available for a plan with credits",
         ),
+        (
+            {"enforcement": "leased", "bill_only_success": True},
+            "plans[0] 'pro': bill_only_success: a plan with enforcement = \"leased\" reserves",
+        ),
     ],
 )
 def test_each_mistake_names_the_plan_and_field(fields: dict[str, Any], message: str) -> None:
