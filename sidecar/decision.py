@@ -101,6 +101,7 @@ class Outcome:
     low_balance: tuple[int, ...] = ()  # low-balance marks this request reached
     top_up: str = ""  # the id of the fall past the auto top-up mark it made, if it did
     allotted: int = 0  # units granted in the allotment asked for, beyond the request's cost
+    held: int = 0  # units sidecars hold in allotments: they may come back to bucket and quota
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,13 +20,16 @@ period still lands within it:
   rate-limit denial), the most it can hold now: its level then, plus the
   refill since the request was sent (sent, not answered: Redis read the level
   later, so the bound is never below the truth), plus slack for the script's
-  milli-token rounding, never above the burst. Other requests, here or on
-  other sidecars, only lower the truth. A request dearer than the bound is
+  milli-token rounding, plus the units sidecars then held in allotments (a
+  leased plan's: they may come back), never above the burst. Other requests,
+  here or on other sidecars, only lower the truth (an allotment granted later
+  comes back no larger than it was taken). A request dearer than the bound is
   denied here until a token could have dropped in: a client hammering an
   empty bucket costs Redis nothing.
 - Quota denials: until the quota could admit again (at most a second), the
   same request or a dearer one must be denied; a cheaper one may still fit,
-  so it goes to Redis.
+  so it goes to Redis. Not while units are held in allotments: their return
+  may give the quota back.
 - What each account has in flight: when the bound cannot cover a request on
   top of the decisions still on their way to Redis, the request waits for the
   next of them to land and looks at the (fresher) bound again, instead of
@@ -69,6 +72,7 @@ class BucketReading:
     plan: str  # whose limits it was read with: it bounds no other plan's bucket
     tokens: float
     sent_at: float  # when the request was sent; Redis read the level no earlier
+    held: int = 0  # units then held in allotments, which may come back to the bucket
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,8 +248,9 @@ class Shortcuts:
         if outcome.plan == plan.name != self.hints.get(customer):
             self.hints.learn(customer, plan.name)  # a right guess is kept as a hint too
         if outcome.code in (OutcomeCode.OK, OutcomeCode.RATE_LIMITED):
-            self.buckets.put(customer, BucketReading(plan.name, outcome.tokens, turn.sent_at))
-        if outcome.code is OutcomeCode.QUOTA_EXCEEDED and outcome.retry_ms > 0:
+            reading = BucketReading(plan.name, outcome.tokens, turn.sent_at, outcome.held)
+            self.buckets.put(customer, reading)
+        if outcome.code is OutcomeCode.QUOTA_EXCEEDED and outcome.retry_ms > 0 and not outcome.held:
             retry_in = outcome.retry_ms / 1000
             denied = QuotaDenial(turn.cost, decision, self._clock() + retry_in)
             self.denials.put(customer, denied, ttl=retry_in)  # the cache caps it at a second
@@ -263,7 +268,7 @@ class Shortcuts:
 
     def _upper_bound(self, plan: Plan, reading: BucketReading) -> float:
         refilled = (self._clock() - reading.sent_at) * plan.rate.per_second
-        return min(plan.burst, reading.tokens + refilled + _SLACK)
+        return min(plan.burst, reading.tokens + reading.held + refilled + _SLACK)
 
 
 def _rate_denial(customer: str, plan: Plan, cost: int, upper: float) -> Decision:

@@ -272,3 +272,26 @@ def test_sidecars_with_allotments_never_admit_more_than_rate_times_t_plus_burst(
         assert used == total  # every unused unit went back to the quota
 
     with_sidecars(redis_url, sidecar_count, work)
+
+
+def test_units_handed_back_are_admitted_at_once_by_a_sidecar_that_saw_the_bucket_empty(
+    redis_url: str,
+) -> None:
+    async def work(store: Store, clock: Clock, sidecars: list[Authorizer]) -> None:
+        holder, other = sidecars
+        customer, key = await customer_with_key(store, "hot")
+        for _ in range(40):
+            assert await allow(holder, key)
+            clock.advance(0.001)
+        held = holder.allotments.held(customer)
+        assert held is not None and held.left >= 10
+        while await allow(other, key, cost=10):  # the other sidecar empties the bucket
+            pass
+        assert not await allow(other, key, cost=10)  # and knows it is empty
+        holder.forget(f"c:{customer}")
+        assert await holder.return_allotments() == 0
+        # What came back is Redis's to give: the other sidecar's reading of an empty
+        # bucket must not deny it (it allowed for the units held when it read).
+        assert await allow(other, key, cost=held.left - 1)
+
+    with_sidecars(redis_url, 2, work)

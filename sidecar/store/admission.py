@@ -223,6 +223,7 @@ def parse_outcome(raw: list[Any]) -> Outcome:
         low_balance=tuple(int(n) for n in text(raw[11]).split(",") if n),
         top_up=text(raw[12]),
         allotted=int(raw[13]),
+        held=int(raw[14]),
     )
 
 

@@ -72,12 +72,15 @@
 -- may refill them; the quota keeps them (they may have been used).
 --
 -- Returns {code, plan, status, tokens_milli, reset_ms, retry_ms, quota_used,
---          period_end, now_s, thresholds, balance, low, top_up, allotted}; thresholds lists the
---          quota percentages this request crossed for the first time this period
+--          period_end, now_s, thresholds, balance, low, top_up, allotted, held};
+--          thresholds lists the quota percentages this request crossed for the first
+--          time this period
 --          ("80,100" or ""); balance is the credit balance after it ("" for a plan
 --          without credits); low the low_balance marks it reached ("" for none);
 --          top_up the id of the fall past the top-up mark it made ("" for none);
---          allotted the units granted in allotment ARGV[32] (0 for none).
+--          allotted the units granted in allotment ARGV[32] (0 for none); held the
+--          units all sidecars hold in allotments (0 when the reply comes before the
+--          bucket is read): they may come back to the bucket and the quota.
 --   code 0 ok
 --        1 no account
 --        2 plan differs from ARGV[2] (plan = the one to enforce, the fallback
@@ -115,11 +118,11 @@ local now_s = math.floor(now_us / 1000000)
 rate, burst, quota_limit = tonumber(rate), tonumber(burst), tonumber(quota_limit)
 concurrency, cost, key_expires_us = tonumber(concurrency), tonumber(cost), tonumber(key_expires_us)
 
-local balance, low, top_up, allotted = "", "", "", 0
+local balance, low, top_up, allotted, held = "", "", "", 0, 0
 local function reply(code, plan, status, tokens, reset_ms, retry_ms, used, period_end, crossed)
   return {code, plan or "", status or "", math.floor(tokens * 1000), math.floor(reset_ms),
           math.floor(retry_ms), used, period_end, now_s, crossed or "", balance, low, top_up,
-          allotted}
+          allotted, held}
 end
 
 -- The account's balance, with lapsed grants swept (written whatever the outcome).
@@ -218,7 +221,8 @@ end
 local state = redis.call("HMGET", KEYS[2], "tokens", "ts", "k", "p", "used", "x", "h", "hx")
 -- Units held in allotments, once those past their time have lapsed (a sweep
 -- recounts them from KEYS[13], so a sweep a denial does not save is only redone).
-local held, held_until = tonumber(state[7] or "0") or 0, tonumber(state[8] or "0") or 0
+held = tonumber(state[7] or "0") or 0
+local held_until = tonumber(state[8] or "0") or 0
 local swept = false
 if held_until > 0 and held_until <= now_s then
   held, held_until, swept = 0, 0, true
