@@ -174,7 +174,12 @@ class Authorizer:
                 customer_id=customer,
             )
         hinted = settings.catalog.plans.get(self.shortcuts.hints.get(customer) or "")
-        if hinted is not None and self._leasable(hinted, record, request_id, reservation_optional):
+        exact_route = route is not None and route.exact
+        if (
+            hinted is not None
+            and not exact_route
+            and self._leasable(hinted, record, request_id, reservation_optional)
+        ):
             local = self._from_allotment(record, hinted, cost, feature)
             if local is None and (pending := self.allotments.pending(customer)) is not None:
                 await pending.landed.wait()  # the allotment asked for may cover this one too
@@ -198,6 +203,7 @@ class Authorizer:
                 request_id=request_id,
                 lease_id=lease_id,
                 reservation_optional=reservation_optional,
+                exact=exact_route,
             )
             if isinstance(answer, Decision):
                 return answer  # the account is on a plan this sidecar does not know
@@ -323,11 +329,13 @@ class Authorizer:
         request_id: str,
         lease_id: str,
         reservation_optional: bool = False,
+        exact: bool = False,
     ) -> _Answer | Decision:
         """The script's answer, decided with the account's actual plan: a
         stale guess is retried with the plan the script names (a plan that is
         not configured is refused). A leased plan's admission may take an
-        allotment for this sidecar too (others of the account wait for it)."""
+        allotment for this sidecar too (others of the account wait for it),
+        unless exact (the route keeps its requests exact)."""
         customer = record.customer_id
         lease, parent = "", ""
         asked = ""  # the allotment this request asks for, once it asks
@@ -338,6 +346,7 @@ class Authorizer:
                 leased = (
                     plan is not None
                     and not parent
+                    and not exact
                     and self._leasable(plan, record, request_id, reservation_optional)
                 )
                 reserve = "" if leased else request_id

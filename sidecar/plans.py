@@ -35,6 +35,7 @@ names where it is (``plans[1] 'pro': rate``) so a bad file is one clear line.
     path = "/v1/export/*"              # * = one segment, ** = anything
     cost = 10
     feature = "export"
+    enforcement = "exact"              # optional: decided in Redis on a leased plan too
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ _PLAN_FIELDS: Final = frozenset(
 )
 _PACK_FIELDS: Final = frozenset({"name", "credits", "stripe_price", "expires_in", "description"})
 _EVENT_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
-_ROUTE_FIELDS: Final = frozenset({"method", "path", "cost", "feature", "bill_only_success"})
+_ROUTE_FIELDS: Final = frozenset(
+    {"method", "path", "cost", "feature", "bill_only_success", "enforcement"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +167,7 @@ class Route:
     cost: int = 1
     feature: str | None = None
     bill_only_success: bool | None = None  # None: the plan decides
+    exact: bool = False  # decided in Redis even on a plan with leased enforcement
     pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -355,8 +359,21 @@ def _parse_route(raw: Any, index: int, features: frozenset[str]) -> Route:
     if feature is not None and feature not in features:
         raise ConfigError(f"{where}: feature: {feature!r} is in no plan's features")
     only_success = entry.boolean("bill_only_success", None)
+    # Leasing is a plan's choice; a route may only keep its requests exact (one the
+    # upstream prices, say, whose cost header then settles it).
+    entry.string(
+        "enforcement",
+        "exact",
+        what='"exact" (leasing is chosen per plan)',
+        valid=lambda value: value == "exact",
+    )
     return Route(
-        method=method, path=path, cost=cost, feature=feature, bill_only_success=only_success
+        method=method,
+        path=path,
+        cost=cost,
+        feature=feature,
+        bill_only_success=only_success,
+        exact="enforcement" in entry.data,
     )
 
 

@@ -40,6 +40,7 @@ CONFIG = settings_from_document(
             {"name": "exact", "rate": "200/s", "burst": 400, "quota": "5000/day"},
         ],
         "meters": [{"name": "api_calls", "event_name": "api_calls"}],
+        "routes": [{"path": "/v1/priced/**", "enforcement": "exact"}],
     },
     {},
 )
@@ -205,6 +206,25 @@ def test_an_exact_plan_never_takes_an_allotment(redis_url: str) -> None:
             clock.advance(0.001)
             assert (await counter(store, customer))[1] == n  # every request counted in Redis
         assert sidecar.allotments.held(customer) is None
+
+    with_sidecars(redis_url, 1, work)
+
+
+def test_a_route_kept_exact_is_decided_in_redis_while_the_rest_use_the_allotment(
+    redis_url: str,
+) -> None:
+    async def work(store: Store, clock: Clock, sidecars: list[Authorizer]) -> None:
+        (sidecar,) = sidecars
+        customer, key = await customer_with_key(store, "hot")
+        for _ in range(40):
+            assert await allow(sidecar, key)
+            clock.advance(0.001)
+        assert sidecar.allotments.held(customer) is not None
+        _, before = await counter(store, customer)
+        for n in range(1, 6):
+            decision = await sidecar.authorize(key, method="GET", path="/v1/priced/a")
+            assert decision.allowed
+            assert (await counter(store, customer))[1] == before + n  # each one in Redis
 
     with_sidecars(redis_url, 1, work)
 

@@ -131,3 +131,11 @@ def test_enforcement_is_exact_unless_a_plan_asks_for_leased() -> None:
     catalog = parse_catalog({"plans": [plan(), plan(name="hot", enforcement="leased")]})
     assert catalog.plans["pro"].enforcement == "exact"
     assert catalog.plans["hot"].enforcement == "leased"
+
+
+def test_a_route_may_keep_a_leased_plans_requests_exact_but_not_lease_them() -> None:
+    route = {"path": "/v1/priced/**", "enforcement": "exact"}
+    catalog = parse_catalog({"plans": [plan(enforcement="leased")], "routes": [route]})
+    assert catalog.routes[0].exact
+    with pytest.raises(ConfigError, match=r"routes\[0\]: enforcement: expected \"exact\""):
+        parse_catalog({"plans": [plan()], "routes": [{**route, "enforcement": "leased"}]})
