@@ -111,18 +111,24 @@ class Allotments:
         self._pending: dict[str, _Pending] = {}
         self._demand: dict[str, _Demand] = {}
         self.done: list[Allotment] = []  # to hand back: spent, aged out or dropped
+        self.hits = 0  # admissions from an allotment (tollway_cache_lookups_total)
+        self.misses = 0  # requests of a leased plan that had to ask Redis
         self.woken = asyncio.Event()  # set when an allotment joins `done`
 
     def take(self, customer: str, plan: str, cost: int) -> Allotment | None:
         """Admits cost from the account's allotment under plan, if it has one that covers it."""
         held = self._held.get(customer)
         if held is None:
+            self.misses += 1
             return None
         if held.plan.name != plan or self._clock() >= held.deadline:
             self._finish(customer)
+            self.misses += 1
             return None
         if held.left < cost:
+            self.misses += 1
             return None  # a cheaper request may still fit; this one asks Redis
+        self.hits += 1
         held.used += cost
         self.note(customer, cost)
         if held.left == 0:

@@ -47,6 +47,7 @@ from sidecar.decision import (
     refuse,
 )
 from sidecar.errors import TollwayError
+from sidecar.metrics import ALLOTMENTS
 from sidecar.plans import Plan, Route
 from sidecar.settings import Settings
 from sidecar.shortcuts import BucketReading, QuotaDenial, Shortcuts
@@ -423,6 +424,7 @@ class Authorizer:
                 quota_used=outcome.quota_used,
                 period_end=outcome.period_end,
             )
+            ALLOTMENTS.labels("granted").inc()
         self.allotments.answered(customer, granted)
 
     def _used(self, api_key: str, record: KeyRecord) -> None:
@@ -518,9 +520,12 @@ class Authorizer:
         for allotment, result in zip(batch, results, strict=True):
             if isinstance(result, TollwayError):
                 self._unreturned.append(allotment)  # applied once, so retried safely
-            elif isinstance(result, BaseException):
+                ALLOTMENTS.labels("retried").inc()
+                continue
+            if isinstance(result, BaseException):
                 raise result
-            elif allotment.plan.meter and allotment.used:
+            ALLOTMENTS.labels(result.state).inc()
+            if allotment.plan.meter and allotment.used:
                 self._metered(allotment.customer)  # usage to bill
         return len(self._unreturned)
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from sidecar.decision import Decision
 
 __all__ = [
+    "ALLOTMENTS",
     "DECISIONS",
     "DECISION_SECONDS",
     "SETTLEMENTS",
@@ -43,6 +44,11 @@ STORE_ERRORS = Counter(
 USAGE_EVENTS = Counter(
     "tollway_usage_events_total", "RecordUsage events by result", ["result"]
 )  # accepted | duplicate | rejected
+ALLOTMENTS = Counter(
+    "tollway_allotments_total",
+    "Allotments (leased enforcement) by what became of them",
+    ["result"],
+)  # granted | returned | lapsed | unknown | retried
 SETTLEMENTS = Counter(
     "tollway_settlements_total",
     "Finished requests seen by a settlement (ext_proc, access_log), by result",
@@ -65,7 +71,7 @@ class _CacheLookups(Collector):
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(
             "tollway_cache_lookups",
-            "Local cache lookups by cache (key, bucket, denial) and result (hit, miss)",
+            "Local cache lookups by cache (key, bucket, denial, allotment) and result (hit, miss)",
             labels=["cache", "result"],
         )
         for name, cache in self._caches.items():

@@ -228,7 +228,14 @@ async def serve(
     if settings.metrics_listen and not worker:  # one metrics port: worker 0's
         host, _, metrics_port = settings.metrics_listen.rpartition(":")
         authz = sidecar.authorizer
-        watch_caches({"key": authz.key_cache, "bucket": authz.buckets, "denial": authz.denials})
+        watch_caches(
+            {
+                "key": authz.key_cache,
+                "bucket": authz.buckets,
+                "denial": authz.denials,
+                "allotment": authz.allotments,  # hits: admitted here, without Redis
+            }
+        )
         prometheus_client.start_http_server(int(metrics_port), addr=host.strip("[]"))
         log.info("metrics on http://%s/metrics", settings.metrics_listen)
     served = ("", *services[:4])  # health: these and the server as a whole
