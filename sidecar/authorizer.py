@@ -40,9 +40,8 @@ from sidecar.decision import (
     Decision,
     Outcome,
     OutcomeCode,
-    QuotaState,
     Reason,
-    bucket_state,
+    admitted_locally,
     decision_from_outcome,
     refuse,
 )
@@ -256,27 +255,15 @@ class Authorizer:
         if allotment is None:
             return None
         # What this sidecar can tell: Redis's bucket and counter at the grant, with
-        # the units it still holds.
-        rate = bucket_state(plan, allotment.tokens + allotment.left, 0)
-        limit = plan.quota.limit if plan.quota else 0
-        used = allotment.quota_used - allotment.left
-        quota = QuotaState(
-            limit=limit,
-            used=used,
-            remaining=max(0, limit - used) if limit else 0,
+        # the units it still holds. Nothing is reserved: the cost is the route's.
+        return admitted_locally(
+            plan,
+            customer_id=customer,
+            cost=cost,
+            tokens=allotment.tokens + allotment.left,
+            quota_used=allotment.quota_used - allotment.left,
             period_end=allotment.period_end,
-            reset_seconds=max(0, allotment.period_end - int(time.time())),
-            window_seconds=0,
-        )
-        return Decision(
-            True,
-            Reason.OK,
-            "OK",
-            customer,
-            plan.name,
-            rate,
-            quota,
-            cost=cost,  # nothing reserved: the route's cost, settled by nothing
+            now=int(time.time()),
         )
 
     async def _record(self, api_key: str) -> KeyRecord | Decision:

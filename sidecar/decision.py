@@ -31,6 +31,7 @@ __all__ = [
     "QuotaState",
     "RateState",
     "Reason",
+    "admitted_locally",
     "bucket_state",
     "decision_from_outcome",
     "rate_limited",
@@ -224,6 +225,27 @@ def _limits(plan: Plan, outcome: Outcome) -> tuple[RateState, QuotaState]:
         window_seconds=_period_seconds(plan.quota.period, outcome.period_end) if plan.quota else 0,
     )
     return rate, quota
+
+
+def admitted_locally(
+    plan: Plan,
+    *,
+    customer_id: str,
+    cost: int,
+    tokens: float,
+    quota_used: int,
+    period_end: int,
+    now: int,
+) -> Decision:
+    """An admission decided without Redis (from an allotment, sidecar/allotments.py),
+    its limits as the sidecar can tell them: the bucket at `tokens`, the counter at
+    quota_used."""
+    reset_ms = max(0.0, plan.burst - tokens) * 1000 / plan.rate.per_second
+    seen = Outcome(
+        OutcomeCode.OK, plan.name, "", tokens, int(reset_ms), 0, quota_used, period_end, now
+    )
+    rate, quota = _limits(plan, seen)
+    return Decision(True, Reason.OK, "OK", customer_id, plan.name, rate, quota, cost=cost)
 
 
 def decision_from_outcome(

@@ -10,6 +10,7 @@ from sidecar.decision import (
     QuotaState,
     RateState,
     Reason,
+    admitted_locally,
     decision_from_outcome,
 )
 from sidecar.plans import Plan, Quota, Rate
@@ -105,3 +106,15 @@ def test_key_and_feature_outcomes() -> None:
 def test_a_stale_plan_is_never_turned_into_a_decision() -> None:
     with pytest.raises(ValueError, match="retried"):
         decide(outcome(OutcomeCode.PLAN_CHANGED, plan="pro"))
+
+
+def test_an_admission_from_an_allotment_reports_limits_as_redis_would() -> None:
+    end = 1_901_232_000  # 2030-04-01: March's quota period ends
+    local = admitted_locally(
+        FREE, customer_id="cus_1", cost=2, tokens=5.0, quota_used=400, period_end=end, now=end - 60
+    )
+    assert local.allowed and local.cost == 2 and local.plan == "free"
+    assert local.rate is not None and local.quota is not None
+    assert (local.rate.remaining, local.rate.reset_seconds) == (5, 2)  # 15 tokens at 10/s
+    assert (local.quota.remaining, local.quota.reset_seconds) == (600, 60)
+    assert local.quota.window_seconds == 31 * 86400
