@@ -26,8 +26,10 @@ What it gives up, and the bounds:
   account (under one request per TARGET_SECONDS) is asked for nothing beyond
   each request: exact in effect.
 - A crash (kill -9) loses the usage admitted from the allotments not yet
-  returned (the one in use, and one on its way back): never billed twice,
-  under-billed by that at most. Their units lapse in Redis after HELD_FOR.
+  returned: never billed twice, under-billed by that at most. An account is
+  asked a new allotment only once Redis has taken back every one before the
+  one in use, so that is two allotments per account at most (the one in use,
+  and one on its way back). Their units lapse in Redis after HELD_FOR.
 - Redis unreachable: the allotment in hand serves until it ages out; returns
   are retried until Redis answers (a return is applied once).
 
@@ -52,6 +54,7 @@ __all__ = [
     "HELD_FOR",
     "MAX_AGE",
     "QUOTA_SHARE",
+    "RENEW_AT",
     "TARGET_SECONDS",
     "Allotment",
     "Allotments",
@@ -62,6 +65,7 @@ HELD_FOR: Final = 10  # seconds Redis holds its units for a sidecar that never r
 TARGET_SECONDS: Final = 0.1  # an allotment holds about this much of the account's traffic
 BURST_SHARE: Final = 4  # and at most burst / BURST_SHARE
 QUOTA_SHARE: Final = 8  # and at most (quota left) / QUOTA_SHARE
+RENEW_AT: Final = 0.25  # the next is fetched once this share of an allotment is left
 _DEMAND_WINDOW: Final = 0.5  # seconds over which an account's rate is measured
 _DEMAND_MAX: Final = 50_000  # accounts whose rate is tracked, at most
 
@@ -111,23 +115,30 @@ class Allotments:
         self._pending: dict[str, _Pending] = {}
         self._demand: dict[str, _Demand] = {}
         self.done: list[Allotment] = []  # to hand back: spent, aged out or dropped
+        self._returning: dict[str, int] = {}  # per account: finished, Redis yet to take back
         self.hits = 0  # admissions from an allotment (tollway_cache_lookups_total)
         self.misses = 0  # requests of a leased plan that had to ask Redis
         self.woken = asyncio.Event()  # set when an allotment joins `done`
 
-    def take(self, customer: str, plan: str, cost: int) -> Allotment | None:
-        """Admits cost from the account's allotment under plan, if it has one that covers it."""
+    def take(self, customer: str, plan: Plan, cost: int) -> Allotment | None:
+        """Admits cost from the account's allotment under plan, if it has one that
+        covers it. When what it would leave is under RENEW_AT of it, the request goes
+        to Redis instead to fetch the next one, while others spend the rest."""
         held = self._held.get(customer)
         if held is None:
             self.misses += 1
             return None
-        if held.plan.name != plan or self._clock() >= held.deadline:
+        if held.plan.name != plan.name or self._clock() >= held.deadline:
             self._finish(customer)
             self.misses += 1
             return None
-        if held.left < cost:
+        if held.left < cost or (
+            (held.left - cost) < held.units * RENEW_AT
+            and customer not in self._pending
+            and self.want(customer, plan)
+        ):
             self.misses += 1
-            return None  # a cheaper request may still fit; this one asks Redis
+            return None  # (a cheaper request may still fit)
         self.hits += 1
         held.used += cost
         self.note(customer, cost)
@@ -156,8 +167,8 @@ class Allotments:
         account's traffic, within the shares of burst and of the quota left (a
         quota that blocks; Redis caps the grant by what is left in any case)."""
         demand = self._demand.get(customer)
-        if demand is None:
-            return 0
+        if demand is None or customer in self._returning:
+            return 0  # (one on its way back: a crash must not lose more than two)
         elapsed = self._clock() - demand.since
         rate = demand.rate
         if elapsed >= 0.02:  # the window so far says more than the last one, if busier
@@ -197,6 +208,15 @@ class Allotments:
         self.woken.clear()
         return done
 
+    def returned(self, allotment: Allotment) -> None:
+        """Redis took the allotment back (or knew it was back already)."""
+        customer = allotment.customer
+        left = self._returning.get(customer, 0) - 1
+        if left > 0:
+            self._returning[customer] = left
+        else:
+            self._returning.pop(customer, None)
+
     def drop(self, customer: str) -> None:
         """The account changed (plan, status, a revoked key): its allotment goes back now."""
         self._finish(customer)
@@ -214,5 +234,6 @@ class Allotments:
     def _finish(self, customer: str) -> None:
         allotment = self._held.pop(customer, None)
         if allotment is not None:
+            self._returning[customer] = self._returning.get(customer, 0) + 1
             self.done.append(allotment)
             self.woken.set()

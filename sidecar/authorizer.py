@@ -251,7 +251,7 @@ class Authorizer:
         if record.expires_at_us and time.time() * 1_000_000 >= record.expires_at_us:
             return None
         customer = record.customer_id
-        allotment = self.allotments.take(customer, plan.name, cost)
+        allotment = self.allotments.take(customer, plan, cost)
         if allotment is None:
             return None
         # What this sidecar can tell: Redis's bucket and counter at the grant, with
@@ -512,6 +512,7 @@ class Authorizer:
             if isinstance(result, BaseException):
                 raise result
             ALLOTMENTS.labels(result.state).inc()
+            self.allotments.returned(allotment)
             if allotment.plan.meter and allotment.used:
                 self._metered(allotment.customer)  # usage to bill
         return len(self._unreturned)

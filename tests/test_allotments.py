@@ -73,9 +73,9 @@ def test_an_allotment_never_holds_more_than_its_share_of_burst_and_quota_left() 
 def test_requests_are_admitted_from_an_allotment_until_it_cannot_cover_them() -> None:
     book = Allotments(clock=Clock())
     allotment = granted(book, 5)
-    assert book.take("cus_1", "hot", 3) is allotment
-    assert book.take("cus_1", "hot", 3) is None  # 2 left: this one asks Redis
-    assert book.take("cus_1", "hot", 2) is allotment  # a cheaper one still fits
+    assert book.take("cus_1", PLAN, 3) is allotment
+    assert book.take("cus_1", PLAN, 3) is None  # 2 left: this one asks Redis
+    assert book.take("cus_1", PLAN, 2) is allotment  # a cheaper one still fits
     assert allotment.left == 0
     assert book.held("cus_1") is None  # spent: on its way back
     assert book.due() == [allotment]
@@ -85,11 +85,11 @@ def test_an_allotment_serves_only_its_plan_and_only_until_it_ages_out() -> None:
     clock = Clock()
     book = Allotments(clock=clock)
     first = granted(book, 50)
-    assert book.take("cus_1", "other", 1) is None  # the account changed plans
+    assert book.take("cus_1", replace(PLAN, name="other"), 1) is None  # the account changed plans
     assert book.due() == [first]
     second = granted(book, 50)
     clock.now += MAX_AGE
-    assert book.take("cus_1", "hot", 1) is None
+    assert book.take("cus_1", PLAN, 1) is None
     assert book.due() == [second]
     assert MAX_AGE < 1.0  # spent within the one second Tollway promises
 
@@ -114,3 +114,21 @@ def test_others_wait_for_an_allotment_being_asked_for_and_go_on_when_none_came()
     book.answered("cus_1", None)
     assert pending.landed.is_set() and book.pending("cus_1") is None
     assert book.held("cus_1") is None
+
+
+def test_no_new_allotment_is_asked_for_while_one_is_on_its_way_back() -> None:
+    # So a crash loses at most two allotments' usage: the one in use, one returning.
+    clock = Clock()
+    book = Allotments(clock=clock)
+    busy(book, clock, per_second=500, seconds=1)
+    first = granted(book, 50)
+    assert book.want("cus_1", PLAN) > 0  # the one in use is not on its way back yet
+    second = granted(book, 50)  # the first is, now
+    assert book.want("cus_1", PLAN) == 0
+    assert book.due() == [first]
+    book.returned(first)  # Redis took it back
+    assert book.want("cus_1", PLAN) > 0
+    book.drop("cus_1")
+    assert book.want("cus_1", PLAN) == 0
+    book.returned(second)
+    assert book.want("cus_1", PLAN) > 0

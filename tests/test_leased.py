@@ -221,7 +221,7 @@ def test_an_allotment_is_spent_for_less_than_a_second(redis_url: str) -> None:
         customer, key = await customer_with_key(store, "hot")
         held = await busy(sidecar, key, customer, clock)
         clock.advance(MAX_AGE)
-        assert sidecar.allotments.take(customer, "hot", 1) is None
+        assert sidecar.allotments.take(customer, HOT, 1) is None
         assert [a.id for a in sidecar.allotments.due()] == [held.id]
 
     with_sidecars(redis_url, 1, work)
