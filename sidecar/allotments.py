@@ -23,7 +23,7 @@ What it gives up, and the bounds:
 - Held units: until an allotment returns, its unused units serve no other
   sidecar; it holds ~TARGET_SECONDS of the account's traffic, at most
   1/BURST_SHARE of its burst and 1/QUOTA_SHARE of the quota left, so a quiet
-  account (under one request per TARGET_SECONDS) is asked for nothing beyond
+  account (under two requests per TARGET_SECONDS) is asked for nothing beyond
   each request: exact in effect.
 - A crash (kill -9) loses the usage admitted from the allotments not yet
   returned: never billed twice, under-billed by that at most. An account is
@@ -62,7 +62,9 @@ __all__ = [
 
 MAX_AGE: Final = 0.9  # seconds an allotment is spent for; the returner wakes within 0.05
 HELD_FOR: Final = 10  # seconds Redis holds its units for a sidecar that never returns it
-TARGET_SECONDS: Final = 0.1  # an allotment holds about this much of the account's traffic
+# An allotment holds about this much of the account's traffic: a Redis round trip
+# (a grant, and later a return) per quarter second of a busy account.
+TARGET_SECONDS: Final = 0.25
 BURST_SHARE: Final = 4  # and at most burst / BURST_SHARE
 QUOTA_SHARE: Final = 8  # and at most (quota left) / QUOTA_SHARE
 RENEW_AT: Final = 0.25  # the next is fetched once this share of an allotment is left
@@ -173,7 +175,7 @@ class Allotments:
         rate = demand.rate
         if elapsed >= 0.02:  # the window so far says more than the last one, if busier
             rate = max(rate, demand.units / elapsed)
-        units = math.ceil(rate * TARGET_SECONDS)
+        units = math.floor(rate * TARGET_SECONDS)
         units = min(units, plan.burst // BURST_SHARE)
         if plan.quota is not None and plan.overage == "block":
             units = min(units, max(0, plan.quota.limit - demand.quota_used) // QUOTA_SHARE)

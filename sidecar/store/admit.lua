@@ -4,7 +4,8 @@
 -- KEYS[2]  limits        tw:{acct}:rl      tokens (float), ts (us), k (period kind),
 --                                           p (period start, Unix s), used, x (expires at),
 --                                           h (units held in allotments), hx (when the
---                                           next of them lapses, Unix s)
+--                                           next of them lapses, Unix s), ax (when
+--                                           KEYS[13] expires, Unix s)
 -- KEYS[3]  legacy_quota  tw:{acct}:q       the quota counter of releases before 0.2:
 --                                           read once if KEYS[2] has none, then deleted
 -- KEYS[4]  usage         tw:{acct}:usage   usage stream (metered requests)
@@ -214,7 +215,8 @@ if not (p_start <= now_s and now_s < p_end and month_start <= p_start) then
 end
 
 -- The bucket and the period's counter share one hash: one read, one write.
-local state = redis.call("HMGET", KEYS[2], "tokens", "ts", "k", "p", "used", "x", "h", "hx")
+local state = redis.call("HMGET", KEYS[2], "tokens", "ts", "k", "p", "used", "x", "h", "hx",
+  "ax")
 -- Units held in allotments, once those past their time have lapsed (a sweep
 -- recounts them from KEYS[13], so a sweep a denial does not save is only redone).
 held = tonumber(state[7] or "0") or 0
@@ -382,7 +384,12 @@ local fields = {"tokens", string.format("%.17g", tokens), "ts", now_us, "used", 
 if allotted > 0 then
   local lapses = now_s + tonumber(allot_ttl)
   redis.call("HSET", KEYS[13], allot_id, allotted .. "|" .. p_start .. "|" .. lapses)
-  redis.call("EXPIRE", KEYS[13], tonumber(allot_ttl) + 3700)
+  -- The book outlives its entries by an hour (a lapsed one's late return still
+  -- bills); its expiry is moved only when it must be, not on every grant.
+  if (tonumber(state[9] or "0") or 0) < lapses + 60 then
+    redis.call("EXPIRE", KEYS[13], tonumber(allot_ttl) + 3700)
+    table.insert(fields, "ax"); table.insert(fields, now_s + tonumber(allot_ttl) + 3700)
+  end
   held = held + allotted
   if held_until == 0 or lapses < held_until then held_until = lapses end
 end
