@@ -2,10 +2,11 @@
 
 h2load posts one body per process, so it cannot walk 1,000,000 keys; this
 client can, at a fraction of h2load's rate (it is Python: use it where
-throughput is not the measurement, as bench/memory.py does). grpc.aio, one
-channel, `--streams` calls in flight, each request pre-encoded: the bodies
-file is gRPC-framed AuthorizeRequests (bench.workload.authorize_body, one after
-the other) sent as they are, in file order, wrapping around at the end. It
+throughput is not the measurement, as bench/memory.py does, or where its floor
+is measured with it too, as bench/run.py's leased Zipf row is). grpc.aio, one
+channel, `--streams` calls in flight, each request pre-encoded: the bodies file
+is gRPC-framed AuthorizeRequests (bench.workload.authorize_body, one after the
+other) sent as they are, in file order, wrapping around at the end. It
 stops by itself after `--seconds` (or at SIGTERM). What it counted so far is
 in `--result` (JSON, a Tally), rewritten every second and once more at the
 end, so a harness can follow it; a progress line goes to stdout every 10 s.

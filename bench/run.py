@@ -1,17 +1,20 @@
 """`make bench`: Tollway's cost, as ratios to floors measured in the same run.
 
-    python -m bench.run                 # full, ~11-12 minutes
-    BENCH_QUICK=1 python -m bench.run   # smoke, ~1-2 minutes
+    python -m bench.run                 # full, ~13-14 minutes
+    BENCH_QUICK=1 python -m bench.run   # smoke, ~2 minutes
 
-Everything runs on loopback: an embedded Valkey holding 10,000 issued keys, the
-real sidecar (`python -m sidecar serve`, gRPC and HTTP ext_authz ports), a no-op
-server with the sidecar's grpcio and uvicorn setup (the floors,
-bench/noop_server.py), Envoy running each config of bench/envoy_config.py's
-table (PAIRS: each behind the no-op, its floor, and behind the sidecar) and
-h2load as the load generator. Every phase is bounded by h2load's own --duration
-plus a hard kill; every process is stopped on exit, Ctrl-C and SIGTERM
-included. The table goes to bench/results/latest.md and stdout, opening with
-issue #13's targets, met or not; logs to bench/results/work.tmp/.
+Everything runs on loopback: an embedded Valkey holding 10,000 issued keys (and
+as many on a leased plan, with a hot one), the real sidecar (`python -m sidecar
+serve`, gRPC and HTTP ext_authz ports), a no-op server with the sidecar's grpcio
+and uvicorn setup (the floors, bench/noop_server.py), Envoy running each config
+of bench/envoy_config.py's table (PAIRS: each behind the no-op, its floor, and
+behind the sidecar) and h2load as the load generator (bench/grpc_load.py for
+the one row that needs a key per request over gRPC). Every phase is bounded by
+h2load's own --duration plus a hard kill; every process is stopped on exit,
+Ctrl-C and SIGTERM included. The table goes to bench/results/latest.md and
+stdout, opening with issue #13's targets and issue #14's (leased enforcement:
+the same sidecar, asked for accounts on a leased plan; and exact mode against
+the committed run's figures), met or not; logs to bench/results/work.tmp/.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from typing import Any, Final
 import grpc
 import redis
 
-from bench import envoy_config, h2load
+from bench import envoy_config, grpc_load, h2load
 from bench.envoy_config import (
     CEILING_PAIR,
     EXT_PROC,
@@ -85,6 +88,13 @@ URIS_PER_FILE: Final = 20_000
 END_PEAK: Final = "peak, again at the end"
 SATURATED: Final = 0.99  # achieved below this share of the offered rate: overloaded
 NOISY: Final = 30.0  # % of one core used outside the bench: worth measuring again
+LEASED_PLAN: Final = "bench-leased"  # plan "bench"'s limits, enforcement = "leased"
+ZIPF_STREAMS: Final = GRPC_PROCESSES * PEAK_STREAMS  # bench/grpc_load.py's calls in flight
+# Seconds without load before a leased hot-key row, so that what the sidecar does
+# after the rows before it lands first: its batch of last_used writes (every 5 s,
+# one HSET per key used: hundreds after a Zipf row, where a leased hot key costs
+# about a tenth of a command per request) and the returns of their allotments.
+QUIET: Final = 6.0
 
 
 @dataclass(frozen=True)
@@ -304,7 +314,7 @@ def _written_for(client: redis.Redis, ids: Sequence[str]) -> Hashes:
     """Every Redis key named after one of ids (in a hash tag, as the Store names an
     account's keys and a key's record), with its fields: what the Store wrote."""
     found: Hashes = []
-    names = sorted({str(n) for i in ids for n in client.scan_iter(match=f"*{{{i}}}*")})
+    names = sorted({str(n) for i in ids for n in client.scan_iter(match=f"*{{{i}}}*", count=1000)})
     for name in names:
         if client.type(name) != "hash":
             raise RuntimeError(f"bench population: {name} is not a hash; teach _clone its type")
@@ -329,22 +339,22 @@ def _clone(template: Hashes, swap: dict[str, str]) -> Iterator[tuple[str, list[s
         yield name, [swap.get(text, text) for pair in fields.items() for text in pair]
 
 
-def create_population(
-    client: redis.Redis, redis_url: str, count: int, *, prefix: str = "cus_bench"
-) -> Population:
-    """count accounts on plan "bench" with one key each, plus the hostile one on
-    plan "hostile"; customer ids are prefix + a number.
+def issue_accounts(
+    client: redis.Redis, redis_url: str, count: int, *, plan: str, prefix: str
+) -> tuple[list[str], list[str]]:
+    """count accounts on plan with one key each: their customer ids (prefix + a
+    number) and keys, in the same order.
 
-    The first account and the hostile one are written by the Store; the others
-    are copies of the first (its Redis keys, fields and values, with the
-    customer id, key hash and key id swapped), sent in pipelines of
-    POPULATION_BATCH accounts. One round trip per batch instead of several per
-    account is what makes 1,000,000 accounts take about a minute (bench/memory.py),
-    and the Store stays the one place that knows its layout. (The copies skip the
-    Store's invalidation messages: no sidecar runs yet to cache anything.)
+    The first account is written by the Store; the others are copies of it (its
+    Redis keys, fields and values, with the customer id, key hash and key id
+    swapped), sent in pipelines of POPULATION_BATCH accounts. One round trip per
+    batch instead of several per account is what makes 1,000,000 accounts take
+    about a minute (bench/memory.py), and the Store stays the one place that
+    knows its layout. (The copies skip the Store's invalidation messages: no
+    sidecar runs yet to cache anything.)
     """
     customers = [f"{prefix}{i:07d}" for i in range(count)]
-    api_keys = [asyncio.run(_issue(redis_url, customers[0], "bench"))]
+    api_keys = [asyncio.run(_issue(redis_url, customers[0], plan))]
     first_hash = keys.key_hash(api_keys[0])
     first = (customers[0], first_hash, keys.key_id(first_hash))
     template = _written_for(client, first)
@@ -358,9 +368,39 @@ def create_population(
                 pipe.hset(name, items=items)
             api_keys.append(api_key)
         pipe.execute()
+    return customers, api_keys
+
+
+def create_population(
+    client: redis.Redis, redis_url: str, count: int, *, prefix: str = "cus_bench"
+) -> Population:
+    """count accounts on plan "bench" with one key each (issue_accounts), plus the
+    hostile one on plan "hostile", written by the Store."""
+    customers, api_keys = issue_accounts(client, redis_url, count, plan="bench", prefix=prefix)
     hostile_customer = f"{prefix}_hostile"
     hostile = asyncio.run(_issue(redis_url, hostile_customer, "hostile"))
     return Population(customers, api_keys, hostile_customer, hostile)
+
+
+@dataclass
+class Leased:
+    """The leased rows' accounts, on plan LEASED_PLAN: the hot key's, and the Zipf set."""
+
+    customers: list[str]  # one key each, as the exact population: index = Zipf rank
+    api_keys: list[str]
+    hot_customer: str
+    hot_key: str
+
+
+def create_leased(
+    client: redis.Redis, redis_url: str, count: int, *, prefix: str = "cus_leased"
+) -> Leased:
+    """count accounts on LEASED_PLAN with one key each, as create_population makes
+    its own, plus the hot key's account, written by the Store."""
+    customers, api_keys = issue_accounts(client, redis_url, count, plan=LEASED_PLAN, prefix=prefix)
+    hot_customer = f"{prefix}_hot"
+    hot_key = asyncio.run(_issue(redis_url, hot_customer, LEASED_PLAN))
+    return Leased(customers, api_keys, hot_customer, hot_key)
 
 
 class Counters:
@@ -441,18 +481,59 @@ class Measurement:
         """Redis commands per allowed decision, pings left out (NaN: nothing counted)."""
         return sum(self.per_decision().values()) if self.allowed else math.nan
 
+    @property
+    def commands_per_request(self) -> float:
+        """Redis commands per request answered, the health pings left out (NaN: none
+        answered). Issue #14's figure: requests are counted by the load generator,
+        not from the quota, which a leased plan charges an allotment at a time."""
+        if not self.result.requests:
+            return math.nan
+        calls = sum(n for name, n in self.commands.items() if name != "ping")
+        return calls / self.result.requests
+
+    def breakdown(self) -> str:
+        """Redis commands per request, by command, busiest first, pings left out."""
+        if not self.result.requests:
+            return ""
+        calls = sorted(
+            ((name, n) for name, n in self.commands.items() if name != "ping"),
+            key=lambda kv: -kv[1],
+        )
+        return ", ".join(f"{name} {n / self.result.requests:.3f}" for name, n in calls)
+
+
+Loads = Callable[[float | None, float, float, Path | None], list[h2load.Load]]
+# (offered req/s or None, seconds, log file or None, check) -> what the load saw
+Drive = Callable[[float | None, float, Path | None, bool], h2load.Result]
+
 
 @dataclass
 class Target:
-    """Something to load: how to build its h2load processes, what to count."""
+    """Something to load: how to build its h2load processes (or, with drive, how to
+    run another load generator), what to count."""
 
     name: str
-    loads: Callable[[float | None, float, float, Path | None], list[h2load.Load]]
+    loads: Loads | None = None
     customers: Sequence[str] = ()  # whose quota to sum (empty: no counting)
+    drive: Drive | None = None
+    quiet: float = 0.0  # seconds without load before it (see QUIET)
+
+    def run(
+        self, rps: float | None, duration: float, log: Path | None, *, check: bool
+    ) -> h2load.Result:
+        if self.drive is not None:
+            return self.drive(rps, duration, log, check)
+        assert self.loads is not None
+        return h2load.run(self.loads(rps, duration, 0.0, log), check=check)
 
 
 def grpc_target(
-    name: str, port: int, bodies: Sequence[Path], customers: Sequence[str] = ()
+    name: str,
+    port: int,
+    bodies: Sequence[Path],
+    customers: Sequence[str] = (),
+    *,
+    quiet: float = 0.0,
 ) -> Target:
     url = f"http://127.0.0.1:{port}{AUTHORIZE_PATH}"
 
@@ -474,10 +555,60 @@ def grpc_target(
             for i, body in enumerate(bodies)
         ]
 
-    return Target(name, loads, customers)
+    return Target(name, loads, customers, quiet=quiet)
 
 
-def envoy_target(name: str, uris: Path, customers: Sequence[str] = ()) -> Target:
+def tally_result(tally: grpc_load.Tally) -> h2load.Result:
+    """bench/grpc_load.py's tally as an h2load result (no latencies): its errors are
+    failed requests, and each allow it parsed counts as the floor's allow bytes do."""
+    errors = sum(tally.errors.values())
+    seconds = max(tally.seconds, 1e-9)
+    allow = len(grpc_frame(ALLOW_AUTHORIZE.SerializeToString()))
+    summary = h2load.Summary(
+        seconds=tally.seconds,
+        rps=tally.requests / seconds,
+        total=tally.requests,
+        done=tally.requests,
+        succeeded=tally.requests - errors,
+        failed=errors,
+        errored=errors,
+        timeout=0,
+        status=(tally.requests - errors, 0, 0, 0),
+        bytes_total=0,
+        bytes_headers=0,
+        bytes_data=tally.allowed * allow,
+    )
+    return h2load.Result([summary], [], tally.seconds)
+
+
+def grpc_load_target(name: str, port: int, bodies: Path, customers: Sequence[str] = ()) -> Target:
+    """Authorize at saturation with a different key per request: bench/grpc_load.py
+    (h2load posts one body per process) walking bodies, ZIPF_STREAMS calls in flight."""
+
+    def drive(rps: float | None, duration: float, log: Path | None, check: bool) -> h2load.Result:
+        if rps is not None:
+            raise ValueError("bench/grpc_load.py runs at saturation only")
+        result = (log or WORK / f"grpc-load-{name}-warmup.log").with_suffix(".json")
+        argv = [sys.executable, "-m", "bench.grpc_load", "--target", f"127.0.0.1:{port}"]
+        argv += ["--bodies", str(bodies), "--seconds", f"{duration:g}"]
+        argv += ["--streams", str(ZIPF_STREAMS), "--result", str(result)]
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=duration + 30, check=False, env=env
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"grpc_load exited {done.returncode}: {done.stderr[-500:]}")
+        answered = tally_result(grpc_load.read_tally(result))
+        if check and answered.requests == 0:
+            raise RuntimeError(f"grpc_load got no answers from :{port}")
+        return answered
+
+    return Target(name, customers=customers, drive=drive)
+
+
+def envoy_target(
+    name: str, uris: Path, customers: Sequence[str] = (), *, quiet: float = 0.0
+) -> Target:
     def loads(
         rps: float | None, duration: float, warmup: float, log: Path | None
     ) -> list[h2load.Load]:
@@ -493,7 +624,7 @@ def envoy_target(name: str, uris: Path, customers: Sequence[str] = ()) -> Target
             )
         ]
 
-    return Target(name, loads, customers)
+    return Target(name, loads, customers, quiet=quiet)
 
 
 class Bench:
@@ -532,6 +663,8 @@ class Bench:
 
     def measure(self, target: Target, load: str, offered: float | None) -> Measurement:
         """One load, repeated (up to mode.retries times) while the machine is busy elsewhere."""
+        if target.quiet and self.find(target.name, "peak") is None:
+            time.sleep(target.quiet)  # before its first load only
         best: Measurement | None = None
         for attempt in range(1 + self.mode.retries):
             measurement = self._measure_once(target, load, offered)
@@ -552,13 +685,13 @@ class Bench:
         log = WORK / f"h2load-{self._runs:02d}-{target.name}-{label}.log"
         self.check_alive()
         # Warm up in a run of its own, so the counters below see only measured requests.
-        h2load.run(target.loads(offered, mode.warmup, 0.0, None), check=False)
+        target.run(offered, mode.warmup, None, check=False)
         self.check_alive()
         used_before = self.counters.used(target.customers) if target.customers else 0
         commands_before = self.counters.commands()
         with cpu_meter(self.pids) as cpu:
             try:
-                result = h2load.run(target.loads(offered, mode.duration, 0.0, log))
+                result = target.run(offered, mode.duration, log, check=True)
             except RuntimeError:
                 self.check_alive()  # the better explanation, when it is one
                 raise
@@ -727,6 +860,7 @@ class Row:
     pairs: tuple[str, ...] = ()  # the envoy_config.PAIRS it stands for (Envoy rows)
     authorizer: str = ""  # "noop" or "sidecar" (Envoy pair rows)
     shape: Shape | None = None  # what its Envoy runs (Envoy pair rows)
+    leased: bool = False  # asks about accounts on LEASED_PLAN (issue #14's rows)
 
 
 GRPC_ROWS: Final = {
@@ -734,6 +868,39 @@ GRPC_ROWS: Final = {
     "sidecar": Row("sidecar Authorize (gRPC)", "floor"),
 }
 CEILING: Final = "envoy-ceiling"
+# Issue #14's rows: leased enforcement (see with_leased).
+LEASED_HOT: Final = "leased-hot"
+ZIPF_FLOOR: Final = "floor-zipf"
+LEASED_ZIPF: Final = "leased-zipf"
+LEASED_ENVOY: Final = "envoy-leased-hot"  # "envoy…": an Envoy row, as the report reads it
+
+
+def with_leased(rows: dict[str, Row], keys_count: int) -> dict[str, Row]:
+    """rows with issue #14's leased rows, each after the exact row it repeats: the
+    gRPC ones (the hot key's, and the Zipf mix's behind its own floor, since that
+    load needs another load generator) after sidecar Authorize; the shipped
+    config's after its exact sidecar row, divided by the same no-op row (none when
+    the shipped config is not run)."""
+    shipped = find_row(rows, SHIPPED, "sidecar")
+    out: dict[str, Row] = {}
+    for name, row in rows.items():
+        out[name] = row
+        if name == "sidecar":
+            zipf = f"Zipf {keys_count:,} keys"
+            out[LEASED_HOT] = Row(f"{row.label}, leased, hot key", row.floor, leased=True)
+            out[ZIPF_FLOOR] = Row(
+                f"floor: no-op gRPC Authorize, {zipf} (bench/grpc_load.py)", ZIPF_FLOOR
+            )
+            out[LEASED_ZIPF] = Row(f"{row.label}, leased, {zipf}", ZIPF_FLOOR, leased=True)
+        if name == shipped:
+            out[LEASED_ENVOY] = Row(
+                f"{row.label}, leased, hot key",
+                row.floor,
+                authorizer="sidecar",
+                shape=row.shape,
+                leased=True,
+            )
+    return out
 
 
 def pair_row(pair: str, authorizer: str) -> str:
@@ -915,6 +1082,283 @@ def _targets(bench: Bench, rows: dict[str, Row], floor: Measurement | None) -> l
     return lines
 
 
+# Issue #14's targets (leased enforcement), read off the table as #13's are.
+LEASED_HOT_COMMANDS: Final = 0.05  # Redis commands per request, hot key at saturation, at most
+LEASED_VS_FLOOR: Final = 0.8  # sidecar Authorize, leased hot key ≥ this x its floor
+LEASED_SHIPPED_VS_GRPC_NOOP: Final = 2.5  # shipped config, leased hot key ≥ this x HEADLINE_FLOOR
+LEASED_ZIPF_COMMANDS: Final = 1.0  # Redis commands per request, leased Zipf mix, at most
+# "No figure worse than before": a ratio or Valkey µs/decision moved by less than
+# the run's noise (the floor's drift, this run's or the committed one's, at least
+# this) is the same figure; Redis commands per request are a count, read closer.
+EXACT_NOISE: Final = 0.10
+EXACT_COMMANDS_NOISE: Final = 0.05
+
+
+def _leased_targets(
+    bench: Bench, rows: dict[str, Row], floor: Measurement | None, exact: Exact | None
+) -> list[str]:
+    """The summary of issue #14: each target, the figure measured, met or not."""
+    find = bench.find
+    lines = [
+        "## Issue #14's targets",
+        "",
+        f"Leased enforcement (plan `{LEASED_PLAN}`: plan `bench`'s limits, "
+        '`enforcement = "leased"`), read off the tables below as #13\'s are. Redis commands '
+        "per request: INFO commandstats (commands inside Lua included, the sidecars' health "
+        "pings left out) ÷ the requests the load generator had answered.",
+        "",
+        "| target | measured | |",
+        "|---|---|---|",
+    ]
+    counts = [
+        (LEASED_HOT, "Hot key", LEASED_HOT_COMMANDS, "sidecar Authorize (gRPC)"),
+        (LEASED_ENVOY, "Hot key", LEASED_HOT_COMMANDS, "Envoy + sidecar, as shipped"),
+        (LEASED_ZIPF, _zipf_mix(rows), LEASED_ZIPF_COMMANDS, "sidecar Authorize (gRPC)"),
+    ]
+    for target, what, most, where in counts:
+        if target not in rows:
+            continue
+        m = find(target, "peak")
+        calls = m.commands_per_request if m else math.nan
+        each = m.breakdown() if m else ""
+        verdict = _verdict(None if math.isnan(calls) else round(calls, 3) <= most)
+        lines.append(
+            f"| {what} at saturation, leased: Redis commands per request ≤ {most:g}, {where} "
+            f"| **{_num(calls, 3)}**{_dagger(m)}{f' ({each})' if each else ''} | {verdict} |"
+        )
+    authorize = find(LEASED_HOT, "peak")
+    if authorize and floor and floor.rps:
+        ratio = authorize.rps / floor.rps
+        figure = f"{authorize.rps:,.0f} ÷ {floor.rps:,.0f} req/s = **{ratio:.2f}**"
+        figure += _dagger(authorize, floor)
+        ok: bool | None = ratio >= LEASED_VS_FLOOR
+    else:
+        figure, ok = "—", None
+    lines.append(
+        f"| {rows[LEASED_HOT].label}: ≥ {LEASED_VS_FLOOR:g}x its floor (no-op grpc.aio "
+        f"Authorize) | {figure} | {_verdict(ok)} |"
+    )
+    head = find_row(rows, HEADLINE_FLOOR, "noop")
+    top = find(LEASED_ENVOY, "peak")
+    base = find(head, "peak") if head else None
+    what = rows[LEASED_ENVOY].label if LEASED_ENVOY in rows else "deploy/envoy.yaml: not run"
+    if top and base and base.rps:
+        ratio = top.rps / base.rps
+        figure = f"{top.rps:,.0f} ÷ {base.rps:,.0f} req/s = **{ratio:.2f}x**{_dagger(top, base)}"
+        ok = ratio >= LEASED_SHIPPED_VS_GRPC_NOOP
+    else:
+        figure, ok = "—", None
+    lines.append(
+        f"| {what}: ≥ {LEASED_SHIPPED_VS_GRPC_NOOP:g}x Envoy + no-op grpc.aio ext_authz "
+        f"(ext_authz only) | {figure} | {_verdict(ok)} |"
+    )
+    lines.append(
+        "| Exact mode: no figure worse than before (each exact sidecar row's vs floor, "
+        "Redis cmds/req and Valkey µs/decision against the last committed run's) "
+        f"| {exact.summary() if exact else 'no committed run to compare with'} "
+        f"| {_verdict(exact.ok if exact else None)} |"
+    )
+    return lines
+
+
+def _zipf_mix(rows: dict[str, Row]) -> str:
+    found = re.search(r"Zipf ([\d,]+) keys", rows[LEASED_ZIPF].label)
+    return f"{found[1]}-key Zipf mix" if found else "Zipf mix"
+
+
+# -- exact mode against the last committed run ----------------------------------------
+
+
+@dataclass(frozen=True)
+class Figures:
+    """A row's figures in the saturation table (NaN: —)."""
+
+    vs_floor: float
+    commands: float  # Redis cmds/req
+    valkey_us: float
+    noisy: bool = False  # marked †
+
+
+FIGURES: Final = {
+    "vs floor": ("vs_floor", True),  # (Figures field, whether higher is better)
+    "Redis cmds/req": ("commands", False),
+    "Valkey µs/decision": ("valkey_us", False),
+}
+
+
+def _number(text: str) -> float:
+    text = text.replace(",", "").replace("*", "").strip()
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def saturation_figures(text: str) -> dict[str, Figures]:
+    """A report's saturation table: each row's label (its † dropped) -> its figures."""
+    heading = "## Throughput at saturation"
+    if heading not in text:
+        return {}
+    table = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    figures = {}
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        if not line.startswith("| ") or len(cells) != 8 or cells[0] == "measurement":
+            continue
+        label = cells[0].removesuffix(" †")
+        figures[label] = Figures(
+            _number(cells[2]), _number(cells[5]), _number(cells[6]), label != cells[0]
+        )
+    return figures
+
+
+def floor_drift(text: str) -> float:
+    """The floor's drift a report states (start to end of its run), as a fraction; NaN."""
+    found = re.search(r"at the end \(([+-][\d.]+)%\)", text)
+    return float(found[1]) / 100 if found else math.nan
+
+
+def _fact(text: str, name: str) -> str:
+    found = re.search(rf"^\| {re.escape(name)} \| (.*) \|$", text, re.M)
+    return found[1] if found else "?"
+
+
+def report_mode(text: str) -> str:
+    found = re.search(r"^Mode \*\*(\w+)\*\*", text, re.M)
+    return found[1] if found else "?"
+
+
+@dataclass(frozen=True)
+class Change:
+    label: str
+    figure: str  # a key of FIGURES
+    before: float
+    now: float
+    noise: float  # the relative change within which it is the same figure
+    noisy: bool = False  # either measurement was marked † (noisy)
+
+    @property
+    def change(self) -> float:
+        return self.now / self.before - 1 if self.before else math.nan
+
+    @property
+    def worse(self) -> bool:
+        higher_is_better = FIGURES[self.figure][1]
+        change = -self.change if higher_is_better else self.change
+        return change > self.noise
+
+
+@dataclass
+class Exact:
+    """This run's exact rows against the committed run's (bench/results/latest.md at HEAD)."""
+
+    changes: list[Change]
+    baseline: str  # which run: its commit, date and mode
+    noise: float  # for ratios and µs/decision
+    same_mode: bool = True  # both runs full (or both quick)
+
+    @property
+    def worse(self) -> list[Change]:
+        return [c for c in self.changes if c.worse]
+
+    @property
+    def ok(self) -> bool | None:
+        """Met when nothing is worse; not met when a quiet measurement is; — when the
+        runs cannot tell (nothing compared, modes differ, only noisy ones worse)."""
+        if not self.changes or not self.same_mode:
+            return None
+        if any(not c.noisy for c in self.worse):
+            return False
+        return None if self.worse else True
+
+    def summary(self) -> str:
+        if not self.changes:
+            return f"no row in common with the committed run ({self.baseline})"
+        head = (
+            f"{len(self.changes)} figures against the committed run ({self.baseline}), "
+            f"noise ±{self.noise:.0%} (commands ±{EXACT_COMMANDS_NOISE:.0%})"
+            + ("" if self.same_mode else "; modes differ, so a hint only")
+            + ": "
+        )
+        if not self.worse:
+            return head + "**none worse**"
+        worst = sorted(self.worse, key=lambda c: -abs(c.change))
+        named = "; ".join(
+            f"{c.label}: {c.figure} {c.before:,.2f} → {c.now:,.2f} ({c.change:+.0%})"
+            + (" †" if c.noisy else "")
+            for c in worst[:3]
+        )
+        more = "; …" if len(worst) > 3 else ""
+        quiet = sum(not c.noisy for c in worst)
+        noisy = f", {len(worst) - quiet} of them noisy (†)" if quiet < len(worst) else ""
+        return head + f"**{len(worst)} worse**{noisy}: {named}{more}"
+
+
+def compare_exact(
+    now: dict[str, Figures],
+    before_text: str,
+    *,
+    drift: float,
+    labels: Sequence[str],
+    mode: str,
+) -> Exact:
+    """The figures of the rows labelled labels against the same rows of before_text (a
+    report; mode: this run's); ratios and µs/decision are read as equal within the
+    larger floor drift of the two runs (at least EXACT_NOISE), commands per request
+    within EXACT_COMMANDS_NOISE."""
+    before = saturation_figures(before_text)
+    drifts = [abs(d) for d in (drift, floor_drift(before_text)) if not math.isnan(d)]
+    noise = max([EXACT_NOISE, *drifts])
+    then = report_mode(before_text)
+    baseline = f"commit {_fact(before_text, 'commit')}, {_fact(before_text, 'date')}, {then} mode"
+    changes = []
+    for label in labels:
+        if label not in now or label not in before:
+            continue
+        for figure, (name, _) in FIGURES.items():
+            a, b = getattr(before[label], name), getattr(now[label], name)
+            if math.isnan(a) or math.isnan(b) or not a:
+                continue
+            tolerance = EXACT_COMMANDS_NOISE if name == "commands" else noise
+            noisy = before[label].noisy or now[label].noisy
+            changes.append(Change(label, figure, a, b, tolerance, noisy))
+    return Exact(changes, baseline, noise, same_mode=then == mode)
+
+
+def _exact_section(exact: Exact | None) -> list[str]:
+    if exact is None or not exact.changes:
+        return []
+    lines = [
+        "",
+        "## Exact mode against the last committed run",
+        "",
+        f"Issue #14: no exact-mode figure worse than before. The committed run: "
+        f"{exact.baseline}. A change within the noise (±{exact.noise:.0%}: the larger floor "
+        f"drift of the two runs, at least {EXACT_NOISE:.0%}; ±{EXACT_COMMANDS_NOISE:.0%} for "
+        "Redis commands per request) is no change; †: either measurement was noisy.",
+        "",
+        "| row | figure | before | now | change | |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for c in exact.changes:
+        verdict = ("**worse**" if c.worse else "—") + (" †" if c.noisy else "")
+        lines.append(
+            f"| {c.label} | {c.figure} | {c.before:,.2f} | {c.now:,.2f} | {c.change:+.1%} "
+            f"| {verdict} |"
+        )
+    return lines
+
+
+def exact_labels(rows: dict[str, Row]) -> list[str]:
+    """The exact rows' labels whose figures are the sidecar's: not the floors, the
+    ceiling or the leased rows."""
+    return [
+        row.label
+        for target, row in rows.items()
+        if row.floor != target and target != CEILING and not row.leased
+    ]
+
+
 def _num(value: float, digits: int) -> str:
     return "—" if math.isnan(value) else f"{value:,.{digits}f}"
 
@@ -966,7 +1410,10 @@ def report(
     mode: Mode,
     hostile: dict[str, Any],
     rss: dict[str, dict[str, int]],
+    baseline: str | None = None,
 ) -> str:
+    """The report; baseline: the committed run's report, for issue #14's "no
+    exact-mode figure worse than before"."""
     find = bench.find
     # Noise only ever slows a run down, so the better of the floor's two peaks
     # (start and end of the run) is its best estimate.
@@ -975,6 +1422,40 @@ def report(
         key=lambda m: m.rps,
         default=None,
     )
+    ceiling = find(CEILING, "peak")
+
+    def peak(target: str) -> Measurement | None:
+        return floor if target == "floor" else find(target, "peak")
+
+    table, figures = [], {}
+    for target, row in rows.items():
+        m = peak(target)
+        if m is None:
+            continue
+        base = peak(row.floor)
+        per_request = sum(m.commands.values()) / m.result.requests if m.result.requests else 0.0
+        ratio = m.rps / base.rps if base and base.rps else math.nan
+        digits = 3 if row.leased else 2  # a leased row's commands per request: hundredths
+        noisy = m.noisy or (base is not None and base.noisy)
+        # As printed, so that a run compares with a committed one figure for figure.
+        figures[row.label] = Figures(
+            round(ratio, 2), round(per_request, digits), round(m.valkey_us, 1), noisy
+        )
+        envoy = target.startswith("envoy")
+        table.append(
+            f"| {row.label}{' †' if m.noisy else ''} | {m.rps:,.0f} "
+            f"| {_ratio(m.rps, base.rps if base else None)} "
+            f"| {'itself' if row.floor == target else rows[row.floor].label} "
+            f"| {_ratio(m.rps, ceiling.rps) if envoy and ceiling else '—'} "
+            f"| {per_request:.{digits}f} | {_num(m.valkey_us, 1)} | {_outcome(m)} |"
+        )
+    first, end = find("floor", "peak"), find("floor", END_PEAK)
+    drift = end.rps / first.rps - 1 if first and end and first.rps else math.nan
+    exact = None
+    if baseline is not None:
+        labels = exact_labels(rows)
+        exact = compare_exact(figures, baseline, drift=drift, labels=labels, mode=mode.name)
+    leased = [*_leased_targets(bench, rows, floor, exact), ""] if LEASED_HOT in rows else []
     lines = [
         "# Tollway benchmark",
         "",
@@ -988,6 +1469,7 @@ def report(
         "",
         *_targets(bench, rows, floor),
         "",
+        *leased,
         "## Throughput at saturation",
         "",
         "gRPC rows: ratio to the floor (the better of its two peaks). Envoy rows: ratio to "
@@ -1000,26 +1482,8 @@ def report(
         "| measurement | req/s | vs floor | floor | vs ceiling | Redis cmds/req "
         "| Valkey µs/decision | outcome |",
         "|---|---:|---:|---|---:|---:|---:|---|",
+        *table,
     ]
-    ceiling = find(CEILING, "peak")
-
-    def peak(target: str) -> Measurement | None:
-        return floor if target == "floor" else find(target, "peak")
-
-    for target, row in rows.items():
-        m = peak(target)
-        if m is None:
-            continue
-        base = peak(row.floor)
-        per_request = sum(m.commands.values()) / m.result.requests if m.result.requests else 0.0
-        envoy = target.startswith("envoy")
-        lines.append(
-            f"| {row.label}{' †' if m.noisy else ''} | {m.rps:,.0f} "
-            f"| {_ratio(m.rps, base.rps if base else None)} "
-            f"| {'itself' if row.floor == target else rows[row.floor].label} "
-            f"| {_ratio(m.rps, ceiling.rps) if envoy and ceiling else '—'} "
-            f"| {per_request:.2f} | {_num(m.valkey_us, 1)} | {_outcome(m)} |"
-        )
     lines += _comparisons(bench, rows)
     for target, entries in bench.entries.items():
         lines += [
@@ -1028,7 +1492,6 @@ def report(
             f"{rows[target].label} (warm-ups included): its floor sends what the sidecar's "
             "row settles.",
         ]
-    first, end = find("floor", "peak"), find("floor", END_PEAK)
     if first is not None and end is not None and first.rps:
         lines += [
             "",
@@ -1036,6 +1499,7 @@ def report(
             f"{end.rps:,.0f} at the end ({end.rps / first.rps - 1:+.1%}); the ratios use the "
             "better one. That drift is the run's own noise: read ratios closer than it as equal.",
         ]
+    lines += _exact_section(exact)
     lines += [
         "",
         "## Latency at fixed offered loads",
@@ -1215,6 +1679,12 @@ def start_noop_authorizer(*, settles: bool, name: str = "noop") -> Authorizer:
     return Authorizer(child, grpc_port, http_port)
 
 
+# An Envoy row's keys, the order they are sent in (indexes into the keys), and
+# the accounts whose quota counts its allowed decisions.
+Workload = tuple[Sequence[str], Sequence[int], Sequence[str]]
+HOT_URIS: Final = 1_000  # lines of the hot key's URI file (all the same)
+
+
 @dataclass
 class EnvoyRun:
     """What every Envoy row needs: the keys, and the authorizers started for the run."""
@@ -1237,9 +1707,20 @@ class EnvoyRun:
         real: bool,
         peak_of: float | None,
         authz: bool = True,
+        workload: Workload | None = None,
+        shares: bool | None = None,
+        quiet: float = 0.0,
     ) -> float:
         """One Envoy row: p's config asking authorizer (real: the sidecar), checked,
-        then loaded; returns its peak."""
+        then loaded; returns its peak. workload: the keys, the order they are sent in
+        and the accounts counted (default: the exact population's Zipf mix); shares:
+        latency at shares of peak_of (default: as p says); quiet: seconds without load
+        before it."""
+        api_keys, order, customers = workload or (
+            self.population.api_keys,
+            self.order,
+            self.population.customers,
+        )
         listen, admin = harness.free_port(), harness.free_port()
         config = envoy_config.render(
             p.config.text,
@@ -1255,7 +1736,7 @@ class EnvoyRun:
             with self.bench.playing("envoy", envoy):
                 check_envoy(
                     listen,
-                    self.population.api_keys[0],
+                    api_keys[0],
                     self.bad_key,
                     authz=authz,
                     authz_denies=real and authz,
@@ -1264,13 +1745,12 @@ class EnvoyRun:
                 )
                 uris = WORK / f"uris-{name}.txt"
                 base = f"http://127.0.0.1:{listen}"
-                keys_ = self.population.api_keys
-                uris.write_text("\n".join(envoy_uris(base, keys_, self.order)) + "\n")
-                counted = self.population.customers if real and authz else ()
+                uris.write_text("\n".join(envoy_uris(base, api_keys, order)) + "\n")
+                counted = customers if real and authz else ()
                 return self.bench.curve(
-                    envoy_target(name, uris, counted),
+                    envoy_target(name, uris, counted, quiet=quiet),
                     peak_of,
-                    shares=p.shares,
+                    shares=p.shares if shares is None else shares,
                     rates=p.rates if authz else (),
                 )
         finally:
@@ -1298,6 +1778,48 @@ class EnvoyRun:
             self.row(pair_row(p.name, "sidecar"), p, sidecar, real=True, peak_of=peak)
         if own_noop is not None and p.shape.settlement == "access_log":
             bench.entries[floor] = access_log_entries(own_noop.child.log)
+
+    def leased_hot(self, p: Planned, leased: Leased) -> None:
+        """Issue #14's Envoy row: p's config (the shipped one) behind a sidecar settling
+        as it does, every request the leased hot key's; peak and p's fixed rates."""
+        with ExitStack() as stack:
+            sidecar = self.sidecar
+            if p.shape.settlement != self.settlement:
+                sidecar = start_sidecar(p.shape.settlement, self.redis_url, "sidecar-leased")
+                stack.callback(sidecar.child.stop)
+                stack.enter_context(self.bench.playing("sidecar", sidecar.child))
+            floor = self.bench.find(pair_row(p.name, "noop"), "peak")
+            hot = ([leased.hot_key], [0] * HOT_URIS, [leased.hot_customer])
+            self.row(
+                LEASED_ENVOY,
+                p,
+                sidecar,
+                real=True,
+                peak_of=floor.rps if floor else None,
+                workload=hot,
+                shares=False,
+                quiet=QUIET,
+            )
+
+
+def leased_rows(envoy: EnvoyRun, planned: Sequence[Planned], leased: Leased) -> None:
+    """Issue #14's rows, at saturation, asking the run's no-op and sidecar: Authorize
+    with the hot key (the exact row's h2load processes, each posting it), the Zipf
+    mix through bench/grpc_load.py behind the no-op (its floor) and the sidecar,
+    then the shipped Envoy config with the hot key."""
+    bench, noop, sidecar = envoy.bench, envoy.noop, envoy.sidecar
+    hot = WORK / "authorize-leased-hot.bin"
+    hot.write_bytes(authorize_body(leased.hot_key))
+    bodies = [hot] * GRPC_PROCESSES
+    hot_target = grpc_target(LEASED_HOT, sidecar.grpc, bodies, [leased.hot_customer], quiet=QUIET)
+    bench.measure(hot_target, "peak", None)
+    mix = WORK / "authorize-leased-zipf.bin"
+    mix.write_bytes(b"".join(authorize_body(leased.api_keys[rank]) for rank in envoy.order))
+    bench.measure(grpc_load_target(ZIPF_FLOOR, noop.grpc, mix), "peak", None)
+    bench.measure(grpc_load_target(LEASED_ZIPF, sidecar.grpc, mix, leased.customers), "peak", None)
+    for p in planned:
+        if p.is_(SHIPPED):
+            envoy.leased_hot(p, leased)
 
 
 def prepare(work: Path, budget: int) -> None:
@@ -1338,6 +1860,22 @@ def config_facts(configs: dict[str, envoy_config.Config], missing: Sequence[str]
     return "; ".join(parts)
 
 
+def committed_report() -> str | None:
+    """bench/results/latest.md as committed (HEAD): the run before this one's changes."""
+    path = (RESULTS / "latest.md").relative_to(REPO_ROOT)
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "show", f"HEAD:{path}"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 and done.stdout else None
+
+
 def main() -> int:
     mode = QUICK if os.environ.get("BENCH_QUICK", "") not in ("", "0") else FULL
     if shutil.which("h2load") is None:
@@ -1345,6 +1883,7 @@ def main() -> int:
         return 2
     prepare(WORK, mode.budget)
     started = time.monotonic()
+    baseline = committed_report()  # read now: the run overwrites the working copy
     say(f"mode {mode.name}; logs in {WORK.relative_to(REPO_ROOT)}")
 
     with ExitStack() as stack:
@@ -1355,13 +1894,17 @@ def main() -> int:
 
         configs, missing = envoy_config.load_configs()
         planned = envoy_config.plan(configs)
-        rows = {**GRPC_ROWS, **envoy_rows(planned)}
+        rows = with_leased({**GRPC_ROWS, **envoy_rows(planned)}, mode.keys)
         facts["Envoy configs"] = config_facts(configs, missing)
         # The sidecar of the gRPC rows settles as the shipped config needs.
         settlement = configs[SHIPPED].shape.settlement if SHIPPED in configs else "none"
         t0 = time.monotonic()
         population = create_population(client, valkey.url, mode.keys)
-        say(f"{mode.keys:,} accounts and keys issued in {time.monotonic() - t0:.1f} s")
+        leased = create_leased(client, valkey.url, mode.keys)
+        say(
+            f"{mode.keys:,} accounts and keys issued on each of plans bench and {LEASED_PLAN} "
+            f"in {time.monotonic() - t0:.1f} s"
+        )
 
         noop = start_noop_authorizer(settles=False)
         stack.callback(noop.child.stop)
@@ -1370,6 +1913,7 @@ def main() -> int:
         pids |= {"noop": pid_of(noop.child), "sidecar": pid_of(sidecar.child)}
         check_authorize(noop.grpc, population.api_keys[0], pb.REASON_OK)
         check_authorize(sidecar.grpc, population.api_keys[0], pb.REASON_OK)
+        check_authorize(sidecar.grpc, leased.hot_key, pb.REASON_OK)
         rss = {"before load": rss_kib(pids["sidecar"])}
 
         zipf = ZipfSampler(len(population.api_keys), ZIPF_S, seed=5)
@@ -1392,6 +1936,8 @@ def main() -> int:
         )
         for p in planned:
             envoy.pair(p)
+        # Issue #14's rows, after every exact one: those ran as they did before.
+        leased_rows(envoy, planned, leased)
 
         hostile = hostile_attack(bench, sidecar.grpc, population, mode)
         rss["after load"] = rss_kib(pids["sidecar"])
@@ -1399,7 +1945,7 @@ def main() -> int:
         # The floor once more: how far did the machine drift during the run?
         bench.measure(grpc_target("floor", noop.grpc, bodies), END_PEAK, None)
 
-    text = report(bench, rows, facts, mode, hostile, rss)
+    text = report(bench, rows, facts, mode, hostile, rss, baseline)
     text += f"\nWhole run: {time.monotonic() - started:.0f} s.\n"
     (RESULTS / "latest.md").write_text(text)
     print(text)

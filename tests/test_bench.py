@@ -547,26 +547,38 @@ def test_valkey_cpu_per_decision_is_read_from_its_cpu_seconds() -> None:
     assert math.isnan(floor.valkey_us) and math.isnan(floor.commands_per_decision)
 
 
+# The leased rows' Redis commands in the made-up run: 1,000 requests each.
+LEASED_COMMANDS = {
+    run.LEASED_HOT: {"evalsha": 20, "hset": 20, "ping": 30},  # 0.040 a request, pings left out
+    run.LEASED_ZIPF: {"evalsha": 600, "hmget": 900},
+    run.LEASED_ENVOY: {"evalsha": 50, "hset": 10},
+}
+
+
 def _fake_run() -> tuple[run.Bench, dict[str, run.Row]]:
     """Every row of today's plan, measured with made-up figures."""
-    rows = {**run.GRPC_ROWS, **run.envoy_rows(PLANNED)}
+    rows = run.with_leased({**run.GRPC_ROWS, **run.envoy_rows(PLANNED)}, 10_000)
     bench = run.Bench(run.QUICK, cast(run.Counters, None), {})
     peaks = {"floor": 4000.0, "sidecar": 1500.0, run.CEILING: 50000.0}
     peaks[run.pair_row(envoy_config.CEILING_PAIR, "noop")] = 3500.0
+    peaks |= {run.LEASED_HOT: 3500.0, run.ZIPF_FLOOR: 3000.0, run.LEASED_ZIPF: 1500.0}
+    peaks[run.LEASED_ENVOY] = 7000.0
     for target, row in rows.items():
         peaks.setdefault(target, 3000.0 if row.authorizer == "noop" else 1400.0)
     by_pair = {p.name: p for p in PLANNED}
     for target, row in rows.items():
         peak = peaks[target]
         cpu = run.CpuUse({"valkey": 1.5, "sidecar": 90.0}, wall=2.0)
-        counted = target == "sidecar" or row.authorizer == "sidecar"
+        counted = row.floor != target and target != run.CEILING
         m = run.Measurement(target, "peak", None, _result(peak, 10), cpu, 1000 if counted else None)
         if counted:
-            m.commands = {"evalsha": 1000, "hget": 4000}
+            m.commands = LEASED_COMMANDS.get(target, {"evalsha": 1000, "hget": 4000})
         bench.measurements.append(m)
         p = by_pair.get(row.pairs[0]) if row.pairs else None
+        if target == run.LEASED_ENVOY:  # as the run: at the shipped pair's rates, no shares
+            p = dataclasses.replace(by_pair[envoy_config.SHIPPED], shares=False)
         base = peaks[row.floor]
-        for share in run.SHARES if p is None or p.shares else ():
+        for share in run.SHARES if (p is None and not row.leased) or (p and p.shares) else ():
             offered = share * base
             achieved = min(offered, peak)
             bench.measurements.append(
@@ -645,7 +657,7 @@ def test_report_names_each_rows_floor() -> None:
 def test_report_summary_says_each_target_met_or_not() -> None:
     bench, rows = _fake_run()
     text = run.report(bench, rows, {}, run.QUICK, HOSTILE, RSS)
-    summary = text.split("## Issue #13's targets")[1].split("## Throughput")[0]
+    summary = text.split("## Issue #13's targets")[1].split("## Issue #14's targets")[0]
     shipped = run.find_row(rows, envoy_config.SHIPPED, "sidecar")
     assert shipped is not None
     assert f"| {rows[shipped].label}: ≥ 1.5x Envoy + no-op grpc.aio ext_authz" in summary
@@ -656,6 +668,172 @@ def test_report_summary_says_each_target_met_or_not() -> None:
     assert "p99 3.00 against 1.50 ms: **+1.50 ms**; p50 3.00 against 1.50 ms | met |" in summary
     latency = text.split("## Latency")[1]
     assert f"| {rows[shipped].label} | 1,000/s | 1,000 | 1,000 |" in latency
+
+
+def test_report_summary_says_each_leased_target_met_or_not() -> None:
+    bench, rows = _fake_run()
+    text = run.report(bench, rows, {}, run.QUICK, HOSTILE, RSS)
+    summary = text.split("## Issue #14's targets")[1].split("\n## ")[0]
+    commands = "at saturation, leased: Redis commands per request"
+    assert (
+        f"| Hot key {commands} ≤ 0.05, sidecar Authorize (gRPC) "
+        "| **0.040** (evalsha 0.020, hset 0.020) | met |"
+    ) in summary  # the health pings left out
+    assert (
+        f"| Hot key {commands} ≤ 0.05, Envoy + sidecar, as shipped "
+        "| **0.060** (evalsha 0.050, hset 0.010) | **not met** |"
+    ) in summary
+    assert (
+        f"| 10,000-key Zipf mix {commands} ≤ 1, sidecar Authorize (gRPC) "
+        "| **1.500** (hmget 0.900, evalsha 0.600) | **not met** |"
+    ) in summary
+    assert (
+        f"| {rows[run.LEASED_HOT].label}: ≥ 0.8x its floor (no-op grpc.aio Authorize) "
+        "| 3,500 ÷ 4,080 req/s = **0.86** | met |"
+    ) in summary
+    assert (
+        f"| {rows[run.LEASED_ENVOY].label}: ≥ 2.5x Envoy + no-op grpc.aio ext_authz "
+        "(ext_authz only) | 7,000 ÷ 3,000 req/s = **2.33x** | **not met** |"
+    ) in summary
+    assert "| no committed run to compare with | — |" in summary
+    # The table gives leased rows' commands to three places, pings included as for every row.
+    table = text.split("## Throughput at saturation")[1].split("## Latency")[0].splitlines()
+
+    def row_of(target: str) -> str:
+        [line] = [line for line in table if line.startswith(f"| {rows[target].label} |")]
+        return line
+
+    assert "| 3,500 | 0.86 | floor: no-op gRPC Authorize |" in row_of(run.LEASED_HOT)
+    assert "| 0.070 |" in row_of(run.LEASED_HOT)
+    assert f"| 1,500 | 0.50 | {rows[run.ZIPF_FLOOR].label} |" in row_of(run.LEASED_ZIPF)
+    latency = text.split("## Latency")[1].split("## Hostile")[0]
+    assert f"| {rows[run.LEASED_ENVOY].label} | 1,000/s |" in latency
+    assert f"| {rows[run.LEASED_HOT].label} |" not in latency  # saturation only
+
+
+def test_leased_rows_follow_the_exact_rows_they_repeat() -> None:
+    rows = run.with_leased({**run.GRPC_ROWS, **run.envoy_rows(PLANNED)}, 10_000)
+    names = list(rows)
+    after = names.index("sidecar") + 1
+    assert names[after : after + 3] == [run.LEASED_HOT, run.ZIPF_FLOOR, run.LEASED_ZIPF]
+    shipped = run.find_row(rows, envoy_config.SHIPPED, "sidecar")  # still the exact row
+    assert shipped is not None and not rows[shipped].leased
+    assert names[names.index(shipped) + 1] == run.LEASED_ENVOY
+    hot = rows[run.LEASED_ENVOY]
+    assert hot.label == rows[shipped].label + ", leased, hot key" and hot.pairs == ()
+    assert hot.floor == rows[shipped].floor  # the same no-op row: Envoy + no-op, as shipped
+    assert rows[run.LEASED_HOT].floor == "floor"
+    assert rows[run.LEASED_ZIPF].floor == run.ZIPF_FLOOR == rows[run.ZIPF_FLOOR].floor
+    assert rows[run.LEASED_ZIPF].label == "sidecar Authorize (gRPC), leased, Zipf 10,000 keys"
+    exact = run.exact_labels(rows)
+    assert rows["sidecar"].label in exact and rows[shipped].label in exact
+    for name in ("floor", run.CEILING, run.LEASED_HOT, run.ZIPF_FLOOR, run.LEASED_ZIPF):
+        assert rows[name].label not in exact, name
+    assert hot.label not in exact
+    # No shipped config, no leased Envoy row.
+    without = {role: c for role, c in CONFIGS.items() if role != envoy_config.SHIPPED}
+    alone = run.with_leased({**run.GRPC_ROWS, **run.envoy_rows(envoy_config.plan(without))}, 10)
+    assert run.LEASED_ENVOY not in alone and run.LEASED_ZIPF in alone
+
+
+def test_bench_config_has_a_leased_plan_with_the_bench_plans_limits() -> None:
+    plans = load_settings(run.CONFIG, {}).catalog.plans
+    bench, leased = plans["bench"], plans[run.LEASED_PLAN]
+    assert (bench.enforcement, leased.enforcement) == ("exact", "leased")
+    assert dataclasses.replace(leased, name="bench", enforcement="exact") == bench
+
+
+def test_grpc_load_tally_reads_as_an_h2load_result() -> None:
+    tally = grpc_load.Tally(
+        bodies=10,
+        requests=200,
+        allowed=190,
+        denied=5,
+        errors={"UNAVAILABLE": 5},
+        distinct_allowed=9,
+        seconds=2.0,
+    )
+    result = run.tally_result(tally)
+    assert (result.rps, result.requests, result.not_ok) == (100.0, 200, 5)
+    assert math.isnan(result.p(50))  # it times nothing
+    assert run._outcome(run.Measurement("floor-zipf", "peak", None, result)) == (
+        "95.0% answered allow, 5 failed"
+    )
+    counted = run.Measurement("leased-zipf", "peak", None, result, allowed=190)
+    assert run._outcome(counted) == "95.0% allowed, 5 failed"
+
+
+def test_commands_per_request_leave_the_pings_out() -> None:
+    m = run.Measurement("leased-hot", "peak", None, _result(5000, 1, requests=2000))
+    m.commands = {"evalsha": 40, "hset": 60, "ping": 100}
+    assert m.commands_per_request == pytest.approx(0.05)
+    assert m.breakdown() == "hset 0.030, evalsha 0.020"
+    empty = run.Measurement("x", "peak", None, _result(0, 1, requests=0))
+    assert math.isnan(empty.commands_per_request) and empty.breakdown() == ""
+
+
+FACTS = {"commit": "abc1234", "date": "2026-12-01 04:00 UTC"}
+
+
+def test_saturation_figures_read_a_report_back() -> None:
+    bench, rows = _fake_run()
+    text = run.report(bench, rows, FACTS, run.FULL, HOSTILE, RSS)
+    figures = run.saturation_figures(text)
+    assert set(figures) == {row.label for row in rows.values()}
+    sidecar = figures[rows["sidecar"].label]
+    assert (sidecar.vs_floor, sidecar.commands, sidecar.valkey_us) == (0.37, 5.0, 30.0)
+    assert math.isnan(figures[rows["floor"].label].valkey_us)
+    assert figures[rows[run.LEASED_HOT].label].commands == 0.07
+    assert run.floor_drift(text) == pytest.approx(0.02)
+    assert run.report_mode(text) == "full"
+    assert run.saturation_figures("# no table") == {}
+    committed = run.committed_report()  # the file as committed reads too
+    if committed is not None:
+        assert "sidecar Authorize (gRPC)" in run.saturation_figures(committed)
+
+
+def test_exact_mode_is_compared_with_the_committed_run() -> None:
+    bench, rows = _fake_run()
+    before = run.report(bench, rows, FACTS, run.FULL, HOSTILE, RSS)
+    exact = "| Exact mode: no figure worse than before"
+    count = 3 * len(run.exact_labels(rows))  # vs floor, Redis cmds/req, Valkey µs/decision
+    baseline = "commit abc1234, 2026-12-01 04:00 UTC, full mode"
+
+    def line(text: str) -> str:
+        [found] = [each for each in text.splitlines() if each.startswith(exact)]
+        return found
+
+    same = run.report(bench, rows, FACTS, run.FULL, HOSTILE, RSS, before)
+    assert f"{count} figures against the committed run ({baseline}), noise ±10%" in line(same)
+    assert line(same).endswith("**none worse** | met |")
+    assert "## Exact mode against the last committed run" in same
+    assert "| sidecar Authorize (gRPC) | vs floor | 0.37 | 0.37 | +0.0% | — |" in same
+
+    slower, _ = _fake_run()
+    m = slower.find("sidecar", "peak")
+    assert m is not None
+    m.result = _result(1100, 10)  # 0.27 of the floor, against 0.37
+    worse = run.report(slower, rows, FACTS, run.FULL, HOSTILE, RSS, before)
+    assert "**1 worse**: sidecar Authorize (gRPC): vs floor 0.37 → 0.27 (-27%)" in line(worse)
+    assert line(worse).endswith("| **not met** |")
+    assert "| sidecar Authorize (gRPC) | vs floor | 0.37 | 0.27 | -27.0% | **worse** |" in worse
+
+    m.cpu = run.CpuUse({"valkey": 1.5, "other": 50.0}, wall=2.0)  # measured on a busy machine
+    noisy = run.report(slower, rows, FACTS, run.FULL, HOSTILE, RSS, before)
+    assert "**1 worse**, 1 of them noisy (†)" in line(noisy) and line(noisy).endswith("| — |")
+    # A quick run against a full one hints; it cannot tell.
+    quick = run.report(slower, rows, FACTS, run.QUICK, HOSTILE, RSS, before)
+    assert "modes differ, so a hint only" in line(quick) and line(quick).endswith("| — |")
+    # A drift larger than the change: the same figure.
+    drifting, _ = _fake_run()
+    end = drifting.find("floor", run.END_PEAK)
+    assert end is not None
+    end.result = _result(5600, 10)  # +40 % between the floor's two peaks
+    shifted = drifting.find("sidecar", "peak")
+    assert shifted is not None
+    shifted.result = _result(1500 * 5600 / 4080 * 0.75, 10)  # 25 % below, within the drift
+    calm = run.report(drifting, rows, FACTS, run.FULL, HOSTILE, RSS, before)
+    assert "noise ±40%" in line(calm) and line(calm).endswith("| met |")
 
 
 # -- the population ----------------------------------------------------------------
@@ -700,6 +878,31 @@ def test_population_reads_back_as_the_store_wrote_it(redis_url: str) -> None:
     assert asyncio.run(read()) == [("bench", "active", "active", True)] * 4
     assert len(set(population.api_keys)) == 4
     assert population.hostile_customer not in population.customers
+
+
+def test_leased_accounts_are_on_the_leased_plan(redis_url: str) -> None:
+    prefix = f"cus_lease{uuid.uuid4().hex[:8]}_"
+    with redis.Redis.from_url(redis_url, decode_responses=True) as client:
+        leased = run.create_leased(client, redis_url, 3, prefix=prefix)
+    pairs = [*zip(leased.customers, leased.api_keys, strict=True)]
+    pairs.append((leased.hot_customer, leased.hot_key))
+
+    async def read() -> list[tuple[str, bool]]:
+        store = Store(connect(redis_url, timeout=2.0), timeout=2.0)
+        try:
+            rows = []
+            for customer, api_key in pairs:
+                account = await store.get_account(customer)
+                record = await store.lookup_key(keys.key_hash(api_key))
+                assert account is not None and record is not None
+                assert record.customer_id == customer
+                rows.append((account.plan, record.usable()))
+            return rows
+        finally:
+            await store.close()
+
+    assert asyncio.run(read()) == [(run.LEASED_PLAN, True)] * 4
+    assert leased.hot_customer not in leased.customers
 
 
 # -- the memory run: its load client, bodies and report --------------------------------
