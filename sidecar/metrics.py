@@ -14,7 +14,7 @@ from sidecar.errors import StoreUnavailable
 
 if TYPE_CHECKING:
     from sidecar.authorizer import Authorizer
-    from sidecar.decision import Decision
+    from sidecar.decision import Decision, Reason
 
 __all__ = [
     "ALLOTMENTS",
@@ -96,5 +96,15 @@ async def counted_decision(authorizer: Authorizer, key: str, **request: Any) -> 
         STORE_ERRORS.labels(exc.cause).inc()
         raise
     DECISION_SECONDS.observe(time.perf_counter() - started)
-    DECISIONS.labels(decision.reason.value, decision.plan or "-").inc()
+    labels = (decision.reason, decision.plan)
+    counter = _decision_counters.get(labels)
+    if counter is None:  # labels() costs more than the rest of a cached decision
+        if len(_decision_counters) > 10_000:
+            _decision_counters.clear()  # bounded, whatever the plans: looked up again
+        counter = DECISIONS.labels(decision.reason.value, decision.plan or "-")
+        _decision_counters[labels] = counter
+    counter.inc()
     return decision
+
+
+_decision_counters: dict[tuple[Reason, str], Counter] = {}
