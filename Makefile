@@ -50,7 +50,7 @@ h2load:
 		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$sudo apt-get update -qq && $$sudo apt-get install -y -qq nghttp2-client; }
 
-## soak: 30 minutes of load with key churn and plan changes (make test runs 1 minute of it)
+## soak: 30 minutes of load with key churn and plan changes (make test runs 40 s of it)
 soak: $(STAMP)
 	SOAK_SECONDS=1800 $(BIN)/pytest -q tests/test_soak.py
 
