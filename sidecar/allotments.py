@@ -106,6 +106,7 @@ class _Pending:
     """An allotment asked for and not yet answered: others wait for it."""
 
     landed: asyncio.Event = field(default_factory=asyncio.Event)
+    stale: bool = False  # the account changed meanwhile: what lands goes straight back
 
 
 class Allotments:
@@ -122,10 +123,11 @@ class Allotments:
         self.misses = 0  # requests of a leased plan that had to ask Redis
         self.woken = asyncio.Event()  # set when an allotment joins `done`
 
-    def take(self, customer: str, plan: Plan, cost: int) -> Allotment | None:
+    def take(self, customer: str, plan: Plan, cost: int, *, renew: bool = True) -> Allotment | None:
         """Admits cost from the account's allotment under plan, if it has one that
-        covers it. When what it would leave is under RENEW_AT of it, the request goes
-        to Redis instead to fetch the next one, while others spend the rest."""
+        covers it. When what it would leave is under RENEW_AT of it (and renew), the
+        request goes to Redis instead to fetch the next one, while others spend the
+        rest; should Redis deny it or not answer, it may come back with renew off."""
         held = self._held.get(customer)
         if held is None:
             self.misses += 1
@@ -135,7 +137,8 @@ class Allotments:
             self.misses += 1
             return None
         if held.left < cost or (
-            (held.left - cost) < held.units * RENEW_AT
+            renew
+            and (held.left - cost) < held.units * RENEW_AT
             and customer not in self._pending
             and self.want(customer, plan)
         ):
@@ -195,11 +198,23 @@ class Allotments:
         if allotment is not None:
             self._finish(customer)
             self._held[customer] = allotment
+            if pending is not None and pending.stale:
+                self._finish(customer)  # granted before an invalidation landed: back
         if pending is not None:
             pending.landed.set()
 
-    def deadline(self) -> float:
-        return self._clock() + MAX_AGE
+    def abandon(self, customer: str, allotment_id: str, plan: Plan) -> None:
+        """An ask that got no answer (Redis slow, the request cancelled): Redis may
+        have granted it all the same, so it is handed back like any other (a return
+        of an allotment never granted changes nothing)."""
+        self._returning[customer] = self._returning.get(customer, 0) + 1
+        self.done.append(Allotment(allotment_id, customer, plan, 0, 0, self._clock(), 0.0, 0, 0))
+        self.woken.set()
+
+    def deadline(self, period_left: float = MAX_AGE) -> float:
+        """When an allotment granted now is done: MAX_AGE from now, or sooner when
+        less of its period is left (seconds, by Redis's clock)."""
+        return self._clock() + max(0.0, min(MAX_AGE, period_left))
 
     def due(self) -> list[Allotment]:
         """Allotments to hand back now: those done, and those aged out."""
@@ -220,12 +235,17 @@ class Allotments:
             self._returning.pop(customer, None)
 
     def drop(self, customer: str) -> None:
-        """The account changed (plan, status, a revoked key): its allotment goes back now."""
+        """The account changed (plan, status, a revoked key): its allotment goes back
+        now, and so does one still being asked for."""
         self._finish(customer)
+        if (pending := self._pending.get(customer)) is not None:
+            pending.stale = True
 
     def drop_all(self) -> None:
         for customer in list(self._held):
             self._finish(customer)
+        for pending in self._pending.values():
+            pending.stale = True
 
     def held(self, customer: str) -> Allotment | None:
         return self._held.get(customer)

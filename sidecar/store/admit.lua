@@ -221,6 +221,9 @@ local state = redis.call("HMGET", KEYS[2], "tokens", "ts", "k", "p", "used", "x"
 -- recounts them from KEYS[13], so a sweep a denial does not save is only redone).
 held = tonumber(state[7] or "0") or 0
 local held_until = tonumber(state[8] or "0") or 0
+-- The bucket is brought up to now under the cap that held until now (refill past
+-- it was never the bucket's), before a sweep frees what lapsed.
+local tokens = refilled(state[1], state[2], now_us, rate, math.max(0, burst - held))
 local swept = false
 if held_until > 0 and held_until <= now_s then
   held, held_until, swept = 0, 0, true
@@ -241,8 +244,6 @@ if held_until > 0 and held_until <= now_s then
     end
   end
 end
--- The bucket refills up to what is not held.
-local tokens = refilled(state[1], state[2], now_us, rate, math.max(0, burst - held))
 local legacy = false
 if not state[3] then
   -- Written by a release that kept the counter in its own key: read it once.
@@ -277,6 +278,8 @@ end
 
 if quota_limit > 0 and overage == "block" and used + cost > quota_limit then
   local retry = (p_end - now_s) * 1000
+  -- Units held in allotments come back within a second, unused ones to the quota.
+  if held > 0 then retry = math.min(retry, 1000) end
   if cost > quota_limit or cost > burst then retry = -1 end
   return reply(7, plan, status, tokens, full_in_ms(tokens), retry, used, p_end)
 end
@@ -384,11 +387,12 @@ local fields = {"tokens", string.format("%.17g", tokens), "ts", now_us, "used", 
 if allotted > 0 then
   local lapses = now_s + tonumber(allot_ttl)
   redis.call("HSET", KEYS[13], allot_id, allotted .. "|" .. p_start .. "|" .. lapses)
-  -- The book outlives its entries by an hour (a lapsed one's late return still
-  -- bills); its expiry is moved only when it must be, not on every grant.
-  if (tonumber(state[9] or "0") or 0) < lapses + 60 then
-    redis.call("EXPIRE", KEYS[13], tonumber(allot_ttl) + 3700)
-    table.insert(fields, "ax"); table.insert(fields, now_s + tonumber(allot_ttl) + 3700)
+  -- The book outlives its entries by an hour and more (a lapsed one's late return
+  -- still bills); its expiry is moved when that would no longer hold, or when the
+  -- book may just have been made again (a return that emptied it deleted it).
+  if held == 0 or (tonumber(state[9] or "0") or 0) < lapses + 3660 then
+    redis.call("EXPIRE", KEYS[13], tonumber(allot_ttl) + 7200)
+    table.insert(fields, "ax"); table.insert(fields, lapses + 7200)
   end
   held = held + allotted
   if held_until == 0 or lapses < held_until then held_until = lapses end

@@ -29,6 +29,7 @@ class AllotmentReturn:
     burst: int
     meter: str  # "" when the plan meters nothing
     granted_at: int  # Redis's clock at the grant (Unix s): when its usage happened
+    period: str = "month"  # the plan's quota period then (hour | day | month)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,7 @@ class AllotmentStore(StoreBase):
             done.meter,
             done.granted_at,
             month_start(done.granted_at),
+            done.period,
         ]
         async with self._guard("allotment return"):
             raw = await self._run("return_allotment.lua", keys, args, fast=True)

@@ -16,6 +16,7 @@
 -- ARGV[6]  meter       meter for the plan's requests ("" = it meters nothing)
 -- ARGV[7]  at          when the allotment was granted (Unix s): the usage's time
 -- ARGV[8]  month       that time's month start (Unix s), the totals' period
+-- ARGV[9]  kind        the plan's quota period (hour | day | month) when it was granted
 --
 -- Returns {state, units given back to the bucket}: state "returned" (the unused
 -- units went back to the bucket and the quota), "lapsed" (held past its time: the
@@ -44,18 +45,20 @@ local s = redis.call("HMGET", KEYS[1], "tokens", "ts", "k", "p", "used", "h")
 local fields = {}
 local given = 0
 if lapsed == "" then
-  -- The bucket is brought up to now under the cap of what stays held, then takes
-  -- the unused units back: its level and the units held still sum to burst at most.
-  local held = math.max(0, (tonumber(s[6] or "0") or 0) - units)
-  local cap = math.max(0, burst - held)
-  local tokens = refilled(s[1], s[2], now_us, rate, cap)
-  local level = math.min(cap, tokens + unused)
+  -- The bucket is brought up to now under the cap that held until now (its units
+  -- were out: refill past that cap was never the bucket's), then takes the unused
+  -- units back: its level and the units still held sum to burst at most.
+  local was_held = tonumber(s[6] or "0") or 0
+  local tokens = refilled(s[1], s[2], now_us, rate, math.max(0, burst - was_held))
+  local held = math.max(0, was_held - units)
+  local level = math.min(math.max(0, burst - held), tokens + unused)
   given = level - tokens
   fields = {"tokens", string.format("%.17g", level), "ts", now_us, "h", held}
   if held == 0 then table.insert(fields, "hx"); table.insert(fields, 0) end
 end
--- The quota takes back what was not used, while the allotment's period runs.
-if unused > 0 and s[5] and tonumber(s[4]) == tonumber(period) then
+-- The quota takes back what was not used, while the allotment's period runs (the
+-- same kind of period: a day may start when its month does).
+if unused > 0 and s[5] and s[3] == ARGV[9] and tonumber(s[4]) == tonumber(period) then
   table.insert(fields, "used"); table.insert(fields, math.max(0, tonumber(s[5]) - unused))
 end
 if #fields > 0 then redis.call("HSET", KEYS[1], unpack(fields)) end
