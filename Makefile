@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/mypy sidecar webhook bench
 	$(BIN)/buf lint
 
-## bench: load test vs no-op floors, through Envoy (gRPC, HTTP, each settlement, as shipped); writes bench/results/latest.md (~12 min; BENCH_QUICK=1: ~2 min)
+## bench: load test vs no-op floors, through Envoy (gRPC, HTTP, each settlement, as shipped; exact and leased); writes bench/results/latest.md (~14 min; BENCH_QUICK=1: ~3 min)
 bench: $(STAMP) h2load
 	$(BIN)/python -m bench.run
 
