@@ -417,6 +417,22 @@ def test_lifecycle_grace_recovery_and_cancellation(
     assert "subscribe again" in denied.message
 
 
+def test_a_paid_invoice_restores_access_whichever_event_reports_it(
+    stack_factory: Callable[[str], Stack], fake_stripe: FakeStripe
+) -> None:
+    # An endpoint that was sent invoice.payment_succeeded, but neither invoice.paid
+    # nor customer.subscription.updated, once left a paying customer locked out
+    # until the next reconcile.
+    stack = stack_factory(SHORT_GRACE)
+    key, sub = checkout_key(stack, fake_stripe, plan="pro")
+    failing = fake_stripe.update_subscription(sub["id"], status="past_due")
+    assert stack.deliver(invoice_event("invoice.payment_failed", failing)).status_code == 200
+    wait_for(lambda: stack.authorize(key).reason == pb.REASON_SUBSCRIPTION_INACTIVE, 5)
+    paid = fake_stripe.update_subscription(sub["id"], status="active")
+    assert stack.deliver(invoice_event("invoice.payment_succeeded", paid)).status_code == 200
+    assert stack.authorize(key).allowed
+
+
 def test_after_grace_a_fallback_plan_keeps_the_customer_on_free(
     stack_factory: Callable[[str], Stack], fake_stripe: FakeStripe
 ) -> None:

@@ -110,6 +110,20 @@ def test_each_handled_event_names_its_account_and_subscription() -> None:
         assert event_ref(event(kind, old_invoice)).subscription_id == "sub_3"  # type: ignore[union-attr]
 
 
+def test_every_invoice_or_subscription_event_naming_a_subscription_re_syncs_it() -> None:
+    # An endpoint may deliver invoice.payment_succeeded and not invoice.paid: a paid
+    # invoice must restore access whichever event says so.
+    invoice = {"customer": "cus_1", "parent": {"subscription_details": {"subscription": "sub_2"}}}
+    for kind in ("invoice.payment_succeeded", "invoice.updated", "invoice.finalized"):
+        ref = event_ref(event(kind, invoice))
+        assert ref is not None and (ref.customer_id, ref.subscription_id) == ("cus_1", "sub_2")
+    for kind in ("pending_update_applied", "pending_update_expired"):
+        ref = event_ref(event(f"customer.subscription.{kind}", subscription()))
+        assert ref is not None and ref.subscription_id == "sub_1"
+    one_off = event_ref(event("invoice.payment_succeeded", {"customer": "cus_1"}))
+    assert one_off is not None and one_off.subscription_id is None  # nothing to re-sync
+
+
 def test_events_tollway_does_not_act_on_are_ignored() -> None:
     assert event_ref(event("charge.succeeded", {"customer": "cus_1"})) is None
     assert event_ref(event("invoice.paid", {"customer": None})) is None

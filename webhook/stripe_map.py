@@ -8,6 +8,11 @@ Which events Tollway acts on, and what each is about:
     invoice.paid | invoice.payment_failed
                                         the invoice's subscription
 
+and, as those, every other invoice.* and customer.subscription.* event that
+names a subscription (invoice.payment_succeeded, invoice.updated,
+customer.subscription.pending_update_applied, ...): an endpoint may be sent
+some and not others, and a paid invoice must restore access whichever says so.
+
 Every one is treated as "this subscription changed": the companion re-reads
 the subscription from Stripe and applies what Stripe says now, so duplicated,
 late or reordered deliveries all converge on Stripe's current state.
@@ -35,6 +40,7 @@ __all__ = [
     "CREDIT_EVENTS",
     "HANDLED_EVENTS",
     "NOTIFYING_EVENTS",
+    "SUBSCRIPTION_EVENT_PREFIXES",
     "CreditRef",
     "EventRef",
     "PackSale",
@@ -59,6 +65,8 @@ HANDLED_EVENTS: Final = frozenset(
         "invoice.payment_failed",
     }
 )
+# Any other event of these kinds that names a subscription re-syncs it as well.
+SUBSCRIPTION_EVENT_PREFIXES: Final = ("invoice.", "customer.subscription.")
 # Events a customer's humans should hear about (log + optional callback).
 NOTIFYING_EVENTS: Final = {
     "invoice.payment_failed": "payment_failed",
@@ -147,7 +155,9 @@ def event_ref(event: Mapping[str, Any]) -> EventRef | None:
     kind = event.get("type")
     data = event.get("data")
     obj = data.get("object") if isinstance(data, Mapping) else None
-    if kind not in HANDLED_EVENTS or not isinstance(obj, Mapping):
+    if not isinstance(kind, str) or not isinstance(obj, Mapping):
+        return None
+    if kind not in HANDLED_EVENTS and not kind.startswith(SUBSCRIPTION_EVENT_PREFIXES):
         return None
     customer = _id(obj.get("customer"))
     if customer is None:
