@@ -548,10 +548,11 @@ class Authorizer:
             )
         await self.write_last_use()
 
-    async def return_allotments(self) -> int:
-        """Hands back the allotments that are done (and retries those Redis did
-        not take before); returns how many are still waiting for Redis."""
-        batch, self._unreturned = self._unreturned + self.allotments.due(), []
+    async def return_allotments(self, *, retry: bool = True) -> int:
+        """Hands back the allotments that are done (and, with retry, those Redis
+        did not take before); returns how many are still waiting for Redis."""
+        retried, kept = (self._unreturned, []) if retry else ([], self._unreturned)
+        batch, self._unreturned = retried + self.allotments.due(), kept
         if not batch:
             return 0
         try:
@@ -577,13 +578,16 @@ class Authorizer:
 
     async def run_returns(self) -> None:
         """Hands allotments back as they finish (and at least every 50 ms, for
-        those aging out), until cancelled; retries what Redis refused every 0.5 s."""
+        those aging out), until cancelled; retries what Redis refused every 0.5 s
+        (so one account's failing shard does not hold the others' back)."""
+        retry_at = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(0.05):
                     await self.allotments.woken.wait()
-            if await self.return_allotments():
-                await asyncio.sleep(0.5)
+            retry = self._clock() >= retry_at
+            if await self.return_allotments(retry=retry) and retry:
+                retry_at = self._clock() + 0.5
 
     def forget(self, message: str) -> None:
         """Drops what is cached about the key or account an invalidation names."""
