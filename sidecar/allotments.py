@@ -5,8 +5,9 @@ an allotment of units from the account's bucket and quota (store/admit.lua,
 atomically with every check of that admission). Later requests of the account
 are admitted here, in-process, until the allotment runs out or ages out; then
 it goes back (store/return_allotment.lua): unused units to the bucket and the
-quota, used ones recorded as usage. No I/O here: the Authorizer asks Redis and
-the returner (run_returns in sidecar/authorizer.py) hands allotments back.
+quota (and the balance, on a plan with credits), used ones recorded as usage.
+No I/O here: the Authorizer asks Redis and the returner (run_returns in
+sidecar/authorizer.py) hands allotments back.
 
 Why the bound stays exact: while units are held, the bucket in Redis refills
 only up to burst minus the units held, so its level and every unspent unit
@@ -32,6 +33,10 @@ What it gives up, and the bounds:
   and one on its way back). Their units lapse in Redis after HELD_FOR.
 - Redis unreachable: the allotment in hand serves until it ages out; returns
   are retried until Redis answers (a return is applied once).
+- Credits: on a plan with credits an allotment is paid for from the balance
+  when granted (at most 1/QUOTA_SHARE of it), so no sidecar ever admits what
+  was not paid; its return refunds what it did not use. A crash keeps what its
+  two allotments paid: over-charged by that at most, never under-paid.
 
 Requests that need Redis anyway are never admitted here: a concurrency lease,
 a reservation a backend asked for, a key with limits of its own, a feature the
@@ -85,6 +90,7 @@ class Allotment:
     tokens: float  # the bucket's level in Redis right after the grant (for headers)
     quota_used: int  # the quota counter right after it, this allotment's units included
     period_end: int
+    balance: int | None = None  # a credits plan's balance right after it (paid for)
     status: str = "active"
     used: int = 0
 
@@ -99,6 +105,7 @@ class _Demand:
     units: int = 0
     rate: float = 0.0  # units per second over the last full window
     quota_used: int = 0  # the quota counter as Redis last reported it
+    balance: int = 0  # a credits plan's balance as Redis last reported it
 
 
 @dataclass(slots=True)
@@ -151,9 +158,16 @@ class Allotments:
             self._finish(customer)
         return held
 
-    def note(self, customer: str, cost: int, *, quota_used: int | None = None) -> None:
+    def note(
+        self,
+        customer: str,
+        cost: int,
+        *,
+        quota_used: int | None = None,
+        balance: int | None = None,
+    ) -> None:
         """Counts an admission of the account's, wherever it was decided (with the
-        quota counter Redis reported, when it was Redis)."""
+        quota counter and the balance Redis reported, when it was Redis)."""
         now = self._clock()
         demand = self._demand.get(customer)
         if demand is None:
@@ -166,11 +180,14 @@ class Allotments:
         demand.units += cost
         if quota_used is not None:
             demand.quota_used = quota_used
+        if balance is not None:
+            demand.balance = balance
 
     def want(self, customer: str, plan: Plan) -> int:
         """Units to ask for beyond a request's cost: about TARGET_SECONDS of the
-        account's traffic, within the shares of burst and of the quota left (a
-        quota that blocks; Redis caps the grant by what is left in any case)."""
+        account's traffic, within the shares of burst, of the quota left (a quota
+        that blocks) and of a credits plan's balance (Redis caps the grant by what
+        is left in any case)."""
         demand = self._demand.get(customer)
         if demand is None or customer in self._returning:
             return 0  # (one on its way back: a crash must not lose more than two)
@@ -182,6 +199,8 @@ class Allotments:
         units = min(units, plan.burst // BURST_SHARE)
         if plan.quota is not None and plan.overage == "block":
             units = min(units, max(0, plan.quota.limit - demand.quota_used) // QUOTA_SHARE)
+        if plan.credits:
+            units = min(units, max(0, demand.balance) // QUOTA_SHARE)
         return units if units >= 2 else 0  # one unit is no saving: exact
 
     def pending(self, customer: str) -> _Pending | None:

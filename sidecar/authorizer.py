@@ -60,7 +60,10 @@ log = logging.getLogger("tollway.authorizer")
 
 _TOUCH_EVERY: Final = 60.0  # seconds between writes of one key's last_used
 # Denials by the account's bucket or quota: units this sidecar holds may still serve.
-_HELD_MAY_SERVE: Final = frozenset({Reason.RATE_LIMITED, Reason.QUOTA_EXCEEDED})
+# (credits too: the units held were paid for when they were granted)
+_HELD_MAY_SERVE: Final = frozenset(
+    {Reason.RATE_LIMITED, Reason.QUOTA_EXCEEDED, Reason.CREDITS_EXHAUSTED}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +312,7 @@ class Authorizer:
             quota_used=allotment.quota_used - allotment.left,
             period_end=allotment.period_end,
             now=int(time.time()),
+            credits=None if allotment.balance is None else allotment.balance + allotment.left,
         )
 
     async def _record(self, api_key: str) -> KeyRecord | Decision:
@@ -416,7 +420,9 @@ class Authorizer:
                         self._granted(customer, plan, asked, outcome)
                         asked = ""
                     if leased and outcome.code is OutcomeCode.OK:
-                        self.allotments.note(customer, cost, quota_used=outcome.quota_used)
+                        self.allotments.note(
+                            customer, cost, quota_used=outcome.quota_used, balance=outcome.credits
+                        )
                     return _Answer(
                         outcome, plan, lease, credits_fallback=bool(parent), reserved=reserve
                     )
@@ -465,6 +471,7 @@ class Authorizer:
                 tokens=outcome.tokens,
                 quota_used=outcome.quota_used,
                 period_end=outcome.period_end,
+                balance=outcome.credits,
             )
             ALLOTMENTS.labels("granted").inc()
         self.allotments.answered(customer, granted)
@@ -613,7 +620,8 @@ def _return_of(allotment: Allotment) -> AllotmentReturn:
         used=allotment.used,
         rate=plan.rate.per_second,
         burst=plan.burst,
-        meter=plan.meter or "",
+        meter="" if plan.credits else plan.meter or "",  # (paid in advance: unbilled)
         granted_at=allotment.granted_at,
         period=plan.quota.period if plan.quota else "month",
+        credits=plan.credits,
     )

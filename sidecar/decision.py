@@ -236,16 +236,19 @@ def admitted_locally(
     quota_used: int,
     period_end: int,
     now: int,
+    credits: int | None = None,
 ) -> Decision:
     """An admission decided without Redis (from an allotment, sidecar/allotments.py),
     its limits as the sidecar can tell them: the bucket at `tokens`, the counter at
-    quota_used."""
+    quota_used, a credits plan's balance at `credits`."""
     reset_ms = max(0.0, plan.burst - tokens) * 1000 / plan.rate.per_second
     seen = Outcome(
         OutcomeCode.OK, plan.name, "", tokens, int(reset_ms), 0, quota_used, period_end, now
     )
     rate, quota = _limits(plan, seen)
-    return Decision(True, Reason.OK, "OK", customer_id, plan.name, rate, quota, cost=cost)
+    return Decision(
+        True, Reason.OK, "OK", customer_id, plan.name, rate, quota, cost=cost, credits=credits
+    )
 
 
 def decision_from_outcome(
@@ -302,15 +305,24 @@ def decision_from_outcome(
     rate, quota = _limits(plan, outcome)
     if code is OutcomeCode.CREDITS:
         where = f" at {top_up_url}" if top_up_url else ""
+        # (a leased plan's credits paid for allotments and unused come back in a second)
+        held = outcome.retry_ms > 0
         return Decision(
             False,
             Reason.CREDITS_EXHAUSTED,
             f"Prepaid credits exhausted: this request costs {cost} and the balance is "
-            f"{outcome.credits or 0}; top up{where} to continue",
+            f"{outcome.credits or 0}; "
+            + (
+                "some are held for requests in flight and may come back: retry in a second, or "
+                if held
+                else ""
+            )
+            + f"top up{where} to continue",
             customer_id,
             plan.name,
             rate,
             quota,
+            retry_after=1 if held else 0,
             credits=outcome.credits,
         )
     if code is OutcomeCode.RATE_LIMITED:

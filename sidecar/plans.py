@@ -273,13 +273,6 @@ def _parse_plan(raw: Any, index: int) -> Plan:
     enforcement = entry.string(
         "enforcement", "exact", what='"exact" or "leased"', valid=_ENFORCEMENTS.get
     )
-    if enforcement == "leased" and credits:
-        # A prepaid balance burns per request, grant by grant, with its alerts and
-        # auto top-up: an allotment would have to hold credits too. Not yet.
-        raise ConfigError(
-            f'{where}: enforcement: "leased" is not available for a plan with credits = true '
-            '(every burn of a prepaid balance is decided in Redis); use "exact"'
-        )
     if enforcement == "leased" and only_success:
         raise ConfigError(
             f'{where}: bill_only_success: a plan with enforcement = "leased" reserves nothing '

@@ -64,10 +64,6 @@ def test_burst_defaults_to_the_rate_count() -> None:
         ({"name": "Pro Plan"}, "plans[0]: name: expected lower-case"),
         ({"enforcement": "lazy"}, 'plans[0] \'pro\': enforcement: expected "exact" or "leased"'),
         (
-            {"enforcement": "leased", "credits": True},
-            "plans[0] 'pro': enforcement: \"leased\" is not available for a plan with credits",
-        ),
-        (
             {"enforcement": "leased", "bill_only_success": True},
             "plans[0] 'pro': bill_only_success: a plan with enforcement = \"leased\" reserves",
         ),

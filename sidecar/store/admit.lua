@@ -14,7 +14,9 @@
 -- KEYS[7]  reservations  tw:{acct}:rsvs    request hash -> settle-by time
 -- KEYS[8]  alerts        tw:{acct}:alerts  "<kind>:<period start>:<percent>" sent
 -- KEYS[9]  leases        tw:{acct}:leases  lease id -> expiry (Unix s)
--- KEYS[10] credits       tw:{acct}:cr      prepaid balance (shared/credits.lua)
+-- KEYS[10] credits       tw:{acct}:cr      prepaid balance (shared/credits.lua), and
+--                                           al:<allotment id> -> the grants that paid
+--                                           for it (for the refund its return makes)
 -- KEYS[11] ledger        tw:{acct}:crl     its ledger stream
 -- KEYS[12] key_limits    tw:{acct}:kl:<key id>  the key's own bucket (tokens, ts),
 --                                           quota counter (k, p, used), uses left (n);
@@ -70,7 +72,10 @@
 -- the units held never exceed burst together, and over every interval what is
 -- admitted, here or from allotments, stays within rate x t + burst. Held units
 -- whose return never comes (a crashed sidecar) lapse after allot_ttl: the bucket
--- may refill them; the quota keeps them (they may have been used).
+-- may refill them; the quota keeps them (they may have been used). On a plan
+-- with credits an allotment is paid for from the balance when granted (never
+-- beyond it), and its return refunds the units it did not use; a crashed
+-- sidecar's stay paid, as the quota keeps them.
 --
 -- Returns {code, plan, status, tokens_milli, reset_ms, retry_ms, quota_used,
 --          period_end, now_s, thresholds, balance, low, top_up, allotted, held};
@@ -232,7 +237,9 @@ if held_until > 0 and held_until <= now_s then
     local lapsed, units, p, at = string.match(all[i + 1], "^(%-?)(%d+)|(%d+)|(%d+)$")
     at = tonumber(at)
     if at == nil or (lapsed == "-" and at <= now_s) then
-      redis.call("HDEL", KEYS[13], all[i])  -- a lapsed allotment whose return never came
+      -- A lapsed allotment whose return never came: what it paid for stays paid.
+      redis.call("HDEL", KEYS[13], all[i])
+      redis.call("HDEL", KEYS[10], "al:" .. all[i])
     elseif at <= now_s then
       -- Lapsed: its units are free for the bucket; kept an hour, so a late return
       -- still bills what was admitted from it (and gives back the quota left).
@@ -329,7 +336,23 @@ if key_limited then
   end
 end
 
--- Prepaid credits: the balance must cover the cost, else the plan decides.
+-- An allotment for the asking sidecar: what the bucket and the quota can spare
+-- beyond this request, up to what it asked for. Never for a key with limits of its
+-- own (each of its requests is decided here, against them).
+local used_before = used
+allot_units = tonumber(allot_units)
+local grant = 0
+if allot_id ~= "" and allot_units > 0 and not key_limited then
+  local room = math.floor(tokens - cost)
+  if quota_limit > 0 and overage == "block" then
+    room = math.min(room, quota_limit - used - cost)
+  end
+  grant = math.max(0, math.min(allot_units, room))
+end
+
+-- Prepaid credits: the balance must cover the cost, else the plan decides. An
+-- allotment is paid in advance too, from what the balance holds beyond this
+-- request (none when it holds no more); its return refunds what it did not use.
 local taken = nil
 if credits ~= "" then
   local c, b = load_credits()
@@ -339,29 +362,27 @@ if credits ~= "" then
     if credits == "plan" then
       return reply(2, credits_fallback, status, 0, 0, 0, 0, 0)
     end
-    return reply(9, plan, status, tokens, full_in_ms(tokens), -1, used, p_end)
+    -- Credits paid for allotments and not used come back within a second.
+    local retry = -1
+    if held > 0 then retry = 1000 end
+    return reply(9, plan, status, tokens, full_in_ms(tokens), retry, used, p_end)
   end
   if b >= cost then
     taken = cr.burn(c, KEYS[11], now_s, cost)
+    grant = math.min(grant, math.max(0, math.floor(b - cost)))
+    if grant > 0 then
+      c.set["al:" .. allot_id] = cr.burn(c, KEYS[11], now_s, grant)
+    end
     balance = cr.balance(c)
     low = cr.low(c, b, balance, low_balance)
     top_up = cr.top_up(c, b, balance, top_up_at, now_us)
     meter = ""  -- paid in advance: nothing to bill
+  else
+    grant = 0  -- billed, not paid: each request is decided here
   end
   cr.save(c)
 end
-
--- An allotment for the asking sidecar: what the bucket and the quota can spare
--- beyond this request, up to what it asked for.
-local used_before = used
-allot_units = tonumber(allot_units)
-if allot_id ~= "" and allot_units > 0 then
-  local room = math.floor(tokens - cost)
-  if quota_limit > 0 and overage == "block" then
-    room = math.min(room, quota_limit - used - cost)
-  end
-  allotted = math.max(0, math.min(allot_units, room))
-end
+allotted = grant
 tokens = tokens - cost - allotted
 used = used + cost + allotted
 if #kfields > 0 then

@@ -2,8 +2,8 @@
 
 admit.lua grants an allotment with an admission (Admission.allot_*);
 return_allotment.lua takes it back: the unused units to the bucket and the
-quota, the used ones recorded as usage, each allotment once however often its
-return is retried.
+quota (and, on a plan with credits, to the balance that paid for them), the used
+ones recorded as usage, each allotment once however often its return is retried.
 """
 
 from __future__ import annotations
@@ -12,7 +12,14 @@ from dataclasses import dataclass
 
 from sidecar.periods import month_start
 from sidecar.store.base import StoreBase
-from sidecar.store.names import allotments_key, limits_key, totals_key, usage_key
+from sidecar.store.names import (
+    allotments_key,
+    credit_ledger_key,
+    credits_key,
+    limits_key,
+    totals_key,
+    usage_key,
+)
 from sidecar.store.text import text
 
 __all__ = ["AllotmentReturn", "AllotmentStore", "Returned"]
@@ -30,6 +37,7 @@ class AllotmentReturn:
     meter: str  # "" when the plan meters nothing
     granted_at: int  # Redis's clock at the grant (Unix s): when its usage happened
     period: str = "month"  # the plan's quota period then (hour | day | month)
+    credits: bool = False  # the plan burns credits: paid at the grant, unused refunded
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +55,8 @@ class AllotmentStore(StoreBase):
             allotments_key(customer),
             usage_key(customer),
             totals_key(customer),
+            credits_key(customer),
+            credit_ledger_key(customer),
         ]
         args = [
             "" if self._clock_us is None else self._clock_us(),
@@ -58,6 +68,7 @@ class AllotmentStore(StoreBase):
             done.granted_at,
             month_start(done.granted_at),
             done.period,
+            "1" if done.credits else "",
         ]
         async with self._guard("allotment return"):
             raw = await self._run("return_allotment.lua", keys, args, fast=True)

@@ -7,6 +7,9 @@
 --                                        "-units|period start|forgotten at" once lapsed
 -- KEYS[3]  usage       tw:{acct}:usage   usage stream (fields: shared/usage_stream.lua)
 -- KEYS[4]  totals      tw:{acct}:totals
+-- KEYS[5]  credits     tw:{acct}:cr      prepaid balance; al:<id> the grants that
+--                                        paid for the allotment (admit.lua)
+-- KEYS[6]  ledger      tw:{acct}:crl     its ledger stream
 --
 -- ARGV[1]  now_us      now in microseconds, or "" to use Redis TIME (production)
 -- ARGV[2]  id          the allotment's id
@@ -17,16 +20,19 @@
 -- ARGV[7]  at          when the allotment was granted (Unix s): the usage's time
 -- ARGV[8]  month       that time's month start (Unix s), the totals' period
 -- ARGV[9]  kind        the plan's quota period (hour | day | month) when it was granted
+-- ARGV[10] credits     "1" when the plan burns credits: the unused units are refunded
 --
 -- Returns {state, units given back to the bucket}: state "returned" (the unused
 -- units went back to the bucket and the quota), "lapsed" (held past its time: the
 -- bucket has refilled those units already, so only the quota gets the unused
 -- ones back) or "unknown" (returned already, or forgotten an hour after lapsing:
 -- nothing happens). Usage is recorded for "returned" and "lapsed" only, so a
--- retried return bills once.
+-- retried return bills once; so is a refund of credits (to the grants that paid,
+-- last taken first: shared/credits.lua), whether it returned in time or lapsed.
 
 -- #include shared/bucket.lua
 -- #include shared/usage_stream.lua
+-- #include shared/credits.lua
 
 local now_us = clock_us(ARGV[1])
 local id, used, rate, burst = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -34,6 +40,8 @@ local id, used, rate, burst = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ton
 local entry = redis.call("HGET", KEYS[2], id)
 local lapsed, units, period = string.match(entry or "", "^(%-?)(%d+)|(%d+)|%d+$")
 if not units then
+  -- (what paid for one forgotten after lapsing stays paid: only the note goes)
+  if ARGV[10] == "1" then redis.call("HDEL", KEYS[5], "al:" .. id) end
   return {"unknown", 0}
 end
 redis.call("HDEL", KEYS[2], id)
@@ -62,6 +70,18 @@ if unused > 0 and s[5] and s[3] == ARGV[9] and tonumber(s[4]) == tonumber(period
   table.insert(fields, "used"); table.insert(fields, math.max(0, tonumber(s[5]) - unused))
 end
 if #fields > 0 then redis.call("HSET", KEYS[1], unpack(fields)) end
+if ARGV[10] == "1" then
+  local paid = redis.call("HGET", KEYS[5], "al:" .. id)
+  if paid then
+    local cr = credits_lib()
+    local c = cr.load(KEYS[5])
+    local now_s = math.floor(now_us / 1000000)
+    cr.sweep(c, KEYS[6], now_s)
+    if unused > 0 then cr.refund(c, KEYS[6], now_s, unused, paid) end
+    c.del["al:" .. id] = true
+    cr.save(c)
+  end
+end
 if ARGV[6] ~= "" and used > 0 then
   count_usage(KEYS[3], KEYS[4], ARGV[6], used, ARGV[7], ARGV[8], "allotment:" .. id)
 end
