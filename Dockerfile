@@ -24,4 +24,15 @@ EXPOSE 50051 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["tollway", "health"]
 ENTRYPOINT ["tollway"]
+# The sidecar listens on every interface: a container's loopback is its own, so
+# Envoy in another container could never reach 127.0.0.1:50051. Where Envoy shares
+# the network namespace (a pod's containers, deploy/docker-compose.yml's
+# network_mode), pass `serve --listen 127.0.0.1:50051` instead, as deploy/k8s/ and
+# the compose file do. What guards the open port: the admin API takes admin tokens
+# only, and deploy/tollway.toml sets [sidecar] require_service_token = true, so usage
+# calls naming a customer by id need a service token too (Authorize, Check and calls
+# by API key carry their own credential); [sidecar] tls_cert and tls_key put it on
+# TLS, tls_client_ca requires client certificates (mutual TLS). HTTP ext_authz
+# stays on 127.0.0.1:50052 (tollway.toml's http_listen): set
+# TOLLWAY_HTTP_LISTEN=0.0.0.0:50052 for an Envoy elsewhere that asks over HTTP.
 CMD ["serve", "--listen", "0.0.0.0:50051"]

@@ -1,17 +1,25 @@
 """The admin API over gRPC (tollway.admin.v1.AdminService) on a real sidecar:
-scopes, authentication and its per-host rate limit, idempotent creates, keys
-that work through Authorize until revoked or rotated out, paging, usage and
-credits, and no admin token in any log."""
+scopes, authentication and its per-host rate limit (which never refuses a
+valid token), idempotent creates, keys that work through Authorize until
+revoked or rotated out (a rotated key keeps its policy and expiry), paging,
+usage and credits, and no admin token in any log.
+
+Tests that fail authentication on purpose reach the session's sidecar through
+a forwarder from a loopback address of their own (FromHost): to the sidecar, a
+host of its own, so their failures spend no other test's budget."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import re
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,7 +35,6 @@ from sidecar.gen.tollway.admin.v1 import admin_pb2_grpc
 from sidecar.gen.tollway.v1 import tollway_pb2 as tw
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc
 from sidecar.store import Store
-from tests import harness
 from tests.conftest import Customer, eventually, with_store
 
 pytestmark = pytest.mark.servers
@@ -87,41 +94,96 @@ def admin(channel: grpc.Channel) -> admin_pb2_grpc.AdminServiceStub:
     return admin_pb2_grpc.AdminServiceStub(channel)
 
 
-@dataclass
-class OwnSidecar:
-    """A sidecar of this module's own, so failed authentications (counted per
-    host, in the process) cannot spill into the tests sharing the session one."""
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            sink.sendall(data)
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
 
-    child: harness.Child
-    address: str
+
+class FromHost:
+    """A TCP forwarder on 127.0.0.1 whose connections reach `target` from
+    another loopback address, `host` (Linux answers all of 127/8): what the
+    sidecar sees as a host of its own."""
+
+    def __init__(self, target: str, host: str) -> None:
+        name, _, port = target.rpartition(":")
+        self._target = (name, int(port))
+        self._host = host
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self._sockets: list[socket.socket] = []
+        self._pumps: list[threading.Thread] = []
+        self._closing = threading.Event()
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            client.settimeout(None)
+            upstream = socket.create_connection(self._target, source_address=(self._host, 0))
+            self._sockets += [client, upstream]
+            for ends in ((client, upstream), (upstream, client)):
+                pump = threading.Thread(target=_pump, args=ends, daemon=True)
+                pump.start()
+                self._pumps.append(pump)
 
     def channel(self) -> grpc.Channel:
         ch = grpc.insecure_channel(self.address)
         grpc.channel_ready_future(ch).result(timeout=10)
         return ch
 
+    def close(self) -> None:
+        self._closing.set()
+        self._acceptor.join()
+        self._listener.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for pump in self._pumps:
+            pump.join(timeout=5)
+        for sock in self._sockets:
+            sock.close()
 
-def start_own_sidecar(
-    tmp_path_factory: pytest.TempPathFactory, redis_url: str, config_path: Path
-) -> OwnSidecar:
-    port = harness.free_port()
-    log = tmp_path_factory.mktemp("logs-admin") / "sidecar.log"
-    child = harness.start_sidecar(config_path, redis_url=redis_url, port=port, log=log)
-    return OwnSidecar(child, f"127.0.0.1:{port}")
+
+# Loopback addresses no other test uses: 127.10.0.1, 127.10.0.2, ...
+_HOSTS = (f"127.10.{i // 250}.{i % 250 + 1}" for i in itertools.count())
 
 
 @pytest.fixture
-def auth_admin(
-    tmp_path_factory: pytest.TempPathFactory, redis_url: str, config_path: Path
-) -> Iterator[admin_pb2_grpc.AdminServiceStub]:
-    """The admin service of a sidecar of this test's own: for tests whose
-    failed authentications must not count against the shared sidecar's host."""
-    own = start_own_sidecar(tmp_path_factory, redis_url, config_path)
+def own_host(sidecar: str) -> Iterator[FromHost]:
+    """The session's sidecar, reached from a host of this test's own."""
+    forwarder = FromHost(sidecar, next(_HOSTS))
     try:
-        with own.channel() as ch:
-            yield admin_pb2_grpc.AdminServiceStub(ch)
+        yield forwarder
     finally:
-        own.child.stop()
+        forwarder.close()
+
+
+@pytest.fixture
+def auth_admin(own_host: FromHost) -> Iterator[admin_pb2_grpc.AdminServiceStub]:
+    """The admin service, from a host of this test's own: for tests whose
+    failed authentications must not count against anyone else's host."""
+    with own_host.channel() as ch:
+        yield admin_pb2_grpc.AdminServiceStub(ch)
+
+
+@pytest.fixture(scope="module")
+def revoked_token(redis_url: str) -> str:
+    """A token with every scope, revoked before it was ever used."""
+    token, token_id = issue_token(redis_url, "admin", name="admin-grpc-revoked")
+
+    async def revoke(store: Store) -> None:
+        await store.revoke_admin_token(token_id)
+
+    with_store(redis_url, revoke)
+    return token
 
 
 def own_id(prefix: str = "adm") -> str:
@@ -346,6 +408,28 @@ def test_a_token_without_the_scope_is_denied_and_changes_nothing(
     assert snapshot(redis_url, customer) == before
 
 
+@pytest.mark.parametrize("credential", ["revoked", "none"])
+@pytest.mark.parametrize("op", OPS, ids=[op.rpc for op in OPS])
+def test_every_operation_refuses_a_revoked_token_or_none_and_changes_nothing(
+    op: Op,
+    credential: str,
+    auth_admin: admin_pb2_grpc.AdminServiceStub,
+    revoked_token: str,
+    make_customer: Callable[..., Customer],
+    redis_url: str,
+) -> None:
+    customer = make_customer("prepaid")
+    before = snapshot(redis_url, customer)
+    metadata = bearer(revoked_token) if credential == "revoked" else ()
+    error = failure(
+        lambda: getattr(auth_admin, op.rpc)(op.request(customer), metadata=metadata, timeout=5)
+    )
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert ("revoked" if credential == "revoked" else "token required") in error.details()
+    assert revoked_token not in error.details()
+    assert snapshot(redis_url, customer) == before
+
+
 def test_write_implies_read(
     admin: admin_pb2_grpc.AdminServiceStub,
     token_for: Callable[..., str],
@@ -423,32 +507,44 @@ def test_a_revoked_token_is_refused_within_a_second(
     assert "revoked" in error.details() and token not in error.details()
 
 
-def test_failed_authentications_exhaust_the_host(
-    tmp_path_factory: pytest.TempPathFactory,
-    redis_url: str,
-    config_path: Path,
-    token_for: Callable[..., str],
+def test_failed_authentications_exhaust_the_host_but_a_valid_token_still_works(
+    own_host: FromHost, token_for: Callable[..., str], revoked_token: str
 ) -> None:
-    own = start_own_sidecar(tmp_path_factory, redis_url, config_path)
     good = bearer(token_for("accounts:read"))
     request = pb.ListAccountsRequest(page_size=1)
-    try:
-        # Each attempt on a connection of its own: the peer's port is not its identity.
-        for attempt in range(10):
-            with own.channel() as ch:
-                stub = admin_pb2_grpc.AdminServiceStub(ch)
-                bad = bearer("twadm_" + f"{attempt:049d}")
-                code = status_of(lambda s=stub, b=bad: s.ListAccounts(request, metadata=b))
-                assert code == grpc.StatusCode.UNAUTHENTICATED, attempt
-        with own.channel() as ch:
+    # Each attempt on a connection of its own: the peer's port is not its identity.
+    for attempt in range(10):
+        with own_host.channel() as ch:
             stub = admin_pb2_grpc.AdminServiceStub(ch)
-            for metadata in (bearer("twadm_" + "9" * 49), good):
-                error = failure(lambda s=stub, m=metadata: s.ListAccounts(request, metadata=m))
-                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            # (The recovery, one attempt back every 6 s, is held with a clock of
-            # its own in tests/test_admin_operations.py, without the wait.)
-    finally:
-        own.child.stop()
+            bad = bearer("twadm_" + f"{attempt:049d}")
+            code = status_of(lambda s=stub, b=bad: s.ListAccounts(request, metadata=b))
+            assert code == grpc.StatusCode.UNAUTHENTICATED, attempt
+    with own_host.channel() as ch:
+        stub = admin_pb2_grpc.AdminServiceStub(ch)
+        for metadata in (bearer("twadm_" + "9" * 49), (), bearer(revoked_token)):
+            error = failure(lambda s=stub, m=metadata: s.ListAccounts(request, metadata=m))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, metadata
+        # Behind an ingress this host is every caller: the merchant's backend goes on.
+        assert len(stub.ListAccounts(request, metadata=good, timeout=5).accounts) == 1
+        assert status_of(lambda: stub.ListAccounts(request, metadata=bearer("twadm_x"))) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED  # and serving it gave no failure back
+        )
+    # (The recovery, one attempt back every 6 s, is held with a clock of its
+    # own in tests/test_admin_operations.py, without the wait.)
+
+
+def test_a_token_issued_without_a_scope_is_announced_as_full_admin(
+    cli: Callable[..., Any],
+) -> None:
+    plain = cli("admin-tokens", "issue", "--name", "no-scope-given")
+    assert plain.returncode == 0, plain.stderr
+    assert TOKEN_RE.fullmatch(plain.stdout.splitlines()[0])
+    assert "full admin scope" in plain.stderr and "--scope" in plain.stderr
+    as_json = cli("admin-tokens", "issue", "--name", "no-scope-given", "--json")
+    assert json.loads(as_json.stdout)["scopes"] == ["admin"]  # stdout stays JSON
+    assert "full admin scope" in as_json.stderr
+    scoped = cli("admin-tokens", "issue", "--name", "scoped", "--scope", "admin")
+    assert scoped.returncode == 0 and scoped.stderr == ""  # asked for: nothing to point out
 
 
 # -- idempotent creates -----------------------------------------------------------------
@@ -609,6 +705,78 @@ def test_rotate_key_returns_a_new_key_and_when_the_old_one_stops(
     assert authorize(tollway_stub, now.api_key).allowed
 
 
+def test_a_rotated_scoped_key_is_still_refused_outside_its_scope(
+    admin: admin_pb2_grpc.AdminServiceStub,
+    tollway_stub: tollway_pb2_grpc.TollwayStub,
+    token_for: Callable[..., str],
+) -> None:
+    md = bearer(token_for("accounts:write", "keys:write"))
+    customer = own_id()
+    admin.CreateAccount(pb.CreateAccountRequest(customer_id=customer, plan="basic"), metadata=md)
+    policy = pb.KeyPolicy(
+        name="ci",
+        metadata_json='{"team": "data"}',
+        has_scope_features=True,
+        scope_features=["search"],
+        scope_routes=["GET /v1/search/*"],
+        rate="5/s",
+        quota="100/day",
+        uses=10,
+    )
+    old = admin.IssueKey(pb.IssueKeyRequest(customer_id=customer, policy=policy), metadata=md)
+    rotate = pb.RotateKeyRequest(customer_id=customer, key_id=old.key.key_id, overlap_seconds=60)
+    new = admin.RotateKey(rotate, metadata=md, timeout=5)
+    assert new.key.policy == old.key.policy  # name, metadata, scope, limits, uses (none spent)
+    outside = tollway_stub.Authorize(
+        tw.AuthorizeRequest(api_key=new.api_key, method="GET", path="/v1/items"), timeout=5
+    )
+    assert not outside.allowed and outside.reason == tw.REASON_KEY_SCOPE
+    inside = tollway_stub.Authorize(
+        tw.AuthorizeRequest(api_key=new.api_key, method="GET", path="/v1/search/books"), timeout=5
+    )
+    assert inside.allowed and inside.customer_id == customer
+
+
+def test_a_rotated_key_keeps_its_expiry_and_the_old_one_stops_no_later_than_its_own(
+    admin: admin_pb2_grpc.AdminServiceStub, token_for: Callable[..., str]
+) -> None:
+    md = bearer(token_for("accounts:write", "keys:write"))
+    customer = own_id()
+    admin.CreateAccount(pb.CreateAccountRequest(customer_id=customer, plan="basic"), metadata=md)
+    issue = pb.IssueKeyRequest(customer_id=customer, environment="test", expires_in_seconds=600)
+    old = admin.IssueKey(issue, metadata=md, timeout=5)
+    assert abs(old.key.expires_at - (time.time() + 600)) < 5
+    rotate = pb.RotateKeyRequest(customer_id=customer, key_id=old.key.key_id, overlap_seconds=3600)
+    new = admin.RotateKey(rotate, metadata=md, timeout=5)
+    assert new.api_key.startswith("tw_test_") and new.key.expires_at == old.key.expires_at
+    assert new.old_key_expires_at == old.key.expires_at  # sooner than now + the overlap
+    got = admin.GetKey(pb.GetKeyRequest(customer_id=customer, key_id=old.key.key_id), metadata=md)
+    assert got.key.expires_at == old.key.expires_at
+
+
+def test_an_expired_or_revoked_key_cannot_be_rotated(
+    admin: admin_pb2_grpc.AdminServiceStub, token_for: Callable[..., str]
+) -> None:
+    md = bearer(token_for("accounts:write", "keys:write"))
+    customer = own_id()
+    admin.CreateAccount(pb.CreateAccountRequest(customer_id=customer, plan="basic"), metadata=md)
+    old = admin.IssueKey(pb.IssueKeyRequest(customer_id=customer), metadata=md, timeout=5)
+    now = pb.RotateKeyRequest(customer_id=customer, key_id=old.key.key_id, overlap_seconds=0)
+    admin.RotateKey(now, metadata=md, timeout=5)  # the old key stops at once
+    again = failure(lambda: admin.RotateKey(now, metadata=md, timeout=5))
+    assert again.code() == grpc.StatusCode.INVALID_ARGUMENT and "expired" in again.details()
+    key = admin.IssueKey(pb.IssueKeyRequest(customer_id=customer), metadata=md, timeout=5)
+    admin.RevokeKey(pb.RevokeKeyRequest(customer_id=customer, key_id=key.key.key_id), metadata=md)
+    revoked = failure(
+        lambda: admin.RotateKey(
+            pb.RotateKeyRequest(customer_id=customer, key_id=key.key.key_id), metadata=md
+        )
+    )
+    assert revoked.code() == grpc.StatusCode.INVALID_ARGUMENT and "revoked" in revoked.details()
+    listed = admin.ListKeys(pb.ListKeysRequest(customer_id=customer), metadata=md)
+    assert len(listed.keys) == 3  # the two refusals made no key
+
+
 # -- paging, usage, credits -------------------------------------------------------------
 
 
@@ -738,9 +906,10 @@ def test_no_admin_token_appears_in_any_log(
     token_for: Callable[..., str],
 ) -> None:
     # Runs after this module's other tests (file order): every token they sent
-    # (good, bad, revoked) went to the sidecars whose logs are read here.
-    # tests/secretscan.py does not know the twadm_ prefix (yet), so this test
-    # looks for it itself.
+    # (good, bad, revoked) went to the sidecar whose log is read here. The
+    # session's check (conftest's no_secrets_in_logs: tests/secretscan.py knows
+    # twadm_ too) runs only at the very end; this one names the module that
+    # leaked, right after it ran.
     admin.ListAccounts(
         pb.ListAccountsRequest(page_size=1), metadata=bearer(token_for("accounts:read"))
     )

@@ -24,6 +24,11 @@ Every call sends ``Authorization: Bearer twadm_…``; creates take an
 ``Idempotency-Key`` header. Errors are ``{"code", "message"}`` with the status
 of operations.ERROR_STATUS (401, 403, 400, 404, 409, 429, 503). Answers are
 never cached (an issued key's plaintext is in one).
+
+The host counted for failed authentications is the client's address as
+uvicorn gives it (X-Forwarded-For only from FORWARDED_ALLOW_IPS). Behind an
+ingress that is one address for every caller, and that is safe: a valid token
+is always served; only a failure past the host's budget is 429 instead of 401.
 """
 
 from __future__ import annotations

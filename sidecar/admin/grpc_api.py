@@ -4,8 +4,13 @@ and maps the result back (an AdminError to its gRPC status). Mapping only.
 
 The token comes from the metadata ``authorization: Bearer twadm_…`` (or
 ``x-tollway-admin-token: twadm_…``). Failed authentications are counted per
-host (the peer without its port), so reconnecting does not reset them. No token
-is ever logged or echoed in an error.
+host (the peer without its port), so reconnecting does not reset them; a valid
+token is served whatever its host's failures. No token is ever logged or echoed
+in an error.
+
+``presented_token`` and ``peer_host`` live here for every gRPC service that
+takes admin tokens: the usage calls' service credentials (sidecar/grpc_api.py)
+read them the same way.
 """
 
 from __future__ import annotations

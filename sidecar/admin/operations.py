@@ -8,8 +8,9 @@ Every call is made by a caller: an admin token, authenticated by
 an idempotency key: the same token retrying the same create with the same key
 gets the first result back (an issued key's plaintext is not kept, so a replay
 returns the key's id and record with ``api_key`` empty and ``replayed`` true:
-the plaintext is shown once, ever). Failed authentication is rate-limited per
-peer, in this process.
+the plaintext is shown once, ever). Failed authentications are rate-limited
+per peer, in this process; a valid token is never refused for its peer's
+failures (``Admin.authenticate``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from sidecar.key_policy import NO_POLICY, KeyPolicy, parse_policy
 from sidecar.report import usage_report
 from sidecar.settings import Settings
 from sidecar.store import Account, KeyRecord, Store, TokenRecord
+from sidecar.store.api_keys import Rotation
 from sidecar.store.names import valid_customer_id
 
 __all__ = [
@@ -72,6 +74,7 @@ ERROR_STATUS: Final[dict[Kind, tuple[int, str]]] = {
 IDEMPOTENCY_TTL: Final = 86400
 _MAX_PAGE: Final = 1000
 # Failed authentications a peer may make: a bucket of this many, refilled over a minute.
+# (Valid tokens neither spend nor need it.)
 _AUTH_FAILURES: Final = 10
 
 T = TypeVar("T")
@@ -218,33 +221,41 @@ class Admin:
     # -- who is calling ----------------------------------------------------------------
 
     async def authenticate(self, presented: str, *, peer: str) -> TokenRecord:
-        """The caller's token, or AdminError unauthenticated / rate_limited."""
+        """The caller's token, or AdminError unauthenticated / rate_limited.
+
+        A valid token is accepted whatever its peer did before: behind an
+        ingress every caller shares one address, and a stranger's bad guesses
+        must not lock out the merchant's backend. Only failures are counted, per
+        peer; once a peer's are spent, its next failures are rate_limited
+        instead of unauthenticated, and are neither counted nor logged."""
+        record: TokenRecord | None = None
+        if presented:
+            hashed = keys.key_hash(presented)
+            cached = self._tokens.get(hashed)
+            if cached is None:
+                cached = (await self._guarded(self._store.admin_token(presented)),)
+                self._tokens.put(hashed, cached)
+            record = cached[0]
+        if record is not None and not record.revoked:
+            return record
         if self._failures.exhausted(peer):
-            raise AdminError("rate_limited", "too many failed authentications; retry in a minute")
+            raise AdminError(
+                "rate_limited", "too many failed authentications from this host; retry in a minute"
+            )
+        self._failures.failed(peer)
         if not presented:
-            self._failures.failed(peer)
             raise AdminError(
                 "unauthenticated", "admin token required: send Authorization: Bearer twadm_…"
             )
-        hashed = keys.key_hash(presented)
-        cached = self._tokens.get(hashed)
-        if cached is None:
-            record = await self._guarded(self._store.admin_token(presented))
-            cached = (record,)
-            self._tokens.put(hashed, cached)
-        record = cached[0]
-        if record is None or record.revoked:
-            self._failures.failed(peer)
-            what = "revoked" if record is not None else "not valid"
-            # Named by its id when it is known; a presented token is never logged.
-            log.warning(
-                "admin: refused a %s token%s from %s",
-                what,
-                f" ({record.token_id})" if record else "",
-                peer,
-            )
-            raise AdminError("unauthenticated", f"admin token is {what}")
-        return record
+        what = "revoked" if record is not None else "not valid"
+        # Named by its id when it is known; a presented token is never logged.
+        log.warning(
+            "admin: refused a %s token%s from %s",
+            what,
+            f" ({record.token_id})" if record else "",
+            peer,
+        )
+        raise AdminError("unauthenticated", f"admin token is {what}")
 
     @staticmethod
     def require(caller: TokenRecord, scope: str) -> None:
@@ -387,46 +398,41 @@ class Admin:
         overlap: int = 86400,
         idempotency_key: str = "",
     ) -> IssuedKey:
-        """A replacement key; the old one keeps working for overlap seconds."""
+        """A replacement key with the old one's environment, policy and expiry
+        (its uses left move to it; sidecar/store/api_keys.py's rotate_key); the
+        old one keeps working for overlap seconds, never past its own expiry."""
         self.require(caller, "keys:write")
         if overlap < 0:
             raise AdminError("invalid_argument", "overlap: seconds >= 0")
-        issued: list[str] = []
+        await self._key(customer_id, key_id)
+        rotations: list[Rotation] = []
 
         async def rotate() -> dict[str, Any]:
-            old = await self._key(customer_id, key_id)
-            now_us = await self._store.now_us()
-            if not old.usable(now_us):
-                state = "revoked" if old.revoked else "expired"
-                raise AdminError("invalid_argument", f"key {key_id} is {state}; issue a new key")
-            env: keys.Environment = "test" if old.environment == "test" else "live"
-            key, record = await self._store.issue_key(customer_id, environment=env)
-            issued.append(key)
-            await self._store.expire_key(customer_id, key_id, now_us + overlap * 1_000_000)
-            # The old key may already have expired sooner than the overlap: say when.
-            until = (await self._key(customer_id, key_id)).expires_at_us // 1_000_000
+            rotation = await self._store.rotate_key(customer_id, key_id, overlap=overlap)
+            rotations.append(rotation)
             log.info(
                 "admin: token %s rotated key %s of %s to %s",
                 caller.token_id,
                 key_id,
                 customer_id,
-                record.key_id,
+                rotation.record.key_id,
             )
-            return {"key": asdict(KeyView.of(record)), "old_key_expires_at": until}
+            return {
+                "key": asdict(KeyView.of(rotation.record)),
+                "old_key_expires_at": rotation.old_expires_at_us // 1_000_000,
+            }
+
+        async def undo(result: dict[str, Any]) -> None:
+            # The new key reached no one: the rotation is taken back whole.
+            for rotation in rotations:
+                await self._store.undo_rotation(rotation)
 
         request = {"customer_id": customer_id, "key_id": key_id, "overlap": overlap}
-        result = await self._once(
-            caller,
-            "rotate_key",
-            idempotency_key,
-            request,
-            rotate,
-            undo=self._undo_issue(customer_id),
-        )
+        result = await self._once(caller, "rotate_key", idempotency_key, request, rotate, undo=undo)
         return IssuedKey(
-            issued[0] if issued else "",
+            rotations[0].key if rotations else "",
             KeyView(**result["key"]),
-            replayed=not issued,
+            replayed=not rotations,
             replaces=key_id,
             old_key_expires_at=int(result["old_key_expires_at"]),
         )
@@ -495,8 +501,7 @@ class Admin:
         plaintext reached no one, and a retry issues another."""
 
         async def undo(result: dict[str, Any]) -> None:
-            key_id = result["key"]["key_id"] if "key" in result else result["key_id"]
-            await self._store.revoke_key(customer_id, key_id, reason="unrecorded")
+            await self._store.revoke_key(customer_id, result["key_id"], reason="unrecorded")
 
         return undo
 

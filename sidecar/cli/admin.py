@@ -247,24 +247,24 @@ def cmd_keys_revoke(args: argparse.Namespace, out: Output) -> None:
 
 
 def cmd_keys_rotate(args: argparse.Namespace, out: Output) -> None:
+    """As the admin API's RotateKey: the new key has the old one's policy and
+    expiry (its uses left move to it); an expired or revoked key is refused."""
+
     async def work(store: Store, settings: Settings) -> None:
-        records = {r.key_id: r for r in await store.list_keys(args.customer)}
-        old = records.get(args.key_id)
-        if old is None:
-            raise TollwayError(f"key {args.key_id} of {args.customer} does not exist")
-        if old.revoked:
-            raise TollwayError(f"key {args.key_id} is revoked; issue a new key instead")
-        environment: keys.Environment = "test" if old.environment == "test" else "live"
-        key, record = await store.issue_key(args.customer, environment=environment)
-        old_until = await store.now_us() + args.overlap * 1_000_000
-        await store.expire_key(args.customer, args.key_id, old_until)
+        rotation = await store.rotate_key(args.customer, args.key_id, overlap=args.overlap)
+        until = rotation.old_expires_at_us // 1_000_000
         _show_new_key(
             out,
-            key,
-            record,
-            {"replaces": args.key_id, "old_key_expires_at": old_until // 1_000_000},
+            rotation.key,
+            rotation.record,
+            {"replaces": args.key_id, "old_key_expires_at": until},
         )
         if not out.as_json:
-            print(f"{args.key_id} keeps working until {time.ctime(old_until // 1_000_000)}")
+            print(f"{args.key_id} keeps working until {time.ctime(until)}")
+            if rotation.uses_moved:
+                print(
+                    f"its {rotation.uses_moved} uses left moved to the new key: "
+                    f"{args.key_id} answers no more requests"
+                )
 
     with_store(args, work)

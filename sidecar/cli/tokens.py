@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from sidecar.admin.scopes import parse_scopes
@@ -24,6 +25,9 @@ def _view(record: TokenRecord) -> dict[str, object]:
 
 
 def cmd_tokens_issue(args: argparse.Namespace, out: Output) -> None:
+    """Without --scope the token is `admin` (every scope, other tokens too), as
+    the help says; so the CLI says so on stderr, where a script still sees it
+    and the token on stdout stays the only thing there."""
     scopes = parse_scopes(args.scope or ["admin"])
 
     async def work(store: Store, settings: Settings) -> None:
@@ -37,6 +41,13 @@ def cmd_tokens_issue(args: argparse.Namespace, out: Output) -> None:
             ]
         )
         out.emit({"token": token, **_view(record)}, text)
+        if not args.scope:
+            print(
+                "tollway: note: no --scope given, so this token has full admin scope "
+                "(every account, key, usage and credit operation). For a backend, issue "
+                "one with only what it needs, e.g. --scope accounts:write,keys:write",
+                file=sys.stderr,
+            )
 
     with_store(args, work)
 

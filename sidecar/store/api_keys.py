@@ -1,28 +1,39 @@
 """API keys: records by key hash (in their own slot), the per-account index,
-and the one way to turn a presented key into a usable record.
+the one way to turn a presented key into a usable record, and rotation.
 
 A key is stored only as its SHA-256 (sidecar/keys.py); a record is never
 deleted, only revoked or expired, so audits can name it.
+
+Rotation (``rotate_key``, for the admin API and the CLI alike) replaces a usable
+key with one that has its environment, policy and expiry; the old key works on
+for the overlap, never past its own expiry. What the old key's own counters
+hold moves with it: the uses left (the new key answers exactly those, and the
+old one answers no more: together they never answer more than the key's uses)
+and this period's quota count (the new key's quota counts on from it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from sidecar import keys
-from sidecar.errors import NotFound
+from sidecar.errors import NotFound, TollwayError
 from sidecar.key_policy import NO_POLICY, KeyPolicy, policy_from_fields
 from sidecar.store.accounts import Accounts
 from sidecar.store.names import key_index_key, key_limits_key, key_record_key
 from sidecar.store.text import text
 
-__all__ = ["SUBSCRIPTION_ENDED", "ApiKeys", "KeyRecord"]
+__all__ = ["SUBSCRIPTION_ENDED", "ApiKeys", "KeyRecord", "Rotation"]
 
 # Why the companion revoked an account's keys: its subscription was deleted.
 SUBSCRIPTION_ENDED: Final = "subscription_ended"
+# How long store/admit.lua keeps a key's counters when it has no uses (its
+# EXPIRE on KEYS[12]): a quota counter carried to a rotated key lives as long.
+_KEY_LIMITS_TTL: Final = 35 * 86400
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +57,18 @@ class KeyRecord:
         call naming a customer by this key requires, not just Authorize."""
         now = time.time_ns() // 1000 if now_us is None else now_us
         return not self.revoked and (self.expires_at_us == 0 or now < self.expires_at_us)
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    """A rotation done: the new key (its plaintext, to show once), the key it
+    replaces as it was, when that one now stops, and the uses moved to the new one."""
+
+    key: str = field(repr=False)
+    record: KeyRecord
+    replaced: KeyRecord
+    old_expires_at_us: int
+    uses_moved: int = 0
 
 
 def _key_record(raw: Mapping[bytes | str, bytes | str]) -> KeyRecord:
@@ -90,18 +113,22 @@ class ApiKeys(Accounts):
         *,
         environment: keys.Environment,
         expires_in: int | None = None,
+        expires_at_us: int = 0,
         policy: KeyPolicy | None = None,
     ) -> tuple[str, KeyRecord]:
-        """A new key for an existing account: (plaintext to show once, stored record)."""
+        """A new key for an existing account: (plaintext to show once, stored record).
+        It expires expires_in seconds from now, or at expires_at_us; else never."""
         await self.require_account(customer_id)
         key = keys.generate(environment)
         hashed = keys.key_hash(key)
         now_us = await self.now_us()
+        if expires_in:
+            expires_at_us = now_us + expires_in * 1_000_000
         record = KeyRecord(
             key_id=keys.key_id(hashed),
             customer_id=customer_id,
             state="active",
-            expires_at_us=now_us + expires_in * 1_000_000 if expires_in else 0,
+            expires_at_us=expires_at_us,
             created_at=now_us // 1_000_000,
             environment=environment,
             policy=policy or NO_POLICY,
@@ -185,15 +212,103 @@ class ApiKeys(Accounts):
                 pipe.hset(key_record_key(hashed), "last_used", at)
             await pipe.execute()
 
-    async def expire_key(self, customer_id: str, key_id: str, at_us: int) -> None:
-        """Sets the key's expiry to at_us, unless it already expires sooner."""
+    async def expire_key(self, customer_id: str, key_id: str, at_us: int) -> int:
+        """Sets the key's expiry to at_us, unless it already expires sooner;
+        returns the expiry it has now."""
         hashed = await self._key_hash(customer_id, key_id)
         async with self._guard("key expiry"):
             current = await self._redis.hget(key_record_key(hashed), "expires_at")
             current_us = int(current or 0)
             if current_us == 0 or at_us < current_us:
                 await self._redis.hset(key_record_key(hashed), "expires_at", at_us)
+                current_us = at_us
         await self.invalidate(key_hash=hashed)
+        return current_us
+
+    async def rotate_key(self, customer_id: str, key_id: str, *, overlap: int) -> Rotation:
+        """A replacement for a usable key (the module's docstring says what it
+        keeps); the old key works overlap seconds more, or until its own expiry
+        if that is sooner. NotFound: no such key; TollwayError: it is revoked,
+        expired, or has no uses left. A failure part way undoes what was done."""
+        old = await self.key_record(customer_id, key_id)
+        if old is None:
+            raise NotFound(f"key {key_id} of {customer_id} does not exist")
+        now_us = await self.now_us()
+        if not old.usable(now_us):
+            state = "revoked" if old.revoked else "expired"
+            raise TollwayError(f"key {key_id} is {state}; issue a new key instead")
+        policy = old.policy
+        moved = 0
+        if policy.uses:
+            moved = await self._take_uses(customer_id, key_id, policy.uses)
+            if moved < 1:
+                raise TollwayError(f"key {key_id} has no uses left; issue a new key instead")
+            policy = replace(policy, uses=moved)
+        environment: keys.Environment = "test" if old.environment == "test" else "live"
+        try:
+            key, record = await self.issue_key(
+                customer_id, environment=environment, expires_at_us=old.expires_at_us, policy=policy
+            )
+        except BaseException:
+            if moved:
+                with contextlib.suppress(TollwayError):
+                    await self._give_uses(customer_id, key_id, moved)
+            raise
+        rotation = Rotation(key, record, old, old.expires_at_us, moved)
+        try:
+            if policy.quota is not None:
+                await self._carry_quota(customer_id, key_id, record.key_id, uses=policy.uses)
+            until = await self.expire_key(customer_id, key_id, now_us + overlap * 1_000_000)
+        except BaseException:
+            with contextlib.suppress(TollwayError):
+                await self.undo_rotation(rotation)
+            raise
+        return replace(rotation, old_expires_at_us=until)
+
+    async def undo_rotation(self, rotation: Rotation) -> None:
+        """Takes a rotation back (its new key reached no one): the new key is
+        revoked, and the old one gets its expiry and its uses back."""
+        old = rotation.replaced
+        await self.revoke_key(old.customer_id, rotation.record.key_id, reason="unrecorded")
+        if rotation.uses_moved:
+            await self._give_uses(old.customer_id, old.key_id, rotation.uses_moved)
+        hashed = await self._key_hash(old.customer_id, old.key_id)
+        async with self._guard("key expiry"):
+            await self._redis.hset(key_record_key(hashed), "expires_at", old.expires_at_us)
+        await self.invalidate(key_hash=hashed)
+
+    async def _take_uses(self, customer_id: str, key_id: str, uses: int) -> int:
+        """Takes every use a key has left (it answers no more requests) and returns
+        how many that was. No lock: the decision script only ever lowers the
+        count, so what one decrement by the count read leaves says how many
+        requests were answered between the read and the decrement."""
+        name = key_limits_key(customer_id, key_id)
+        async with self._guard("key uses"):
+            await self._redis.hsetnx(name, "n", uses)  # a key never used yet: all of them
+            seen = int(await self._redis.hget(name, "n") or 0)
+            if seen < 1:
+                return 0
+            after = int(await self._redis.hincrby(name, "n", -seen))
+            if after != 0:  # requests answered meanwhile: they spent some of what was seen
+                await self._redis.hset(name, "n", 0)
+        return max(0, seen + min(after, 0))
+
+    async def _give_uses(self, customer_id: str, key_id: str, uses: int) -> None:
+        async with self._guard("key uses"):
+            await self._redis.hincrby(key_limits_key(customer_id, key_id), "n", uses)
+
+    async def _carry_quota(self, customer_id: str, old_id: str, new_id: str, *, uses: int) -> None:
+        """Starts the new key's quota counter where the old key's is this period."""
+        async with self._guard("key quota"):
+            kind, start, used = await self._redis.hmget(
+                key_limits_key(customer_id, old_id), ["k", "p", "used"]
+            )
+            if kind is None or start is None or not used:
+                return
+            name = key_limits_key(customer_id, new_id)
+            await self._redis.hset(name, mapping={"k": kind, "p": start, "used": used})
+            if not uses:  # a key with uses keeps its counters for good, as admit.lua does
+                await self._redis.expire(name, _KEY_LIMITS_TTL)
 
     async def revoke_all_keys(self, customer_id: str, *, reason: str = "") -> int:
         """Marks every active key of the account revoked (records stay, for audit)."""

@@ -182,15 +182,16 @@ class AdminServiceServicer:
 
     def UpdateKey(self, request, context):
         """UpdateKey replaces a key's policy; sidecars apply it within a second, and
-        its counters (bucket, quota, uses) start again.
+        its counters (bucket, quota, uses) start again (scope keys:write).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RotateKey(self, request, context):
-        """RotateKey issues a replacement key; the old one keeps working for the
-        overlap, then expires (scope keys:write).
+        """RotateKey issues a replacement key with the old key's policy and expiry
+        (its uses left move to it); the old one keeps working for the overlap,
+        never past its own expiry (scope keys:write).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
