@@ -44,10 +44,12 @@ from envoy.service.accesslog.v3 import als_pb2 as als
 from envoy.service.accesslog.v3 import als_pb2_grpc as als_grpc
 
 from sidecar import settlement
+from sidecar.authorizer import Alert
 from sidecar.envoy import METADATA_NAMESPACE
 from sidecar.errors import StoreUnavailable
 from sidecar.logs import bind_request_id
 from sidecar.metrics import SETTLEMENTS
+from sidecar.quota_alerts import AlertQueue
 from sidecar.settings import Settings
 from sidecar.store import Store
 
@@ -103,10 +105,14 @@ class AccessLogService(als_grpc.AccessLogServiceServicer):  # type: ignore[misc]
         settings: Callable[[], Settings],
         *,
         metered: Callable[[str], None],
+        on_alert: Callable[[Alert], None] | None = None,
     ) -> None:
         self._store = store
         self._settings = settings
         self._metered = metered
+        # What a settlement in credits reached (low balance, a top-up due): queued
+        # for the companion off this path, as the Authorizer's are.
+        self._on_alert = on_alert or AlertQueue(store.notify)
         self._mismatch = settlement.Mismatch(log)
 
     async def StreamAccessLogs(
@@ -158,6 +164,7 @@ class AccessLogService(als_grpc.AccessLogServiceServicer):  # type: ignore[misc]
                 status=status,
                 cost_header=cost,
                 metered=self._metered,
+                on_alert=self._on_alert,
             )
         except StoreUnavailable as exc:
             SETTLEMENTS.labels("access_log", "unavailable").inc()

@@ -266,6 +266,9 @@ class Authorizer:
             # still on its own plan, and a top-up must restore it at once.
             if plan is not None and not answer.credits_fallback:
                 self.shortcuts.learn(turn, plan, outcome, decision)
+        if outcome.top_up and outcome.code is not OutcomeCode.OK:
+            # Refused at zero, nothing burned: a due top-up whose report may be lost, again.
+            self._on_alert(TopUpDue(customer, outcome.plan, outcome.top_up, outcome.credits or 0))
         if outcome.code is not OutcomeCode.OK or plan is None:
             return decision
         self._used(api_key, record)

@@ -103,6 +103,7 @@ class Outcome:
     top_up: str = ""  # the id of the fall past the auto top-up mark it made, if it did
     allotted: int = 0  # units granted in the allotment asked for, beyond the request's cost
     held: int = 0  # units sidecars hold in allotments: they may come back to bucket and quota
+    shadow: OutcomeCode | None = None  # what a limit in shadow mode would have denied with
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +140,7 @@ class Decision:
     reserved: str = ""  # the request id the cost is reserved under, to settle later
     bill_only_success: bool = False  # a 5xx answer refunds the cost (settled by ext_proc)
     credits: int | None = None  # the prepaid balance left (None: the plan burns none)
+    shadow: Reason | None = None  # allowed, though a limit in shadow mode would deny it so
 
     @property
     def deciding_limit(self) -> RateState | QuotaState | None:
@@ -251,6 +253,14 @@ def admitted_locally(
     )
 
 
+# The limits shadow mode applies to, by the code they would have denied with.
+_SHADOW_REASONS: Final[dict[OutcomeCode, Reason]] = {
+    OutcomeCode.RATE_LIMITED: Reason.RATE_LIMITED,
+    OutcomeCode.QUOTA_EXCEEDED: Reason.QUOTA_EXCEEDED,
+    OutcomeCode.CONCURRENCY: Reason.CONCURRENCY_LIMITED,
+}
+
+
 def decision_from_outcome(
     outcome: Outcome,
     *,
@@ -284,8 +294,17 @@ def decision_from_outcome(
     who = {"customer_id": customer_id, "plan": plan.name}
     if code is OutcomeCode.OK:
         rate, quota = _limits(plan, outcome)
+        shadow = _SHADOW_REASONS.get(outcome.shadow) if outcome.shadow else None
         return Decision(
-            True, Reason.OK, "OK", customer_id, plan.name, rate, quota, credits=outcome.credits
+            True,
+            Reason.OK,
+            "OK",
+            customer_id,
+            plan.name,
+            rate,
+            quota,
+            credits=outcome.credits,
+            shadow=shadow,
         )
     if code is OutcomeCode.FEATURE:
         return refuse(

@@ -62,6 +62,8 @@ HTTP_STATUS: Final[Mapping[Reason, tuple[int, int]]] = {
 METADATA_NAMESPACE: Final = "envoy.filters.http.ext_authz"
 # The prepaid balance after the decision, for plans that burn credits.
 CREDITS_HEADER: Final = "x-tollway-credits-remaining"
+# On an admission a limit in shadow mode would have denied: the reason it would give.
+SHADOW_HEADER: Final = "x-tollway-shadow-denied"
 _OVERWRITE: Final = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
@@ -107,11 +109,13 @@ def rate_limit_headers(decision: Decision) -> list[tuple[str, str]]:
 
 
 def client_headers(decision: Decision) -> list[tuple[str, str]]:
-    """What the client sees of its limits: the rate-limit headers, and the
-    prepaid balance left when the plan burns credits."""
+    """What the client sees of its limits: the rate-limit headers, the prepaid
+    balance left when the plan burns credits, and what shadow mode would deny."""
     headers = rate_limit_headers(decision)
     if decision.credits is not None:
         headers.append((CREDITS_HEADER, str(decision.credits)))
+    if decision.shadow is not None:
+        headers.append((SHADOW_HEADER, decision.shadow.value))
     return headers
 
 
@@ -123,8 +127,12 @@ def _options(pairs: list[tuple[str, str]]) -> list[HeaderValueOption]:
 
 
 def identity_headers(decision: Decision, names: HeaderNames) -> list[tuple[str, str]]:
-    """What an allowed request carries upstream: who it is and on which plan."""
-    return [(names.customer, decision.customer_id), (names.plan, decision.plan)]
+    """What an allowed request carries upstream: who it is, on which plan, and
+    what a limit in shadow mode would have denied it for."""
+    headers = [(names.customer, decision.customer_id), (names.plan, decision.plan)]
+    if decision.shadow is not None:
+        headers.append((SHADOW_HEADER, decision.shadow.value))
+    return headers
 
 
 def denial(decision: Decision) -> tuple[int, list[tuple[str, str]], str]:

@@ -32,9 +32,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 
 from sidecar import settlement
+from sidecar.authorizer import Alert
 from sidecar.envoy import METADATA_NAMESPACE
 from sidecar.errors import StoreUnavailable
 from sidecar.metrics import SETTLEMENTS
+from sidecar.quota_alerts import AlertQueue
 from sidecar.settings import Settings
 from sidecar.settlement import real_cost
 from sidecar.store import Store
@@ -65,10 +67,14 @@ class ExtProcService(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[m
         settings: Callable[[], Settings],
         *,
         metered: Callable[[str], None],
+        on_alert: Callable[[Alert], None] | None = None,
     ) -> None:
         self._store = store
         self._settings = settings
         self._metered = metered
+        # What a settlement in credits reached (low balance, a top-up due): queued
+        # for the companion off this path, as the Authorizer's are.
+        self._on_alert = on_alert or AlertQueue(store.notify)
         self._mismatch = settlement.Mismatch(log)
 
     async def Process(
@@ -125,6 +131,7 @@ class ExtProcService(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[m
                 status=int(status) if status.isascii() and status.isdigit() else 200,
                 cost_header=headers.get(cost_header),
                 metered=self._metered,
+                on_alert=self._on_alert,
             )
         except StoreUnavailable as exc:
             count("unavailable")

@@ -20,6 +20,7 @@ from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_authz_grpc
 
 from sidecar import envoy
+from sidecar.admin.grpc_api import peer_host, presented_token
 from sidecar.admin.operations import AdminError
 from sidecar.authorizer import Authorizer
 from sidecar.decision import Decision, Reason
@@ -28,6 +29,8 @@ from sidecar.gen.tollway.v1 import tollway_pb2 as pb
 from sidecar.gen.tollway.v1 import tollway_pb2_grpc as pb_grpc
 from sidecar.logs import bind_request_id
 from sidecar.metrics import USAGE_EVENTS, counted_decision
+from sidecar.plans import Plan
+from sidecar.quota_alerts import AlertQueue, settlement_alerts
 from sidecar.report import usage_report
 from sidecar.settings import Settings
 from sidecar.store.names import valid_customer_id
@@ -85,28 +88,13 @@ _USAGE_CODES = {
 }
 
 
-def presented_token(metadata: object) -> str:
-    """The admin or service token of a call: `authorization: Bearer twadm_…`,
-    or `x-tollway-admin-token`; "" when none."""
-    pairs = metadata if isinstance(metadata, tuple | list) else ()
-    found = {str(k).lower(): str(v) for k, v in pairs}
-    scheme, _, token = found.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return found.get("x-tollway-admin-token", "").strip()
-
-
-def peer_host(peer: str) -> str:
-    """A gRPC peer ("ipv4:10.0.0.1:5000", "ipv6:[::1]:5000") without its port:
-    failed authentications are counted per host, not per connection."""
-    kind, _, rest = peer.partition(":")
-    return f"{kind}:{rest.rsplit(':', 1)[0]}" if ":" in rest else peer
-
-
 class TollwayService(pb_grpc.TollwayServicer):
     def __init__(self, sidecar: Sidecar) -> None:
         self._sidecar = sidecar
         self._authorizer = sidecar.authorizer
+        # What a RecordUsage settling in credits reached (low balance, a top-up
+        # due), queued for the companion as an admission's is.
+        self._alerts = AlertQueue(sidecar.store.notify)
 
     async def Authorize(
         self, request: pb.AuthorizeRequest, context: grpc.aio.ServicerContext
@@ -182,6 +170,13 @@ class TollwayService(pb_grpc.TollwayServicer):
             now=now,
         )
         customer = await self._customer(request, context, "usage:write")
+        # A settlement may be paid from credits: it reports the marks of the plan
+        # its account is on (one more read, only for a settlement where plans burn
+        # credits).
+        plan: Plan | None = None
+        if request.request_id and any(p.credits for p in settings.catalog.plans.values()):
+            account = await self._sidecar.store.get_account(customer)
+            plan = settings.catalog.plans.get(account.plan) if account else None
         recorded = await self._sidecar.store.record_usage(
             customer,
             meter=request.meter,
@@ -191,9 +186,13 @@ class TollwayService(pb_grpc.TollwayServicer):
             dedupe_window=settings.usage.dedupe_window,
             request_id=request.request_id,
             lease_id=request.request_id,  # settling a request ends its lease too
+            low_balance=settings.credits.low_balance_for(plan),
+            top_up_at=settings.credits.top_up_at_for(plan),
             wait_for_aof=settings.usage.wait_for_aof,
             wait_for_replicas=settings.usage.wait_for_replicas,
         )
+        for alert in settlement_alerts(customer, plan.name if plan else "", recorded):
+            self._alerts(alert)
         if recorded.units or (recorded.duplicate and recorded.record_id != "-"):
             # A duplicate may be the retry of a call whose answer was lost: make
             # sure the reporter looks, rather than wait for the periodic sweep.

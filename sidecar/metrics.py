@@ -28,8 +28,11 @@ __all__ = [
     "watch_caches",
 ]
 
+# mode "shadow": allowed, though a limit in shadow mode would have denied it for reason.
 DECISIONS = Counter(
-    "tollway_decisions_total", "Authorization decisions by reason and plan", ["reason", "plan"]
+    "tollway_decisions_total",
+    "Authorization decisions by reason, plan and mode (enforced, or shadow: would deny)",
+    ["reason", "plan", "mode"],
 )
 DECISION_SECONDS = Histogram(
     "tollway_decision_seconds",
@@ -96,15 +99,16 @@ async def counted_decision(authorizer: Authorizer, key: str, **request: Any) -> 
         STORE_ERRORS.labels(exc.cause).inc()
         raise
     DECISION_SECONDS.observe(time.perf_counter() - started)
-    labels = (decision.reason, decision.plan)
+    labels = (decision.shadow or decision.reason, decision.plan, decision.shadow is not None)
     counter = _decision_counters.get(labels)
     if counter is None:  # labels() costs more than the rest of a cached decision
         if len(_decision_counters) > 10_000:
             _decision_counters.clear()  # bounded, whatever the plans: looked up again
-        counter = DECISIONS.labels(decision.reason.value, decision.plan or "-")
+        mode = "shadow" if labels[2] else "enforced"
+        counter = DECISIONS.labels(labels[0].value, decision.plan or "-", mode)
         _decision_counters[labels] = counter
     counter.inc()
     return decision
 
 
-_decision_counters: dict[tuple[Reason, str], Counter] = {}
+_decision_counters: dict[tuple[Reason, str, bool], Counter] = {}

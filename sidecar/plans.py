@@ -18,7 +18,11 @@ names where it is (``plans[1] 'pro': rate``) so a bad file is one clear line.
     credits = true                     # each allowed request's cost burns prepaid credits
     credits_exhausted = "block"        # at zero: 402 credits_exhausted; or "bill" (meter it),
                                        # or a plan name (that plan's limits until a top-up)
+    auto_top_up_at = 500               # optional, with auto_top_up_pack (credits plans only):
+    auto_top_up_pack = "10k"           #   this plan's accounts' default, over [credits]'
     enforcement = "leased"             # or "exact" (default): see "Leased enforcement"
+    shadow = ["quota"]                 # optional: these limits (or all: true) never deny;
+                                       #   what they would deny is counted and flagged
 
     [[credit_packs]]
     name = "10k"
@@ -48,10 +52,22 @@ from typing import Any, Final, Literal
 from sidecar.errors import ConfigError
 from sidecar.fields import Table
 
-__all__ = ["Catalog", "CreditPack", "Meter", "Plan", "Quota", "Rate", "Route", "parse_catalog"]
+__all__ = [
+    "SHADOW_LIMITS",
+    "Catalog",
+    "CreditPack",
+    "Meter",
+    "Plan",
+    "Quota",
+    "Rate",
+    "Route",
+    "parse_catalog",
+]
 
 Overage = Literal["block", "bill"]
 Enforcement = Literal["exact", "leased"]
+# The limits shadow mode can apply to: decided and counted, never denying.
+SHADOW_LIMITS: Final = frozenset({"rate", "quota", "concurrency"})
 Period = Literal["hour", "day", "month"]
 
 _RATE_UNITS: Final = {
@@ -75,6 +91,7 @@ _PLAN_FIELDS: Final = frozenset(
         "quota",
         "overage",
         "features",
+        "shadow",
         "description",
         "meter",
         "concurrency",
@@ -82,6 +99,8 @@ _PLAN_FIELDS: Final = frozenset(
         "bill_only_success",
         "credits",
         "credits_exhausted",
+        "auto_top_up_at",
+        "auto_top_up_pack",
         "enforcement",
     }
 )
@@ -134,9 +153,16 @@ class Plan:
     # What a request the balance cannot cover gets: "block" (402), "bill" (admitted,
     # its cost metered to the plan's meter), or "plan:<name>" (that plan's limits).
     credits_exhausted: str = "block"
+    # Auto top-up for this plan's accounts without a mark of their own, over
+    # [credits] auto_top_up_at / auto_top_up_pack (None: those apply).
+    auto_top_up_at: int | None = None
+    auto_top_up_pack: str | None = None
     # "leased": a sidecar takes an allotment of the bucket and the quota from Redis and
     # admits the account's next requests from it in-process (sidecar/allotments.py).
     enforcement: Enforcement = "exact"
+    # Limits in shadow mode (rate, quota, concurrency): decided and counted as usual,
+    # but what they would deny is admitted, with the reason it would have had.
+    shadow: frozenset[str] = frozenset()
 
     @property
     def credits_fallback(self) -> str:
@@ -270,6 +296,13 @@ def _parse_plan(raw: Any, index: int) -> Plan:
         )
     if exhausted == "bill" and meter is None:
         raise ConfigError(f'{where}: credits_exhausted: "bill" needs a meter to bill to')
+    top_up_at = entry.integer("auto_top_up_at", -1, what="a balance >= 0", valid=lambda n: n >= 0)
+    top_up_pack = entry.string("auto_top_up_pack", None, what="a credit pack's name")
+    for name_of in ("auto_top_up_at", "auto_top_up_pack"):
+        if name_of in entry.data and not credits:
+            raise ConfigError(f"{where}: {name_of}: only for a plan with credits = true")
+    if (top_up_pack is None) != (top_up_at < 0):
+        raise ConfigError(f"{where}: auto_top_up_at and auto_top_up_pack: set both (or neither)")
     enforcement = entry.string(
         "enforcement", "exact", what='"exact" or "leased"', valid=_ENFORCEMENTS.get
     )
@@ -278,6 +311,7 @@ def _parse_plan(raw: Any, index: int) -> Plan:
             f'{where}: bill_only_success: a plan with enforcement = "leased" reserves nothing '
             "to refund: each request costs its route's cost when admitted"
         )
+    shadow = _parse_shadow(entry.data.get("shadow", False), f"{where}: shadow")
     price = entry.string("stripe_price", None, what="a string")
     lookup = entry.string("stripe_lookup_key", None, what="a string")
     if price is not None and not price.startswith("price_"):
@@ -289,6 +323,7 @@ def _parse_plan(raw: Any, index: int) -> Plan:
         quota=quota,
         overage=_OVERAGES[overage],
         features=frozenset(features),
+        shadow=shadow,
         stripe_price=price,
         stripe_lookup_key=lookup,
         meter=meter,
@@ -297,6 +332,8 @@ def _parse_plan(raw: Any, index: int) -> Plan:
         bill_only_success=only_success,
         credits=credits,
         credits_exhausted=exhausted,
+        auto_top_up_at=None if top_up_at < 0 else top_up_at,
+        auto_top_up_pack=top_up_pack,
         enforcement=_ENFORCEMENTS[enforcement],
     )
 
@@ -336,6 +373,19 @@ def _parse_meter(raw: Any, index: int) -> Meter:
         echo=False,
     )
     return Meter(name=name, event_name=event_name)
+
+
+def _parse_shadow(raw: object, where: str) -> frozenset[str]:
+    """shadow = true (every limit of the plan) or a list of them: rollouts start with one."""
+    if raw is True:
+        return SHADOW_LIMITS
+    if raw is False:
+        return frozenset()
+    names = raw if isinstance(raw, list) else None
+    if names is None or not all(isinstance(n, str) and n in SHADOW_LIMITS for n in names):
+        choices = ", ".join(f'"{n}"' for n in sorted(SHADOW_LIMITS))
+        raise ConfigError(f"{where}: expected true, false or a list of {choices}")
+    return frozenset(names)
 
 
 def _parse_route(raw: Any, index: int, features: frozenset[str]) -> Route:
@@ -417,6 +467,11 @@ def parse_catalog(data: Mapping[str, Any]) -> Catalog:
             )
         packs[pack.name] = pack
     for plan in plans.values():
+        pack_name = plan.auto_top_up_pack
+        if pack_name is not None and pack_name not in packs:
+            raise ConfigError(
+                f"plans '{plan.name}': auto_top_up_pack: {pack_name!r} is not in [[credit_packs]]"
+            )
         fallback = plan.credits_fallback
         if fallback and (fallback not in plans or fallback == plan.name):
             raise ConfigError(

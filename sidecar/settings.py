@@ -18,7 +18,8 @@ an environment mapping (passed in, so tests need no patching).
     [usage]    dedupe_window = "24h"  reservation_ttl = "5m"  thresholds = [80, 100]
                wait_for_aof = false  wait_for_replicas = 0
     [credits]  low_balance = [100, 0]  top_up_url = "https://…/pricing"   (plans with credits)
-               auto_top_up_at = 100  auto_top_up_pack = "10k"   (optional; both or neither)
+               auto_top_up_at = 100  auto_top_up_pack = "10k"   (optional; both or neither;
+               a [[plans]] entry may set its own pair for its accounts)
     [envoy]    settlement = "none" | "ext_proc" | "access_log"  cost_header = "x-tollway-cost"
                ext_proc = true (older spelling of settlement = "ext_proc")
     [stripe]   read by the companion (webhook/config.py)
@@ -36,7 +37,7 @@ from typing import Any, Final, Literal, cast
 from sidecar.durations import parse_duration
 from sidecar.errors import ConfigError
 from sidecar.fields import Table, expect
-from sidecar.plans import Catalog, parse_catalog
+from sidecar.plans import Catalog, Plan, parse_catalog
 from sidecar.tls import TlsFiles
 
 __all__ = [
@@ -141,6 +142,23 @@ class Credits:
     # set its own mark or turn it off (Store.set_auto_top_up).
     auto_top_up_at: int | None = None
     auto_top_up_pack: str | None = None
+
+    def top_up_at_for(self, plan: Plan | None) -> int | None:
+        """The auto top-up mark of an account on plan that has no mark of its own:
+        the plan's auto_top_up_at, else [credits]'. Pure."""
+        if plan is not None and plan.auto_top_up_at is not None:
+            return plan.auto_top_up_at
+        return self.auto_top_up_at
+
+    def top_up_pack_for(self, plan: Plan | None) -> str | None:
+        """The pack an auto top-up buys for an account on plan. Pure."""
+        if plan is not None and plan.auto_top_up_pack is not None:
+            return plan.auto_top_up_pack
+        return self.auto_top_up_pack
+
+    def low_balance_for(self, plan: Plan | None) -> tuple[int, ...]:
+        """The low-balance marks that notify for plan's accounts (none without credits)."""
+        return self.low_balance if plan is not None and plan.credits else ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,9 @@ warily, and metadata it cannot read settles nothing.
   (the estimate was metered on admission).
 - `Settled.charged` is the cost this call applied, None when it applied none
   (no reservation, a duplicate): a transport states a charge only if it has one.
+- A reservation paid from credits settles in credits, with the plan's
+  low-balance and auto top-up marks: the marks its burn reaches are handed to
+  on_alert (an AlertQueue), exactly as an admission's are.
 - StoreUnavailable propagates; the caller logs it. The reservation then bills
   at its estimate after reservation_ttl, and the lease frees itself at lease_ttl.
 """
@@ -32,6 +35,8 @@ from typing import Final
 
 from google.protobuf.struct_pb2 import Struct
 
+from sidecar.authorizer import Alert
+from sidecar.quota_alerts import settlement_alerts
 from sidecar.settings import Settings
 from sidecar.store import Store
 from sidecar.store.names import valid_customer_id
@@ -137,11 +142,13 @@ async def settle(
     status: int,
     cost_header: str | None,
     metered: Callable[[str], None],
+    on_alert: Callable[[Alert], None],
 ) -> Settled:
     """Settles the request's reservation at its real cost (or only releases its
     lease). status: the response's HTTP status (0 if none was sent); cost_header:
     the upstream's cost, as sent, if it sent one. metered(customer) is told of
-    usage to bill. StoreUnavailable propagates."""
+    usage to bill, on_alert of each mark a settlement in credits reached (it must
+    not block). StoreUnavailable propagates."""
     if not request.request_id:
         await store.release(request.customer, request.lease_id)
         return Settled(charged=None)
@@ -161,9 +168,13 @@ async def settle(
         dedupe_window=settings.usage.dedupe_window,
         request_id=request.request_id,
         lease_id=request.lease_id,
+        low_balance=settings.credits.low_balance_for(plan),
+        top_up_at=settings.credits.top_up_at_for(plan),
     )
     if recorded.units:
         metered(request.customer)
+    for alert in settlement_alerts(request.customer, request.plan, recorded):
+        on_alert(alert)
     if recorded.duplicate:
         return Settled(charged=None, quota_used=recorded.quota_used, duplicate=True)
     return Settled(charged=cost, quota_used=recorded.quota_used)

@@ -225,7 +225,7 @@ class Shortcuts:
         if plan is None or (feature is not None and feature not in plan.features):
             return None  # the script would answer "plan changed" or "feature" first
         reading = self.buckets.get(customer)
-        if reading is not None and reading.plan == plan.name:
+        if reading is not None and reading.plan == plan.name and "rate" not in plan.shadow:
             upper = self._upper_bound(plan, reading)
             if cost > upper:
                 return _rate_denial(customer, plan, cost, upper)
@@ -238,8 +238,8 @@ class Shortcuts:
     def bound(self, customer: str, plan: Plan | None) -> float | None:
         """The most the account's bucket can hold now under plan, or None if unknown."""
         reading = self.buckets.get(customer)
-        if plan is None or reading is None or reading.plan != plan.name:
-            return None
+        if plan is None or reading is None or reading.plan != plan.name or "rate" in plan.shadow:
+            return None  # (a rate limit in shadow mode never holds a request back)
         return self._upper_bound(plan, reading)
 
     def learn(self, turn: Turn, plan: Plan, outcome: Outcome, decision: Decision) -> None:

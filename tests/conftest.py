@@ -117,6 +117,20 @@ burst = 100
 credits = true
 credits_exhausted = "tight"
 
+[[plans]]
+name = "shadowed"
+rate = "1/min"
+burst = 2
+quota = "3/day"
+shadow = true
+
+[[plans]]
+name = "shadow_quota"
+rate = "1/min"
+burst = 2
+quota = "1/day"
+shadow = ["quota"]
+
 [credits]
 low_balance = [5, 0]
 top_up_url = "https://api.example.com/pricing"

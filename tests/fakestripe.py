@@ -12,9 +12,14 @@ One-time payments work too: ``add_price(..., recurring=False)`` makes a one_time
 Checkout Sessions take ``mode=payment``, and PaymentIntents can be created (``confirm=true``
 charges a card ``pm_...`` at once), retrieved, confirmed and listed. As on Stripe, a
 PaymentIntent never picks the customer's invoice_settings.default_payment_method by itself:
-pass it as ``payment_method``. Test control: ``attach_payment_method`` saves a card as the
-customer's default, ``decline_payment_methods_of`` makes that customer's cards decline (402
-card_error), ``payment_intents()`` shows what was charged.
+pass it as ``payment_method``. Cards are kept where Stripe keeps them: Checkout never sets
+the customer's invoice_settings.default_payment_method; a payment-mode Checkout with
+setup_future_usage attaches its card to the customer, a subscription-mode one attaches it
+and makes it the subscription's default_payment_method; a customer's cards are listed
+newest first (``/v1/customers/:id/payment_methods``, ``/v1/payment_methods?customer=``).
+Test control: ``attach_payment_method`` saves a card to the customer (by default as its
+invoice default, as the Billing portal does), ``decline_payment_methods_of`` makes that
+customer's cards decline (402 card_error), ``payment_intents()`` shows what was charged.
 
     with FakeStripe() as fake:
         fake.add_price("price_basic", lookup_key="basic_monthly")
@@ -429,6 +434,7 @@ class FakeStripe:
                 re.compile(r"/v1/customers/([^/]+)/payment_methods"),
                 self._list_customer_payment_methods,
             ),
+            ("GET", re.compile(r"/v1/payment_methods"), self._list_payment_methods),
             ("GET", re.compile(r"/v1/payment_methods/([^/]+)"), self._get_payment_method),
             ("POST", re.compile(r"/v1/payment_intents"), self._create_payment_intent),
             ("GET", re.compile(r"/v1/payment_intents"), self._list_payment_intents),
@@ -638,14 +644,16 @@ class FakeStripe:
         """What paying does; returns the completed session, as a checkout.session.completed
         event carries it.
 
-        mode=subscription: a customer (if the session had only an email), a subscription
-        (`status`) from the recurring line items with subscription_data[metadata].
+        mode=subscription: a customer (if the session had only an email), a new card
+        ``pm_...`` attached to it, and a subscription (`status`) from the recurring line
+        items with subscription_data[metadata] and that card as its default_payment_method.
         mode=payment: a customer if one is needed (customer_creation=always,
         payment_intent_data[setup_future_usage], or invoice_creation[enabled]), then a
         succeeded PaymentIntent for amount_total with payment_intent_data[metadata] and a new
-        card ``pm_...``; with setup_future_usage=off_session that card is attached to the
-        customer and made its invoice_settings.default_payment_method (on_session: attached
-        only). Either way the session ends complete and paid."""
+        card ``pm_...``; with setup_future_usage (off_session or on_session) that card is
+        attached to the customer. As on Stripe, neither sets the customer's
+        invoice_settings.default_payment_method. Either way the session ends complete and
+        paid."""
         with self._lock:
             session = self._sessions.get(session_id)
             if session is None:
@@ -666,7 +674,9 @@ class FakeStripe:
                 if li["price"]["type"] == "recurring"
             ]
             metadata = dict(session.subscription_data.get("metadata") or {})
+            card = self._new_payment_method(customer_id, email=email)
             sub = self._new_subscription(customer_id, items, status, metadata)
+            sub["default_payment_method"] = card["id"]
             public.update(
                 status="complete",
                 payment_status="paid",
@@ -703,10 +713,7 @@ class FakeStripe:
         )
         self._succeed(intent, pm)
         if customer_id is not None and future is not None:
-            pm["customer"] = customer_id
-            if future == "off_session":
-                settings = self._customers[customer_id]["invoice_settings"]
-                settings["default_payment_method"] = pm["id"]
+            pm["customer"] = customer_id  # attached only: the invoice default stays as it was
         public.update(
             status="complete",
             payment_status="paid",
@@ -729,7 +736,8 @@ class FakeStripe:
 
     def attach_payment_method(self, customer_id: str, *, default: bool = True) -> str:
         """A new card ``pm_...`` attached to the customer (registered on the fly if unknown)
-        and, unless ``default=False``, made its invoice_settings.default_payment_method."""
+        and, unless ``default=False``, made its invoice_settings.default_payment_method (as
+        the Billing portal or an API call does; Checkout never does)."""
         with self._lock:
             if customer_id not in self._customers:
                 self._new_customer(customer_id=customer_id)
@@ -2007,14 +2015,30 @@ class FakeStripe:
         self._allow(params, ["type", "allow_redisplay", "limit", "starting_after", "ending_before"])
         if ids[0] not in self._customers:
             raise _missing("customer", ids[0])
+        url = f"/v1/customers/{ids[0]}/payment_methods"
+        return 200, self._page(self._cards_of(ids[0], params), params, url, "PaymentMethod")
+
+    def _list_payment_methods(self, params: dict[str, Any], _: tuple[str, ...]) -> tuple[int, JSON]:
+        """GET /v1/payment_methods: a customer's, with `customer`; without it Stripe lists
+        only Treasury payment methods, of which there are none here."""
+        self._allow(
+            params,
+            ["customer", "type", "allow_redisplay", "limit", "starting_after", "ending_before"],
+        )
+        customer = self._str(params, "customer")
+        if customer is not None and customer not in self._customers:
+            raise _missing("customer", customer, param="customer", status=400)
+        items = self._cards_of(customer, params) if customer is not None else []
+        return 200, self._page(items, params, "/v1/payment_methods", "PaymentMethod")
+
+    def _cards_of(self, customer: str, params: Mapping[str, Any]) -> list[JSON]:
+        """The customer's attached payment methods (of `type`, if given), newest first."""
         kind = self._str(params, "type")
-        items = [
+        return [
             pm
             for pm in reversed(self._payment_methods.values())
-            if pm["customer"] == ids[0] and (kind is None or pm["type"] == kind)
+            if pm["customer"] == customer and (kind is None or pm["type"] == kind)
         ]
-        url = f"/v1/customers/{ids[0]}/payment_methods"
-        return 200, self._page(items, params, url, "PaymentMethod")
 
     def _create_payment_intent(
         self, params: dict[str, Any], _: tuple[str, ...]

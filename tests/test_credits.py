@@ -8,13 +8,16 @@ import asyncio
 import random
 import time
 from collections.abc import Iterator
+from importlib import resources
 
 import pytest
 
 from sidecar.decision import OutcomeCode
 from sidecar.plans import Plan, Rate, parse_catalog
-from sidecar.store import Store, connect
+from sidecar.store import Recorded, Store, connect
 from sidecar.store.admission import admission
+from sidecar.store.names import credits_key
+from sidecar.store.text import text
 from tests.conftest import new_customer
 
 CATALOG = parse_catalog(
@@ -443,3 +446,231 @@ def test_the_ledger_adds_up_when_connections_are_cut_mid_burn(
 
     with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379) as proxy:
         aio.run(go(proxy))
+
+
+# -- auto top-up: settlements, lost reports, grants that leave the balance low ----------
+
+
+async def settle(
+    store: Store,
+    customer: str,
+    request_id: str,
+    real: int,
+    *,
+    low: tuple[int, ...] = (),
+    top_up_at: int | None = None,
+) -> Recorded:
+    return await store.record_usage(
+        customer,
+        meter="",
+        quantity=real,
+        at=0,
+        idempotency=f"settle:{request_id}",
+        dedupe_window=86400,
+        request_id=request_id,
+        low_balance=low,
+        top_up_at=top_up_at,
+    )
+
+
+async def burn_for_top_up(store: Store, customer: str, cost: int = 1, *, at: int = 3) -> str:
+    """One admission with the auto top-up mark at `at`: the fall it reports ("" for none)."""
+    request = admission(PREPAID, cost=cost, feature_ok=True, key_expires_at_us=0, top_up_at=at)
+    outcome = await store.admit(customer, request)
+    assert outcome.code is OutcomeCode.OK
+    return outcome.top_up
+
+
+def test_a_settled_cost_reports_the_low_balance_and_top_up_marks_its_burn_reaches(
+    aio: asyncio.Runner, cstore: Store
+) -> None:
+    async def go() -> None:
+        customer = await account(cstore)
+        await cstore.grant_credits(customer, grant_id="g", credits=10)
+        assert await spend(cstore, customer, request_id="r1", low=(5, 0), top_up_at=3) is (
+            OutcomeCode.OK
+        )
+        # The upstream says 7, not 1: 6 more burn, 9 -> 3, past the marks 5 and 3.
+        settled = await settle(cstore, customer, "r1", 7, low=(5, 0), top_up_at=3)
+        assert (settled.credits, settled.low_balance) == (3, (5,))
+        assert settled.top_up and settled.top_up == await cstore.due_top_up(customer)
+        again = await settle(cstore, customer, "r1", 7, low=(5, 0), top_up_at=3)
+        assert again.duplicate
+        assert (again.credits, again.low_balance, again.top_up) == (None, (), "")
+        # The next fall, past 0, is reported once too; the top-up is due already.
+        assert await spend(cstore, customer, request_id="r2", low=(5, 0), top_up_at=3) is (
+            OutcomeCode.OK
+        )
+        last = await settle(cstore, customer, "r2", 3, low=(5, 0), top_up_at=3)
+        assert (last.credits, last.low_balance, last.top_up) == (0, (0,), "")
+
+    aio.run(go())
+
+
+def test_a_settlement_not_paid_from_credits_reports_no_balance(
+    aio: asyncio.Runner, cstore: Store
+) -> None:
+    plain = CATALOG.plans["plain"]
+
+    async def go() -> None:
+        customer = await account(cstore, "plain")
+        assert await spend(cstore, customer, plan=plain, request_id="r") is OutcomeCode.OK
+        settled = await settle(cstore, customer, "r", 4, low=(5, 0), top_up_at=3)
+        assert (settled.credits, settled.low_balance, settled.top_up) == (None, (), "")
+
+    aio.run(go())
+
+
+def test_a_due_top_up_is_reported_again_once_a_minute_until_a_grant(
+    aio: asyncio.Runner, cstore: Store, clock: Clock
+) -> None:
+    """Its report may have been lost (a Redis blip, a sidecar killed): every burn or
+    settlement a minute after the last report reports the same fall again."""
+
+    async def go() -> None:
+        customer = await account(cstore)
+        await cstore.grant_credits(customer, grant_id="g", credits=50)
+        for request in ("r1", "r2"):
+            assert await spend(cstore, customer, request_id=request) is OutcomeCode.OK
+        fall = await burn_for_top_up(cstore, customer, 45)  # 48 -> 3: the fall
+        assert fall
+        clock.advance(59)
+        assert await burn_for_top_up(cstore, customer) == ""  # 2: not a minute yet
+        clock.advance(1)
+        assert await burn_for_top_up(cstore, customer) == fall  # 1: the same fall, again
+        assert await burn_for_top_up(cstore, customer) == ""  # 0: once a minute at most
+        clock.advance(30)
+        assert (await settle(cstore, customer, "r1", 0, top_up_at=3)).top_up == ""
+        clock.advance(30)
+        # A settlement reports it too (here a refund: 1 -> 2).
+        assert (await settle(cstore, customer, "r2", 0, top_up_at=3)).top_up == fall
+        assert await cstore.due_top_up(customer) == fall
+        # The top-up lands: nothing is due, nothing reported again.
+        granted = await cstore.grant_credits(customer, grant_id="pi_1", credits=20, top_up_at=3)
+        assert (granted.balance, granted.top_up) == (22, "")
+        assert await cstore.due_top_up(customer) is None
+        clock.advance(61)
+        assert await burn_for_top_up(cstore, customer) == ""
+
+    aio.run(go())
+
+
+def test_a_due_top_up_is_not_reported_again_for_an_account_that_turned_it_off(
+    aio: asyncio.Runner, cstore: Store, clock: Clock
+) -> None:
+    async def go() -> None:
+        customer = await account(cstore)
+        await cstore.grant_credits(customer, grant_id="g", credits=10)
+        assert await burn_for_top_up(cstore, customer, 7)
+        await cstore.set_auto_top_up(customer, "off")
+        clock.advance(120)
+        assert await burn_for_top_up(cstore, customer) == ""
+
+    aio.run(go())
+
+
+DUE_AGAIN = """
+local cr = credits_lib()
+local c = cr.load(KEYS[1])
+local due = cr.due_again(c, tonumber(ARGV[1]))
+cr.save(c)
+return {due, redis.call("HGET", KEYS[1], "tr") or ""}
+"""
+
+
+def test_due_again_gives_a_due_fall_once_a_minute_whoever_calls_it(
+    aio: asyncio.Runner, cstore: Store
+) -> None:
+    """cr.due_again, for a script with nothing to burn (a 402 at zero), run against
+    the real Valkey from shared/credits.lua as the loader inlines it."""
+    source = resources.files("sidecar.store").joinpath("shared/credits.lua").read_text()
+    script = cstore.redis.register_script(source + DUE_AGAIN)
+    began = START_US  # the fall's id says when it began; no report noted yet
+
+    async def due_again(customer: str, at_us: int) -> tuple[str, str]:
+        raw = await script(keys=[credits_key(customer)], args=[at_us])
+        return text(raw[0]), text(raw[1])
+
+    async def go() -> None:
+        customer = new_customer()
+        assert await due_again(customer, began) == ("", "")  # nothing due
+        await cstore.redis.hset(credits_key(customer), "tu", f"{began}-1")
+        assert await due_again(customer, began + 59_999_999) == ("", "")
+        at = began + 60_000_000
+        assert await due_again(customer, at) == (f"{began}-1", str(at // 1_000_000))
+        assert await due_again(customer, at + 59_000_000) == ("", str(at // 1_000_000))
+        assert (await due_again(customer, at + 60_000_000))[0] == f"{began}-1"
+
+    aio.run(go())
+
+
+def test_a_grant_that_leaves_the_balance_at_the_mark_starts_a_new_fall(
+    aio: asyncio.Runner, cstore: Store
+) -> None:
+    """The balance fell further while a top-up was on its way, and the pack does not
+    lift it above the mark: no burn could make a fall any more, so the grant does."""
+
+    async def go() -> None:
+        customer = await account(cstore)
+        await cstore.grant_credits(customer, grant_id="g", credits=6)
+        first = await burn_for_top_up(cstore, customer, 3)  # 3: the fall
+        assert first and await burn_for_top_up(cstore, customer, 3) == ""  # 0, still due
+        landed = await cstore.grant_credits(customer, grant_id="pi_1", credits=2, top_up_at=3)
+        assert landed.result == "granted" and landed.balance == 2
+        assert landed.top_up and landed.top_up != first  # a fall of its own
+        assert await cstore.due_top_up(customer) == landed.top_up
+        again = await cstore.grant_credits(customer, grant_id="pi_1", credits=2, top_up_at=3)
+        assert (again.result, again.top_up) == ("duplicate", "")  # counted once
+        # A grant that lifts the balance above the mark starts none; the next burn
+        # past the mark does, as ever.
+        above = await cstore.grant_credits(customer, grant_id="pi_2", credits=10, top_up_at=3)
+        assert (above.balance, above.top_up) == (12, "")
+        assert await cstore.due_top_up(customer) is None
+        assert await burn_for_top_up(cstore, customer, 9)
+        # The account's own setting decides, over the plan's mark.
+        await cstore.set_auto_top_up(customer, "off")
+        off = await cstore.grant_credits(customer, grant_id="pi_3", credits=1, top_up_at=3)
+        assert (off.balance, off.top_up) == (4, "")
+        await cstore.set_auto_top_up(customer, 10)
+        own = await cstore.grant_credits(customer, grant_id="pi_4", credits=1)
+        assert (own.balance, bool(own.top_up)) == (5, True)
+        # Without a mark there is no fall.
+        await cstore.set_auto_top_up(customer, None)
+        none = await cstore.grant_credits(customer, grant_id="pi_5", credits=1)
+        assert (none.balance, none.top_up) == (6, "")
+
+    aio.run(go())
+
+
+def test_a_plans_own_auto_top_up_mark_wins_over_the_default(
+    aio: asyncio.Runner, cstore: Store
+) -> None:
+    own = parse_catalog(
+        {
+            "plans": [
+                {
+                    "name": "prepaid_own",
+                    "rate": "1000/s",
+                    "credits": True,
+                    "auto_top_up_at": 20,
+                    "auto_top_up_pack": "big",
+                }
+            ],
+            "credit_packs": [{"name": "big", "credits": 1000}],
+        }
+    ).plans["prepaid_own"]
+
+    async def fall(customer: str, plan: Plan, cost: int) -> str:
+        request = admission(plan, cost=cost, feature_ok=True, key_expires_at_us=0, top_up_at=3)
+        return (await cstore.admit(customer, request)).top_up
+
+    async def go() -> None:
+        customer = await account(cstore, "prepaid_own")
+        await cstore.grant_credits(customer, grant_id="g", credits=25)
+        assert await fall(customer, own, 5)  # 20: the plan's mark, not the default's 3
+        other = await account(cstore)
+        await cstore.grant_credits(other, grant_id="g", credits=25)
+        assert not await fall(other, PREPAID, 5)  # 20 is nothing on a plan without its own
+        assert await fall(other, PREPAID, 17)  # 3 is
+
+    aio.run(go())

@@ -1,4 +1,4 @@
-"""`tollway credits grant` and `tollway credits show` (issue #15), run as a user
+"""`tollway credits grant`, `show` and `auto-top-up` (issue #15), run as a user
 runs them, against the real Valkey; and the balance in `tollway usage show`."""
 
 from __future__ import annotations
@@ -8,11 +8,12 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Customer, eventually, new_customer
+from tests.conftest import TEST_CONFIG, Customer, eventually, new_customer
 
 pytestmark = pytest.mark.servers  # the real Valkey
 
@@ -161,3 +162,49 @@ def test_usage_show_mentions_the_balance(cli: Cli, make_customer: MakeCustomer) 
     # An account never granted credits, on a plan without them: no balance line.
     plain = make_customer("basic")
     assert "credits" not in ok(cli("usage", "show", "--customer", plain.id)).stdout
+
+
+def auto_top_up(cli: Cli, customer: str, *choice: str, config: Path | None = None) -> Any:
+    """`tollway credits auto-top-up` with --json (and another config file, if given):
+    the setting it reports."""
+    extra = {"TOLLWAY_CONFIG": str(config)} if config else None
+    args = ("credits", "auto-top-up", "--customer", customer, *choice, "--json")
+    return as_json(cli(*args, extra_env=extra))["auto_top_up"]
+
+
+def test_auto_top_up_sets_an_accounts_own_mark_turns_it_off_or_back_to_the_default(
+    cli: Cli, make_customer: MakeCustomer, tmp_path: Path
+) -> None:
+    line = 'top_up_url = "https://api.example.com/pricing"\n'
+    config = tmp_path / "tollway.toml"  # TEST_CONFIG, topping up at 3 with "starter"
+    config.write_text(
+        TEST_CONFIG.replace(line, f'{line}auto_top_up_at = 3\nauto_top_up_pack = "starter"\n')
+    )
+    with_config = {"TOLLWAY_CONFIG": str(config)}
+    c = make_customer("prepaid")
+    own = {"enabled": True, "at": 50, "pack": "starter"}
+    assert auto_top_up(cli, c.id, "--at", "50", config=config) == own
+    shown = as_json(cli("credits", "show", "--customer", c.id, "--json", extra_env=with_config))
+    assert shown["auto_top_up"] == own
+    off = ok(cli("credits", "auto-top-up", "--customer", c.id, "--off", extra_env=with_config))
+    assert f"{c.id}: auto top-up off" in off.stdout
+    assert auto_top_up(cli, c.id, "--default", config=config) == {
+        "enabled": True,
+        "at": 3,
+        "pack": "starter",
+    }
+    # Under a config with no pack to buy, no account is topped up, whatever its own mark.
+    assert as_json(cli("credits", "show", "--customer", c.id, "--json"))["auto_top_up"] == {
+        "enabled": False
+    }
+
+
+def test_auto_top_up_refuses_a_mark_without_a_pack_or_below_zero(
+    cli: Cli, make_customer: MakeCustomer
+) -> None:
+    c = make_customer("prepaid")  # the test config sets no auto_top_up_pack
+    error = one_line_error(cli("credits", "auto-top-up", "--customer", c.id, "--at", "50"))
+    assert "auto_top_up_pack is not set" in error
+    assert "--at" in one_line_error(cli("credits", "auto-top-up", "--customer", c.id, "--at", "-1"))
+    assert auto_top_up(cli, c.id, "--off") == {"enabled": False}
+    one_line_error(cli("credits", "auto-top-up", "--customer", new_customer(), "--off"))

@@ -6,10 +6,13 @@ of the echo upstream, the real sidecar, and balances in the real Valkey.
 Each test is a claim a customer or an operator can see: what a balance buys,
 the 402 when it runs out, what a grant restores, how a settled cost burns or
 refunds, the plans that bill or fall back instead of refusing, two sidecars
-burning one balance, the gRPC API's view of it, and low-balance notices.
+burning one balance, the gRPC API's view of it, and low-balance notices (from
+admissions and from settlements through either shipped config).
 
 Not covered: a 5xx refund in credits. That needs a credits plan (or route)
-with bill_only_success, and tests/conftest.py's TEST_CONFIG has none.
+with bill_only_success, and tests/conftest.py's TEST_CONFIG has none. Nor a
+cost-3 route through Envoy (its one dear route, /v1/heavy, costs 4); the cost-3
+402 of the README is asked through Authorize instead.
 """
 
 from __future__ import annotations
@@ -406,6 +409,20 @@ def test_two_sidecars_burning_one_balance_allow_exactly_what_it_holds(
 # -- the gRPC API -----------------------------------------------------------------
 
 
+def test_a_request_costing_3_with_2_left_is_refused_naming_both(
+    tollway_stub: Stub, make_customer: MakeCustomer, redis_url: str
+) -> None:
+    c = make_customer("prepaid")
+    grant(redis_url, c, 2)
+    denied = authorize(tollway_stub, c, cost=3)
+    assert not denied.allowed and denied.reason == pb.REASON_CREDITS_EXHAUSTED
+    assert denied.message == (
+        "Prepaid credits exhausted: this request costs 3 and the balance is 2; "
+        f"top up at {TOP_UP_URL} to continue"
+    )
+    assert balance(redis_url, c) == 2
+
+
 def test_authorize_reports_the_balance_and_credits_exhausted(
     tollway_stub: Stub, make_customer: MakeCustomer, redis_url: str
 ) -> None:
@@ -511,3 +528,20 @@ def test_one_burn_past_both_marks_notifies_each(
     eventually(
         lambda: sorted(low_balance_notices(redis_url, cursor, c)) == [(0, 0), (5, 0)], within=2
     )
+
+
+def test_a_settled_cost_past_a_mark_notifies_it_once(
+    http: httpx.Client, make_customer: MakeCustomer, redis_url: str
+) -> None:
+    """Settled through the access log (envoy.yaml) or ext_proc (envoy-grpc.yaml)."""
+    c = make_customer("prepaid")
+    cursor = notifications_cursor(redis_url)
+    grant(redis_url, c, 8)
+    assert get(http, c, "/v1/x?cost=4").status_code == 200  # 7 admitted; settled: 4
+    eventually(lambda: balance(redis_url, c) == 4, within=SETTLED_WITHIN)
+    eventually(lambda: low_balance_notices(redis_url, cursor, c) == [(5, 4)], within=2)
+    assert get(http, c, "/v1/x?cost=4").status_code == 200  # 3 admitted; settled: 0
+    eventually(lambda: balance(redis_url, c) == 0, within=SETTLED_WITHIN)
+    eventually(lambda: low_balance_notices(redis_url, cursor, c) == [(5, 4), (0, 0)], within=2)
+    time.sleep(0.3)
+    assert low_balance_notices(redis_url, cursor, c) == [(5, 4), (0, 0)]

@@ -245,7 +245,7 @@ def test_the_default_asks_over_http_and_settles_through_the_access_log() -> None
 
 def test_the_default_passes_what_the_http_answer_carries() -> None:
     """The names sidecar/http_authz.py answers with, in the lists that let them through."""
-    from sidecar.envoy import CREDITS_HEADER, METADATA_NAMESPACE
+    from sidecar.envoy import CREDITS_HEADER, METADATA_NAMESPACE, SHADOW_HEADER
     from sidecar.http_authz import ESTIMATE_HEADER
 
     _, filters, _ = _manager(DEFAULT_PATH)
@@ -260,9 +260,10 @@ def test_the_default_passes_what_the_http_answer_carries() -> None:
         headers.plan,
         "x-request-id",
         ESTIMATE_HEADER,
+        SHADOW_HEADER,
     }
     limits = {"ratelimit", "ratelimit-policy", "x-ratelimit-*", CREDITS_HEADER}
-    assert names("allowed_client_headers_on_success") == limits
+    assert names("allowed_client_headers_on_success") == limits | {SHADOW_HEADER}
     assert names("allowed_client_headers") == limits | {"retry-after", "content-type"}
     settled = Decision(True, Reason.OK, "ok", "cus_a", "p", lease_id="l", reserved="r", cost=2)
     assert names("dynamic_metadata_from_headers") == set(settlement_fields(settled) or {}) - {

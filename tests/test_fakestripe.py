@@ -121,6 +121,12 @@ def test_checkout_session_lifecycle(fake: FakeStripe, client: stripe.StripeClien
     assert item.price.id == "price_pro"
     assert item.current_period_start < item.current_period_end
     assert "current_period_end" not in sub
+    # The card typed in is the subscription's default, attached to the customer; the
+    # customer's invoice default is not set (Checkout never sets it).
+    card = sub.default_payment_method
+    assert isinstance(card, str) and card.startswith("pm_")
+    assert fake.payment_method(card)["customer"] == done.customer
+    assert fake.customer(done.customer)["invoice_settings"]["default_payment_method"] is None
 
 
 def test_prices_filter_by_lookup_key(client: stripe.StripeClient) -> None:
@@ -348,9 +354,13 @@ def test_payment_checkout_lifecycle(
     assert isinstance(intent.latest_charge, str) and intent.latest_charge.startswith("ch_")
     customer = client.v1.customers.retrieve(done.customer)
     assert customer.email == "pay@example.com"
+    # setup_future_usage attaches the card to the customer, and only that: the
+    # customer's invoice default stays unset, as on Stripe.
     assert customer.invoice_settings is not None
-    assert customer.invoice_settings.default_payment_method == intent.payment_method
+    assert customer.invoice_settings.default_payment_method is None
     assert fake.payment_method(str(intent.payment_method))["customer"] == done.customer
+    cards = client.v1.customers.payment_methods.list(done.customer, {"type": "card"})
+    assert [m.id for m in cards.data] == [intent.payment_method]
     assert [pi["id"] for pi in fake.payment_intents(done.customer)] == [intent.id]
 
     event = make_event("checkout.session.completed", completed)
@@ -441,6 +451,26 @@ def test_off_session_payment_intent_with_the_saved_card(
     assert client.v1.payment_intents.list({"customer": "cus_nobody"}).data == []
     methods = client.v1.customers.payment_methods.list(customer)
     assert [m.id for m in methods.data] == [pm]
+
+
+def test_a_customers_cards_are_listed_newest_first_by_either_endpoint(
+    fake: FakeStripe, client: stripe.StripeClient
+) -> None:
+    customer = fake.create_customer("cards@example.com")
+    older = fake.attach_payment_method(customer, default=False)
+    newer = fake.attach_payment_method(customer, default=False)
+    fake.attach_payment_method(fake.create_customer("other@example.com"))  # not theirs
+    assert fake.customer(customer)["invoice_settings"]["default_payment_method"] is None
+    by_customer = client.v1.customers.payment_methods.list(customer, {"type": "card"})
+    assert [m.id for m in by_customer.data] == [newer, older]
+    by_filter = client.v1.payment_methods.list({"customer": customer, "type": "card"})
+    assert [m.id for m in by_filter.data] == [newer, older]
+    first = client.v1.payment_methods.list({"customer": customer, "limit": 1})
+    assert [m.id for m in first.data] == [newer] and first.has_more
+    assert client.v1.payment_methods.list({"customer": customer, "type": "sepa_debit"}).data == []
+    with pytest.raises(stripe.InvalidRequestError) as raised:
+        client.v1.payment_methods.list({"customer": "cus_nobody"})
+    assert raised.value.http_status == 400 and raised.value.param == "customer"
 
 
 def test_payment_intent_idempotency(fake: FakeStripe, client: stripe.StripeClient) -> None:

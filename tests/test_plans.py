@@ -8,6 +8,7 @@ import pytest
 
 from sidecar.errors import ConfigError
 from sidecar.plans import Quota, Rate, parse_catalog
+from sidecar.settings import Credits
 
 
 def plan(**fields: Any) -> dict[str, Any]:
@@ -63,6 +64,8 @@ def test_burst_defaults_to_the_rate_count() -> None:
         ({"qouta": "1/day"}, "plans[0] 'pro': unknown field 'qouta'"),
         ({"name": "Pro Plan"}, "plans[0]: name: expected lower-case"),
         ({"enforcement": "lazy"}, 'plans[0] \'pro\': enforcement: expected "exact" or "leased"'),
+        ({"shadow": "yes"}, "plans[0] 'pro': shadow: expected true, false or a list of"),
+        ({"shadow": ["rate", "credits"]}, "plans[0] 'pro': shadow: expected true, false or a list"),
         (
             {"enforcement": "leased", "bill_only_success": True},
             "plans[0] 'pro': bill_only_success: a plan with enforcement = \"leased\" reserves",
@@ -135,3 +138,83 @@ def test_a_route_may_keep_a_leased_plans_requests_exact_but_not_lease_them() -> 
     assert catalog.routes[0].exact
     with pytest.raises(ConfigError, match=r"routes\[0\]: enforcement: expected \"exact\""):
         parse_catalog({"plans": [plan()], "routes": [{**route, "enforcement": "leased"}]})
+
+
+PACKS = [{"name": "10k", "credits": 10_000}, {"name": "1k", "credits": 1000}]
+
+
+def test_a_credits_plan_may_set_its_own_auto_top_up_for_its_accounts() -> None:
+    catalog = parse_catalog(
+        {
+            "plans": [
+                plan(credits=True, auto_top_up_at=500, auto_top_up_pack="10k"),
+                plan(name="small", credits=True),
+            ],
+            "credit_packs": PACKS,
+        }
+    )
+    pro, small = catalog.plans["pro"], catalog.plans["small"]
+    assert (pro.auto_top_up_at, pro.auto_top_up_pack) == (500, "10k")
+    assert (small.auto_top_up_at, small.auto_top_up_pack) == (None, None)
+    # The plan's own wins over [credits]'; a plan without its own follows [credits].
+    credits = Credits(auto_top_up_at=100, auto_top_up_pack="1k")
+    assert (credits.top_up_at_for(pro), credits.top_up_pack_for(pro)) == (500, "10k")
+    assert (credits.top_up_at_for(small), credits.top_up_pack_for(small)) == (100, "1k")
+    assert (credits.top_up_at_for(None), credits.top_up_pack_for(None)) == (100, "1k")
+    assert Credits().top_up_at_for(small) is None
+    zero = parse_catalog(
+        {
+            "plans": [plan(credits=True, auto_top_up_at=0, auto_top_up_pack="1k")],
+            "credit_packs": PACKS,
+        }
+    )
+    assert zero.plans["pro"].auto_top_up_at == 0  # top up when the balance is spent
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"auto_top_up_at": 100, "auto_top_up_pack": "10k"},
+            "plans[0] 'pro': auto_top_up_at: only for a plan with credits = true",
+        ),
+        (
+            {"auto_top_up_pack": "10k"},
+            "plans[0] 'pro': auto_top_up_pack: only for a plan with credits = true",
+        ),
+        (
+            {"credits": True, "auto_top_up_at": 100},
+            "plans[0] 'pro': auto_top_up_at and auto_top_up_pack: set both (or neither)",
+        ),
+        (
+            {"credits": True, "auto_top_up_pack": "10k"},
+            "plans[0] 'pro': auto_top_up_at and auto_top_up_pack: set both (or neither)",
+        ),
+        (
+            {"credits": True, "auto_top_up_at": -1, "auto_top_up_pack": "10k"},
+            "plans[0] 'pro': auto_top_up_at: expected a balance >= 0",
+        ),
+        (
+            {"credits": True, "auto_top_up_at": "100", "auto_top_up_pack": "10k"},
+            "plans[0] 'pro': auto_top_up_at: expected a balance >= 0",
+        ),
+        (
+            {"credits": True, "auto_top_up_at": 100, "auto_top_up_pack": "100k"},
+            "plans 'pro': auto_top_up_pack: '100k' is not in [[credit_packs]]",
+        ),
+    ],
+)
+def test_a_plans_auto_top_up_mistakes_name_the_field(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_catalog({"plans": [plan(**fields)], "credit_packs": PACKS})
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_shadow_mode_applies_to_every_limit_or_to_those_named() -> None:
+    catalog = parse_catalog(
+        {"plans": [plan(), plan(name="all", shadow=True), plan(name="some", shadow=["quota"])]}
+    )
+    assert catalog.plans["pro"].shadow == frozenset()
+    assert catalog.plans["all"].shadow == {"rate", "quota", "concurrency"}
+    assert catalog.plans["some"].shadow == {"quota"}

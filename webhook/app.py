@@ -49,6 +49,7 @@ from sidecar import keys
 from sidecar.admin.operations import Admin
 from sidecar.envoy import extract_key
 from sidecar.errors import StoreUnavailable, TollwayError
+from sidecar.plans import CreditPack
 from sidecar.store import Store
 from webhook.admin_api import admin_routes
 from webhook.bodies import error, read_limited
@@ -133,7 +134,7 @@ class Companion:
             self.reporter = Reporter(store, self.client, settings)
             self.grants = PackGrants(store, self.client, settings, self.outbox)
             self.top_ups = TopUps(store, self.client, settings, self.outbox, self.grants)
-            if self.top_ups.pack is not None:
+            if self.top_ups.offered:
                 handlers["auto_top_up_due"] = self.top_ups.handle_due
         self.relay = Relay(store, self.notifier, settings.stripe, handlers=handlers)
         self._price_ids: dict[str, str] = {}
@@ -465,8 +466,13 @@ class Companion:
             if record is None:
                 return error(401, "invalid_key", "API key is not valid")
             customer = record.customer_id
+            account = await self.store.get_account(customer)
+            plan = self.settings.core.catalog.plans.get(account.plan) if account else None
+            # The plan's own auto top-up, else [credits]' (an account may set its own mark).
+            default = self.settings.core.credits.top_up_at_for(plan)
+            pack = self.top_ups.pack_for(plan) if self.top_ups else None
             if request.method == "POST":
-                setting = self._top_up_setting(data or {})
+                setting = self._top_up_setting(data or {}, default=default, pack=pack)
                 if isinstance(setting, Response):
                     return setting
                 await self.store.set_auto_top_up(customer, setting)
@@ -474,9 +480,7 @@ class Companion:
             current = await self.store.auto_top_up(customer)
         except StoreUnavailable:
             return error(503, "unavailable", "try again later")
-        default = self.settings.core.credits.auto_top_up_at
         at = None if current == "off" else (default if current is None else current)
-        pack = self.top_ups.pack if self.top_ups else None
         return JSONResponse(
             {
                 "customer_id": customer,
@@ -488,20 +492,23 @@ class Companion:
             }
         )
 
-    def _top_up_setting(self, data: Mapping[str, Any]) -> int | Literal["off"] | Response | None:
-        """The setting a request asks for, or the 400 that refuses it."""
+    def _top_up_setting(
+        self, data: Mapping[str, Any], *, default: int | None, pack: CreditPack | None
+    ) -> int | Literal["off"] | Response | None:
+        """The setting a request asks for, or the 400 that refuses it; default and
+        pack: the mark and the pack of the account's plan."""
         enabled = {"true": True, "false": False}.get(str(data.get("enabled")).lower())
         if enabled is None:
             return error(400, "bad_setting", "enabled: true or false")
         if not enabled:
             return "off"
-        if self.top_ups is None or self.top_ups.pack is None:
+        if pack is None:
             return error(
                 400, "auto_top_up_unavailable", "auto top-up is not offered: no pack is set for it"
             )
         at = data.get("at")
         if at is None:
-            if self.settings.core.credits.auto_top_up_at is None:
+            if default is None:
                 return error(400, "bad_setting", "at: the balance to top up at is required")
             return None  # the default mark
         if isinstance(at, str) and at.isdigit():

@@ -23,6 +23,11 @@ deliveries, companions or browser tabs race (grant_credits.lua). A pack whose
 metadata outlived its catalog entry is still granted what was sold (the money
 was taken), without an expiry. A purchase for a customer without an account
 is granted too (kept for the account that may come) and logged.
+
+A grant that leaves the balance at or below the account's auto top-up mark (a
+top-up the balance fell past meanwhile, a pack smaller than the gap) starts a
+new fall (grant_credits.lua); the grant's companion queues its
+``auto_top_up_due`` at once, as a sidecar does for a burn's.
 """
 
 from __future__ import annotations
@@ -174,12 +179,18 @@ class PackGrants:
             log.warning(
                 "%s: pack %s is no longer configured; granting what was sold", grant_id, sale.pack
             )
+        account = await self._store.get_account(customer)
+        plan = self._settings.core.catalog.plans.get(account.plan) if account else None
         result = await self._store.grant_credits(
             customer,
             grant_id=grant_id,
             credits=sale.credits,
             expires_at=expires_at,
             reason=f"pack {sale.pack}",
+            # Only a plan that burns credits tops up (webhook/top_up.py).
+            top_up_at=self._settings.core.credits.top_up_at_for(plan)
+            if plan is not None and plan.credits
+            else None,
         )
         if result.result == "granted":
             log.info(
@@ -190,7 +201,23 @@ class PackGrants:
                 grant_id,
                 result.balance,
             )
-            if await self._store.get_account(customer) is None:
+            if account is None:
                 log.warning("credits: %s has no account yet; its credits wait for it", customer)
+        if result.top_up:
+            log.info(
+                "credits: %s is still at or below its auto top-up mark (balance %d); "
+                "top-up %s queued",
+                customer,
+                result.balance,
+                result.top_up,
+            )
+            await self._outbox.queue(
+                "auto_top_up_due",
+                customer,
+                notification_id=f"auto_top_up_due:{result.top_up}",
+                plan=plan.name if plan else "",
+                crossing=result.top_up,
+                balance=result.balance,
+            )
         outcome = {"granted": "applied", "duplicate": "duplicate"}.get(result.result, "expired")
         return Granted(outcome, customer, sale.pack, sale.credits, result.balance)

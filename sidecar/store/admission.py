@@ -94,6 +94,7 @@ class Admission:
     allot_id: str = ""  # an allotment to take on admission (leased enforcement), or ""
     allot_units: int = 0  # units wanted in it beyond this request's cost
     allot_ttl: int = 0  # seconds they are held for this sidecar before they lapse
+    shadow: str = ""  # the plan's limits in shadow mode, comma separated ("" = none)
 
     def argv(self) -> list[str | int]:
         """The fields in order, as the script reads them (tests/test_admission.py
@@ -133,6 +134,7 @@ class Admission:
             self.allot_id,
             self.allot_units,
             self.allot_ttl,
+            self.shadow,
         ]
 
 
@@ -158,6 +160,7 @@ def admission(
     cost is reserved (settled later) instead of metered now. A plan with a
     concurrency limit takes the lease lease_id. credits_parent: plan is that
     plan's credits fallback, enforced only while its balance is short.
+    top_up_at: [credits] auto_top_up_at; a plan's own auto_top_up_at wins over it.
     allotment: (id, units wanted, seconds held) to take on admission, or none."""
     quota = plan.quota if plan else None
     kind = quota.period if quota else "month"
@@ -188,7 +191,9 @@ def admission(
         credits_fallback=plan.credits_fallback if plan else "",
         credits_parent=credits_parent,
         low_balance=low_balance if plan and plan.credits else (),
-        top_up_at=top_up_at,
+        top_up_at=plan.auto_top_up_at
+        if plan is not None and plan.auto_top_up_at is not None
+        else top_up_at,
         key_rate=key_policy.rate.per_second if key_policy.rate else 0.0,
         key_burst=key_policy.burst,
         key_quota=key_policy.quota.limit if key_policy.quota else 0,
@@ -197,6 +202,7 @@ def admission(
         allot_id=allotment[0],
         allot_units=allotment[1],
         allot_ttl=allotment[2],
+        shadow=",".join(sorted(plan.shadow)) if plan and plan.shadow else "",
     )
 
 
@@ -224,6 +230,7 @@ def parse_outcome(raw: list[Any]) -> Outcome:
         top_up=text(raw[12]),
         allotted=int(raw[13]),
         held=int(raw[14]),
+        shadow=OutcomeCode(int(raw[15])) if int(raw[15]) else None,
     )
 
 

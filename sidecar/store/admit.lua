@@ -64,6 +64,9 @@
 -- ARGV[32] allot_id         id of the allotment to grant on admission ("" = none)
 -- ARGV[33] allot_units      units wanted in it, besides this request's cost (0 = none)
 -- ARGV[34] allot_ttl        seconds its units are held for the sidecar; then they lapse
+-- ARGV[35] shadow           the plan's limits in shadow mode, comma separated (rate,
+--                           quota, concurrency; "" = none): decided and counted as
+--                           usual, but what they would deny is admitted
 --
 -- Allotments (leased enforcement): an admission may also take units from the
 -- bucket and the quota for the asking sidecar to admit later requests with,
@@ -78,7 +81,8 @@
 -- sidecar's stay paid, as the quota keeps them.
 --
 -- Returns {code, plan, status, tokens_milli, reset_ms, retry_ms, quota_used,
---          period_end, now_s, thresholds, balance, low, top_up, allotted, held};
+--          period_end, now_s, thresholds, balance, low, top_up, allotted, held,
+--          shadow};
 --          thresholds lists the quota percentages this request crossed for the first
 --          time this period
 --          ("80,100" or ""); balance is the credit balance after it ("" for a plan
@@ -86,7 +90,9 @@
 --          top_up the id of the fall past the top-up mark it made ("" for none);
 --          allotted the units granted in allotment ARGV[32] (0 for none); held the
 --          units all sidecars hold in allotments (0 when the reply comes before the
---          bucket is read): they may come back to the bucket and the quota.
+--          bucket is read): they may come back to the bucket and the quota; shadow
+--          the code (6, 7 or 8) a limit in shadow mode would have denied this
+--          admission with (0: none).
 --   code 0 ok
 --        1 no account
 --        2 plan differs from ARGV[2] (plan = the one to enforce, the fallback
@@ -113,18 +119,18 @@ local now_us, expected_plan, rate, burst, quota_limit, quota_period, period_star
   month_start, overage, meter, concurrency, lease_ttl, fallback_plan, cost, feature_ok,
   key_expires_us, reservation, reservation_ttl, thresholds, lease_id, credits,
   credits_fallback, credits_parent, low_balance, top_up_at, key_rate, key_burst, key_quota,
-  key_period, key_uses, allot_id, allot_units, allot_ttl = unpack(ARGV)
+  key_period, key_uses, allot_id, allot_units, allot_ttl, shadow = unpack(ARGV)
 
 now_us = clock_us(now_us)
 local now_s = math.floor(now_us / 1000000)
 rate, burst, quota_limit = tonumber(rate), tonumber(burst), tonumber(quota_limit)
 concurrency, cost, key_expires_us = tonumber(concurrency), tonumber(cost), tonumber(key_expires_us)
 
-local balance, low, top_up, allotted, held = "", "", "", 0, 0
+local balance, low, top_up, allotted, held, would = "", "", "", 0, 0, 0
 local function reply(code, plan, status, tokens, reset_ms, retry_ms, used, period_end, crossed)
   return {code, plan or "", status or "", math.floor(tokens * 1000), math.floor(reset_ms),
           math.floor(retry_ms), used, period_end, now_s, crossed or "", balance, low, top_up,
-          allotted, held}
+          allotted, held, would}
 end
 
 -- The account's balance, with lapsed grants swept (written whatever the outcome).
@@ -158,6 +164,7 @@ end
 if expected_plan ~= "" and plan ~= expected_plan and credits_parent == plan then
   -- The caller enforces this plan's credits fallback: only while the balance is short.
   local c, b = load_credits()
+  if b < cost then top_up = cr.due_again(c, now_us) end
   cr.save(c)
   if b >= cost then
     balance = b
@@ -270,6 +277,14 @@ local function full_in_ms(level)
   return (burst - level) * 1000 / rate
 end
 
+-- Shadow mode (a plan rolling out new limits): a shadowed limit that would deny
+-- admits instead, counted as usual (the quota past its limit, the bucket at
+-- empty, a lease beyond the limit); the reply names what it would have denied.
+local shadowed = {}
+if shadow ~= "" then
+  for limit in string.gmatch(shadow, "[^,]+") do shadowed[limit] = true end
+end
+
 -- Concurrency: leases past their lifetime free themselves here.
 if concurrency > 0 then
   redis.call("ZREMRANGEBYSCORE", KEYS[9], "-inf", now_s)
@@ -277,20 +292,29 @@ if concurrency > 0 then
   -- (a client may choose it): it needs a slot of its own, so it counts as full.
   local in_use = redis.call("ZSCORE", KEYS[9], lease_id)
   if in_use or redis.call("ZCARD", KEYS[9]) >= concurrency then
-    local soonest = redis.call("ZRANGE", KEYS[9], 0, 0, "WITHSCORES")
-    local retry = (tonumber(soonest[2]) - now_s) * 1000
-    return reply(8, plan, status, tokens, full_in_ms(tokens), retry, used, p_end)
+    if shadowed.concurrency then
+      would = 8
+    else
+      local soonest = redis.call("ZRANGE", KEYS[9], 0, 0, "WITHSCORES")
+      local retry = (tonumber(soonest[2]) - now_s) * 1000
+      return reply(8, plan, status, tokens, full_in_ms(tokens), retry, used, p_end)
+    end
   end
 end
 
-if quota_limit > 0 and overage == "block" and used + cost > quota_limit then
+local over_quota = quota_limit > 0 and overage == "block" and used + cost > quota_limit
+if over_quota and shadowed.quota then
+  if would == 0 then would = 7 end
+elseif over_quota then
   local retry = (p_end - now_s) * 1000
   -- Units held in allotments come back within a second, unused ones to the quota.
   if held > 0 then retry = math.min(retry, 1000) end
   if cost > quota_limit or cost > burst then retry = -1 end
   return reply(7, plan, status, tokens, full_in_ms(tokens), retry, used, p_end)
 end
-if tokens < cost then
+if tokens < cost and shadowed.rate then
+  if would == 0 then would = 6 end
+elseif tokens < cost then
   local retry = -1
   if cost <= burst then retry = math.ceil((cost - tokens) * 1000 / rate) end
   return reply(6, plan, status, tokens, full_in_ms(tokens), retry, used, p_end)
@@ -342,7 +366,7 @@ end
 local used_before = used
 allot_units = tonumber(allot_units)
 local grant = 0
-if allot_id ~= "" and allot_units > 0 and not key_limited then
+if allot_id ~= "" and allot_units > 0 and not key_limited and would == 0 then
   local room = math.floor(tokens - cost)
   if quota_limit > 0 and overage == "block" then
     room = math.min(room, quota_limit - used - cost)
@@ -357,6 +381,9 @@ local taken = nil
 if credits ~= "" then
   local c, b = load_credits()
   balance = b
+  if b < cost and credits ~= "plan" then
+    top_up = cr.due_again(c, now_us)  -- nothing burns: a due top-up whose report was lost goes again
+  end
   if b < cost and credits ~= "bill" then
     cr.save(c)
     if credits == "plan" then
@@ -383,7 +410,7 @@ if credits ~= "" then
   cr.save(c)
 end
 allotted = grant
-tokens = tokens - cost - allotted
+tokens = math.max(0, tokens - cost - allotted)  -- (0: a shadowed rate limit passed)
 used = used + cost + allotted
 if #kfields > 0 then
   redis.call("HSET", KEYS[12], unpack(kfields))

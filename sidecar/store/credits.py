@@ -52,6 +52,9 @@ class Balance:
 class GrantResult:
     result: Result
     balance: int
+    # The fall past the auto top-up mark this grant started, leaving the balance
+    # at or below it (grant_credits.lua), for the caller to queue; "" for none.
+    top_up: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +82,13 @@ class CreditStore(StoreBase):
         credits: int,
         expires_at: int = 0,
         reason: str = "",
+        top_up_at: int | None = None,
     ) -> GrantResult:
         """Adds credits to the balance, at most once per grant_id (a retry, a
-        duplicate delivery or a second companion changes nothing)."""
+        duplicate delivery or a second companion changes nothing). top_up_at: the
+        auto top-up mark of the account's plan (Credits.top_up_at_for), for an
+        account without its own; a grant that leaves the balance at or below the
+        mark that applies starts a new fall, which the caller queues (top_up)."""
         if credits <= 0:
             raise TollwayError("a grant adds at least one credit")
         if not _GRANT_ID_RE.fullmatch(grant_id):
@@ -94,9 +101,16 @@ class CreditStore(StoreBase):
                     credit_ledger_key(customer_id),
                     credit_grants_key(customer_id),
                 ],
-                args=[grant_id, credits, max(0, expires_at), reason[:200], self._now_arg()],
+                args=[
+                    grant_id,
+                    credits,
+                    max(0, expires_at),
+                    reason[:200],
+                    self._now_arg(),
+                    "" if top_up_at is None else top_up_at,
+                ],
             )
-        return GrantResult(_RESULTS[text(raw[0])], int(raw[1]))
+        return GrantResult(_RESULTS[text(raw[0])], int(raw[1]), text(raw[2]))
 
     async def credit_balance(self, customer_id: str) -> Balance:
         """The balance as of now (lapsed grants swept, a finished batch closed)."""
@@ -133,8 +147,9 @@ class CreditStore(StoreBase):
 
     async def due_top_up(self, customer_id: str) -> str | None:
         """The fall past the top-up mark that is due a top-up (its id), or None:
-        the decision script sets it once per fall and the next grant clears it,
-        so a top-up charges only while its fall is still the due one."""
+        a burn (or a grant that leaves the balance at the mark) sets it once per
+        fall and the next grant clears it, so a top-up charges only while its fall
+        is still the due one."""
         async with self._guard("top-up due"):
             raw = await self._redis.hget(credits_key(customer_id), "tu")
         return text(raw) if raw is not None else None

@@ -19,8 +19,15 @@
 -- ARGV[6]  dedupe window (s)
 -- ARGV[7]  request hash whose reservation this settles ("" = none)
 -- ARGV[8]  concurrency lease to release ("" = none)
+-- ARGV[9]  low_balance      balances that notify when reached, comma separated
+-- ARGV[10] top_up_at        the auto top-up mark for an account without its own ("" = off)
+-- ARGV[11] now_us           now in microseconds, or "" to use Redis TIME (production)
 --
--- Returns {"duplicate" | "recorded", record id, units recorded, quota used now}
+-- Returns {"duplicate" | "recorded", record id, units recorded, quota used now,
+--          balance, low, top_up}: balance is the credit balance after a settlement
+--          in credits ("" when none happened); low the low_balance marks it reached
+--          and top_up the id of the fall past the top-up mark it made (or of a due
+--          one to report again), as admit.lua reports them ("" for none).
 -- A quantity of 0 records nothing but still settles (a refund) and releases.
 -- The claim and the record are one step: a retry after any failure either
 -- finds the claim (and the record beside it) or finds neither.
@@ -31,7 +38,8 @@
 -- one already settled), usage is recorded and the quota is left alone.
 -- A reservation paid from prepaid credits settles in credits, not in usage:
 -- the difference is burned (above the balance: a debt) or given back to the
--- grants it came from.
+-- grants it came from; a burn that takes the balance past a low-balance mark or
+-- the auto top-up mark reports it, exactly as an admission's burn does.
 
 -- #include shared/usage_stream.lua
 -- #include shared/credits.lua
@@ -59,11 +67,12 @@ if ARGV[8] ~= "" then
 end
 local existing = redis.call("GET", KEYS[1])
 if existing then
-  return {"duplicate", existing, 0, quota_used()}
+  return {"duplicate", existing, 0, quota_used(), "", "", ""}
 end
 
 local quantity = tonumber(ARGV[2])
 local to_record = quantity
+local balance, low, top_up = "", "", ""
 if ARGV[7] ~= "" then
   local r = redis.call("HMGET", KEYS[4], "q", "kind", "p", "state", "cr")
   if r[1] and (r[4] == "open" or r[4] == "expired") then
@@ -76,15 +85,24 @@ if ARGV[7] ~= "" then
     if r[5] then
       to_record = 0  -- paid from credits: nothing to bill
       if delta ~= 0 then
-        local now = tonumber(redis.call("TIME")[1])
+        local now_us = tonumber(ARGV[11])
+        if not now_us then
+          local t = redis.call("TIME")
+          now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+        end
+        local now = math.floor(now_us / 1000000)
         local cr = credits_lib()
         local c = cr.load(KEYS[9])
         cr.sweep(c, KEYS[10], now)
+        local before = cr.balance(c)
         if delta > 0 then
           cr.burn(c, KEYS[10], now, delta)
         else
           cr.refund(c, KEYS[10], now, -delta, r[5])
         end
+        balance = cr.balance(c)
+        low = cr.low(c, before, balance, ARGV[9])
+        top_up = cr.top_up(c, before, balance, ARGV[10], now_us)
         cr.save(c)
       end
     end
@@ -102,4 +120,4 @@ if to_record > 0 and ARGV[1] ~= "" then
   id = count_usage(KEYS[2], KEYS[3], ARGV[1], to_record, ARGV[3], ARGV[4], ARGV[5])
 end
 redis.call("SET", KEYS[1], id, "EX", tonumber(ARGV[6]))
-return {"recorded", id, to_record, quota_used()}
+return {"recorded", id, to_record, quota_used(), balance, low, top_up}

@@ -42,6 +42,12 @@ class Recorded:
     record_id: str
     units: int  # units recorded now (0 for a duplicate or a pure refund)
     quota_used: int  # the quota counter after any settlement
+    # A settlement in credits: the balance after it (None: none happened), the
+    # low-balance marks it reached, and the fall past the auto top-up mark it made
+    # (or a due one to report again; "" for none), as an admission reports them.
+    credits: int | None = None
+    low_balance: tuple[int, ...] = ()
+    top_up: str = ""
 
 
 class UsageStore(StoreBase):
@@ -56,10 +62,14 @@ class UsageStore(StoreBase):
         dedupe_window: int,
         request_id: str = "",
         lease_id: str = "",
+        low_balance: tuple[int, ...] = (),
+        top_up_at: int | None = None,
         wait_for_aof: bool = False,
         wait_for_replicas: int = 0,
     ) -> Recorded:
-        """record_usage.lua (see its header). With wait_for_aof, returns only
+        """record_usage.lua (see its header). low_balance and top_up_at are the
+        marks a settlement in credits reports crossing, as admit.lua's (the plan's:
+        Credits.low_balance_for and top_up_at_for). With wait_for_aof, returns only
         once the record is fsynced to Redis's append-only file (WAITAOF); with
         wait_for_replicas, once that many replicas have it (WAIT): a failover
         then cannot lose it. Else raises StoreUnavailable, and the client's
@@ -86,12 +96,23 @@ class UsageStore(StoreBase):
             dedupe_window,
             settle,
             lease_id,
+            ",".join(map(str, low_balance)),
+            "" if top_up_at is None else top_up_at,
+            "" if self._clock_us is None else self._clock_us(),
         ]
         async with self._guard("usage record"):
             raw = await self._run("record_usage.lua", keys, args)
             if wait_for_aof or wait_for_replicas:
                 await self._confirm(keys[0], text(raw[1]), wait_for_aof, wait_for_replicas)
-        return Recorded(text(raw[0]) == "duplicate", text(raw[1]), int(raw[2]), int(raw[3]))
+        return Recorded(
+            duplicate=text(raw[0]) == "duplicate",
+            record_id=text(raw[1]),
+            units=int(raw[2]),
+            quota_used=int(raw[3]),
+            credits=None if raw[4] in (b"", "") else int(raw[4]),
+            low_balance=tuple(int(n) for n in text(raw[5]).split(",") if n),
+            top_up=text(raw[6]),
+        )
 
     async def _confirm(self, claim: str, record_id: str, aof: bool, replicas: int) -> None:
         """Waits until the usage claim (and so its record) is fsynced or replicated.

@@ -11,8 +11,11 @@
 --   lo:<n>        the balance fell to n or below and that was notified; cleared
 --                 when a grant lifts it above n again
 --   ta            the account's own auto top-up mark (a balance), or "off"
---   tu            the fall past the top-up mark that is due a top-up (its id);
---                 cleared by the next grant
+--   tu            the fall past the top-up mark that is due a top-up (its id,
+--                 "<us>-<n>": when it began, and n); cleared by the next grant
+--   tr            when that fall was last reported (Unix s): a report is queued
+--                 fire-and-forget, so a due fall is reported again, at most once
+--                 every TOP_UP_RESEND_SECONDS, until a grant clears it
 --   tn            falls past the top-up mark so far (each fall's id ends in it)
 -- The ledger stream, tw:{acct}:crl, one entry per change:
 --   kind grant   credits, grant, expires, reason, at
@@ -24,10 +27,15 @@
 
 -- The functions are made on first use (credits_lib()), not on every run of a
 -- script that includes this file: a Lua closure is made each time its definition
--- runs, and the seventeen of them cost a decision that touches no balance (most
--- of them) about 7 us of Valkey time (measured, pipelined EVALSHA of admit.lua).
+-- runs, and the seventeen there were cost a decision that touches no balance
+-- (most of them) about 7 us of Valkey time (measured, pipelined EVALSHA of
+-- admit.lua); there are twenty now.
 
 local CREDIT_BATCH_SECONDS = 60
+-- A due top-up's report may be lost (a Redis blip, a sidecar killed before its
+-- queueing task ran): the fall is reported again after this long. The companion
+-- charges once per fall however often it is told (webhook/top_up.py).
+local TOP_UP_RESEND_SECONDS = 60
 
 local function credits_lib()
 
@@ -51,6 +59,8 @@ local function credits_lib()
         c.top_up_at = tonumber(v) or "off"
       elseif f == "tu" then
         c.top_up_due = v
+      elseif f == "tr" then
+        c.top_up_reported = tonumber(v)
       elseif f == "tn" then
         c.top_up_falls = tonumber(v)
       end
@@ -212,18 +222,52 @@ local function credits_lib()
     return table.concat(crossed, ",")
   end
 
-  -- The fall past the auto top-up mark (the account's own, else default_at; ""
-  -- is none) that this burn made: its id ("" if none). One per fall: the next
-  -- needs a grant first.
-  local function credits_top_up(c, before, after, default_at, now_us)
+  -- The auto top-up mark that applies: the account's own, else default_at (a
+  -- balance, or "" for none); nil when there is none or the account turned it off.
+  local function credits_top_up_mark(c, default_at)
     local at = c.top_up_at
     if at == nil then at = tonumber(default_at) end
-    if at == nil or at == "off" or c.top_up_due then return "" end
-    if not (after <= at and before > at) then return "" end
+    if at == "off" then return nil end
+    return at
+  end
+
+  -- Starts a new fall past the mark: due a top-up, reported now. Returns its id.
+  local function credits_new_fall(c, now_us)
     local falls = (c.top_up_falls or 0) + 1
     c.top_up_due = string.format("%.0f-%d", now_us, falls)
-    c.set["tu"], c.set["tn"] = c.top_up_due, falls
+    c.top_up_reported = math.floor(now_us / 1000000)
+    c.set["tu"], c.set["tn"], c.set["tr"] = c.top_up_due, falls, c.top_up_reported
+    c.del["tu"], c.del["tn"], c.del["tr"] = nil, nil, nil
     return c.top_up_due
+  end
+
+  -- The due fall's id once more if it was last reported TOP_UP_RESEND_SECONDS
+  -- ago or longer (its report may have been lost), noting the report; else "".
+  -- For callers with nothing to burn (a balance at zero) as much as for burns.
+  local function credits_due_again(c, now_us)
+    local due = c.top_up_due
+    if not due then return "" end
+    local now = math.floor(now_us / 1000000)
+    local last = c.top_up_reported
+    if last == nil then
+      last = math.floor((tonumber(string.match(due, "^(%d+)%-")) or 0) / 1000000)
+    end
+    if now - last < TOP_UP_RESEND_SECONDS then return "" end
+    c.top_up_reported = now
+    c.set["tr"], c.del["tr"] = now, nil
+    return due
+  end
+
+  -- The fall past the auto top-up mark (the account's own, else default_at; ""
+  -- is none) that this burn made: its id ("" if none). One per fall: the next
+  -- needs a grant first. A fall already due is reported again instead, once
+  -- every TOP_UP_RESEND_SECONDS (credits_due_again).
+  local function credits_top_up(c, before, after, default_at, now_us)
+    local at = credits_top_up_mark(c, default_at)
+    if at == nil then return "" end
+    if c.top_up_due then return credits_due_again(c, now_us) end
+    if not (after <= at and before > at) then return "" end
+    return credits_new_fall(c, now_us)
   end
 
   local function credits_save(c)
@@ -249,6 +293,9 @@ local function credits_lib()
     refund = credits_refund,
     low = credits_low,
     top_up = credits_top_up,
+    top_up_mark = credits_top_up_mark,
+    new_fall = credits_new_fall,
+    due_again = credits_due_again,
     save = credits_save,
   }
 end
