@@ -80,6 +80,8 @@ def test_plans_check_lists_the_catalog(cli: Cli) -> None:
         "prepaid",
         "prepaid_bill",
         "prepaid_fallback",
+        "shadowed",
+        "shadow_quota",
     ]
     prepaid = result["plans"][7]  # type: ignore[index]
     assert (prepaid["credits"], prepaid["credits_exhausted"]) == (True, "block")
